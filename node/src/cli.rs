@@ -1,0 +1,265 @@
+//! The `cxfed` command line: parsing (clap) and dispatch to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use cxfed_protocol::wire::{ErrorBody, QueryRequest, QueryResponse};
+use cxfed_queries::schema::Table;
+
+use crate::output::Format;
+use crate::tls::TlsFiles;
+
+/// cxfed: federated, privacy-preserving customer-experience analytics across agencies.
+#[derive(Debug, Parser)]
+#[command(name = "cxfed", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Development certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Write calibrated synthetic A-11 CX data for one agency (experience.csv, operational.csv).
+    Synth {
+        /// Agency abbreviation, e.g. SSA.
+        #[arg(long)]
+        agency: String,
+        /// Number of people.
+        #[arg(long, default_value_t = 20_000)]
+        people: usize,
+        /// Random seed (same seed, same bytes).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Validate a CSV or Parquet file and add it to a node's data directory, atomically.
+    Ingest {
+        /// The node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// experience or operational.
+        #[arg(long, value_parser = parse_table)]
+        table: Table,
+        /// The file (.csv or .parquet).
+        file: PathBuf,
+    },
+    /// Run a node.
+    Serve {
+        /// The node's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Send a query to a node as an analyst and print the merged answer.
+    Query {
+        /// The node to ask, e.g. https://127.0.0.1:7001.
+        #[arg(long)]
+        node: String,
+        #[command(flatten)]
+        tls: TlsArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Accept an answer from only the nodes that responded.
+        #[arg(long)]
+        allow_partial: bool,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// The SQL.
+        sql: String,
+    },
+    /// A local three-agency federation on synthetic data: certificates, data, nodes, queries.
+    Demo {
+        /// Keep everything in this directory instead of a temporary one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep the federation running after the queries, and print how to query it.
+        #[arg(long)]
+        serve: bool,
+        /// People per agency.
+        #[arg(long, default_value_t = 20_000)]
+        people: usize,
+    },
+}
+
+/// `cxfed certs ...`.
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Make a federation CA and node/analyst/steward/auditor certificates for each agency.
+    Dev {
+        /// Federation name (SPIFFE trust domain).
+        #[arg(long)]
+        federation: String,
+        /// Comma-separated agencies, e.g. SSA,CMS,OPM.
+        #[arg(long, value_delimiter = ',')]
+        agencies: Vec<String>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Overwrite an existing CA.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// The caller's certificate files.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// Federation CA certificate (PEM).
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// Your certificate (PEM).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Your private key (PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+}
+
+impl From<TlsArgs> for TlsFiles {
+    fn from(a: TlsArgs) -> Self {
+        TlsFiles { ca: a.ca, cert: a.cert, key: a.key }
+    }
+}
+
+fn parse_table(s: &str) -> Result<Table, String> {
+    Table::from_name(s).ok_or_else(|| format!("{s:?} is not a table; use experience or operational"))
+}
+
+/// Why a query produced no answer, as the analyst sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryFailure {
+    /// The node answered with an error body.
+    #[error("{}", describe(.0))]
+    Refused(Box<ErrorBody>),
+    /// No usable answer.
+    #[error("{0}")]
+    Transport(String),
+}
+
+fn describe(b: &ErrorBody) -> String {
+    let mut s = format!("{} {}: {}", b.code, b.kind, b.message);
+    if let (Some(l), Some(c)) = (b.line, b.column) {
+        s.push_str(&format!(" (at line {l}, column {c})"));
+    }
+    for n in &b.nodes {
+        let state = serde_json::to_value(n.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        s.push_str(&format!("\n  node {}: {}{}", n.agency, state, n.error.as_ref().map(|e| format!(" — {e}")).unwrap_or_default()));
+    }
+    if let Some(q) = &b.query_id {
+        s.push_str(&format!("\n  query id {q}"));
+    }
+    s
+}
+
+/// Posts a query to `node` and returns the merged answer.
+pub async fn send_query(client: &reqwest::Client, node: &str, req: &QueryRequest) -> Result<QueryResponse, QueryFailure> {
+    let url = format!("{}/v1/query", node.trim_end_matches('/'));
+    let resp = client.post(&url).json(req).send().await.map_err(|e| QueryFailure::Transport(format!("{url}: {}", error_chain(&e))))?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|e| QueryFailure::Transport(format!("{url}: {e}")))?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|e| QueryFailure::Transport(format!("{url}: unreadable answer: {e}")));
+    }
+    match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(b) => Err(QueryFailure::Refused(Box::new(b))),
+        Err(_) => Err(QueryFailure::Transport(format!("{url}: HTTP {status}"))),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(&format!(": {x}"));
+        src = x.source();
+    }
+    s
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    match dispatch(cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<(), String> {
+    match command {
+        Command::Certs(CertsCommand::Dev { federation, agencies, out, days, force }) => {
+            crate::certs::dev(&federation, &agencies, &out, days, force).map_err(|e| e.to_string())?;
+            println!("wrote federation {federation} CA and certificates for {} to {}", agencies.join(", "), out.display());
+            Ok(())
+        }
+        Command::Synth { agency, people, seed, out } => {
+            let opts = crate::synth::SynthOptions { agency, people, seed };
+            let summary = crate::synth::write(&opts, &out).map_err(|e| e.to_string())?;
+            println!("{summary:?} → {}", out.display());
+            Ok(())
+        }
+        Command::Ingest { data_dir, table, file } => {
+            let report = tokio::task::spawn_blocking(move || crate::ingest::ingest(&data_dir, table, &file, true))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            println!("{report:?}");
+            Ok(())
+        }
+        Command::Serve { config } => {
+            let config = crate::config::NodeConfig::load(&config).map_err(|e| e.to_string())?;
+            crate::server::run(config, shutdown_signal()).await.map_err(|e| e.to_string())
+        }
+        Command::Query { node, tls, format, allow_partial, timeout, sql } => {
+            let client = crate::client::http_client(&tls.into(), Duration::from_secs(timeout)).map_err(|e| e.to_string())?;
+            let req = QueryRequest { sql, require_all: !allow_partial };
+            let resp = send_query(&client, &node, &req).await.map_err(|e| e.to_string())?;
+            print!("{}", crate::output::render(&resp, format));
+            if !resp.complete {
+                eprintln!("warning: partial federation answer: not every node contributed");
+            }
+            Ok(())
+        }
+        Command::Demo { dir, serve, people } => {
+            crate::demo::run(crate::demo::DemoOptions { dir, serve, people }).await.map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,260 @@
+//! `node.toml`: what a data steward configures. Parsed once, checked fully, paths resolved
+//! against the file's own directory.
+//!
+//! ```toml
+//! federation = "cx-demo"          # SPIFFE trust domain of the federation
+//! agency = "SSA"                  # this node's agency (must match its certificate)
+//! listen = "127.0.0.1:7001"       # HTTPS address
+//! data_dir = "data/ssa"           # Parquet tables live under here
+//!
+//! [tls]                           # PEM files
+//! ca = "certs/ca.pem"
+//! cert = "certs/ssa/node.pem"
+//! key = "certs/ssa/node.key"
+//!
+//! [[peers]]                       # every other node of the federation
+//! agency = "CMS"
+//! url = "https://127.0.0.1:7002"
+//!
+//! [privacy]
+//! k = 10                          # minimum distinct persons per released group
+//!
+//! [query]
+//! timeout_secs = 30               # per-node time limit during fan-out
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::tls::TlsFiles;
+
+/// Default minimum number of distinct persons per released group.
+pub const DEFAULT_K: u64 = 10;
+
+/// A parsed and checked node configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    /// Federation (SPIFFE trust domain).
+    pub federation: String,
+    /// This node's agency.
+    pub agency: String,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// TLS files.
+    pub tls: TlsFiles,
+    /// The other nodes.
+    pub peers: Vec<Peer>,
+    /// This node's k.
+    pub k: u64,
+    /// Per-node time limit during fan-out.
+    pub timeout: Duration,
+}
+
+/// Another node of the federation.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Its agency (its certificate must say the same).
+    pub agency: String,
+    /// Its base URL, `https://host:port`.
+    pub url: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    federation: String,
+    agency: String,
+    listen: String,
+    data_dir: PathBuf,
+    tls: TlsFiles,
+    #[serde(default)]
+    peers: Vec<Peer>,
+    #[serde(default)]
+    privacy: RawPrivacy,
+    #[serde(default)]
+    query: RawQuery,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivacy {
+    k: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuery {
+    timeout_secs: Option<u64>,
+}
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown or missing keys.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// TOML's message, with line and column.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, e.g. `peers[1].url`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl NodeConfig {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses `text` as if read from `path` (relative paths resolve against its directory).
+    pub fn parse(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " | "),
+        })?;
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            message,
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+
+        cxfed_protocol::Identity::new(&raw.federation, &raw.agency, cxfed_protocol::Role::Node, "node")
+            .map_err(|e| invalid("federation/agency", e.to_string()))?;
+        let listen: SocketAddr = raw
+            .listen
+            .parse()
+            .map_err(|e| invalid("listen", format!("{:?} is not an address like 127.0.0.1:7001 ({e})", raw.listen)))?;
+        let k = raw.privacy.k.unwrap_or(DEFAULT_K);
+        if k == 0 {
+            return Err(invalid("privacy.k", "k must be at least 1".into()));
+        }
+        let timeout_secs = raw.query.timeout_secs.unwrap_or(30);
+        if !(1..=3600).contains(&timeout_secs) {
+            return Err(invalid("query.timeout_secs", "must be between 1 and 3600".into()));
+        }
+        let mut seen = vec![raw.agency.clone()];
+        for (i, p) in raw.peers.iter().enumerate() {
+            if seen.contains(&p.agency) {
+                return Err(invalid(
+                    &format!("peers[{i}].agency"),
+                    format!("{} appears twice (or is this node's own agency)", p.agency),
+                ));
+            }
+            seen.push(p.agency.clone());
+            let ok = p.url.strip_prefix("https://").is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace));
+            if !ok {
+                return Err(invalid(&format!("peers[{i}].url"), format!("{:?} must be an https:// URL", p.url)));
+            }
+        }
+        Ok(NodeConfig {
+            federation: raw.federation,
+            agency: raw.agency,
+            listen,
+            data_dir: resolve(&raw.data_dir),
+            tls: TlsFiles { ca: resolve(&raw.tls.ca), cert: resolve(&raw.tls.cert), key: resolve(&raw.tls.key) },
+            peers: raw.peers,
+            k,
+            timeout: Duration::from_secs(timeout_secs),
+        })
+    }
+
+    /// Renders a configuration file (used by the demo and documentation).
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "federation = {:?}\nagency = {:?}\nlisten = {:?}\ndata_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[privacy]\nk = {}\n\n[query]\ntimeout_secs = {}\n",
+            self.federation,
+            self.agency,
+            self.listen.to_string(),
+            self.data_dir.display().to_string(),
+            self.tls.ca.display().to_string(),
+            self.tls.cert.display().to_string(),
+            self.tls.key.display().to_string(),
+            self.k,
+            self.timeout.as_secs(),
+        );
+        for p in &self.peers {
+            s.push_str(&format!("\n[[peers]]\nagency = {:?}\nurl = {:?}\n", p.agency, p.url));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+federation = "cx-demo"
+agency = "SSA"
+listen = "127.0.0.1:7001"
+data_dir = "data"
+[tls]
+ca = "ca.pem"
+cert = "ssa/node.pem"
+key = "/abs/node.key"
+[[peers]]
+agency = "CMS"
+url = "https://127.0.0.1:7002"
+"#;
+
+    #[test]
+    fn parses_and_resolves_paths() {
+        let c = NodeConfig::parse(GOOD, Path::new("/etc/cxfed/node.toml")).expect("valid");
+        assert_eq!(c.k, DEFAULT_K);
+        assert_eq!(c.data_dir, PathBuf::from("/etc/cxfed/data"));
+        assert_eq!(c.tls.key, PathBuf::from("/abs/node.key"));
+        assert_eq!(c.peers.len(), 1);
+        let again = NodeConfig::parse(&c.render(), Path::new("/x/node.toml")).expect("round trip");
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_line() {
+        let text = GOOD.replace("listen =", "lisen =");
+        let err = NodeConfig::parse(&text, Path::new("node.toml")).expect_err("must fail").to_string();
+        assert!(err.contains("node.toml") && err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn refuses_plain_http_peer() {
+        let text = GOOD.replace("https://127.0.0.1:7002", "http://127.0.0.1:7002");
+        let err = NodeConfig::parse(&text, Path::new("node.toml")).expect_err("must fail").to_string();
+        assert!(err.contains("peers[0].url"), "{err}");
+    }
+
+    #[test]
+    fn refuses_k_zero() {
+        let text = format!("{GOOD}\n[privacy]\nk = 0\n");
+        let err = NodeConfig::parse(&text, Path::new("node.toml")).expect_err("must fail").to_string();
+        assert!(err.contains("privacy.k"), "{err}");
+    }
+}

@@ -1,0 +1,150 @@
+//! Coordinating a federated query: validate it here first, send the analyst's SQL to every
+//! node (this one in-process, peers over mTLS), collect their partials, merge, apply the
+//! federation k, and report per-node status.
+
+use std::time::Instant;
+
+use futures::future::join_all;
+use tracing::{info, warn};
+
+use cxfed_protocol::Identity;
+use cxfed_protocol::wire::{ARROW_STREAM, ErrorBody, NodeState, NodeStatus, PROTOCOL_VERSION, PartialRequest, QueryRequest, QueryResponse};
+use cxfed_queries::validate::{QueryError, approve};
+
+use crate::config::Peer;
+use crate::partial::{DecodedPartial, decode};
+use crate::server::{ApiError, Node};
+
+/// Largest partial a peer may send, in bytes.
+pub const MAX_PARTIAL_BYTES: usize = 256 * 1024 * 1024;
+
+/// Answers an analyst's query across the federation.
+pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryRequest) -> Result<QueryResponse, ApiError> {
+    let started = Instant::now();
+    // Refuse here before bothering any peer; every node checks again anyway.
+    let approved = approve(&node.ctx.state(), &req.sql).await?;
+    let analyst_uri = analyst.to_string();
+
+    let local = async {
+        let r = node.answer_partial(&format!("{} (coordinator)", node.config.agency), &analyst_uri, query_id, &req.sql).await;
+        let r = r.map_err(|e| match e {
+            QueryError::Rejected(r) => (NodeState::Refused, r.to_string()),
+            other => (NodeState::Error, other.to_string()),
+        });
+        let r = r.and_then(|out| decode(&out.ipc).map_err(|e| (NodeState::Error, e)));
+        (node.config.agency.clone(), r)
+    };
+    let remote = node.config.peers.iter().map(|p| async {
+        (p.agency.clone(), ask_peer(node, p, query_id, &analyst_uri, &req.sql).await)
+    });
+    let (local, remote) = futures::join!(local, join_all(remote));
+
+    let mut statuses = Vec::new();
+    let mut batches = Vec::new();
+    let mut node_suppressed = 0;
+    for (agency, result) in std::iter::once(local).chain(remote) {
+        match result.and_then(|p| {
+            for b in &p.batches {
+                approved.check_partial(&b.schema()).map_err(|e| (NodeState::Error, e))?;
+            }
+            Ok(p)
+        }) {
+            Ok(p) => {
+                let groups = p.batches.iter().map(|b| b.num_rows() as u64).sum();
+                node_suppressed += p.suppressed_groups;
+                statuses.push(NodeStatus { agency, status: NodeState::Ok, error: None, suppressed_groups: p.suppressed_groups, groups });
+                batches.extend(p.batches);
+            }
+            Err((state, error)) => {
+                warn!(query_id, node = %agency, ?state, %error, "node did not contribute");
+                statuses.push(NodeStatus { agency, status: state, error: Some(error), suppressed_groups: 0, groups: 0 });
+            }
+        }
+    }
+    let complete = statuses.iter().all(|s| s.status == NodeState::Ok);
+    if !complete && (req.require_all || statuses.iter().all(|s| s.status != NodeState::Ok)) {
+        return Err(ApiError::NodesFailed(query_id.to_string(), statuses));
+    }
+
+    let merged = approved.merge(&node.ctx, batches, node.config.k).await?;
+    let rows = crate::output::rows(&merged.batches).map_err(|e| ApiError::Internal(e.to_string()))?;
+    info!(
+        query_id,
+        rows = rows.len(),
+        suppressed_here = merged.suppressed_groups,
+        suppressed_at_nodes = node_suppressed,
+        complete,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "query merged"
+    );
+    Ok(QueryResponse {
+        query_id: query_id.to_string(),
+        columns: merged.schema.fields().iter().map(|f| f.name().clone()).collect(),
+        rows,
+        suppressed_groups: merged.suppressed_groups + node_suppressed,
+        nodes: statuses,
+        complete,
+    })
+}
+
+/// Sends the analyst's SQL to one peer and decodes its partial.
+async fn ask_peer(
+    node: &Node,
+    peer: &Peer,
+    query_id: &str,
+    analyst: &str,
+    sql: &str,
+) -> Result<DecodedPartial, (NodeState, String)> {
+    let url = format!("{}/v1/partial", peer.url.trim_end_matches('/'));
+    let body = PartialRequest { protocol: PROTOCOL_VERSION, query_id: query_id.into(), sql: sql.into(), analyst: analyst.into() };
+    let resp = node
+        .client
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| (NodeState::Unreachable, describe_reqwest(&e)))?;
+    let status = resp.status();
+    if let Some(len) = resp.content_length()
+        && len as usize > MAX_PARTIAL_BYTES
+    {
+        return Err((NodeState::Error, format!("partial of {len} bytes is over the {MAX_PARTIAL_BYTES}-byte limit")));
+    }
+    let is_arrow = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == ARROW_STREAM.as_bytes());
+    let bytes = resp.bytes().await.map_err(|e| (NodeState::Unreachable, describe_reqwest(&e)))?;
+    if bytes.len() > MAX_PARTIAL_BYTES {
+        return Err((NodeState::Error, "partial is over the size limit".into()));
+    }
+    if status.is_success() && is_arrow {
+        return decode(&bytes).map_err(|e| (NodeState::Error, e));
+    }
+    let state = if status == reqwest::StatusCode::BAD_REQUEST || status == reqwest::StatusCode::FORBIDDEN {
+        NodeState::Refused
+    } else {
+        NodeState::Error
+    };
+    let message = match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(b) => format!("{} {}: {}", b.code, b.kind, b.message),
+        Err(_) => format!("HTTP {status}"),
+    };
+    Err((state, message))
+}
+
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        let mut msg = "connection failed".to_string();
+        let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+        while let Some(s) = src {
+            msg = format!("connection failed: {s}");
+            src = s.source();
+        }
+        msg
+    } else {
+        e.to_string()
+    }
+}

@@ -1,0 +1,219 @@
+//! `cxfed demo`: a whole three-agency federation on one machine, from nothing — certificates,
+//! synthetic data, three nodes on loopback with real mTLS, a few Priority Life Experience
+//! queries, and one refused query.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cxfed_protocol::wire::QueryRequest;
+use cxfed_queries::schema::Table;
+
+use crate::cli::{QueryFailure, send_query};
+use crate::config::{NodeConfig, Peer};
+use crate::output::{Format, render};
+use crate::server::RunningNode;
+use crate::tls::TlsFiles;
+
+/// The agencies of the demo: the "approaching retirement" life experience.
+pub const AGENCIES: [&str; 3] = ["SSA", "CMS", "OPM"];
+/// The demo federation's name.
+pub const FEDERATION: &str = "cx-demo";
+
+/// Options of `cxfed demo`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Where to keep files (a temporary directory when `None`).
+    pub dir: Option<PathBuf>,
+    /// Keep serving after the queries.
+    pub serve: bool,
+    /// People per agency.
+    pub people: usize,
+}
+
+/// The queries the demo runs: a title and SQL.
+pub const QUERIES: &[(&str, &str)] = &[
+    (
+        "Approaching retirement: trust and satisfaction by journey stage and channel (SSA + CMS + OPM)",
+        "SELECT journey_stage, channel, COUNT(DISTINCT person_id) AS people,\n       ROUND(AVG(trust), 2) AS avg_trust, ROUND(AVG(satisfaction), 2) AS avg_satisfaction\nFROM experience\nWHERE life_experience = 'approaching_retirement' AND journey_stage IN ('apply', 'decision')\nGROUP BY journey_stage, channel\nORDER BY journey_stage, people DESC",
+    ),
+    (
+        "Share of respondents who trust the agency (4 or 5) by agency and quarter",
+        "SELECT agency, date_trunc('quarter', response_date) AS quarter,\n       COUNT(*) AS responses,\n       ROUND(AVG(CASE WHEN trust >= 4 THEN 1.0 ELSE 0.0 END), 3) AS trust_share\nFROM experience\nWHERE life_experience = 'approaching_retirement'\nGROUP BY agency, date_trunc('quarter', response_date)\nORDER BY agency, quarter",
+    ),
+    (
+        "Wait time vs satisfaction, by channel (each node joins its own survey and case rows)",
+        "SELECT o.channel, COUNT(*) AS responses, ROUND(AVG(o.wait_minutes), 1) AS avg_wait_min,\n       ROUND(AVG(e.satisfaction) FILTER (WHERE o.wait_minutes <= 15), 2) AS sat_wait_15_or_less,\n       ROUND(AVG(e.satisfaction) FILTER (WHERE o.wait_minutes > 60), 2) AS sat_wait_over_60\nFROM experience e JOIN operational o ON e.case_id = o.case_id\nWHERE o.wait_minutes IS NOT NULL\nGROUP BY o.channel\nORDER BY avg_wait_min DESC",
+    ),
+    (
+        "Processing time by agency and outcome",
+        "SELECT agency, outcome, COUNT(*) AS cases,\n       ROUND(AVG(processing_days), 1) AS avg_days, ROUND(STDDEV(processing_days), 1) AS sd_days\nFROM operational\nWHERE life_experience = 'approaching_retirement'\nGROUP BY agency, outcome\nORDER BY agency, outcome",
+    ),
+];
+
+/// A query the demo shows being refused.
+pub const REFUSED: (&str, &str) = (
+    "A refused query: trying to group by a person",
+    "SELECT person_id, AVG(trust) FROM experience GROUP BY person_id",
+);
+
+/// Errors of the demo.
+#[derive(Debug, thiserror::Error)]
+#[error("demo: {0}")]
+pub struct DemoError(String);
+
+fn err(e: impl std::fmt::Display) -> DemoError {
+    DemoError(e.to_string())
+}
+
+/// A federation running on loopback.
+#[derive(Debug)]
+pub struct LocalFederation {
+    /// The nodes, in [`AGENCIES`] order.
+    pub nodes: Vec<RunningNode>,
+    /// Where certificates live.
+    pub certs: PathBuf,
+    /// Config files written for each node.
+    pub configs: Vec<PathBuf>,
+}
+
+impl LocalFederation {
+    /// The base URL of node `i`.
+    pub fn url(&self, i: usize) -> String {
+        format!("https://127.0.0.1:{}", self.nodes[i].addr.port())
+    }
+
+    /// The TLS files of `role` at `agency`.
+    pub fn tls(&self, agency: &str, role: &str) -> TlsFiles {
+        let dir = self.certs.join(agency.to_lowercase());
+        TlsFiles { ca: self.certs.join("ca.pem"), cert: dir.join(format!("{role}.pem")), key: dir.join(format!("{role}.key")) }
+    }
+
+    /// Stops every node.
+    pub async fn shutdown(self) {
+        for n in self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
+
+/// Makes certificates and data for `agencies` under `dir` and starts one node each on a free
+/// loopback port, each node configured with the others as peers.
+pub async fn start_federation(dir: &Path, agencies: &[&str], people: usize, k: u64) -> Result<LocalFederation, DemoError> {
+    let certs = dir.join("certs");
+    let owned: Vec<String> = agencies.iter().map(|a| a.to_string()).collect();
+    crate::certs::dev(FEDERATION, &owned, &certs, 30, true).map_err(err)?;
+    for (i, agency) in agencies.iter().enumerate() {
+        let synth_dir = dir.join("synth").join(agency.to_lowercase());
+        let data_dir = dir.join("data").join(agency.to_lowercase());
+        let opts = crate::synth::SynthOptions { agency: agency.to_string(), people, seed: 1 + i as u64 };
+        tokio::task::spawn_blocking(move || -> Result<(), DemoError> {
+            crate::synth::write(&opts, &synth_dir).map_err(err)?;
+            if data_dir.exists() {
+                std::fs::remove_dir_all(&data_dir).map_err(err)?;
+            }
+            for table in Table::ALL {
+                let file = synth_dir.join(format!("{}.csv", table.name()));
+                crate::ingest::ingest(&data_dir, table, &file, false).map_err(err)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(err)??;
+    }
+    let listeners: Vec<std::net::TcpListener> =
+        agencies.iter().map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>().map_err(err)?;
+    let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>().map_err(err)?;
+    let mut nodes = Vec::new();
+    let mut configs = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let agency = agencies[i];
+        let lower = agency.to_lowercase();
+        let config = NodeConfig {
+            federation: FEDERATION.into(),
+            agency: agency.into(),
+            listen: format!("127.0.0.1:{}", ports[i]).parse().map_err(err)?,
+            data_dir: dir.join("data").join(&lower),
+            tls: TlsFiles {
+                ca: certs.join("ca.pem"),
+                cert: certs.join(&lower).join("node.pem"),
+                key: certs.join(&lower).join("node.key"),
+            },
+            peers: agencies
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, a)| Peer { agency: a.to_string(), url: format!("https://127.0.0.1:{}", ports[j]) })
+                .collect(),
+            k,
+            timeout: Duration::from_secs(30),
+        };
+        let path = dir.join(format!("{lower}.toml"));
+        std::fs::write(&path, config.render()).map_err(err)?;
+        configs.push(path);
+        nodes.push(crate::server::start(config, Some(listener)).await.map_err(err)?);
+    }
+    Ok(LocalFederation { nodes, certs, configs })
+}
+
+/// Runs the demo.
+pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
+    let started = Instant::now();
+    let temp;
+    let dir = match &opts.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(err)?;
+            d.clone()
+        }
+        None => {
+            temp = tempfile::Builder::new().prefix("cxfed-demo-").tempdir().map_err(err)?;
+            temp.path().to_path_buf()
+        }
+    };
+    println!("cxfed demo: federation {FEDERATION} with {} in {}", AGENCIES.join(", "), dir.display());
+    println!("  making certificates, {} synthetic people per agency, and starting three mTLS nodes...", opts.people);
+    let fed = start_federation(&dir, &AGENCIES, opts.people, crate::config::DEFAULT_K).await?;
+    for (i, a) in AGENCIES.iter().enumerate() {
+        println!("  node {a:<4} {}  data {}", fed.url(i), dir.join("data").join(a.to_lowercase()).display());
+    }
+    println!("  ready in {:.1} s; k = {} distinct people per released group\n", started.elapsed().as_secs_f64(), crate::config::DEFAULT_K);
+
+    let analyst = fed.tls("SSA", "analyst");
+    let client = crate::client::http_client(&analyst, Duration::from_secs(120)).map_err(err)?;
+    let coordinator = fed.url(0);
+    for (title, sql) in QUERIES {
+        println!("── {title}\n{}\n", indent(sql));
+        let t = Instant::now();
+        let resp = send_query(&client, &coordinator, &QueryRequest { sql: sql.to_string(), require_all: true })
+            .await
+            .map_err(err)?;
+        print!("{}", render(&resp, Format::Table));
+        println!("({} ms)\n", t.elapsed().as_millis());
+    }
+    let (title, sql) = REFUSED;
+    println!("── {title}\n{}\n", indent(sql));
+    match send_query(&client, &coordinator, &QueryRequest { sql: sql.to_string(), require_all: true }).await {
+        Err(QueryFailure::Refused(body)) => println!("refused, as it must be: {}\n", QueryFailure::Refused(body)),
+        Ok(_) => return Err(DemoError("the identifier query was answered; refusing to continue".into())),
+        Err(e) => return Err(err(e)),
+    }
+
+    if opts.serve {
+        let c = fed.tls("SSA", "analyst");
+        println!("The federation keeps running (Ctrl-C to stop). Query it as the SSA analyst:\n");
+        println!(
+            "  cxfed query --node {coordinator} --ca {} --cert {} --key {} \\\n    \"SELECT agency, COUNT(*) AS responses, AVG(trust) FROM experience GROUP BY agency\"\n",
+            c.ca.display(),
+            c.cert.display(),
+            c.key.display()
+        );
+        println!("Node configs: {}", fed.configs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        crate::cli::shutdown_signal().await;
+    }
+    fed.shutdown().await;
+    println!("demo finished in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn indent(sql: &str) -> String {
+    sql.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+}

@@ -1,0 +1,36 @@
+//! The cxfed node: one binary that serves an agency's CX data to a federation over mutual TLS,
+//! coordinates federated queries, ingests data, and makes development certificates and synthetic
+//! data.
+//!
+//! # Layout
+//! - [`config`]: `node.toml`, parsed and checked.
+//! - [`certs`]: development CA and identities (`cxfed certs dev`).
+//! - [`tls`]: rustls configurations (TLS 1.3, ring) and peer identities.
+//! - [`client`]: the mTLS HTTP client used by the CLI and by coordinators.
+//! - [`synth`]: calibrated synthetic A-11 CX data (`cxfed synth`).
+//! - [`ingest`]: CSV/Parquet validation and atomic Parquet writes (`cxfed ingest`).
+//! - [`storage`]: the data directory layout.
+//! - [`engine`]: the node's DataFusion session over its Parquet files.
+//! - [`partial`]: what a node runs for a coordinator: re-validate, execute, suppress, encode.
+//! - [`coordinator`]: fan-out to every node, merge, final suppression.
+//! - [`audit`]: the append-only query log.
+//! - [`server`]: the axum HTTPS server and its routes.
+//! - [`output`]: table / JSON / CSV rendering of results.
+//! - [`demo`]: the self-contained three-agency demo.
+//! - [`cli`]: command-line parsing and dispatch.
+
+pub mod audit;
+pub mod certs;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod coordinator;
+pub mod demo;
+pub mod engine;
+pub mod ingest;
+pub mod output;
+pub mod partial;
+pub mod server;
+pub mod storage;
+pub mod synth;
+pub mod tls;

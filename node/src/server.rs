@@ -1,0 +1,474 @@
+//! The node's HTTPS server: axum over rustls with client certificates required, one route per
+//! endpoint of the wire protocol, the caller's role checked from its verified certificate.
+//!
+//! | endpoint            | role          | what                                     |
+//! |---------------------|---------------|------------------------------------------|
+//! | `POST /v1/query`    | analyst       | federated query, merged answer (JSON)    |
+//! | `POST /v1/partial`  | node (a peer) | this node's partial aggregates (Arrow)   |
+//! | `GET /v1/schema`    | any           | tables, columns, row counts              |
+//! | `GET /v1/health`    | any           | liveness                                 |
+//! | `GET /v1/audit`     | auditor       | this node's query log (`?since=SEQ`)     |
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Extension, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum_server::tls::TlsInfo;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
+use datafusion::execution::context::SessionContext;
+use serde::Deserialize;
+use tracing::{Instrument, info, warn};
+
+use cxfed_protocol::wire::{
+    ARROW_STREAM, ErrorBody, HEADER_QUERY_ID, Health, NodeStatus, PROTOCOL_VERSION, PartialRequest, QueryRequest,
+    SchemaColumn, SchemaResponse, SchemaTable,
+};
+use cxfed_protocol::{Identity, Role};
+use cxfed_queries::rules::Rejection;
+use cxfed_queries::schema::{Domain, Kind, Table};
+use cxfed_queries::validate::QueryError;
+
+use crate::audit::{AuditLog, Decision, Record};
+use crate::config::NodeConfig;
+use crate::partial::PartialOutput;
+
+/// Everything a running node shares between requests.
+#[derive(Debug)]
+pub struct Node {
+    /// Its configuration.
+    pub config: NodeConfig,
+    /// DataFusion over its Parquet files.
+    pub ctx: SessionContext,
+    /// mTLS client for talking to peers.
+    pub client: reqwest::Client,
+    /// Its query log.
+    pub audit: AuditLog,
+}
+
+/// Why a node could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// TLS files are missing or wrong.
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// The data directory or audit log could not be opened.
+    #[error("data directory {path}: {message}")]
+    Data {
+        /// The directory.
+        path: String,
+        /// What failed.
+        message: String,
+    },
+    /// Binding or serving failed.
+    #[error("listen on {addr}: {source}")]
+    Io {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A node serving in the background.
+#[derive(Debug)]
+pub struct RunningNode {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its shared state.
+    pub node: Arc<Node>,
+    handle: axum_server::Handle<SocketAddr>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningNode {
+    /// Stops accepting, lets requests in flight finish (up to 5 s), and waits.
+    pub async fn shutdown(self) {
+        self.handle.graceful_shutdown(Some(Duration::from_secs(5)));
+        let _ = self.task.await;
+    }
+
+    /// Stops at once, dropping connections in flight (as if the process died).
+    pub fn kill(self) {
+        self.handle.shutdown();
+        self.task.abort();
+    }
+
+    /// Waits until the server stops by itself.
+    pub async fn wait(self) -> Result<(), ServeError> {
+        match self.task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(ServeError::Io { addr: self.addr.to_string(), source }),
+            Err(e) => Err(ServeError::Io { addr: self.addr.to_string(), source: std::io::Error::other(e) }),
+        }
+    }
+}
+
+/// Builds the node's state from its configuration.
+pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
+    let data_err = |e: &dyn std::fmt::Display| ServeError::Data {
+        path: config.data_dir.display().to_string(),
+        message: e.to_string(),
+    };
+    let ctx = crate::engine::node_context(&config.data_dir).map_err(|e| data_err(&e))?;
+    let audit = AuditLog::open(&config.data_dir).map_err(|e| data_err(&e))?;
+    let client = crate::client::http_client(&config.tls, config.timeout)?;
+    Ok(Node { config, ctx, client, audit })
+}
+
+/// Starts serving `config` on `listener` (or on `config.listen` when `None`).
+pub async fn start(config: NodeConfig, listener: Option<std::net::TcpListener>) -> Result<RunningNode, ServeError> {
+    let tls = config.tls.server_config(&config.federation)?;
+    let listen = config.listen;
+    let node = Arc::new(build_node(config)?);
+    let app = router(Arc::clone(&node));
+    let io_err = |source| ServeError::Io { addr: listen.to_string(), source };
+    let listener = match listener {
+        Some(l) => l,
+        None => std::net::TcpListener::bind(listen).map_err(io_err)?,
+    };
+    listener.set_nonblocking(true).map_err(io_err)?;
+    let addr = listener.local_addr().map_err(io_err)?;
+    let handle = axum_server::Handle::new();
+    let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(tls)).handshake_timeout(Duration::from_secs(10));
+    let server = axum_server::from_tcp(listener).map_err(io_err)?.acceptor(acceptor).handle(handle.clone());
+    let task = tokio::spawn(server.serve(app.into_make_service()));
+    info!(agency = %node.config.agency, %addr, peers = node.config.peers.len(), k = node.config.k, "node serving");
+    Ok(RunningNode { addr, node, handle, task })
+}
+
+/// Serves until `shutdown` completes (mini-redis style: a thin `main` calls this).
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let running = start(config, None).await?;
+    shutdown.await;
+    info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// The routes.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/v1/query", post(query))
+        .route("/v1/partial", post(partial))
+        .route("/v1/schema", get(schema))
+        .route("/v1/health", get(health))
+        .route("/v1/audit", get(audit))
+        .fallback(|| async { ApiError::NotFound })
+        .with_state(node)
+}
+
+/// Everything that can go wrong in a request, turned into a response in one place.
+#[derive(Debug)]
+pub enum ApiError {
+    /// The query broke a rule.
+    Rejected(Rejection, Option<String>),
+    /// The caller's certificate is not allowed here.
+    Forbidden(String),
+    /// The request body is malformed.
+    BadRequest(String),
+    /// Some nodes failed and the analyst required all.
+    NodesFailed(String, Vec<NodeStatus>),
+    /// No such endpoint.
+    NotFound,
+    /// A bug or engine failure; details are logged, not returned.
+    Internal(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = |code: &str, kind: &str, message: String| ErrorBody {
+            code: code.into(),
+            kind: kind.into(),
+            message,
+            line: None,
+            column: None,
+            query_id: None,
+            nodes: vec![],
+        };
+        let (status, body) = match self {
+            ApiError::Rejected(r, query_id) => (
+                StatusCode::BAD_REQUEST,
+                ErrorBody {
+                    line: r.position.map(|p| p.line),
+                    column: r.position.map(|p| p.column),
+                    query_id,
+                    ..body(r.rule.code(), r.rule.slug(), r.reason)
+                },
+            ),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, body("CXF-A403", "forbidden", m)),
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, body("CXF-A400", "bad-request", m)),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, body("CXF-A404", "not-found", "no such endpoint".into())),
+            ApiError::NodesFailed(query_id, nodes) => {
+                let failed: Vec<String> = nodes
+                    .iter()
+                    .filter(|n| n.error.is_some())
+                    .map(|n| format!("{}: {}", n.agency, n.error.as_deref().unwrap_or("")))
+                    .collect();
+                (
+                    StatusCode::BAD_GATEWAY,
+                    ErrorBody {
+                        query_id: Some(query_id),
+                        nodes,
+                        ..body(
+                            "CXF-A502",
+                            "nodes-failed",
+                            format!(
+                                "not every node answered ({}); pass --allow-partial to accept a partial federation answer",
+                                failed.join("; ")
+                            ),
+                        )
+                    },
+                )
+            }
+            ApiError::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, body("CXF-A500", "internal", "internal error; see the node's log".into()))
+            }
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::Rejected(r) => ApiError::Rejected(r, None),
+            QueryError::Internal(m) => ApiError::Internal(m),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// A new random query id (128 bits, hex).
+pub fn new_query_id() -> String {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut b = [0u8; 16];
+    if SystemRandom::new().fill(&mut b).is_err() {
+        // The OS RNG failing is fatal for keys, but a query id only needs uniqueness.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        b[..16].copy_from_slice(&t.as_nanos().to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Node {
+    /// The verified identity of the TLS peer, if it is allowed `roles` here. Refusals are
+    /// logged and audited.
+    async fn authorize(&self, tls: &TlsInfo, endpoint: &'static str, roles: &[Role]) -> Result<Identity, ApiError> {
+        let id = crate::tls::peer_identity(&tls.peer_certificates)
+            .map_err(|e| ApiError::Forbidden(format!("client certificate has no usable identity: {e}")))?;
+        let refusal = if id.federation() != self.config.federation {
+            Some(format!("{id} is not of federation {}", self.config.federation))
+        } else if !roles.contains(&id.role()) {
+            let allowed: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+            Some(format!("role {} may not call {endpoint} (allowed: {})", id.role().as_str(), allowed.join(", ")))
+        } else if id.role() == Role::Node
+            && id.agency() != self.config.agency
+            && !self.config.peers.iter().any(|p| p.agency == id.agency())
+        {
+            Some(format!("node {} is not a configured peer", id.agency()))
+        } else {
+            None
+        };
+        match refusal {
+            None => Ok(id),
+            Some(reason) => {
+                warn!(peer = %id, endpoint, %reason, "refused caller");
+                self.record(Record {
+                    query_id: String::new(),
+                    endpoint,
+                    peer: id.to_string(),
+                    analyst: String::new(),
+                    sql: None,
+                    decision: Decision::Refused,
+                    code: Some("CXF-A403".into()),
+                    groups_released: 0,
+                    groups_withheld: 0,
+                })
+                .await?;
+                Err(ApiError::Forbidden(reason))
+            }
+        }
+    }
+
+    /// Appends to the audit log; a log that cannot be written stops the answer.
+    pub async fn record(&self, record: Record) -> Result<(), ApiError> {
+        self.audit.append(record).await.map(|_| ()).map_err(|e| ApiError::Internal(format!("audit log: {e}")))
+    }
+
+    /// Runs this node's part of a query and audits it, whoever asked.
+    pub async fn answer_partial(
+        &self,
+        peer: &str,
+        analyst: &str,
+        query_id: &str,
+        sql: &str,
+    ) -> Result<PartialOutput, QueryError> {
+        let result = crate::partial::run(&self.ctx, &self.config.agency, self.config.k, sql).await;
+        let (decision, code, released, withheld) = match &result {
+            Ok(out) => (Decision::Executed, None, out.groups, out.suppressed_groups),
+            Err(QueryError::Rejected(r)) => (Decision::Refused, Some(r.rule.code().to_string()), 0, 0),
+            Err(_) => (Decision::Failed, Some("CXF-A500".to_string()), 0, 0),
+        };
+        if let Err(e) = &result {
+            warn!(query_id, peer, error = %e, "partial not answered");
+        }
+        self.audit
+            .append(Record {
+                query_id: query_id.to_string(),
+                endpoint: "/v1/partial",
+                peer: peer.to_string(),
+                analyst: analyst.to_string(),
+                sql: Some(sql.to_string()),
+                decision,
+                code,
+                groups_released: released,
+                groups_withheld: withheld,
+            })
+            .await
+            .map_err(|e| QueryError::Internal(format!("audit log: {e}")))?;
+        result
+    }
+}
+
+async fn query(
+    State(node): State<Arc<Node>>,
+    Extension(tls): Extension<Arc<TlsInfo>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let analyst = node.authorize(&tls, "/v1/query", &[Role::Analyst]).await?;
+    let query_id = new_query_id();
+    let span = tracing::info_span!("query", query_id = %query_id, analyst = %analyst);
+    async move {
+        let req: QueryRequest = parse_json(&body)?;
+        let result = crate::coordinator::query(&node, &analyst, &query_id, &req).await;
+        let (decision, code) = match &result {
+            Ok(_) => (Decision::Executed, None),
+            Err(ApiError::Rejected(r, _)) => (Decision::Refused, Some(r.rule.code().to_string())),
+            Err(ApiError::NodesFailed(..)) => (Decision::Failed, Some("CXF-A502".to_string())),
+            Err(_) => (Decision::Failed, Some("CXF-A500".to_string())),
+        };
+        node.record(Record {
+            query_id: query_id.clone(),
+            endpoint: "/v1/query",
+            peer: analyst.to_string(),
+            analyst: analyst.to_string(),
+            sql: Some(req.sql.clone()),
+            decision,
+            code: code.clone(),
+            groups_released: result.as_ref().map(|r| r.rows.len() as u64).unwrap_or(0),
+            groups_withheld: result.as_ref().map(|r| r.suppressed_groups).unwrap_or(0),
+        })
+        .await?;
+        info!(decision = ?decision, code = ?code, "query answered");
+        let resp = result.map_err(|e| match e {
+            ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(query_id.clone())),
+            other => other,
+        })?;
+        let mut response = axum::Json(resp).into_response();
+        if let Ok(v) = HeaderValue::from_str(&query_id) {
+            response.headers_mut().insert(HEADER_QUERY_ID, v);
+        }
+        Ok(response)
+    }
+    .instrument(span)
+    .await
+}
+
+async fn partial(
+    State(node): State<Arc<Node>>,
+    Extension(tls): Extension<Arc<TlsInfo>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let peer = node.authorize(&tls, "/v1/partial", &[Role::Node]).await?;
+    let req: PartialRequest = parse_json(&body)?;
+    if req.protocol != PROTOCOL_VERSION {
+        return Err(ApiError::BadRequest(format!(
+            "protocol {} is not spoken here (this node speaks {PROTOCOL_VERSION})",
+            req.protocol
+        )));
+    }
+    let span = tracing::info_span!("partial", query_id = %req.query_id, peer = %peer);
+    let out = node
+        .answer_partial(&peer.to_string(), &req.analyst, &req.query_id, &req.sql)
+        .instrument(span)
+        .await
+        .map_err(|e| match ApiError::from(e) {
+            ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(req.query_id.clone())),
+            other => other,
+        })?;
+    Ok(([(header::CONTENT_TYPE, ARROW_STREAM)], out.ipc).into_response())
+}
+
+async fn health(State(node): State<Arc<Node>>, Extension(tls): Extension<Arc<TlsInfo>>) -> Result<Response, ApiError> {
+    node.authorize(&tls, "/v1/health", &[Role::Node, Role::Analyst, Role::Steward, Role::Auditor]).await?;
+    Ok(axum::Json(Health {
+        status: "ok".into(),
+        agency: node.config.agency.clone(),
+        federation: node.config.federation.clone(),
+        protocol: PROTOCOL_VERSION,
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+    .into_response())
+}
+
+async fn schema(State(node): State<Arc<Node>>, Extension(tls): Extension<Arc<TlsInfo>>) -> Result<Response, ApiError> {
+    node.authorize(&tls, "/v1/schema", &[Role::Node, Role::Analyst, Role::Steward, Role::Auditor]).await?;
+    let mut tables = Vec::new();
+    for t in Table::ALL {
+        let rows = crate::engine::row_count(&node.ctx, t).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let columns = t
+            .columns()
+            .iter()
+            .map(|c| SchemaColumn {
+                name: c.name.into(),
+                ty: c.ty.data_type().to_string(),
+                kind: match c.kind {
+                    Kind::Identifier => "identifier",
+                    Kind::Dimension => "dimension",
+                    Kind::Date => "date",
+                    Kind::Measure => "measure",
+                }
+                .into(),
+                required: c.required,
+                domain: match c.domain {
+                    Domain::Vocabulary(v) => Some(v.join(", ")),
+                    Domain::Range(lo, hi) => Some(format!("{lo}..={hi}")),
+                    Domain::Agency => Some("agency abbreviation".into()),
+                    Domain::FreeText | Domain::Any => None,
+                },
+            })
+            .collect();
+        tables.push(SchemaTable { name: t.name().into(), rows, columns });
+    }
+    Ok(axum::Json(SchemaResponse { version: cxfed_queries::schema::SCHEMA_VERSION, tables }).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditParams {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn audit(
+    State(node): State<Arc<Node>>,
+    Extension(tls): Extension<Arc<TlsInfo>>,
+    params: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    node.authorize(&tls, "/v1/audit", &[Role::Auditor]).await?;
+    let Query(params) = params.map_err(|e| ApiError::BadRequest(format!("since: {e}")))?;
+    let entries = node.audit.read_since(params.since).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(axum::Json(entries).into_response())
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("request body: {e}")))
+}

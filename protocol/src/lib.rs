@@ -1,0 +1,12 @@
+//! Wire types, identities and versions shared by every cxfed node and client.
+//!
+//! # Layout
+//! - [`identity`]: SPIFFE identities (`spiffe://<federation>/<agency>/<role>/<name>`) parsed from
+//!   verified X.509 certificates.
+//! - [`wire`]: the JSON bodies of `/v1/*` and the Arrow IPC conventions of `/v1/partial`.
+#![forbid(unsafe_code)]
+
+pub mod identity;
+pub mod wire;
+
+pub use identity::{Identity, IdentityError, Role};

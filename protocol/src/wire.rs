@@ -1,0 +1,203 @@
+//! JSON bodies of the `/v1/*` endpoints and the conventions of the Arrow IPC partials.
+//!
+//! Version 1 of the protocol. A node refuses a request whose `protocol` it does not speak.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Media type of `/v1/partial` responses.
+pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
+/// Arrow schema metadata key: groups the node withheld because they were below its own k.
+pub const META_SUPPRESSED: &str = "cxfed.suppressed_groups";
+/// Arrow schema metadata key: the agency of the node that produced the partial.
+pub const META_AGENCY: &str = "cxfed.agency";
+
+/// HTTP header carrying the query id on every response.
+pub const HEADER_QUERY_ID: &str = "x-cxfed-query-id";
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_protocol() -> u32 {
+    PROTOCOL_VERSION
+}
+
+/// `POST /v1/query` (role analyst).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueryRequest {
+    /// The analyst's SQL.
+    pub sql: String,
+    /// Fail unless every node answered (default). `false` accepts a partial federation answer.
+    #[serde(default = "default_true")]
+    pub require_all: bool,
+}
+
+/// What one node did with a federated query.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The node's agency.
+    pub agency: String,
+    /// `ok`, `refused`, `error` or `unreachable`.
+    pub status: NodeState,
+    /// Why, when not ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Groups this node withheld (below its own k).
+    #[serde(default)]
+    pub suppressed_groups: u64,
+    /// Partial groups this node returned.
+    #[serde(default)]
+    pub groups: u64,
+}
+
+/// Outcome of one node's part of a query.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Answered.
+    Ok,
+    /// Refused the query (its own validation or policy).
+    Refused,
+    /// Failed while answering.
+    Error,
+    /// Could not be reached or timed out.
+    Unreachable,
+}
+
+/// `POST /v1/query` response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueryResponse {
+    /// Id of this query in every node's audit log.
+    pub query_id: String,
+    /// Output column names.
+    pub columns: Vec<String>,
+    /// Output rows: numbers, strings (dates as ISO-8601) or null.
+    pub rows: Vec<Vec<serde_json::Value>>,
+    /// Groups withheld by the coordinator plus groups nodes reported withholding.
+    pub suppressed_groups: u64,
+    /// One entry per node of the federation, this node included.
+    pub nodes: Vec<NodeStatus>,
+    /// False when some node did not contribute (only with `require_all = false`).
+    pub complete: bool,
+}
+
+/// `POST /v1/partial` (role node): the analyst's SQL as the coordinator received it. The node
+/// plans and validates it itself and derives its own partial plan; it never runs SQL written
+/// by the coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PartialRequest {
+    /// Protocol version of the coordinator.
+    #[serde(default = "default_protocol")]
+    pub protocol: u32,
+    /// The query id the coordinator assigned.
+    pub query_id: String,
+    /// The analyst's SQL.
+    pub sql: String,
+    /// The analyst identity the coordinator vouches for (logged; not yet proof).
+    pub analyst: String,
+}
+
+/// Error body of every non-2xx response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    /// Stable code: a rule code (`CXF-Q012`) or an API code (`CXF-A403`).
+    pub code: String,
+    /// Rule slug or error kind, e.g. `identifier-not-allowed`.
+    pub kind: String,
+    /// One line for a person.
+    pub message: String,
+    /// 1-based SQL line, when the error has a position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    /// 1-based SQL column, when the error has a position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<u64>,
+    /// The query id, when a query was being answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_id: Option<String>,
+    /// Per-node status, when the failure happened during fan-out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Health {
+    /// Always `ok` when the node answers.
+    pub status: String,
+    /// This node's agency.
+    pub agency: String,
+    /// The federation.
+    pub federation: String,
+    /// Protocol version.
+    pub protocol: u32,
+    /// Software version.
+    pub version: String,
+}
+
+/// One column in `GET /v1/schema`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SchemaColumn {
+    /// Column name.
+    pub name: String,
+    /// SQL type.
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// `identifier`, `dimension`, `date` or `measure`.
+    pub kind: String,
+    /// Whether every row has a value.
+    pub required: bool,
+    /// Allowed values or range, when restricted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+}
+
+/// One table in `GET /v1/schema`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SchemaTable {
+    /// Table name.
+    pub name: String,
+    /// Rows this node holds.
+    pub rows: u64,
+    /// Columns.
+    pub columns: Vec<SchemaColumn>,
+}
+
+/// `GET /v1/schema`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SchemaResponse {
+    /// Schema version.
+    pub version: u32,
+    /// Tables.
+    pub tables: Vec<SchemaTable>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_request_defaults_to_require_all() {
+        let r: QueryRequest = serde_json::from_str(r#"{"sql":"SELECT 1"}"#).expect("parse");
+        assert!(r.require_all);
+    }
+
+    #[test]
+    fn refuses_unknown_fields_in_partial_request() {
+        let r = serde_json::from_str::<PartialRequest>(
+            r#"{"query_id":"q","sql":"s","analyst":"a","k":1}"#,
+        );
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn node_state_is_snake_case() {
+        assert_eq!(serde_json::to_string(&NodeState::Unreachable).expect("json"), "\"unreachable\"");
+    }
+}

@@ -1,0 +1,47 @@
+//! DataFusion sessions configured for the CX schema: the same function set and options on every
+//! node, so that every node plans an analyst's SQL the same way.
+
+use std::sync::Arc;
+
+use datafusion::datasource::MemTable;
+use datafusion::error::Result;
+use datafusion::execution::context::{SessionConfig, SessionContext};
+use datafusion::functions_aggregate::{stddev::stddev_udaf, variance::var_samp_udaf};
+use datafusion::logical_expr::AggregateUDF;
+
+use crate::schema::Table;
+
+/// The session configuration every cxfed node and coordinator uses.
+pub fn session_config() -> SessionConfig {
+    let mut config = SessionConfig::new()
+        .with_information_schema(false)
+        .with_create_default_catalog_and_schema(true);
+    let options = config.options_mut();
+    // Identifiers are case-insensitive, as analysts expect from SQL.
+    options.sql_parser.enable_ident_normalization = true;
+    options.sql_parser.map_string_types_to_utf8view = false;
+    options.execution.parquet.pushdown_filters = false;
+    config
+}
+
+/// Registers the cxfed function set on `ctx` (every node must plan the same SQL the same way).
+pub fn register_functions(ctx: &SessionContext) {
+    // DESIGN.md names STDDEV / VARIANCE; DataFusion spells the sample variance `var`.
+    let var = AggregateUDF::clone(&var_samp_udaf()).with_aliases(["variance"]);
+    ctx.register_udaf(var);
+    let stddev = AggregateUDF::clone(&stddev_udaf()).with_aliases(["stddev_samp"]);
+    ctx.register_udaf(stddev);
+}
+
+/// A context with both tables registered empty: enough to plan, validate and explain queries
+/// (and to merge partials) without any data.
+pub fn planning_context() -> Result<SessionContext> {
+    let ctx = SessionContext::new_with_config(session_config());
+    register_functions(&ctx);
+    for table in Table::ALL {
+        let schema = table.arrow_schema();
+        let mem = MemTable::try_new(schema, vec![vec![]])?;
+        ctx.register_table(table.name(), Arc::new(mem))?;
+    }
+    Ok(ctx)
+}

@@ -1,0 +1,22 @@
+//! The query side of cxfed: the CX schema, which SQL is allowed, and how one aggregate query is
+//! split into per-node partial aggregates and merged back. Pure: no I/O, no networking.
+//!
+//! # Layout
+//! ```text
+//!  SQL ──▶ DataFusion LogicalPlan ──▶ validate ──▶ ApprovedQuery
+//!                                                   │
+//!                    node: partial_plan() ◀─────────┤  (COUNT, SUM, SUM of squares, persons)
+//!                    coordinator: merge() ◀─────────┘  (sum partials, k-suppress, HAVING/ORDER/LIMIT)
+//! ```
+//! - [`schema`]: tables, columns, kinds, vocabularies.
+//! - [`rules`]: refusal codes and positions.
+//! - [`validate`]: SQL → [`ApprovedQuery`] or a [`Rejection`].
+//! - [`rewrite`]: the partial plan and the merge plan.
+//! - [`context`]: a planning context with the CX schema and no data.
+#![forbid(unsafe_code)]
+
+pub mod context;
+pub mod rewrite;
+pub mod rules;
+pub mod schema;
+pub mod validate;

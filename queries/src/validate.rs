@@ -1,0 +1,747 @@
+//! SQL → [`ApprovedQuery`], or the [`Rejection`] that says which rule it broke.
+//!
+//! The check runs on DataFusion's logical plan (names resolved, `*` expanded, aliases and
+//! positions in GROUP BY/ORDER BY already bound), and walks every node and every expression:
+//!
+//! ```text
+//!  Limit / Sort / Projection / Filter(HAVING)      "upper": only over aggregate outputs
+//!                     │
+//!                 Aggregate                        exactly one; group keys are dimensions;
+//!                     │                            aggregates COUNT SUM AVG STDDEV VAR
+//!              Filter(WHERE)                       no identifiers, allow-listed functions
+//!                     │
+//!   TableScan | experience JOIN operational ON case_id
+//! ```
+
+use std::fmt;
+
+use datafusion::common::tree_node::TreeNode;
+use datafusion::common::{Column, DataFusionError};
+use datafusion::execution::context::{SQLOptions, SessionState};
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{Aggregate, Expr, JoinType, LogicalPlan, Operator};
+use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
+use datafusion::sql::sqlparser::ast::Statement;
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+
+use crate::rules::{Rejection, Rule, locate_word, position_in_message};
+use crate::schema::{self, Kind, Table};
+
+/// Longest SQL text accepted, in bytes.
+pub const MAX_SQL_BYTES: usize = 16 * 1024;
+
+/// Scalar functions a query may use (DataFusion names).
+pub const ALLOWED_FUNCTIONS: &[&str] = &[
+    "date_trunc", "date_part", "coalesce", "nullif", "abs", "round", "floor", "ceil", "trunc",
+    "sqrt", "power", "ln", "log10", "exp", "lower", "upper", "greatest", "least",
+];
+
+/// Date granularities a date may be grouped by.
+pub const DATE_GRANULARITIES: &[&str] = &["month", "quarter", "year"];
+
+/// Why a query could not be answered: the analyst's fault or ours.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueryError {
+    /// The query broke a rule of the aggregate-only subset.
+    #[error("{0}")]
+    Rejected(Rejection),
+    /// A bug or an engine failure; the message is for logs, not for analysts.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<Rejection> for QueryError {
+    fn from(r: Rejection) -> Self {
+        QueryError::Rejected(r)
+    }
+}
+
+impl From<DataFusionError> for QueryError {
+    fn from(e: DataFusionError) -> Self {
+        QueryError::Internal(e.to_string())
+    }
+}
+
+/// What one aggregate of the query computes, and so which partials it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggKind {
+    /// `COUNT(*)` or `COUNT(expr)`.
+    Count,
+    /// `COUNT(DISTINCT person_id)`.
+    CountPersons,
+    /// `SUM(expr)`.
+    Sum,
+    /// `AVG(expr)`.
+    Avg,
+    /// `VAR`/`VARIANCE` (sample) or `VAR_POP`.
+    Variance {
+        /// Population rather than sample.
+        population: bool,
+    },
+    /// `STDDEV` (sample) or `STDDEV_POP`.
+    Stddev {
+        /// Population rather than sample.
+        population: bool,
+    },
+}
+
+impl fmt::Display for AggKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            AggKind::Count => "count",
+            AggKind::CountPersons => "count distinct persons",
+            AggKind::Sum => "sum",
+            AggKind::Avg => "avg",
+            AggKind::Variance { population: false } => "var",
+            AggKind::Variance { population: true } => "var_pop",
+            AggKind::Stddev { population: false } => "stddev",
+            AggKind::Stddev { population: true } => "stddev_pop",
+        };
+        f.write_str(s)
+    }
+}
+
+/// A query that passed every rule. Only an `ApprovedQuery` can be turned into a partial plan
+/// or merged (see [`crate::rewrite`]).
+#[derive(Debug, Clone)]
+pub struct ApprovedQuery {
+    pub(crate) sql: String,
+    pub(crate) plan: LogicalPlan,
+    /// Plan nodes above the aggregate, top first.
+    pub(crate) upper: Vec<LogicalPlan>,
+    pub(crate) aggregate: Aggregate,
+    pub(crate) kinds: Vec<AggKind>,
+    pub(crate) person: Column,
+}
+
+impl ApprovedQuery {
+    /// The SQL as the analyst wrote it.
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// The validated logical plan.
+    pub fn plan(&self) -> &LogicalPlan {
+        &self.plan
+    }
+
+    /// Output column names, in order.
+    pub fn columns(&self) -> Vec<String> {
+        self.plan.schema().fields().iter().map(|f| f.name().clone()).collect()
+    }
+
+    /// The kind of each aggregate of the query, in plan order.
+    pub fn aggregate_kinds(&self) -> &[AggKind] {
+        &self.kinds
+    }
+
+    /// The grouping expressions, as text.
+    pub fn group_keys(&self) -> Vec<String> {
+        self.aggregate.group_expr.iter().map(|e| e.to_string()).collect()
+    }
+}
+
+/// Parses, plans and checks `sql` against the tables registered in `state`.
+pub async fn approve(state: &SessionState, sql: &str) -> Result<ApprovedQuery, QueryError> {
+    if sql.len() > MAX_SQL_BYTES {
+        return Err(Rejection::new(
+            Rule::QueryTooLarge,
+            format!("the query is {} bytes; at most {MAX_SQL_BYTES} are accepted", sql.len()),
+        )
+        .into());
+    }
+    let statement = parse_one(state, sql)?;
+    let plan = state.statement_to_plan(statement).await.map_err(|e| plan_error(sql, e))?;
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(&plan)
+        .map_err(|e| Rejection::new(Rule::NotAQuery, first_line(&e.to_string())))?;
+    check(sql, plan)
+}
+
+fn parse_one(state: &SessionState, sql: &str) -> Result<DFStatement, QueryError> {
+    let limit = state.config().options().sql_parser.recursion_limit.get();
+    let mut statements = DFParserBuilder::new(sql)
+        .with_dialect(&GenericDialect {})
+        .with_recursion_limit(limit)
+        .build()
+        .and_then(|mut p| p.parse_statements())
+        .map_err(|e| {
+            let msg = e.to_string();
+            let rule = if msg.contains("ecursion limit") { Rule::QueryTooLarge } else { Rule::SyntaxError };
+            Rejection { rule, reason: first_line(&strip_prefix(&msg)), position: position_in_message(&msg) }
+        })?;
+    if statements.len() != 1 {
+        let rule = if statements.is_empty() { Rule::SyntaxError } else { Rule::MultipleStatements };
+        let reason = if statements.is_empty() {
+            "the request holds no SQL statement".to_string()
+        } else {
+            format!("send one statement at a time; this request holds {}", statements.len())
+        };
+        let position = if statements.len() > 1 { second_statement_position(sql) } else { None };
+        return Err(Rejection { rule, reason, position }.into());
+    }
+    let statement = statements.pop_front().ok_or_else(|| QueryError::Internal("no statement".into()))?;
+    match &statement {
+        DFStatement::Statement(s) if matches!(**s, Statement::Query(_)) => Ok(statement),
+        DFStatement::Statement(s) => {
+            let word = s.to_string().split_whitespace().next().unwrap_or("statement").to_uppercase();
+            Err(Rejection::new(Rule::NotAQuery, format!("only SELECT queries are accepted, not {word}"))
+                .at_word(sql, &word)
+                .into())
+        }
+        _ => Err(Rejection::new(Rule::NotAQuery, "only SELECT queries are accepted").into()),
+    }
+}
+
+fn second_statement_position(sql: &str) -> Option<crate::rules::Position> {
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let tokens = Tokenizer::new(&GenericDialect {}, sql).tokenize_with_location().ok()?;
+    let semi = tokens.iter().position(|t| t.token == Token::SemiColon)?;
+    tokens[semi + 1..]
+        .iter()
+        .find(|t| !matches!(t.token, Token::Whitespace(_) | Token::SemiColon))
+        .map(|t| crate::rules::Position { line: t.span.start.line, column: t.span.start.column })
+}
+
+fn strip_prefix(msg: &str) -> String {
+    msg.trim_start_matches("SQL error: ")
+        .trim_start_matches("ParserError(\"")
+        .trim_end_matches("\")")
+        .to_string()
+}
+
+fn first_line(msg: &str) -> String {
+    let line = msg.lines().next().unwrap_or("").trim();
+    let mut s: String = line.chars().take(300).collect();
+    if s.len() < line.len() {
+        s.push('…');
+    }
+    s
+}
+
+/// DataFusion planning errors are the analyst's (unknown column, type mismatch ...), except
+/// where DataFusion says it does not support something.
+fn plan_error(sql: &str, e: DataFusionError) -> QueryError {
+    let msg = e.to_string();
+    let lower = msg.to_lowercase();
+    let rule = if lower.contains("recursion") || lower.contains("stack") {
+        Rule::QueryTooLarge
+    } else if lower.contains("table") && lower.contains("not found") {
+        Rule::TableNotAllowed
+    } else {
+        Rule::PlanError
+    };
+    let mut rejection = Rejection { rule, reason: first_line(&msg.replace("Error during planning: ", "")), position: None };
+    // DataFusion names the column or table it could not find; point at it.
+    if let Some(name) = quoted_name(&msg) {
+        rejection = rejection.at_word(sql, &name);
+    }
+    rejection.into()
+}
+
+fn quoted_name(msg: &str) -> Option<String> {
+    let start = msg.find(['\'', '"'])? + 1;
+    let rest = &msg[start..];
+    let end = rest.find(['\'', '"'])?;
+    let name = &rest[..end];
+    Some(name.rsplit('.').next().unwrap_or(name).to_string())
+}
+
+/// Checks a planned query; see the module docs for the shape it must have.
+fn check(sql: &str, plan: LogicalPlan) -> Result<ApprovedQuery, QueryError> {
+    let mut upper = Vec::new();
+    let mut node = &plan;
+    let aggregate = loop {
+        match node {
+            LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::Sort(_) | LogicalPlan::Limit(_) => {
+                upper.push(node.clone());
+                node = node.inputs()[0];
+            }
+            LogicalPlan::Aggregate(a) => break a.clone(),
+            other => return Err(shape_rejection(sql, other, false).into()),
+        }
+    };
+
+    // Identifiers first: whatever else is wrong, a query that touches an identifier is refused
+    // for that.
+    let mut below = Vec::new();
+    collect_below(sql, &aggregate.input, &mut below)?;
+    for n in upper.iter().chain(below.iter()) {
+        for e in node_expressions(n) {
+            check_identifiers(sql, &e)?;
+        }
+    }
+    for g in &aggregate.group_expr {
+        check_identifiers(sql, g)?;
+    }
+    for a in &aggregate.aggr_expr {
+        check_aggregate_identifiers(sql, a)?;
+    }
+
+    for n in upper.iter().chain(below.iter()) {
+        for e in node_expressions(n) {
+            check_expr(sql, &e)?;
+        }
+    }
+    for g in &aggregate.group_expr {
+        check_group_key(sql, g)?;
+    }
+    let mut kinds = Vec::with_capacity(aggregate.aggr_expr.len());
+    for a in &aggregate.aggr_expr {
+        kinds.push(check_aggregate(sql, a)?);
+    }
+
+    let person = aggregate
+        .input
+        .schema()
+        .columns()
+        .into_iter()
+        .find(|c| c.name == schema::PERSON_ID)
+        .ok_or_else(|| QueryError::Internal("no person_id column under the aggregate".into()))?;
+
+    Ok(ApprovedQuery { sql: sql.to_string(), plan, upper, aggregate, kinds, person })
+}
+
+/// The refusal for a plan node that may not appear where it is.
+fn shape_rejection(sql: &str, node: &LogicalPlan, below_aggregate: bool) -> Rejection {
+    match node {
+        LogicalPlan::Window(_) => Rejection::new(Rule::WindowNotAllowed, "window functions are not allowed").at_word(sql, "over"),
+        LogicalPlan::Distinct(_) => Rejection::new(
+            Rule::DistinctNotAllowed,
+            "SELECT DISTINCT is not allowed; use GROUP BY with an aggregate",
+        )
+        .at_word(sql, "distinct"),
+        LogicalPlan::Union(_) => Rejection::new(Rule::SetOperationNotAllowed, "UNION, INTERSECT and EXCEPT are not allowed")
+            .at_word(sql, "union")
+            .at_word(sql, "intersect")
+            .at_word(sql, "except"),
+        LogicalPlan::Aggregate(_) => Rejection::new(
+            Rule::NestedAggregation,
+            "only one level of aggregation is allowed (no aggregates over subqueries)",
+        ),
+        LogicalPlan::Subquery(_) | LogicalPlan::SubqueryAlias(_) | LogicalPlan::Unnest(_) => {
+            Rejection::new(Rule::SubqueryNotAllowed, "subqueries, CTEs and derived tables are not allowed")
+                .at_word(sql, "with")
+        }
+        LogicalPlan::Projection(_) if below_aggregate => {
+            Rejection::new(Rule::SubqueryNotAllowed, "subqueries, CTEs and derived tables are not allowed")
+                .at_word(sql, "with")
+        }
+        LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => Rejection::new(
+            Rule::TableNotAllowed,
+            "a query must read the experience or operational table",
+        ),
+        LogicalPlan::TableScan(_) | LogicalPlan::Join(_) | LogicalPlan::Filter(_) if !below_aggregate => Rejection::new(
+            Rule::RawRows,
+            "only aggregates may be selected (COUNT, SUM, AVG, STDDEV, VARIANCE), optionally grouped by dimensions",
+        )
+        .at_word(sql, "select"),
+        LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => {
+            Rejection::new(Rule::NotAQuery, "EXPLAIN is not allowed").at_word(sql, "explain")
+        }
+        other => Rejection::new(
+            Rule::NotAQuery,
+            format!("{} is not allowed in a query", other.display().to_string().split(':').next().unwrap_or("this")),
+        ),
+    }
+}
+
+/// Collects the plan nodes under the aggregate, checking their shape.
+fn collect_below(sql: &str, plan: &LogicalPlan, out: &mut Vec<LogicalPlan>) -> Result<(), Rejection> {
+    match plan {
+        LogicalPlan::Filter(f) => {
+            out.push(plan.clone());
+            collect_below(sql, &f.input, out)
+        }
+        LogicalPlan::TableScan(_) | LogicalPlan::SubqueryAlias(_) => scanned_table(sql, plan).map(|_| ()),
+        LogicalPlan::Join(j) => {
+            let left = scanned_table(sql, &j.left).map_err(|r| join_side(sql, r))?;
+            let right = scanned_table(sql, &j.right).map_err(|r| join_side(sql, r))?;
+            // The SQL planner leaves `ON a = b` in `filter`; the optimizer later moves it to `on`.
+            let keys: Vec<(&Expr, &Expr)> = match (&j.on[..], &j.filter) {
+                ([(l, r)], None) => vec![(l, r)],
+                ([], Some(Expr::BinaryExpr(b))) if b.op == Operator::Eq => vec![(&*b.left, &*b.right)],
+                _ => vec![],
+            };
+            let on_case_id = keys.len() == 1
+                && keys.iter().all(|(l, r)| {
+                    matches!((l, r), (Expr::Column(a), Expr::Column(b))
+                        if a.name == schema::JOIN_KEY && b.name == schema::JOIN_KEY && a.relation != b.relation)
+                });
+            if j.join_type != JoinType::Inner || !on_case_id || left == right {
+                return Err(Rejection::new(
+                    Rule::JoinNotAllowed,
+                    "the only join allowed is experience JOIN operational ON <experience>.case_id = <operational>.case_id",
+                )
+                .at_word(sql, "join")
+                .at_word(sql, ","));
+            }
+            Ok(())
+        }
+        other => Err(shape_rejection(sql, other, true)),
+    }
+}
+
+fn join_side(sql: &str, r: Rejection) -> Rejection {
+    if r.rule == Rule::TableNotAllowed {
+        r
+    } else {
+        Rejection::new(Rule::JoinNotAllowed, "joins may only combine the experience and operational tables")
+            .at_word(sql, "join")
+    }
+}
+
+/// The table a scan (optionally under an alias) reads.
+fn scanned_table(sql: &str, plan: &LogicalPlan) -> Result<Table, Rejection> {
+    match plan {
+        LogicalPlan::SubqueryAlias(a) if matches!(a.input.as_ref(), LogicalPlan::TableScan(_)) => {
+            scanned_table(sql, &a.input)
+        }
+        LogicalPlan::TableScan(scan) => {
+            let name = scan.table_name.table();
+            let qualified_ok = match (scan.table_name.catalog(), scan.table_name.schema()) {
+                (None, None) => true,
+                (c, s) => c.is_none_or(|c| c == "datafusion") && s.is_none_or(|s| s == "public"),
+            };
+            match Table::from_name(name) {
+                Some(t) if qualified_ok && scan.filters.is_empty() => Ok(t),
+                _ => Err(Rejection::new(
+                    Rule::TableNotAllowed,
+                    format!("only the experience and operational tables may be queried, not {name}"),
+                )
+                .at_word(sql, name)),
+            }
+        }
+        other => Err(shape_rejection(sql, other, true)),
+    }
+}
+
+/// The expressions of a plan node that the walker must see. Join keys are checked by
+/// [`collect_below`] itself.
+fn node_expressions(node: &LogicalPlan) -> Vec<Expr> {
+    match node {
+        LogicalPlan::Join(_) | LogicalPlan::TableScan(_) | LogicalPlan::SubqueryAlias(_) => vec![],
+        other => other.expressions(),
+    }
+}
+
+fn identifier_rejection(sql: &str, name: &str) -> Rejection {
+    Rejection::new(
+        Rule::IdentifierNotAllowed,
+        format!("{name} is an identifier: it may not be selected, grouped, filtered or computed on (only COUNT(DISTINCT person_id) is allowed)"),
+    )
+    .at_word(sql, name)
+}
+
+fn is_identifier(c: &Column) -> bool {
+    schema::column_anywhere(&c.name).is_some_and(|col| col.kind == Kind::Identifier)
+}
+
+/// Refuses any identifier column inside `e`.
+fn check_identifiers(sql: &str, e: &Expr) -> Result<(), Rejection> {
+    let mut found = None;
+    let _ = e.apply(|x| {
+        if let Expr::Column(c) | Expr::OuterReferenceColumn(_, c) = x
+            && is_identifier(c)
+        {
+            found = Some(c.name.clone());
+            return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    match found {
+        Some(name) => Err(identifier_rejection(sql, &name)),
+        None => Ok(()),
+    }
+}
+
+/// `COUNT(DISTINCT person_id)` is the one place an identifier may appear.
+fn is_count_persons(af: &AggregateFunction) -> bool {
+    af.func.name() == "count"
+        && af.params.distinct
+        && af.params.args.len() == 1
+        && matches!(&af.params.args[0], Expr::Column(c) if c.name == schema::PERSON_ID)
+}
+
+fn check_aggregate_identifiers(sql: &str, e: &Expr) -> Result<(), Rejection> {
+    match strip_alias(e) {
+        Expr::AggregateFunction(af) => {
+            if !is_count_persons(af) {
+                for a in &af.params.args {
+                    check_identifiers(sql, a)?;
+                }
+            }
+            if let Some(f) = &af.params.filter {
+                check_identifiers(sql, f)?;
+            }
+            for s in &af.params.order_by {
+                check_identifiers(sql, &s.expr)?;
+            }
+            Ok(())
+        }
+        other => check_identifiers(sql, other),
+    }
+}
+
+fn strip_alias(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => strip_alias(&a.expr),
+        other => other,
+    }
+}
+
+/// Checks every sub-expression against the allow-list.
+fn check_expr(sql: &str, e: &Expr) -> Result<(), Rejection> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut err = None;
+    let _ = e.apply(|x| {
+        let r = match x {
+            Expr::Alias(_)
+            | Expr::Column(_)
+            | Expr::Literal(..)
+            | Expr::BinaryExpr(_)
+            | Expr::Like(_)
+            | Expr::Not(_)
+            | Expr::IsNotNull(_)
+            | Expr::IsNull(_)
+            | Expr::IsTrue(_)
+            | Expr::IsFalse(_)
+            | Expr::IsUnknown(_)
+            | Expr::IsNotTrue(_)
+            | Expr::IsNotFalse(_)
+            | Expr::IsNotUnknown(_)
+            | Expr::Negative(_)
+            | Expr::Between(_)
+            | Expr::Case(_)
+            | Expr::Cast(_)
+            | Expr::TryCast(_)
+            | Expr::InList(_) => Ok(()),
+            Expr::ScalarFunction(f) => {
+                let name = f.func.name();
+                if ALLOWED_FUNCTIONS.contains(&name) {
+                    Ok(())
+                } else {
+                    Err(Rejection::new(
+                        Rule::FunctionNotAllowed,
+                        format!("function {name} is not allowed; allowed: {}", ALLOWED_FUNCTIONS.join(", ")),
+                    )
+                    .at_word(sql, name))
+                }
+            }
+            Expr::AggregateFunction(af) => Err(Rejection::new(
+                Rule::NestedAggregation,
+                "aggregates are only allowed in the SELECT list and HAVING",
+            )
+            .at_word(sql, af.func.name())),
+            Expr::WindowFunction(_) => {
+                Err(Rejection::new(Rule::WindowNotAllowed, "window functions are not allowed").at_word(sql, "over"))
+            }
+            Expr::Exists(_) | Expr::InSubquery(_) | Expr::ScalarSubquery(_) | Expr::SetComparison(_) | Expr::OuterReferenceColumn(..) => {
+                Err(Rejection::new(Rule::SubqueryNotAllowed, "subqueries are not allowed").at_word(sql, "select").map_position_nth(sql, "select", 1))
+            }
+            Expr::GroupingSet(_) => Err(Rejection::new(Rule::GroupingSetsNotAllowed, "GROUPING SETS, ROLLUP and CUBE are not allowed")
+                .at_word(sql, "rollup")
+                .at_word(sql, "cube")
+                .at_word(sql, "grouping")),
+            #[allow(deprecated)]
+            Expr::Wildcard { .. } => Err(Rejection::new(Rule::RawRows, "* may only appear in COUNT(*)")),
+            Expr::Placeholder(_) => Err(Rejection::new(Rule::FunctionNotAllowed, "query parameters ($1, ?) are not allowed")),
+            Expr::SimilarTo(_) => Err(Rejection::new(Rule::FunctionNotAllowed, "SIMILAR TO is not allowed").at_word(sql, "similar")),
+            other => Err(Rejection::new(
+                Rule::FunctionNotAllowed,
+                format!("expression {} is not allowed", other.variant_name()),
+            )),
+        };
+        match r {
+            Ok(()) => Ok(TreeNodeRecursion::Continue),
+            Err(rej) => {
+                err = Some(rej);
+                Ok(TreeNodeRecursion::Stop)
+            }
+        }
+    });
+    match err {
+        Some(r) => Err(r),
+        None => Ok(()),
+    }
+}
+
+trait NthPosition {
+    fn map_position_nth(self, sql: &str, word: &str, nth: usize) -> Self;
+}
+
+impl NthPosition for Rejection {
+    /// Prefers the `nth` occurrence of `word` (e.g. the SELECT of a subquery).
+    fn map_position_nth(mut self, sql: &str, word: &str, nth: usize) -> Self {
+        if let Some(p) = locate_word(sql, word, nth) {
+            self.position = Some(p);
+        }
+        self
+    }
+}
+
+fn check_group_key(sql: &str, g: &Expr) -> Result<(), Rejection> {
+    let bad = |what: &str| {
+        Rejection::new(
+            Rule::GroupByNotAllowed,
+            format!("GROUP BY {what}: only dimension columns and dates truncated to month, quarter or year may be grouped"),
+        )
+    };
+    match strip_alias(g) {
+        Expr::GroupingSet(_) => Err(Rejection::new(Rule::GroupingSetsNotAllowed, "GROUPING SETS, ROLLUP and CUBE are not allowed")
+            .at_word(sql, "rollup")
+            .at_word(sql, "cube")
+            .at_word(sql, "grouping")),
+        Expr::Column(c) => match schema::column_anywhere(&c.name).map(|c| c.kind) {
+            Some(Kind::Dimension) => Ok(()),
+            Some(Kind::Identifier) => Err(identifier_rejection(sql, &c.name)),
+            Some(Kind::Measure) => Err(bad(&format!("{} is a measure", c.name)).at_word(sql, &c.name)),
+            Some(Kind::Date) => Err(bad(&format!(
+                "{} is a date; use date_trunc('month'|'quarter'|'year', {})",
+                c.name, c.name
+            ))
+            .at_word(sql, &c.name)),
+            None => Err(bad(&format!("{} is not a CX column", c.name))),
+        },
+        Expr::ScalarFunction(f) if matches!(f.func.name(), "date_trunc" | "date_part") => {
+            let ok = match f.args.as_slice() {
+                [Expr::Literal(v, _), Expr::Column(c)] => {
+                    let unit = v.to_string().to_lowercase();
+                    DATE_GRANULARITIES.contains(&unit.as_str())
+                        && schema::column_anywhere(&c.name).is_some_and(|c| c.kind == Kind::Date)
+                }
+                _ => false,
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(bad("on a date must truncate a date column to month, quarter or year").at_word(sql, f.func.name()))
+            }
+        }
+        other => Err(bad(&format!("expression {other}")).at_word(sql, "group")),
+    }
+}
+
+fn check_aggregate(sql: &str, e: &Expr) -> Result<AggKind, Rejection> {
+    let Expr::AggregateFunction(af) = strip_alias(e) else {
+        return Err(Rejection::new(Rule::AggregateNotAllowed, "unexpected aggregate expression"));
+    };
+    let name = af.func.name();
+    let refuse = |why: String| Rejection::new(Rule::AggregateNotAllowed, why).at_word(sql, name);
+    if !af.params.order_by.is_empty() {
+        return Err(refuse(format!("ordered aggregates ({name} with ORDER BY / WITHIN GROUP) are not allowed")));
+    }
+    let kind = match name {
+        "count" if is_count_persons(af) => AggKind::CountPersons,
+        "count" => AggKind::Count,
+        "sum" => AggKind::Sum,
+        "avg" => AggKind::Avg,
+        "var" => AggKind::Variance { population: false },
+        "var_pop" => AggKind::Variance { population: true },
+        "stddev" => AggKind::Stddev { population: false },
+        "stddev_pop" => AggKind::Stddev { population: true },
+        other => {
+            return Err(refuse(format!(
+                "aggregate {other} is not allowed; allowed: COUNT, COUNT(DISTINCT person_id), SUM, AVG, STDDEV, STDDEV_POP, VARIANCE, VAR_POP"
+            )));
+        }
+    };
+    if af.params.distinct && kind != AggKind::CountPersons {
+        return Err(Rejection::new(
+            Rule::DistinctNotAllowed,
+            format!("{name}(DISTINCT ...) is not allowed; the only distinct count is COUNT(DISTINCT person_id)"),
+        )
+        .at_word(sql, "distinct"));
+    }
+    if kind != AggKind::CountPersons {
+        for a in &af.params.args {
+            check_expr(sql, a)?;
+        }
+    }
+    if let Some(f) = &af.params.filter {
+        check_expr(sql, f)?;
+    }
+    Ok(kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::planning_context;
+
+    async fn verdict(sql: &str) -> Result<ApprovedQuery, Rule> {
+        let ctx = planning_context().expect("context");
+        approve(&ctx.state(), sql).await.map_err(|e| match e {
+            QueryError::Rejected(r) => r.rule,
+            QueryError::Internal(m) => panic!("internal error for {sql}: {m}"),
+        })
+    }
+
+    #[tokio::test]
+    async fn accepts_grouped_aggregates() {
+        for sql in [
+            "SELECT journey_stage, channel, AVG(trust), COUNT(*) FROM experience WHERE life_experience = 'approaching_retirement' GROUP BY journey_stage, channel",
+            "SELECT COUNT(DISTINCT person_id) FROM operational",
+            "SELECT date_trunc('quarter', response_date) AS q, avg(satisfaction) FROM experience GROUP BY 1 ORDER BY 1",
+            "SELECT e.channel, avg(o.wait_minutes), stddev(e.satisfaction) FROM experience e JOIN operational o ON e.case_id = o.case_id GROUP BY e.channel HAVING count(*) > 20",
+            "SELECT agency, AVG(CASE WHEN trust >= 4 THEN 1.0 ELSE 0.0 END) AS trust_share FROM experience GROUP BY agency",
+            "SELECT agency, COUNT(*) FILTER (WHERE trust >= 4) FROM experience GROUP BY agency LIMIT 3",
+            "SELECT outcome, variance(processing_days), var_pop(processing_days), stddev_pop(wait_minutes) FROM operational GROUP BY outcome",
+        ] {
+            let q = verdict(sql).await.unwrap_or_else(|r| panic!("{sql} refused: {r}"));
+            assert!(!q.columns().is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_each_rule() {
+        let cases = [
+            ("SELECT * FROM experience", Rule::RawRows),
+            ("SELECT trust FROM experience", Rule::RawRows),
+            ("SELECT person_id, count(*) FROM experience GROUP BY person_id", Rule::IdentifierNotAllowed),
+            ("SELECT count(*) FROM experience WHERE person_id = 'x'", Rule::IdentifierNotAllowed),
+            ("SELECT count(*) FROM experience GROUP BY lower(person_id)", Rule::IdentifierNotAllowed),
+            ("SELECT count(DISTINCT case_id) FROM experience", Rule::IdentifierNotAllowed),
+            ("SELECT max(trust) FROM experience", Rule::AggregateNotAllowed),
+            ("SELECT min(wait_minutes) FROM operational", Rule::AggregateNotAllowed),
+            ("SELECT trust, count(*) FROM experience GROUP BY trust", Rule::GroupByNotAllowed),
+            ("SELECT response_date, count(*) FROM experience GROUP BY response_date", Rule::GroupByNotAllowed),
+            ("SELECT agency, count(*) OVER () FROM experience", Rule::WindowNotAllowed),
+            ("SELECT count(*) FROM (SELECT * FROM experience) t", Rule::SubqueryNotAllowed),
+            ("SELECT count(*) FROM experience WHERE trust > (SELECT avg(trust) FROM experience)", Rule::SubqueryNotAllowed),
+            ("SELECT count(*) FROM experience UNION ALL SELECT count(*) FROM operational", Rule::SetOperationNotAllowed),
+            ("SELECT count(*) FROM experience a JOIN experience b ON a.case_id = b.case_id", Rule::JoinNotAllowed),
+            ("SELECT count(*) FROM experience e JOIN operational o ON e.agency = o.agency", Rule::JoinNotAllowed),
+            ("DROP TABLE experience", Rule::NotAQuery),
+            ("INSERT INTO experience SELECT * FROM experience", Rule::NotAQuery),
+            ("SELECT count(*) FROM experience; SELECT 1", Rule::MultipleStatements),
+            ("SELEC count(*) FROM experience", Rule::SyntaxError),
+            ("SELECT count(*) FROM secrets", Rule::TableNotAllowed),
+            ("SELECT count(DISTINCT agency) FROM experience", Rule::DistinctNotAllowed),
+            ("SELECT agency, count(*) FROM experience GROUP BY ROLLUP(agency)", Rule::GroupingSetsNotAllowed),
+            ("SELECT 1", Rule::TableNotAllowed),
+            ("SELECT count(nosuch) FROM experience", Rule::PlanError),
+        ];
+        for (sql, rule) in cases {
+            match verdict(sql).await {
+                Ok(_) => panic!("{sql} was accepted, expected {rule}"),
+                Err(got) => assert_eq!(got, rule, "{sql}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn names_the_position_of_an_identifier() {
+        let ctx = planning_context().expect("context");
+        let err = approve(&ctx.state(), "SELECT agency, count(*)\nFROM experience\nWHERE person_id = 'p1' GROUP BY agency")
+            .await
+            .expect_err("must refuse");
+        let QueryError::Rejected(r) = err else { panic!("not a rejection") };
+        assert_eq!(r.rule, Rule::IdentifierNotAllowed);
+        assert_eq!(r.position, Some(crate::rules::Position { line: 3, column: 7 }));
+    }
+}
