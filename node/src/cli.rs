@@ -64,6 +64,7 @@ pub enum Command {
         /// The node to ask, e.g. https://127.0.0.1:7001.
         #[arg(long)]
         node: String,
+        /// Your certificate files.
         #[command(flatten)]
         tls: TlsArgs,
         /// Output format.

@@ -1,1 +1,231 @@
-//! client (to be written)
+//! The mTLS HTTP client used by the CLI and by coordinators.
+//!
+//! One [`reqwest::Client`] per process (it is cheap to clone): it speaks TLS 1.3 only, trusts
+//! only the federation CA, presents our certificate, negotiates HTTP/2 when the server offers it,
+//! and keeps idle connections for reuse.
+
+use std::path::Path;
+use std::time::Duration;
+
+use cxfed_protocol::Identity;
+
+use crate::tls::{self, TlsError, TlsFiles};
+
+/// How long an idle connection to a peer is kept for reuse.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// An HTTPS-only client with our certificate; `timeout` bounds each whole request (connect,
+/// send, and read the full response).
+pub fn http_client(tls: &TlsFiles, timeout: Duration) -> Result<reqwest::Client, TlsError> {
+    let config = tls.client_config()?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .https_only(true)
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build()
+        .map_err(TlsError::HttpClient)
+}
+
+/// Like [`http_client`] but presenting no client certificate (trusting the CA in `ca`): every
+/// node refuses it during the handshake. For probes and for tests of that refusal.
+pub fn http_client_without_identity(
+    ca: &Path,
+    timeout: Duration,
+) -> Result<reqwest::Client, TlsError> {
+    let config = tls::anonymous_client_config(ca)?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .https_only(true)
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build()
+        .map_err(TlsError::HttpClient)
+}
+
+/// The identity in our own certificate (the leaf of the PEM file at `cert_path`).
+pub fn own_identity(cert_path: &Path) -> Result<Identity, TlsError> {
+    let chain = tls::load_certs(cert_path)?;
+    let leaf = chain.first().ok_or_else(|| TlsError::NoCertificate {
+        path: cert_path.to_owned(),
+    })?;
+    cxfed_protocol::identity::from_certificate_der(leaf).map_err(|source| TlsError::Identity {
+        path: cert_path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, TcpListener};
+    use std::sync::Arc;
+
+    use axum::routing::get;
+    use axum::{Extension, Router};
+    use axum_server::Handle;
+    use axum_server::tls::TlsInfo;
+    use axum_server::tls_rustls::RustlsConfig;
+    use cxfed_protocol::Role;
+
+    use super::*;
+    use crate::certs::{self, DevCerts};
+
+    const FED: &str = "cx-demo";
+
+    async fn whoami(Extension(info): Extension<Arc<TlsInfo>>) -> String {
+        match tls::peer_identity(&info.peer_certificates) {
+            Ok(id) => id.to_string(),
+            Err(e) => format!("error: {e}"),
+        }
+    }
+
+    async fn alpn(Extension(info): Extension<Arc<TlsInfo>>) -> String {
+        String::from_utf8_lossy(info.alpn_protocol.as_deref().unwrap_or(b"none")).into_owned()
+    }
+
+    /// Starts an axum-server on 127.0.0.1:0 with SSA's node certificate.
+    async fn serve(certs: &DevCerts) -> (SocketAddr, Handle<SocketAddr>) {
+        let config = certs
+            .tls_files("SSA", Role::Node)
+            .expect("ssa node")
+            .server_config(FED)
+            .expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let handle = Handle::new();
+        let app = Router::new()
+            .route("/whoami", get(whoami))
+            .route("/alpn", get(alpn));
+        let server = axum_server::from_tcp_rustls(listener, RustlsConfig::from_config(config))
+            .expect("server")
+            .handle(handle.clone());
+        tokio::spawn(async move {
+            let _ = server.serve(app.into_make_service()).await;
+        });
+        (addr, handle)
+    }
+
+    #[tokio::test]
+    async fn accepts_same_federation_client_over_http() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs =
+            certs::dev(FED, &["SSA".into(), "CMS".into()], dir.path(), 30, false).expect("dev");
+        let (addr, handle) = serve(&certs).await;
+
+        let files = certs.tls_files("CMS", Role::Analyst).expect("cms analyst");
+        let client = http_client(&files, Duration::from_secs(10)).expect("client");
+        let url = format!("https://localhost:{}/whoami", addr.port());
+        for _ in 0..3 {
+            let body = client
+                .get(&url)
+                .send()
+                .await
+                .expect("send")
+                .error_for_status()
+                .expect("status")
+                .text()
+                .await
+                .expect("body");
+            assert_eq!(body, "spiffe://cx-demo/CMS/analyst/cms-analyst");
+        }
+        // Three requests, one connection: the pool reuses it.
+        assert_eq!(handle.connection_count(), 1);
+
+        let alpn = client
+            .get(format!("https://127.0.0.1:{}/alpn", addr.port()))
+            .send()
+            .await
+            .expect("send by IP")
+            .text()
+            .await
+            .expect("body");
+        assert_eq!(alpn, "h2");
+        handle.shutdown();
+    }
+
+    #[tokio::test]
+    async fn refuses_client_of_another_federation_over_http() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = certs::dev(FED, &["SSA".into()], dir.path(), 30, false).expect("dev");
+        let (addr, handle) = serve(&certs).await;
+
+        // Same CA, foreign federation.
+        let ca_pem = std::fs::read_to_string(&certs.ca_cert).expect("ca");
+        let ca_key = std::fs::read_to_string(&certs.ca_key).expect("ca key");
+        let id = Identity::parse_uri("spiffe://other-fed/SSA/analyst/x").expect("id");
+        let now = time::OffsetDateTime::now_utc();
+        let (cert, key) = certs::issue(
+            &ca_pem,
+            &ca_key,
+            &id,
+            &[],
+            now - time::Duration::hours(1),
+            now + time::Duration::days(1),
+        )
+        .expect("issue");
+        let files = TlsFiles {
+            ca: certs.ca_cert.clone(),
+            cert: dir.path().join("other.pem"),
+            key: dir.path().join("other.key"),
+        };
+        std::fs::write(&files.cert, cert).expect("write");
+        std::fs::write(&files.key, key).expect("write");
+
+        let client = http_client(&files, Duration::from_secs(10)).expect("client");
+        let res = client
+            .get(format!("https://localhost:{}/whoami", addr.port()))
+            .send()
+            .await;
+        assert!(res.is_err(), "request succeeded: {res:?}");
+        handle.shutdown();
+    }
+
+    #[tokio::test]
+    async fn refuses_client_without_certificate_over_http() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = certs::dev(FED, &["SSA".into()], dir.path(), 30, false).expect("dev");
+        let (addr, handle) = serve(&certs).await;
+        let client =
+            http_client_without_identity(&certs.ca_cert, Duration::from_secs(10)).expect("client");
+        let res = client
+            .get(format!("https://localhost:{}/whoami", addr.port()))
+            .send()
+            .await;
+        assert!(res.is_err(), "request succeeded: {res:?}");
+        handle.shutdown();
+    }
+
+    #[tokio::test]
+    async fn refuses_plain_http_urls() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = certs::dev(FED, &["SSA".into()], dir.path(), 30, false).expect("dev");
+        let files = certs.tls_files("SSA", Role::Analyst).expect("files");
+        let client = http_client(&files, Duration::from_secs(5)).expect("client");
+        assert!(client.get("http://127.0.0.1:1/").send().await.is_err());
+    }
+
+    #[test]
+    fn own_identity_reads_the_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = certs::dev(FED, &["OPM".into()], dir.path(), 30, false).expect("dev");
+        let issued = certs.get("OPM", Role::Steward).expect("steward");
+        let id = own_identity(&issued.cert).expect("identity");
+        assert_eq!(id.to_string(), "spiffe://cx-demo/OPM/steward/opm-steward");
+        let err = own_identity(&issued.key).expect_err("a key is no certificate");
+        assert!(matches!(err, TlsError::NoCertificate { .. }), "{err}");
+    }
+
+    #[test]
+    fn http_client_reports_missing_files() {
+        let files = TlsFiles {
+            ca: "/nonexistent/ca.pem".into(),
+            cert: "/nonexistent/node.pem".into(),
+            key: "/nonexistent/node.key".into(),
+        };
+        let err = http_client(&files, Duration::from_secs(1)).expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+    }
+}

@@ -98,7 +98,13 @@ impl LocalFederation {
 
 /// Makes certificates and data for `agencies` under `dir` and starts one node each on a free
 /// loopback port, each node configured with the others as peers.
-pub async fn start_federation(dir: &Path, agencies: &[&str], people: usize, k: u64) -> Result<LocalFederation, DemoError> {
+pub async fn start_federation(
+    dir: &Path,
+    agencies: &[&str],
+    people: usize,
+    k: u64,
+    timeout: Duration,
+) -> Result<LocalFederation, DemoError> {
     let certs = dir.join("certs");
     let owned: Vec<String> = agencies.iter().map(|a| a.to_string()).collect();
     crate::certs::dev(FEDERATION, &owned, &certs, 30, true).map_err(err)?;
@@ -145,7 +151,7 @@ pub async fn start_federation(dir: &Path, agencies: &[&str], people: usize, k: u
                 .map(|(j, a)| Peer { agency: a.to_string(), url: format!("https://127.0.0.1:{}", ports[j]) })
                 .collect(),
             k,
-            timeout: Duration::from_secs(30),
+            timeout,
         };
         let path = dir.join(format!("{lower}.toml"));
         std::fs::write(&path, config.render()).map_err(err)?;
@@ -171,7 +177,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     };
     println!("cxfed demo: federation {FEDERATION} with {} in {}", AGENCIES.join(", "), dir.display());
     println!("  making certificates, {} synthetic people per agency, and starting three mTLS nodes...", opts.people);
-    let fed = start_federation(&dir, &AGENCIES, opts.people, crate::config::DEFAULT_K).await?;
+    let fed = start_federation(&dir, &AGENCIES, opts.people, crate::config::DEFAULT_K, Duration::from_secs(60)).await?;
     for (i, a) in AGENCIES.iter().enumerate() {
         println!("  node {a:<4} {}  data {}", fed.url(i), dir.join("data").join(a.to_lowercase()).display());
     }

@@ -46,7 +46,7 @@ fn encode(schema: &Arc<Schema>, batches: &[RecordBatch]) -> Result<Vec<u8>, arro
     {
         let mut writer = StreamWriter::try_new(&mut buf, schema)?;
         for b in batches {
-            writer.write(&b.clone().with_schema(Arc::clone(schema))?)?;
+            writer.write(&RecordBatch::try_new(Arc::clone(schema), b.columns().to_vec())?)?;
         }
         writer.finish()?;
     }
@@ -75,7 +75,7 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedPartial, String> {
     let mut batches = Vec::new();
     for b in reader {
         let b = b.map_err(|e| format!("invalid Arrow IPC batch: {e}"))?;
-        batches.push(b.with_schema(Arc::clone(&plain)).map_err(|e| e.to_string())?);
+        batches.push(RecordBatch::try_new(Arc::clone(&plain), b.columns().to_vec()).map_err(|e| e.to_string())?);
     }
     Ok(DecodedPartial { batches, suppressed_groups })
 }

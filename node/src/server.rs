@@ -40,7 +40,6 @@ use crate::config::NodeConfig;
 use crate::partial::PartialOutput;
 
 /// Everything a running node shares between requests.
-#[derive(Debug)]
 pub struct Node {
     /// Its configuration.
     pub config: NodeConfig,
@@ -50,6 +49,12 @@ pub struct Node {
     pub client: reqwest::Client,
     /// Its query log.
     pub audit: AuditLog,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("agency", &self.config.agency).field("listen", &self.config.listen).finish_non_exhaustive()
+    }
 }
 
 /// Why a node could not start or stopped.

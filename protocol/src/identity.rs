@@ -66,9 +66,7 @@ impl FromStr for Role {
         Role::ALL
             .into_iter()
             .find(|role| role.as_str() == s)
-            .ok_or_else(|| IdentityError::UnknownRole {
-                role: quote(s),
-            })
+            .ok_or_else(|| IdentityError::UnknownRole { role: quote(s) })
     }
 }
 
@@ -155,7 +153,9 @@ pub enum IdentityError {
     #[error("certificate has no spiffe:// URI subject alternative name")]
     NoSpiffeId,
     /// The certificate has more than one `spiffe://` URI SAN, so it names no single identity.
-    #[error("certificate has {count} spiffe:// URI subject alternative names; exactly one is allowed")]
+    #[error(
+        "certificate has {count} spiffe:// URI subject alternative names; exactly one is allowed"
+    )]
     SeveralSpiffeIds {
         /// How many were found.
         count: usize,
@@ -582,10 +582,7 @@ mod tests {
 
         fn name(cn: &str) -> Vec<u8> {
             // Name ::= SEQUENCE OF SET OF AttributeTypeAndValue (CN)
-            let atv = seq(&[
-                tlv(0x06, &[0x55, 0x04, 0x03]),
-                tlv(0x0c, cn.as_bytes()),
-            ]);
+            let atv = seq(&[tlv(0x06, &[0x55, 0x04, 0x03]), tlv(0x0c, cn.as_bytes())]);
             seq(&[tlv(0x31, &atv)])
         }
 
@@ -593,10 +590,7 @@ mod tests {
         /// subjectAltName holds the given URIs and DNS names.
         pub fn cert(uris: &[&str], dns: &[&str]) -> Vec<u8> {
             let ecdsa_sha256 = seq(&[tlv(0x06, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02])]);
-            let validity = seq(&[
-                tlv(0x17, b"250101000000Z"),
-                tlv(0x17, b"350101000000Z"),
-            ]);
+            let validity = seq(&[tlv(0x17, b"250101000000Z"), tlv(0x17, b"350101000000Z")]);
             let spki = seq(&[
                 seq(&[
                     tlv(0x06, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01]),
@@ -633,7 +627,10 @@ mod tests {
                 tbs.push(tlv(0xa3, &seq(&extensions)));
             }
             let tbs = seq(&tbs);
-            let signature = tlv(0x03, &[0x00, 0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01]);
+            let signature = tlv(
+                0x03,
+                &[0x00, 0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01],
+            );
             seq(&[tbs, ecdsa_sha256, signature])
         }
     }
@@ -641,7 +638,10 @@ mod tests {
     #[test]
     fn reads_the_one_spiffe_uri_san() {
         let cert = der::cert(
-            &["https://example.gov/x", "spiffe://cx-demo/SSA/node/ssa-node"],
+            &[
+                "https://example.gov/x",
+                "spiffe://cx-demo/SSA/node/ssa-node",
+            ],
             &["localhost"],
         );
         assert_eq!(
@@ -658,7 +658,10 @@ mod tests {
             Err(IdentityError::NoSpiffeId)
         );
         let no_san = der::cert(&[], &[]);
-        assert_eq!(from_certificate_der(&no_san), Err(IdentityError::NoSpiffeId));
+        assert_eq!(
+            from_certificate_der(&no_san),
+            Err(IdentityError::NoSpiffeId)
+        );
         let https_only = der::cert(&["https://cx-demo/SSA/node/ssa-node"], &[]);
         assert_eq!(
             from_certificate_der(&https_only),

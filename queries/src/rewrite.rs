@@ -142,11 +142,8 @@ impl ApprovedQuery {
         let plan = LogicalPlanBuilder::scan("partials", provider_as_source(Arc::new(mem)), None)?
             .aggregate(group_cols, sums)?
             .build()?;
+        let merged_schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
         let merged = ctx.execute_logical_plan(plan).await?.collect().await?;
-        let merged_schema = merged
-            .first()
-            .map(|b| b.schema())
-            .ok_or_else(|| QueryError::Internal("merge produced no batch".into()))?;
 
         // 2. Federation k.
         let (kept, suppressed_groups) = suppress(&merged, k)?;
@@ -172,11 +169,8 @@ impl ApprovedQuery {
         for node in self.upper.iter().rev() {
             plan = node.with_new_exprs(node.expressions(), vec![plan])?;
         }
+        let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
         let batches = ctx.execute_logical_plan(plan).await?.collect().await?;
-        let schema = batches
-            .first()
-            .map(|b| b.schema())
-            .unwrap_or_else(|| Arc::new(self.plan.schema().as_arrow().clone()));
         Ok(Merged { schema, batches, suppressed_groups })
     }
 }
@@ -235,3 +229,146 @@ pub fn suppress(batches: &[RecordBatch], k: u64) -> Result<(Vec<RecordBatch>, u6
     Ok((kept, dropped))
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::{register_functions, session_config};
+    use crate::schema::Table;
+    use crate::validate::approve;
+    use arrow::array::{ArrayRef, Date32Array, Int8Array, Int32Array, StringArray};
+    use arrow::util::display::array_value_to_string;
+
+    /// A small deterministic `experience` table for shard `s` (persons prefixed per shard).
+    fn experience(s: usize, rows: usize) -> RecordBatch {
+        let schema = Table::Experience.arrow_schema();
+        let text = |f: &dyn Fn(usize) -> String| -> ArrayRef {
+            Arc::new(StringArray::from((0..rows).map(|i| Some(f(i))).collect::<Vec<_>>()))
+        };
+        let score = |salt: usize| -> ArrayRef {
+            Arc::new(Int8Array::from(
+                (0..rows).map(|i| if (i + salt) % 17 == 0 { None } else { Some(((i * 7 + salt * 3 + s) % 5 + 1) as i8) }).collect::<Vec<_>>(),
+            ))
+        };
+        let columns: Vec<ArrayRef> = vec![
+            text(&|i| format!("r{s}-{i}")),
+            text(&|i| format!("p{s}-{}", i % (rows / 3))),
+            text(&|i| format!("c{s}-{i}")),
+            text(&|_| ["SSA", "CMS", "OPM"][s].to_string()),
+            text(&|i| format!("service {}", i % 2)),
+            text(&|i| crate::schema::LIFE_EXPERIENCES[i % 2].to_string()),
+            text(&|i| crate::schema::JOURNEY_STAGES[(i / 2) % 3].to_string()),
+            text(&|i| crate::schema::CHANNELS[(i * 5 + s) % 4].to_string()),
+            text(&|i| crate::schema::STATES[i % 6].to_string()),
+            text(&|i| crate::schema::AGE_BANDS[i % 6].to_string()),
+            Arc::new(Date32Array::from((0..rows).map(|i| Some(20_000 + (i % 200) as i32)).collect::<Vec<_>>())),
+            score(0),
+            score(1),
+            score(2),
+            score(3),
+            score(4),
+            score(5),
+            score(6),
+        ];
+        RecordBatch::try_new(schema, columns).expect("batch")
+    }
+
+    fn operational(s: usize, rows: usize) -> RecordBatch {
+        let schema = Table::Operational.arrow_schema();
+        let e = experience(s, rows);
+        let pick = |name: &str| Arc::clone(e.column(e.schema().index_of(name).expect("column")));
+        let columns: Vec<ArrayRef> = vec![
+            pick("case_id"),
+            pick("person_id"),
+            pick("agency"),
+            pick("service"),
+            pick("life_experience"),
+            pick("journey_stage"),
+            pick("channel"),
+            pick("state"),
+            pick("age_band"),
+            pick("response_date"),
+            pick("response_date"),
+            Arc::new(Int32Array::from((0..rows).map(|i| if i % 11 == 0 { None } else { Some(((i * 37 + s) % 240) as i32) }).collect::<Vec<_>>())),
+            Arc::new(Int32Array::from((0..rows).map(|i| Some(((i * 13) % 90) as i32)).collect::<Vec<_>>())),
+            Arc::new(arrow::array::BooleanArray::from((0..rows).map(|i| Some(i % 3 == 0)).collect::<Vec<_>>())),
+            Arc::new(arrow::array::BooleanArray::from((0..rows).map(|i| Some(i % 10 == 0)).collect::<Vec<_>>())),
+            Arc::new(StringArray::from((0..rows).map(|i| Some(crate::schema::OUTCOMES[i % 4])).collect::<Vec<_>>())),
+        ];
+        RecordBatch::try_new(schema, columns).expect("batch")
+    }
+
+    fn context(shards: &[usize]) -> SessionContext {
+        let ctx = SessionContext::new_with_config(session_config());
+        register_functions(&ctx);
+        let exp: Vec<RecordBatch> = shards.iter().map(|&s| experience(s, 240)).collect();
+        let op: Vec<RecordBatch> = shards.iter().map(|&s| operational(s, 240)).collect();
+        ctx.register_table("experience", Arc::new(MemTable::try_new(Table::Experience.arrow_schema(), vec![exp]).expect("mem")))
+            .expect("register");
+        ctx.register_table("operational", Arc::new(MemTable::try_new(Table::Operational.arrow_schema(), vec![op]).expect("mem")))
+            .expect("register");
+        ctx
+    }
+
+    fn render(batches: &[RecordBatch]) -> Vec<Vec<String>> {
+        let mut rows = Vec::new();
+        for b in batches {
+            for r in 0..b.num_rows() {
+                rows.push(b.columns().iter().map(|c| array_value_to_string(c, r).expect("fmt")).collect());
+            }
+        }
+        rows
+    }
+
+    fn close(a: &str, b: &str) -> bool {
+        match (a.parse::<f64>(), b.parse::<f64>()) {
+            (Ok(x), Ok(y)) => x == y || (x - y).abs() <= 1e-9 * x.abs().max(y.abs()),
+            _ => a == b,
+        }
+    }
+
+    #[tokio::test]
+    async fn three_shards_merge_to_the_pooled_answer() {
+        let queries = [
+            "SELECT agency, channel, COUNT(*), AVG(trust), STDDEV(satisfaction), VAR_POP(ease), SUM(efficiency) FROM experience GROUP BY agency, channel ORDER BY agency, channel",
+            "SELECT channel, COUNT(DISTINCT person_id) AS people, AVG(CASE WHEN trust >= 4 THEN 1.0 ELSE 0.0 END) FROM experience GROUP BY channel ORDER BY channel",
+            "SELECT COUNT(*), AVG(trust), STDDEV_POP(trust), VARIANCE(trust) FROM experience",
+            "SELECT journey_stage, COUNT(*) FILTER (WHERE trust >= 4) AS hi, AVG(trust) FILTER (WHERE channel = 'phone') FROM experience WHERE life_experience = 'approaching_retirement' GROUP BY journey_stage HAVING COUNT(*) > 10 ORDER BY hi DESC LIMIT 2",
+            "SELECT o.outcome, AVG(o.wait_minutes), AVG(e.satisfaction), STDDEV(o.processing_days) FROM experience e JOIN operational o ON e.case_id = o.case_id GROUP BY o.outcome ORDER BY 1",
+            "SELECT date_trunc('month', response_date) AS m, ROUND(AVG(trust), 3) FROM experience GROUP BY date_trunc('month', response_date) ORDER BY m",
+        ];
+        let pooled = context(&[0, 1, 2]);
+        let shards: Vec<SessionContext> = (0..3).map(|s| context(&[s])).collect();
+        for sql in queries {
+            let expected = pooled.sql(sql).await.expect("pooled").collect().await.expect("pooled");
+            let mut partials = Vec::new();
+            for ctx in &shards {
+                let q = approve(&ctx.state(), sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+                let batches = ctx.execute_logical_plan(q.partial_plan().expect("partial")).await.expect("run").collect().await.expect("collect");
+                partials.extend(batches);
+            }
+            let coordinator = context(&[]);
+            let q = approve(&coordinator.state(), sql).await.expect("approve");
+            let merged = q.merge(&coordinator, partials, 1).await.expect("merge");
+            let (got, want) = (render(&merged.batches), render(&expected));
+            assert_eq!(got.len(), want.len(), "{sql}\n got {got:?}\nwant {want:?}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(g.iter().zip(w).all(|(a, b)| close(a, b)), "{sql}\n got {g:?}\nwant {w:?}");
+            }
+            assert_eq!(merged.suppressed_groups, 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn suppression_counts_small_groups() {
+        let ctx = context(&[0]);
+        let q = approve(&ctx.state(), "SELECT state, channel, COUNT(*) FROM experience GROUP BY state, channel").await.expect("approve");
+        let batches = ctx.execute_logical_plan(q.partial_plan().expect("partial")).await.expect("run").collect().await.expect("collect");
+        let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let (kept, dropped) = suppress(&batches, 1_000).expect("suppress");
+        assert_eq!(kept.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
+        assert_eq!(dropped as usize, total);
+        let (kept, dropped) = suppress(&batches, 1).expect("suppress");
+        assert_eq!((kept.iter().map(|b| b.num_rows()).sum::<usize>(), dropped), (total, 0));
+    }
+}

@@ -1,1 +1,306 @@
-//! stub
+//! Harness for cxfed's multi-node end-to-end tests: a three-agency federation on loopback
+//! (certificates from `cxfed certs dev`, data from `cxfed synth` + `cxfed ingest`, real mTLS
+//! nodes), and a pooled single-process DataFusion reference over the union of the three
+//! agencies' Parquet files that applies the same suppression rule.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use arrow::util::display::array_value_to_string;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::prelude::SessionContext;
+use serde_json::Value;
+
+use cxfed::cli::{QueryFailure, send_query};
+use cxfed::demo::{LocalFederation, start_federation};
+use cxfed_protocol::wire::{QueryRequest, QueryResponse};
+use cxfed_queries::schema::Table;
+
+pub use cxfed::demo::AGENCIES;
+
+/// People per agency in the test federation: big enough for most groups to pass k = 10,
+/// small enough that some do not.
+pub const PEOPLE: usize = 3_000;
+/// k of every test node.
+pub const K: u64 = 10;
+
+/// A running test federation.
+pub struct Fed {
+    pub dir: tempfile::TempDir,
+    pub fed: LocalFederation,
+    pub analyst: reqwest::Client,
+}
+
+impl Fed {
+    pub async fn start() -> Fed {
+        Self::start_with(PEOPLE, Duration::from_secs(20)).await
+    }
+
+    pub async fn start_with(people: usize, timeout: Duration) -> Fed {
+        let dir = tempfile::tempdir().unwrap();
+        let fed = start_federation(dir.path(), &AGENCIES, people, K, timeout).await.unwrap();
+        let analyst = cxfed::client::http_client(&fed.tls("SSA", "analyst"), Duration::from_secs(60)).unwrap();
+        Fed { dir, fed, analyst }
+    }
+
+    /// Sends `sql` as the SSA analyst to node `i`.
+    pub async fn query_at(&self, i: usize, sql: &str, require_all: bool) -> Result<QueryResponse, QueryFailure> {
+        send_query(&self.analyst, &self.fed.url(i), &QueryRequest { sql: sql.into(), require_all }).await
+    }
+
+    pub async fn query(&self, sql: &str) -> Result<QueryResponse, QueryFailure> {
+        self.query_at(0, sql, true).await
+    }
+
+    /// A client holding `role`'s certificate of `agency`.
+    pub fn client(&self, agency: &str, role: &str) -> reqwest::Client {
+        cxfed::client::http_client(&self.fed.tls(agency, role), Duration::from_secs(30)).unwrap()
+    }
+
+    pub fn data_dir(&self, agency: &str) -> std::path::PathBuf {
+        self.dir.path().join("data").join(agency.to_lowercase())
+    }
+
+    /// One DataFusion session over the union of every agency's Parquet files.
+    pub fn pooled(&self) -> SessionContext {
+        let ctx = SessionContext::new();
+        // Same function names as the nodes (VARIANCE is an alias cxfed adds).
+        cxfed_queries::context::register_functions(&ctx);
+        for table in Table::ALL {
+            let urls = AGENCIES
+                .iter()
+                .map(|a| {
+                    let dir = std::fs::canonicalize(self.data_dir(a).join(table.name())).unwrap();
+                    ListingTableUrl::parse(format!("{}/", dir.display())).unwrap()
+                })
+                .collect();
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+            let config = ListingTableConfig::new_with_multi_paths(urls)
+                .with_listing_options(options)
+                .with_schema(table.arrow_schema());
+            ctx.register_table(table.name(), Arc::new(ListingTable::try_new(config).unwrap())).unwrap();
+        }
+        ctx
+    }
+}
+
+/// A query given by parts, so that the pooled reference can apply the same suppression.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    pub select: &'static str,
+    pub from: &'static str,
+    pub filter: Option<&'static str>,
+    pub group: &'static [&'static str],
+    pub having: Option<&'static str>,
+    pub order: Option<&'static str>,
+    pub limit: Option<u32>,
+    /// Qualified person and agency columns for this FROM clause.
+    pub person: &'static str,
+    pub agency: &'static str,
+}
+
+impl Case {
+    pub const fn new(select: &'static str, group: &'static [&'static str]) -> Case {
+        Case {
+            select,
+            from: "experience",
+            filter: None,
+            group,
+            having: None,
+            order: None,
+            limit: None,
+            person: "person_id",
+            agency: "agency",
+        }
+    }
+
+    pub const fn joined(self) -> Case {
+        Case {
+            from: "experience e JOIN operational o ON e.case_id = o.case_id",
+            person: "e.person_id",
+            agency: "e.agency",
+            ..self
+        }
+    }
+
+    pub const fn on(self, table: &'static str) -> Case {
+        Case { from: table, ..self }
+    }
+
+    pub const fn filter(self, f: &'static str) -> Case {
+        Case { filter: Some(f), ..self }
+    }
+
+    pub const fn having(self, h: &'static str) -> Case {
+        Case { having: Some(h), ..self }
+    }
+
+    pub const fn order(self, o: &'static str) -> Case {
+        Case { order: Some(o), ..self }
+    }
+
+    pub const fn limit(self, l: u32) -> Case {
+        Case { limit: Some(l), ..self }
+    }
+
+    /// The SQL the analyst sends.
+    pub fn sql(&self) -> String {
+        self.compose(self.filter.map(String::from), self.having.map(String::from))
+    }
+
+    fn compose(&self, filter: Option<String>, having: Option<String>) -> String {
+        let mut s = format!("SELECT {} FROM {}", self.select, self.from);
+        if let Some(f) = filter {
+            s.push_str(&format!(" WHERE {f}"));
+        }
+        if !self.group.is_empty() {
+            s.push_str(&format!(" GROUP BY {}", self.group.join(", ")));
+        }
+        if let Some(h) = having {
+            s.push_str(&format!(" HAVING {h}"));
+        }
+        if let Some(o) = self.order {
+            s.push_str(&format!(" ORDER BY {o}"));
+        }
+        if let Some(l) = self.limit {
+            s.push_str(&format!(" LIMIT {l}"));
+        }
+        s
+    }
+
+    fn where_clause(&self, extra: Option<&str>) -> Option<String> {
+        match (self.filter, extra) {
+            (Some(f), Some(e)) => Some(format!("({f}) AND ({e})")),
+            (Some(f), None) => Some(f.to_string()),
+            (None, Some(e)) => Some(e.to_string()),
+            (None, None) => None,
+        }
+    }
+
+    /// The pooled answer after the same suppression as the federation: cells (agency × group)
+    /// below `K` persons are dropped as a node would, then groups below `K` as the coordinator
+    /// would. Returns the rows and the number of suppressed groups.
+    pub async fn pooled_answer(&self, ctx: &SessionContext) -> (Vec<Vec<Value>>, u64) {
+        // 1. The cells each node would withhold.
+        let keys: Vec<String> =
+            std::iter::once(self.agency.to_string()).chain(self.group.iter().map(|g| g.to_string())).collect();
+        let aliased: Vec<String> = keys.iter().enumerate().map(|(i, k)| format!("{k} AS __k{i}")).collect();
+        let cells_sql = format!(
+            "SELECT {}, COUNT(DISTINCT {}) AS __p FROM {}{} GROUP BY {}",
+            aliased.join(", "),
+            self.person,
+            self.from,
+            self.filter.map(|f| format!(" WHERE {f}")).unwrap_or_default(),
+            keys.join(", ")
+        );
+        let cells = collect(ctx, &cells_sql).await;
+        let mut small = Vec::new();
+        for b in &cells {
+            for r in 0..b.num_rows() {
+                let p = array_value_to_string(b.column(keys.len()), r).unwrap().parse::<u64>().unwrap();
+                if p < K {
+                    let conds: Vec<String> = keys
+                        .iter()
+                        .enumerate()
+                        .map(|(c, key)| {
+                            let col = b.column(c);
+                            if col.is_null(r) {
+                                format!("({key}) IS NULL")
+                            } else {
+                                let v = array_value_to_string(col, r).unwrap().replace('\'', "''");
+                                format!("(({key}) IS NOT DISTINCT FROM CAST('{v}' AS {}))", sql_type(col.data_type()))
+                            }
+                        })
+                        .collect();
+                    small.push(format!("({})", conds.join(" AND ")));
+                }
+            }
+        }
+        let node_suppressed = small.len() as u64;
+        let exclude = (!small.is_empty()).then(|| format!("NOT {}", balanced_or(&small)));
+
+        // 2. Groups the coordinator withholds.
+        let group_sql = format!(
+            "SELECT COUNT(DISTINCT {}) AS __p FROM {}{}{}",
+            self.person,
+            self.from,
+            self.where_clause(exclude.as_deref()).map(|w| format!(" WHERE {w}")).unwrap_or_default(),
+            if self.group.is_empty() { String::new() } else { format!(" GROUP BY {}", self.group.join(", ")) }
+        );
+        let groups = collect(ctx, &group_sql).await;
+        let mut coordinator_suppressed = 0;
+        for b in &groups {
+            for r in 0..b.num_rows() {
+                let p = array_value_to_string(b.column(0), r).unwrap().parse::<u64>().unwrap_or(0);
+                if p < K {
+                    coordinator_suppressed += 1;
+                }
+            }
+        }
+
+        // 3. The answer itself.
+        let k_rule = format!("COUNT(DISTINCT {}) >= {K}", self.person);
+        let having = Some(match self.having {
+            Some(h) => format!("({h}) AND {k_rule}"),
+            None => k_rule,
+        });
+        let sql = self.compose(self.where_clause(exclude.as_deref()), having);
+        let batches = collect(ctx, &sql).await;
+        (cxfed::output::rows(&batches).unwrap(), node_suppressed + coordinator_suppressed)
+    }
+}
+
+/// `a OR b OR ...` as a balanced tree, so hundreds of terms do not nest hundreds deep.
+fn balanced_or(terms: &[String]) -> String {
+    match terms {
+        [one] => one.clone(),
+        _ => {
+            let (l, r) = terms.split_at(terms.len() / 2);
+            format!("({} OR {})", balanced_or(l), balanced_or(r))
+        }
+    }
+}
+
+fn sql_type(t: &arrow::datatypes::DataType) -> &'static str {
+    use arrow::datatypes::DataType as D;
+    match t {
+        D::Date32 => "DATE",
+        D::Timestamp(..) => "TIMESTAMP",
+        D::Boolean => "BOOLEAN",
+        D::Int8 | D::Int16 | D::Int32 | D::Int64 => "BIGINT",
+        D::Float64 | D::Float32 => "DOUBLE",
+        _ => "VARCHAR",
+    }
+}
+
+async fn collect(ctx: &SessionContext, sql: &str) -> Vec<RecordBatch> {
+    ctx.sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("pooled reference failed to plan {sql}: {e}"))
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("pooled reference failed to run {sql}: {e}"))
+}
+
+/// Compares two JSON rows sets: integers exactly, floats to 1e-9 relative.
+pub fn assert_rows_match(context: &str, got: &[Vec<Value>], want: &[Vec<Value>]) {
+    assert_eq!(got.len(), want.len(), "{context}: row count\n got {got:?}\nwant {want:?}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.len(), w.len(), "{context}: row {i} width");
+        for (a, b) in g.iter().zip(w) {
+            let same = match (a, b) {
+                (Value::Number(x), Value::Number(y)) if x.is_i64() && y.is_i64() => x == y,
+                (Value::Number(x), Value::Number(y)) => {
+                    let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                    x == y || (x - y).abs() <= 1e-9 * x.abs().max(y.abs())
+                }
+                _ => a == b,
+            };
+            assert!(same, "{context}: row {i}\n got {g:?}\nwant {w:?}");
+        }
+    }
+}
+
