@@ -79,6 +79,18 @@ pub enum Command {
         /// The SQL.
         sql: String,
     },
+    /// Explain a query offline: the validated plan, the partial plan every node runs, the merge
+    /// and the privacy rules — or the refusal with its rule code and SQL position.
+    Explain {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ExplainFormat::Text)]
+        format: ExplainFormat,
+        /// The k to describe (nodes apply their own).
+        #[arg(long, default_value_t = crate::config::DEFAULT_K)]
+        k: u64,
+        /// The SQL.
+        sql: String,
+    },
     /// A local three-agency federation on synthetic data: certificates, data, nodes, queries.
     Demo {
         /// Keep everything in this directory instead of a temporary one.
@@ -91,6 +103,15 @@ pub enum Command {
         #[arg(long, default_value_t = 20_000)]
         people: usize,
     },
+}
+
+/// Output formats of `cxfed explain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExplainFormat {
+    /// For people.
+    Text,
+    /// One JSON object.
+    Json,
 }
 
 /// `cxfed certs ...`.
@@ -236,6 +257,18 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 eprintln!("warning: partial federation answer: not every node contributed");
             }
             Ok(())
+        }
+        Command::Explain { format, k, sql } => {
+            let ctx = cxfed_queries::context::planning_context().map_err(|e| e.to_string())?;
+            let e = cxfed_queries::explain::explain(&ctx.state(), &sql, k, k).await.map_err(|e| e.to_string())?;
+            match format {
+                ExplainFormat::Text => print!("{e}"),
+                ExplainFormat::Json => println!("{}", serde_json::to_string_pretty(&e).map_err(|e| e.to_string())?),
+            }
+            match e {
+                cxfed_queries::explain::Explanation::Accepted { .. } => Ok(()),
+                cxfed_queries::explain::Explanation::Refused { code, .. } => Err(format!("query refused ({code})")),
+            }
         }
         Command::Demo { dir, serve, people } => {
             crate::demo::run(crate::demo::DemoOptions { dir, serve, people }).await.map_err(|e| e.to_string())

@@ -21,6 +21,9 @@
 //!
 //! [query]
 //! timeout_secs = 30               # per-node time limit during fan-out
+//!
+//! [policy]                        # the steward's policy, see crate::policy
+//! hidden_dimensions = ["state"]
 //! ```
 
 use std::net::SocketAddr;
@@ -29,6 +32,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::policy::{Policy, PolicyConfig};
 use crate::tls::TlsFiles;
 
 /// Default minimum number of distinct persons per released group.
@@ -49,10 +53,14 @@ pub struct NodeConfig {
     pub tls: TlsFiles,
     /// The other nodes.
     pub peers: Vec<Peer>,
-    /// This node's k.
+    /// This node's `[privacy] k` as written (the policy's `k` is what is enforced).
     pub k: u64,
     /// Per-node time limit during fan-out.
     pub timeout: Duration,
+    /// The steward's policy.
+    pub policy: Policy,
+    /// The file this configuration was read from, for reloading.
+    pub source: Option<PathBuf>,
 }
 
 /// Another node of the federation.
@@ -79,6 +87,8 @@ struct RawConfig {
     privacy: RawPrivacy,
     #[serde(default)]
     query: RawQuery,
+    #[serde(default)]
+    policy: PolicyConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,7 +140,9 @@ impl NodeConfig {
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses `text` as if read from `path` (relative paths resolve against its directory).
@@ -175,7 +187,12 @@ impl NodeConfig {
                 return Err(invalid(&format!("peers[{i}].url"), format!("{:?} must be an https:// URL", p.url)));
             }
         }
+        let peer_agencies: Vec<&str> = raw.peers.iter().map(|p| p.agency.as_str()).collect();
+        let policy = Policy::resolve(&raw.policy, &raw.agency, &peer_agencies, k)
+            .map_err(|(field, message)| invalid(&field, message))?;
         Ok(NodeConfig {
+            policy,
+            source: None,
             federation: raw.federation,
             agency: raw.agency,
             listen,
@@ -201,6 +218,17 @@ impl NodeConfig {
             self.k,
             self.timeout.as_secs(),
         );
+        let p = &self.policy;
+        s.push_str(&format!(
+            "\n[policy]\nallowed_agencies = {:?}\nhidden_dimensions = {:?}\nmin_k = {}\nmax_groups = {}\nrate_limit_per_minute = {}\nquery_timeout_secs = {}\nmemory_limit_mb = {}\n",
+            p.allowed_agencies,
+            p.hidden_dimensions,
+            p.k,
+            p.max_groups,
+            p.rate_limit_per_minute,
+            p.query_timeout.as_secs(),
+            p.memory_limit_bytes / (1024 * 1024),
+        ));
         for p in &self.peers {
             s.push_str(&format!("\n[[peers]]\nagency = {:?}\nurl = {:?}\n", p.agency, p.url));
         }
@@ -249,6 +277,16 @@ url = "https://127.0.0.1:7002"
         let text = GOOD.replace("https://127.0.0.1:7002", "http://127.0.0.1:7002");
         let err = NodeConfig::parse(&text, Path::new("node.toml")).expect_err("must fail").to_string();
         assert!(err.contains("peers[0].url"), "{err}");
+    }
+
+    #[test]
+    fn policy_errors_name_the_key() {
+        let text = format!("{GOOD}\n[policy]\nhidden_dimensions = [\"nosuch\"]\n");
+        let err = NodeConfig::parse(&text, Path::new("node.toml")).expect_err("must fail").to_string();
+        assert!(err.contains("policy.hidden_dimensions[0]"), "{err}");
+        let text = format!("{GOOD}\n[policy]\nmin_k = 30\nrate_limit_per_minute = 5\n");
+        let c = NodeConfig::parse(&text, Path::new("node.toml")).expect("valid");
+        assert_eq!((c.k, c.policy.k, c.policy.rate_limit_per_minute), (10, 30, 5));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use cxfed_protocol::wire::{ARROW_STREAM, ErrorBody, NodeState, NodeStatus, PROTO
 use cxfed_queries::validate::{QueryError, approve};
 
 use crate::config::Peer;
-use crate::partial::{DecodedPartial, decode};
+use crate::partial::{DecodedPartial, PartialError, decode};
 use crate::server::{ApiError, Node};
 
 /// Largest partial a peer may send, in bytes.
@@ -22,13 +22,16 @@ pub const MAX_PARTIAL_BYTES: usize = 256 * 1024 * 1024;
 pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryRequest) -> Result<QueryResponse, ApiError> {
     let started = Instant::now();
     // Refuse here before bothering any peer; every node checks again anyway.
-    let approved = approve(&node.ctx.state(), &req.sql).await?;
     let analyst_uri = analyst.to_string();
+    node.admit(&analyst_uri, "query")?;
+    let approved = approve(&node.ctx.state(), &req.sql).await?;
+    node.policy().check_query(&approved)?;
 
     let local = async {
         let r = node.answer_partial(&format!("{} (coordinator)", node.config.agency), &analyst_uri, query_id, &req.sql).await;
         let r = r.map_err(|e| match e {
-            QueryError::Rejected(r) => (NodeState::Refused, r.to_string()),
+            PartialError::Query(QueryError::Rejected(r)) => (NodeState::Refused, r.to_string()),
+            PartialError::Policy(p) => (NodeState::Refused, p.to_string()),
             other => (NodeState::Error, other.to_string()),
         });
         let r = r.and_then(|out| decode(&out.ipc).map_err(|e| (NodeState::Error, e)));
@@ -66,7 +69,7 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
         return Err(ApiError::NodesFailed(query_id.to_string(), statuses));
     }
 
-    let merged = approved.merge(&node.ctx, batches, node.config.k).await?;
+    let merged = approved.merge(&node.ctx, batches, node.policy().k).await?;
     let rows = crate::output::rows(&merged.batches).map_err(|e| ApiError::Internal(e.to_string()))?;
     info!(
         query_id,

@@ -10,6 +10,7 @@ use cxfed_queries::schema::Table;
 
 use crate::cli::{QueryFailure, send_query};
 use crate::config::{NodeConfig, Peer};
+use crate::policy::{Policy, PolicyConfig};
 use crate::output::{Format, render};
 use crate::server::RunningNode;
 use crate::tls::TlsFiles;
@@ -134,7 +135,17 @@ pub async fn start_federation(
     for (i, listener) in listeners.into_iter().enumerate() {
         let agency = agencies[i];
         let lower = agency.to_lowercase();
+        let peers: Vec<Peer> = agencies
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(j, a)| Peer { agency: a.to_string(), url: format!("https://127.0.0.1:{}", ports[j]) })
+            .collect();
+        let peer_agencies: Vec<&str> = peers.iter().map(|p| p.agency.as_str()).collect();
+        let policy = Policy::resolve(&PolicyConfig::default(), agency, &peer_agencies, k).map_err(|(f, m)| err(format!("{f}: {m}")))?;
         let config = NodeConfig {
+            policy,
+            source: None,
             federation: FEDERATION.into(),
             agency: agency.into(),
             listen: format!("127.0.0.1:{}", ports[i]).parse().map_err(err)?,
@@ -144,17 +155,14 @@ pub async fn start_federation(
                 cert: certs.join(&lower).join("node.pem"),
                 key: certs.join(&lower).join("node.key"),
             },
-            peers: agencies
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(j, a)| Peer { agency: a.to_string(), url: format!("https://127.0.0.1:{}", ports[j]) })
-                .collect(),
+            peers,
             k,
             timeout,
         };
+        // Written and read back, so the node watches its own file like `cxfed serve` does.
         let path = dir.join(format!("{lower}.toml"));
         std::fs::write(&path, config.render()).map_err(err)?;
+        let config = NodeConfig::load(&path).map_err(err)?;
         configs.push(path);
         nodes.push(crate::server::start(config, Some(listener)).await.map_err(err)?);
     }

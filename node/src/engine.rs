@@ -16,11 +16,13 @@ use cxfed_queries::schema::Table;
 
 use crate::storage::table_dir;
 
-/// Builds the session for a node whose tables live under `data_dir` (created if missing).
-pub fn node_context(data_dir: &Path) -> datafusion::error::Result<SessionContext> {
+/// Builds the session for a node whose tables live under `data_dir` (created if missing), with
+/// a memory pool of `memory_limit` bytes shared by all its queries.
+pub fn node_context(data_dir: &Path, memory_limit: usize) -> datafusion::error::Result<SessionContext> {
     // No list-files cache: a file ingested while serving must be visible to the next query.
     let runtime = RuntimeEnvBuilder::new()
         .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
+        .with_memory_limit(memory_limit, 1.0)
         .build_arc()?;
     let ctx = SessionContext::new_with_config_rt(session_config(), runtime);
     register_functions(&ctx);

@@ -13,6 +13,7 @@
 //! - [`engine`]: the node's DataFusion session over its Parquet files.
 //! - [`partial`]: what a node runs for a coordinator: re-validate, execute, suppress, encode.
 //! - [`coordinator`]: fan-out to every node, merge, final suppression.
+//! - [`policy`]: the steward's policy (who may ask, hidden dimensions, k floor, limits).
 //! - [`audit`]: the append-only query log.
 //! - [`server`]: the axum HTTPS server and its routes.
 //! - [`output`]: table / JSON / CSV rendering of results.
@@ -30,6 +31,7 @@ pub mod engine;
 pub mod ingest;
 pub mod output;
 pub mod partial;
+pub mod policy;
 pub mod server;
 pub mod storage;
 pub mod synth;

@@ -8,11 +8,14 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::Schema;
 use arrow::ipc::writer::StreamWriter;
+use datafusion::error::DataFusionError;
 use datafusion::execution::context::SessionContext;
 
 use cxfed_protocol::wire::{META_AGENCY, META_SUPPRESSED};
 use cxfed_queries::rewrite::suppress;
 use cxfed_queries::validate::{QueryError, approve};
+
+use crate::policy::{Policy, PolicyRefusal};
 
 /// A node's answer to a partial request, ready to send.
 #[derive(Debug, Clone)]
@@ -25,13 +28,41 @@ pub struct PartialOutput {
     pub suppressed_groups: u64,
 }
 
-/// Validates `sql`, runs its partial plan on this node's data and suppresses small groups.
-pub async fn run(ctx: &SessionContext, agency: &str, k: u64, sql: &str) -> Result<PartialOutput, QueryError> {
+/// Why a node did not answer a partial.
+#[derive(Debug, thiserror::Error)]
+pub enum PartialError {
+    /// The query broke a rule, or failed.
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    /// The steward's policy refused it.
+    #[error(transparent)]
+    Policy(#[from] PolicyRefusal),
+}
+
+/// Validates `sql`, checks it against `policy`, runs its partial plan on this node's data
+/// within the policy's time limit, withholds groups below the policy's k and encodes the rest.
+pub async fn run(ctx: &SessionContext, agency: &str, policy: &Policy, sql: &str) -> Result<PartialOutput, PartialError> {
     let approved = approve(&ctx.state(), sql).await?;
+    policy.check_query(&approved)?;
     let plan = approved.partial_plan()?;
-    let batches = ctx.execute_logical_plan(plan).await?.collect().await?;
-    let (kept, suppressed_groups) = suppress(&batches, k)?;
+    let execute = async { ctx.execute_logical_plan(plan).await?.collect().await };
+    let batches = match tokio::time::timeout(policy.query_timeout, execute).await {
+        Err(_) => {
+            return Err(PolicyRefusal::timeout(format!(
+                "the query ran longer than this node's limit of {} s",
+                policy.query_timeout.as_secs()
+            ))
+            .into());
+        }
+        Ok(Err(e)) if is_resources_exhausted(&e) => {
+            return Err(PolicyRefusal::memory("the query needs more memory than this node's pool allows".into()).into());
+        }
+        Ok(Err(e)) => return Err(QueryError::from(e).into()),
+        Ok(Ok(b)) => b,
+    };
+    let (kept, suppressed_groups) = suppress(&batches, policy.k)?;
     let groups = kept.iter().map(|b| b.num_rows() as u64).sum();
+    policy.check_groups(groups)?;
     let metadata = HashMap::from([
         (META_SUPPRESSED.to_string(), suppressed_groups.to_string()),
         (META_AGENCY.to_string(), agency.to_string()),
@@ -39,6 +70,10 @@ pub async fn run(ctx: &SessionContext, agency: &str, k: u64, sql: &str) -> Resul
     let schema = Arc::new(Schema::new_with_metadata(approved.partial_schema()?.fields().clone(), metadata));
     let ipc = encode(&schema, &kept).map_err(|e| QueryError::Internal(format!("encoding partial: {e}")))?;
     Ok(PartialOutput { ipc, groups, suppressed_groups })
+}
+
+fn is_resources_exhausted(e: &DataFusionError) -> bool {
+    matches!(e.find_root(), DataFusionError::ResourcesExhausted(_))
 }
 
 fn encode(schema: &Arc<Schema>, batches: &[RecordBatch]) -> Result<Vec<u8>, arrow::error::ArrowError> {

@@ -5,13 +5,14 @@
 //! |---------------------|---------------|------------------------------------------|
 //! | `POST /v1/query`    | analyst       | federated query, merged answer (JSON)    |
 //! | `POST /v1/partial`  | node (a peer) | this node's partial aggregates (Arrow)   |
+//! | `POST /v1/explain`  | analyst, steward | plan, partial plan, merge, rules      |
 //! | `GET /v1/schema`    | any           | tables, columns, row counts              |
 //! | `GET /v1/health`    | any           | liveness                                 |
 //! | `GET /v1/audit`     | auditor       | this node's query log (`?since=SEQ`)     |
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -37,7 +38,8 @@ use cxfed_queries::validate::QueryError;
 
 use crate::audit::{AuditLog, Decision, Record};
 use crate::config::NodeConfig;
-use crate::partial::PartialOutput;
+use crate::partial::{PartialError, PartialOutput};
+use crate::policy::{Policy, PolicyRefusal, RateLimiter};
 
 /// Everything a running node shares between requests.
 pub struct Node {
@@ -49,6 +51,10 @@ pub struct Node {
     pub client: reqwest::Client,
     /// Its query log.
     pub audit: AuditLog,
+    /// The steward's policy in force (replaced on reload).
+    policy: RwLock<Arc<Policy>>,
+    /// Per-analyst rate limits.
+    limiter: RateLimiter,
 }
 
 impl std::fmt::Debug for Node {
@@ -91,17 +97,24 @@ pub struct RunningNode {
     pub node: Arc<Node>,
     handle: axum_server::Handle<SocketAddr>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    reload: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningNode {
     /// Stops accepting, lets requests in flight finish (up to 5 s), and waits.
     pub async fn shutdown(self) {
+        if let Some(r) = &self.reload {
+            r.abort();
+        }
         self.handle.graceful_shutdown(Some(Duration::from_secs(5)));
         let _ = self.task.await;
     }
 
     /// Stops at once, dropping connections in flight (as if the process died).
     pub fn kill(self) {
+        if let Some(r) = &self.reload {
+            r.abort();
+        }
         self.handle.shutdown();
         self.task.abort();
     }
@@ -122,10 +135,11 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
         path: config.data_dir.display().to_string(),
         message: e.to_string(),
     };
-    let ctx = crate::engine::node_context(&config.data_dir).map_err(|e| data_err(&e))?;
+    let ctx = crate::engine::node_context(&config.data_dir, config.policy.memory_limit_bytes).map_err(|e| data_err(&e))?;
     let audit = AuditLog::open(&config.data_dir).map_err(|e| data_err(&e))?;
     let client = crate::client::http_client(&config.tls, config.timeout)?;
-    Ok(Node { config, ctx, client, audit })
+    let policy = RwLock::new(Arc::new(config.policy.clone()));
+    Ok(Node { config, ctx, client, audit, policy, limiter: RateLimiter::default() })
 }
 
 /// Starts serving `config` on `listener` (or on `config.listen` when `None`).
@@ -143,10 +157,73 @@ pub async fn start(config: NodeConfig, listener: Option<std::net::TcpListener>) 
     let addr = listener.local_addr().map_err(io_err)?;
     let handle = axum_server::Handle::new();
     let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(tls)).handshake_timeout(Duration::from_secs(10));
-    let server = axum_server::from_tcp(listener).map_err(io_err)?.acceptor(acceptor).handle(handle.clone());
+    let server = axum_server::from_tcp(listener)
+        .map_err(io_err)?
+        .acceptor(acceptor)
+        .handle(handle.clone())
+        // Handshake failures (no client certificate, foreign CA, expired, TLS 1.2 ...). The
+        // certificate verifier has already logged the identity a presented certificate claimed.
+        .accept_error_handler(|remote: Option<&SocketAddr>, e: &std::io::Error| {
+            warn!(remote = ?remote, error = %e, "connection refused during TLS handshake");
+        });
     let task = tokio::spawn(server.serve(app.into_make_service()));
     info!(agency = %node.config.agency, %addr, peers = node.config.peers.len(), k = node.config.k, "node serving");
-    Ok(RunningNode { addr, node, handle, task })
+    let reload = node.config.source.clone().map(|path| tokio::spawn(watch_config(Arc::clone(&node), path)));
+    Ok(RunningNode { addr, node, handle, task, reload })
+}
+
+/// How often the configuration file is checked for changes.
+const RELOAD_POLL: Duration = Duration::from_secs(2);
+
+/// Reloads the steward's policy when the configuration file changes or on SIGHUP. A file that
+/// does not parse or check is refused with its error and the policy in force stays.
+async fn watch_config(node: Arc<Node>, path: std::path::PathBuf) {
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&path);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let signalled = async {
+            match hup.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let signalled = std::future::pending::<()>();
+        let forced = tokio::select! {
+            () = tokio::time::sleep(RELOAD_POLL) => false,
+            () = signalled => true,
+        };
+        let now = modified(&path);
+        if !forced && now == seen {
+            continue;
+        }
+        seen = now;
+        match NodeConfig::load(&path) {
+            Err(e) => tracing::error!(error = %e, "configuration not reloaded; the policy in force stays"),
+            Ok(new) => {
+                let old = node.policy();
+                if new.federation != node.config.federation
+                    || new.agency != node.config.agency
+                    || new.listen != node.config.listen
+                    || new.data_dir != node.config.data_dir
+                    || new.tls != node.config.tls
+                    || new.peers != node.config.peers
+                    || new.policy.memory_limit_bytes != old.memory_limit_bytes
+                {
+                    warn!("identity, listen, data_dir, tls, peers and memory_limit_mb changes take effect at restart");
+                }
+                if *old != new.policy {
+                    info!(k = new.policy.k, hidden = ?new.policy.hidden_dimensions, allowed = ?new.policy.allowed_agencies, "policy reloaded");
+                    node.set_policy(new.policy);
+                }
+            }
+        }
+    }
 }
 
 /// Serves until `shutdown` completes (mini-redis style: a thin `main` calls this).
@@ -163,6 +240,7 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/query", post(query))
         .route("/v1/partial", post(partial))
+        .route("/v1/explain", post(explain))
         .route("/v1/schema", get(schema))
         .route("/v1/health", get(health))
         .route("/v1/audit", get(audit))
@@ -175,6 +253,8 @@ pub fn router(node: Arc<Node>) -> Router {
 pub enum ApiError {
     /// The query broke a rule.
     Rejected(Rejection, Option<String>),
+    /// The steward's policy refused the query.
+    Policy(PolicyRefusal, Option<String>),
     /// The caller's certificate is not allowed here.
     Forbidden(String),
     /// The request body is malformed.
@@ -208,6 +288,10 @@ impl IntoResponse for ApiError {
                     ..body(r.rule.code(), r.rule.slug(), r.reason)
                 },
             ),
+            ApiError::Policy(p, query_id) => (
+                StatusCode::from_u16(p.status).unwrap_or(StatusCode::FORBIDDEN),
+                ErrorBody { query_id, ..body(p.code, p.slug, p.reason) },
+            ),
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, body("CXF-A403", "forbidden", m)),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, body("CXF-A400", "bad-request", m)),
             ApiError::NotFound => (StatusCode::NOT_FOUND, body("CXF-A404", "not-found", "no such endpoint".into())),
@@ -239,6 +323,21 @@ impl IntoResponse for ApiError {
             }
         };
         (status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<PartialError> for ApiError {
+    fn from(e: PartialError) -> Self {
+        match e {
+            PartialError::Query(q) => ApiError::from(q),
+            PartialError::Policy(p) => ApiError::Policy(p, None),
+        }
+    }
+}
+
+impl From<PolicyRefusal> for ApiError {
+    fn from(p: PolicyRefusal) -> Self {
+        ApiError::Policy(p, None)
     }
 }
 
@@ -309,22 +408,44 @@ impl Node {
         self.audit.append(record).await.map(|_| ()).map_err(|e| ApiError::Internal(format!("audit log: {e}")))
     }
 
-    /// Runs this node's part of a query and audits it, whoever asked.
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the policy in force (used by reload).
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    }
+
+    /// Checks an analyst against the policy and its rate limit for `what` (`query` or
+    /// `partial`, counted separately so a coordinator's own part is not counted twice).
+    pub fn admit(&self, analyst: &str, what: &str) -> Result<(), PolicyRefusal> {
+        let policy = self.policy();
+        policy.check_analyst(analyst)?;
+        self.limiter.check(&format!("{what}:{analyst}"), policy.rate_limit_per_minute)
+    }
+
+    /// Runs this node's part of a query under its own policy and audits it, whoever asked.
     pub async fn answer_partial(
         &self,
         peer: &str,
         analyst: &str,
         query_id: &str,
         sql: &str,
-    ) -> Result<PartialOutput, QueryError> {
-        let result = crate::partial::run(&self.ctx, &self.config.agency, self.config.k, sql).await;
+    ) -> Result<PartialOutput, PartialError> {
+        let result = match self.admit(analyst, "partial") {
+            Err(refusal) => Err(PartialError::Policy(refusal)),
+            Ok(()) => crate::partial::run(&self.ctx, &self.config.agency, &self.policy(), sql).await,
+        };
         let (decision, code, released, withheld) = match &result {
             Ok(out) => (Decision::Executed, None, out.groups, out.suppressed_groups),
-            Err(QueryError::Rejected(r)) => (Decision::Refused, Some(r.rule.code().to_string()), 0, 0),
+            Err(PartialError::Query(QueryError::Rejected(r))) => (Decision::Refused, Some(r.rule.code().to_string()), 0, 0),
+            Err(PartialError::Policy(p)) => (Decision::Refused, Some(p.code.to_string()), 0, 0),
             Err(_) => (Decision::Failed, Some("CXF-A500".to_string()), 0, 0),
         };
         if let Err(e) = &result {
-            warn!(query_id, peer, error = %e, "partial not answered");
+            warn!(query_id, peer, code = ?code, error = %e, "partial not answered");
         }
         self.audit
             .append(Record {
@@ -358,6 +479,7 @@ async fn query(
         let (decision, code) = match &result {
             Ok(_) => (Decision::Executed, None),
             Err(ApiError::Rejected(r, _)) => (Decision::Refused, Some(r.rule.code().to_string())),
+            Err(ApiError::Policy(p, _)) => (Decision::Refused, Some(p.code.to_string())),
             Err(ApiError::NodesFailed(..)) => (Decision::Failed, Some("CXF-A502".to_string())),
             Err(_) => (Decision::Failed, Some("CXF-A500".to_string())),
         };
@@ -376,6 +498,7 @@ async fn query(
         info!(decision = ?decision, code = ?code, "query answered");
         let resp = result.map_err(|e| match e {
             ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(query_id.clone())),
+            ApiError::Policy(p, _) => ApiError::Policy(p, Some(query_id.clone())),
             other => other,
         })?;
         let mut response = axum::Json(resp).into_response();
@@ -408,9 +531,34 @@ async fn partial(
         .await
         .map_err(|e| match ApiError::from(e) {
             ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(req.query_id.clone())),
+            ApiError::Policy(p, _) => ApiError::Policy(p, Some(req.query_id.clone())),
             other => other,
         })?;
     Ok(([(header::CONTENT_TYPE, ARROW_STREAM)], out.ipc).into_response())
+}
+
+async fn explain(
+    State(node): State<Arc<Node>>,
+    Extension(tls): Extension<Arc<TlsInfo>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    node.authorize(&tls, "/v1/explain", &[Role::Analyst, Role::Steward]).await?;
+    let req: QueryRequest = parse_json(&body)?;
+    let policy = node.policy();
+    let mut explanation = cxfed_queries::explain::explain(&node.ctx.state(), &req.sql, policy.k, policy.k).await?;
+    if matches!(explanation, cxfed_queries::explain::Explanation::Accepted { .. })
+        && let Ok(approved) = cxfed_queries::validate::approve(&node.ctx.state(), &req.sql).await
+        && let Err(p) = policy.check_query(&approved)
+    {
+        explanation = cxfed_queries::explain::Explanation::Refused {
+            code: p.code.into(),
+            rule: p.slug.into(),
+            reason: p.reason,
+            line: None,
+            column: None,
+        };
+    }
+    Ok(axum::Json(explanation).into_response())
 }
 
 async fn health(State(node): State<Arc<Node>>, Extension(tls): Extension<Arc<TlsInfo>>) -> Result<Response, ApiError> {

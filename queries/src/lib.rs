@@ -13,9 +13,11 @@
 //! - [`validate`]: SQL → [`ApprovedQuery`] or a [`Rejection`].
 //! - [`rewrite`]: the partial plan and the merge plan.
 //! - [`context`]: a planning context with the CX schema and no data.
+//! - [`explain`]: the plan, partial plan, merge and privacy rules of a query, or its refusal.
 #![forbid(unsafe_code)]
 
 pub mod context;
+pub mod explain;
 pub mod rewrite;
 pub mod rules;
 pub mod schema;

@@ -140,6 +140,32 @@ impl ApprovedQuery {
     pub fn group_keys(&self) -> Vec<String> {
         self.aggregate.group_expr.iter().map(|e| e.to_string()).collect()
     }
+
+    /// The output names of the aggregates, in plan order.
+    pub fn aggregate_names(&self) -> Vec<String> {
+        let n = self.aggregate.group_expr.len();
+        self.aggregate.schema.fields().iter().skip(n).map(|f| f.name().clone()).collect()
+    }
+
+    /// Every CX column the query reads anywhere (select, where, join, group, having, order),
+    /// for steward policies that hide dimensions.
+    pub fn referenced_columns(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let _ = self.plan.apply_with_subqueries(|node| {
+            for e in node.expressions() {
+                let _ = e.apply(|x| {
+                    if let Expr::Column(c) = x
+                        && schema::column_anywhere(&c.name).is_some()
+                    {
+                        out.insert(c.name.clone());
+                    }
+                    Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+                });
+            }
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        });
+        out
+    }
 }
 
 /// Parses, plans and checks `sql` against the tables registered in `state`.

@@ -1,0 +1,298 @@
+//! The data steward's policy, enforced by the node on every query it answers — as coordinator
+//! and as a data node alike — and reloadable without a restart.
+//!
+//! ```toml
+//! [policy]
+//! allowed_agencies = ["SSA", "CMS", "OPM"]  # analysts of these agencies may query this node
+//!                                           # (default: this node's agency and its peers')
+//! hidden_dimensions = ["state"]            # columns this node never lets a query touch
+//! min_k = 20                               # floor for k: max(privacy.k, min_k) is enforced
+//! max_groups = 10000                       # a query whose partial has more groups is refused
+//! rate_limit_per_minute = 120              # queries per analyst per minute (0 = no limit)
+//! query_timeout_secs = 60                  # per-query execution time limit on this node
+//! memory_limit_mb = 1024                   # DataFusion memory pool (applies at start)
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use cxfed_protocol::Identity;
+use cxfed_queries::schema::{self, Kind};
+use cxfed_queries::validate::ApprovedQuery;
+
+/// The `[policy]` table as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Agencies whose analysts may query this node.
+    pub allowed_agencies: Option<Vec<String>>,
+    /// Dimensions this node never exposes.
+    #[serde(default)]
+    pub hidden_dimensions: Vec<String>,
+    /// Floor for k.
+    pub min_k: Option<u64>,
+    /// Maximum groups in one partial.
+    pub max_groups: Option<u64>,
+    /// Queries per analyst per minute (0 = unlimited).
+    pub rate_limit_per_minute: Option<u32>,
+    /// Execution time limit per query, seconds.
+    pub query_timeout_secs: Option<u64>,
+    /// Memory pool, MiB.
+    pub memory_limit_mb: Option<u64>,
+}
+
+/// A policy refusal: stable code, slug, one-line reason, HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code} {slug}: {reason}")]
+pub struct PolicyRefusal {
+    /// e.g. `CXF-P002`.
+    pub code: &'static str,
+    /// e.g. `dimension-hidden`.
+    pub slug: &'static str,
+    /// Why.
+    pub reason: String,
+    /// HTTP status to answer with.
+    pub status: u16,
+}
+
+impl PolicyRefusal {
+    fn new(code: &'static str, slug: &'static str, status: u16, reason: String) -> Self {
+        PolicyRefusal { code, slug, reason, status }
+    }
+
+    /// The analyst's agency may not query this node.
+    pub fn agency(reason: String) -> Self {
+        Self::new("CXF-P001", "analyst-agency-not-allowed", 403, reason)
+    }
+    /// The query touches a hidden dimension.
+    pub fn hidden(reason: String) -> Self {
+        Self::new("CXF-P002", "dimension-hidden", 403, reason)
+    }
+    /// Too many queries from this analyst.
+    pub fn rate(reason: String) -> Self {
+        Self::new("CXF-P003", "rate-limited", 429, reason)
+    }
+    /// The partial has too many groups.
+    pub fn groups(reason: String) -> Self {
+        Self::new("CXF-P004", "too-many-groups", 403, reason)
+    }
+    /// The query ran too long.
+    pub fn timeout(reason: String) -> Self {
+        Self::new("CXF-P005", "query-timeout", 503, reason)
+    }
+    /// The query needed more memory than the pool.
+    pub fn memory(reason: String) -> Self {
+        Self::new("CXF-P006", "memory-limit", 503, reason)
+    }
+}
+
+/// Every policy code, for documentation and tests.
+pub const POLICY_CODES: [(&str, &str); 6] = [
+    ("CXF-P001", "analyst-agency-not-allowed"),
+    ("CXF-P002", "dimension-hidden"),
+    ("CXF-P003", "rate-limited"),
+    ("CXF-P004", "too-many-groups"),
+    ("CXF-P005", "query-timeout"),
+    ("CXF-P006", "memory-limit"),
+];
+
+/// The policy in force: resolved defaults, checked values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Agencies whose analysts may query.
+    pub allowed_agencies: Vec<String>,
+    /// Hidden dimensions.
+    pub hidden_dimensions: Vec<String>,
+    /// Effective k: max(privacy.k, min_k).
+    pub k: u64,
+    /// Maximum groups per partial.
+    pub max_groups: u64,
+    /// Queries per analyst per minute (0 = unlimited).
+    pub rate_limit_per_minute: u32,
+    /// Execution time limit.
+    pub query_timeout: Duration,
+    /// Memory pool in bytes.
+    pub memory_limit_bytes: usize,
+}
+
+impl Policy {
+    /// Resolves `raw` for a node of `agency` with `peers` and `[privacy] k`. Errors name the key.
+    pub fn resolve(raw: &PolicyConfig, agency: &str, peers: &[&str], k: u64) -> Result<Policy, (String, String)> {
+        let allowed_agencies = match &raw.allowed_agencies {
+            Some(list) => list.clone(),
+            None => std::iter::once(agency).chain(peers.iter().copied()).map(String::from).collect(),
+        };
+        for (i, a) in allowed_agencies.iter().enumerate() {
+            if a.is_empty() || !a.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+                return Err((format!("policy.allowed_agencies[{i}]"), format!("{a:?} is not an agency abbreviation")));
+            }
+        }
+        for (i, d) in raw.hidden_dimensions.iter().enumerate() {
+            match schema::column_anywhere(d).map(|c| c.kind) {
+                Some(Kind::Dimension | Kind::Date | Kind::Measure) => {}
+                Some(Kind::Identifier) => {
+                    return Err((format!("policy.hidden_dimensions[{i}]"), format!("{d} is an identifier; identifiers are never exposed anyway")));
+                }
+                None => return Err((format!("policy.hidden_dimensions[{i}]"), format!("{d} is not a column of the CX schema"))),
+            }
+        }
+        let min_k = raw.min_k.unwrap_or(1);
+        if min_k == 0 {
+            return Err(("policy.min_k".into(), "must be at least 1".into()));
+        }
+        let max_groups = raw.max_groups.unwrap_or(10_000);
+        if max_groups == 0 {
+            return Err(("policy.max_groups".into(), "must be at least 1".into()));
+        }
+        let timeout = raw.query_timeout_secs.unwrap_or(60);
+        if !(1..=3600).contains(&timeout) {
+            return Err(("policy.query_timeout_secs".into(), "must be between 1 and 3600".into()));
+        }
+        let memory_mb = raw.memory_limit_mb.unwrap_or(1024);
+        if !(16..=1_048_576).contains(&memory_mb) {
+            return Err(("policy.memory_limit_mb".into(), "must be between 16 and 1048576".into()));
+        }
+        Ok(Policy {
+            allowed_agencies,
+            hidden_dimensions: raw.hidden_dimensions.clone(),
+            k: k.max(min_k),
+            max_groups,
+            rate_limit_per_minute: raw.rate_limit_per_minute.unwrap_or(120),
+            query_timeout: Duration::from_secs(timeout),
+            memory_limit_bytes: usize::try_from(memory_mb * 1024 * 1024).unwrap_or(usize::MAX),
+        })
+    }
+
+    /// Checks who is asking.
+    pub fn check_analyst(&self, analyst: &str) -> Result<Identity, PolicyRefusal> {
+        let id = Identity::parse_uri(analyst)
+            .map_err(|e| PolicyRefusal::agency(format!("the analyst identity is not usable: {e}")))?;
+        if id.role() != cxfed_protocol::Role::Analyst {
+            return Err(PolicyRefusal::agency(format!("{id} is not an analyst")));
+        }
+        if !self.allowed_agencies.iter().any(|a| a == id.agency()) {
+            return Err(PolicyRefusal::agency(format!(
+                "analysts of {} may not query this node (allowed: {})",
+                id.agency(),
+                self.allowed_agencies.join(", ")
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Checks what the query touches.
+    pub fn check_query(&self, q: &ApprovedQuery) -> Result<(), PolicyRefusal> {
+        let used = q.referenced_columns();
+        if let Some(d) = self.hidden_dimensions.iter().find(|d| used.contains(d.as_str())) {
+            return Err(PolicyRefusal::hidden(format!("this node does not expose {d}")));
+        }
+        Ok(())
+    }
+
+    /// Checks the size of a partial result before it leaves.
+    pub fn check_groups(&self, groups: u64) -> Result<(), PolicyRefusal> {
+        if groups > self.max_groups {
+            return Err(PolicyRefusal::groups(format!(
+                "the query produces {groups} groups here; this node releases at most {}",
+                self.max_groups
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Per-analyst sliding-window rate limiter.
+#[derive(Debug, Default)]
+pub struct RateLimiter {
+    windows: Mutex<HashMap<String, VecDeque<Instant>>>,
+}
+
+/// Most analysts tracked at once; beyond that idle windows are dropped first.
+const MAX_TRACKED: usize = 10_000;
+
+impl RateLimiter {
+    /// Records a query by `analyst` now, or refuses it if the last minute already holds `limit`.
+    pub fn check(&self, analyst: &str, limit: u32) -> Result<(), PolicyRefusal> {
+        if limit == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let window = Duration::from_secs(60);
+        let mut map = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_TRACKED && !map.contains_key(analyst) {
+            map.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < window));
+        }
+        let q = map.entry(analyst.to_string()).or_default();
+        while q.front().is_some_and(|t| now.duration_since(*t) >= window) {
+            q.pop_front();
+        }
+        if q.len() >= limit as usize {
+            return Err(PolicyRefusal::rate(format!("at most {limit} queries per minute per analyst; try again shortly")));
+        }
+        q.push_back(now);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(raw: PolicyConfig) -> Policy {
+        Policy::resolve(&raw, "SSA", &["CMS"], 10).expect("valid")
+    }
+
+    #[test]
+    fn defaults_allow_federation_members_only() {
+        let p = policy(PolicyConfig::default());
+        assert_eq!(p.allowed_agencies, ["SSA", "CMS"]);
+        assert!(p.check_analyst("spiffe://cx/CMS/analyst/a").is_ok());
+        let r = p.check_analyst("spiffe://cx/IRS/analyst/a").expect_err("IRS not allowed");
+        assert_eq!(r.code, "CXF-P001");
+        assert!(p.check_analyst("spiffe://cx/SSA/node/n").is_err());
+    }
+
+    #[test]
+    fn min_k_is_a_floor() {
+        let p = policy(PolicyConfig { min_k: Some(25), ..Default::default() });
+        assert_eq!(p.k, 25);
+        let p = policy(PolicyConfig { min_k: Some(5), ..Default::default() });
+        assert_eq!(p.k, 10);
+    }
+
+    #[test]
+    fn refuses_unknown_hidden_dimension_with_its_key() {
+        let raw = PolicyConfig { hidden_dimensions: vec!["stat".into()], ..Default::default() };
+        let (field, _) = Policy::resolve(&raw, "SSA", &[], 10).expect_err("unknown");
+        assert_eq!(field, "policy.hidden_dimensions[0]");
+    }
+
+    #[test]
+    fn rate_limiter_refuses_over_limit_per_analyst() {
+        let r = RateLimiter::default();
+        assert!(r.check("a", 2).is_ok());
+        assert!(r.check("a", 2).is_ok());
+        assert_eq!(r.check("a", 2).expect_err("third").code, "CXF-P003");
+        assert!(r.check("b", 2).is_ok());
+        assert!(r.check("a", 0).is_ok());
+    }
+
+    #[tokio::test]
+    async fn hides_dimensions_wherever_they_appear() {
+        let ctx = cxfed_queries::context::planning_context().expect("ctx");
+        let p = policy(PolicyConfig { hidden_dimensions: vec!["state".into()], ..Default::default() });
+        for sql in [
+            "SELECT state, COUNT(*) FROM experience GROUP BY state",
+            "SELECT COUNT(*) FROM experience WHERE state = 'WY'",
+            "SELECT channel, COUNT(*) FILTER (WHERE state = 'WY') FROM experience GROUP BY channel",
+        ] {
+            let q = cxfed_queries::validate::approve(&ctx.state(), sql).await.expect("approve");
+            assert_eq!(p.check_query(&q).expect_err(sql).code, "CXF-P002");
+        }
+        let q = cxfed_queries::validate::approve(&ctx.state(), "SELECT COUNT(*) FROM experience").await.expect("approve");
+        assert!(p.check_query(&q).is_ok());
+    }
+}

@@ -1,0 +1,154 @@
+//! `explain`: what a query will do before it runs — the validated plan, the partial plan every
+//! node derives and runs, how partials are merged, and the privacy rules that apply — or the
+//! refusal with its rule code, reason and position.
+
+use std::fmt;
+
+use datafusion::execution::context::SessionState;
+use serde::Serialize;
+
+use crate::rewrite::PERSONS;
+use crate::rules::Rejection;
+use crate::validate::{AggKind, QueryError, approve};
+
+/// The outcome of explaining one query.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Explanation {
+    /// The query passes every rule.
+    Accepted {
+        /// Output columns.
+        columns: Vec<String>,
+        /// The validated logical plan (DataFusion's indented form).
+        plan: String,
+        /// The partial plan each node runs on its own rows.
+        partial_plan: String,
+        /// How each output aggregate is rebuilt from the summed partials.
+        merge: Vec<String>,
+        /// The privacy rules that apply to this query.
+        privacy: Vec<String>,
+    },
+    /// The query breaks a rule.
+    Refused {
+        /// Stable code, e.g. `CXF-Q012`.
+        code: String,
+        /// Stable slug, e.g. `identifier-not-allowed`.
+        rule: String,
+        /// One line.
+        reason: String,
+        /// 1-based SQL line, when known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        line: Option<u64>,
+        /// 1-based SQL column, when known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        column: Option<u64>,
+    },
+}
+
+impl From<&Rejection> for Explanation {
+    fn from(r: &Rejection) -> Self {
+        Explanation::Refused {
+            code: r.rule.code().into(),
+            rule: r.rule.slug().into(),
+            reason: r.reason.clone(),
+            line: r.position.map(|p| p.line),
+            column: r.position.map(|p| p.column),
+        }
+    }
+}
+
+/// Explains `sql` as a node with k = `node_k` and a federation k = `federation_k` would run it.
+pub async fn explain(state: &SessionState, sql: &str, node_k: u64, federation_k: u64) -> Result<Explanation, QueryError> {
+    let approved = match approve(state, sql).await {
+        Ok(a) => a,
+        Err(QueryError::Rejected(r)) => return Ok(Explanation::from(&r)),
+        Err(e) => return Err(e),
+    };
+    let partial = approved.partial_plan()?;
+    let merge = approved
+        .aggregate_kinds()
+        .iter()
+        .zip(approved.aggregate_names())
+        .enumerate()
+        .map(|(i, (kind, name))| {
+            let formula = match kind {
+                AggKind::Count | AggKind::CountPersons => format!("Σ __a{i}_n"),
+                AggKind::Sum => format!("Σ __a{i}_s"),
+                AggKind::Avg => format!("Σ __a{i}_s / Σ __a{i}_n"),
+                AggKind::Variance { population: false } => format!("(Σq − (Σs)²/Σn) / (Σn − 1) over __a{i}_{{n,s,q}}"),
+                AggKind::Variance { population: true } => format!("(Σq − (Σs)²/Σn) / Σn over __a{i}_{{n,s,q}}"),
+                AggKind::Stddev { population: false } => format!("√((Σq − (Σs)²/Σn) / (Σn − 1)) over __a{i}_{{n,s,q}}"),
+                AggKind::Stddev { population: true } => format!("√((Σq − (Σs)²/Σn) / Σn) over __a{i}_{{n,s,q}}"),
+            };
+            format!("{name} = {formula}")
+        })
+        .collect();
+    let privacy = vec![
+        format!("every node withholds any group with {PERSONS} (distinct person_id) below its own k (this node: {node_k}) and reports how many it withheld"),
+        format!("the coordinator releases a merged group only if the nodes' {PERSONS} add up to at least its k ({federation_k})"),
+        "no raw row, identifier or withheld group leaves a node; each node re-validates the analyst's SQL itself".into(),
+        "HAVING, ORDER BY and LIMIT run only at the coordinator, after suppression".into(),
+        "k-anonymity alone does not stop differencing between queries".into(),
+    ];
+    Ok(Explanation::Accepted {
+        columns: approved.columns(),
+        plan: approved.plan().display_indent().to_string(),
+        partial_plan: partial.display_indent().to_string(),
+        merge,
+        privacy,
+    })
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Explanation::Accepted { columns, plan, partial_plan, merge, privacy } => {
+                writeln!(f, "ACCEPTED — columns: {}", columns.join(", "))?;
+                writeln!(f, "\nValidated plan:\n{}", indent(plan))?;
+                writeln!(f, "\nPartial plan (each node, on its own rows):\n{}", indent(partial_plan))?;
+                writeln!(f, "\nMerge (coordinator, per group, summing every node's partials):")?;
+                for m in merge {
+                    writeln!(f, "  {m}")?;
+                }
+                writeln!(f, "\nPrivacy:")?;
+                for p in privacy {
+                    writeln!(f, "  - {p}")?;
+                }
+                Ok(())
+            }
+            Explanation::Refused { code, rule, reason, line, column } => {
+                write!(f, "REFUSED {code} {rule}: {reason}")?;
+                if let (Some(l), Some(c)) = (line, column) {
+                    write!(f, " (at line {l}, column {c})")?;
+                }
+                writeln!(f)
+            }
+        }
+    }
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::planning_context;
+
+    #[tokio::test]
+    async fn explains_accepted_and_refused_queries() {
+        let ctx = planning_context().expect("context");
+        let e = explain(&ctx.state(), "SELECT channel, AVG(trust) FROM experience GROUP BY channel", 10, 10)
+            .await
+            .expect("explain");
+        let text = e.to_string();
+        assert!(text.starts_with("ACCEPTED"), "{text}");
+        assert!(text.contains("__persons") && text.contains("Σ __a0_s / Σ __a0_n"), "{text}");
+        let e = explain(&ctx.state(), "SELECT person_id FROM experience GROUP BY person_id", 10, 10).await.expect("explain");
+        let json = serde_json::to_value(&e).expect("json");
+        assert_eq!(json["status"], "refused");
+        assert_eq!(json["code"], "CXF-Q012");
+        assert_eq!(json["column"], 8);
+    }
+}
