@@ -73,11 +73,26 @@ pub enum Command {
         /// Accept an answer from only the nodes that responded.
         #[arg(long)]
         allow_partial: bool,
+        /// ε to spend on each node (differential-privacy mode; default: each node's maximum).
+        #[arg(long)]
+        epsilon: Option<f64>,
         /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
         /// The SQL.
         sql: String,
+    },
+    /// Show a node's privacy-budget use per analyst (steward certificate).
+    Budget {
+        /// The node, e.g. https://127.0.0.1:7001.
+        #[arg(long)]
+        node: String,
+        /// Your certificate files.
+        #[command(flatten)]
+        tls: TlsArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Explain a query offline: the validated plan, the partial plan every node runs, the merge
     /// and the privacy rules — or the refusal with its rule code and SQL position.
@@ -248,13 +263,33 @@ async fn dispatch(command: Command) -> Result<(), String> {
             let config = crate::config::NodeConfig::load(&config).map_err(|e| e.to_string())?;
             crate::server::run(config, shutdown_signal()).await.map_err(|e| e.to_string())
         }
-        Command::Query { node, tls, format, allow_partial, timeout, sql } => {
+        Command::Query { node, tls, format, allow_partial, epsilon, timeout, sql } => {
             let client = crate::client::http_client(&tls.into(), Duration::from_secs(timeout)).map_err(|e| e.to_string())?;
-            let req = QueryRequest { sql, require_all: !allow_partial };
+            let req = QueryRequest::new(sql).require_all(!allow_partial).epsilon(epsilon);
             let resp = send_query(&client, &node, &req).await.map_err(|e| e.to_string())?;
             print!("{}", crate::output::render(&resp, format));
             if !resp.complete {
                 eprintln!("warning: partial federation answer: not every node contributed");
+            }
+            Ok(())
+        }
+        Command::Budget { node, tls, json } => {
+            let client = crate::client::http_client(&tls.into(), Duration::from_secs(30)).map_err(|e| e.to_string())?;
+            let url = format!("{}/v1/budget", node.trim_end_matches('/'));
+            let resp = client.get(&url).send().await.map_err(|e| format!("{url}: {}", error_chain(&e)))?;
+            let status = resp.status();
+            let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+            if !status.is_success() {
+                return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                    Ok(b) => describe(&b),
+                    Err(_) => format!("{url}: HTTP {status}"),
+                });
+            }
+            let b: cxfed_protocol::wire::BudgetResponse = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b).map_err(|e| e.to_string())?);
+            } else {
+                print!("{}", crate::output::render_budget(&b));
             }
             Ok(())
         }

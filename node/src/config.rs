@@ -18,6 +18,13 @@
 //!
 //! [privacy]
 //! k = 10                          # minimum distinct persons per released group
+//! mode = "dp"                     # "dp" (default) or "k-only"
+//! epsilon_per_query = 1.0         # ε one query spends here at most
+//! delta = 1e-6                    # δ of DP partition selection
+//! budget_epsilon = 10.0           # ε per analyst per period
+//! budget_period_days = 30
+//! max_groups_per_person = 1       # contribution bounds (G, R)
+//! max_rows_per_person = 1
 //!
 //! [query]
 //! timeout_secs = 30               # per-node time limit during fan-out
@@ -32,7 +39,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::policy::{Policy, PolicyConfig};
+use crate::policy::{DpSettings, Policy, PolicyConfig};
 use crate::tls::TlsFiles;
 
 /// Default minimum number of distinct persons per released group.
@@ -95,6 +102,13 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawPrivacy {
     k: Option<u64>,
+    mode: Option<String>,
+    epsilon_per_query: Option<f64>,
+    delta: Option<f64>,
+    budget_epsilon: Option<f64>,
+    budget_period_days: Option<u64>,
+    max_groups_per_person: Option<u64>,
+    max_rows_per_person: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +147,43 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+}
+
+fn dp_settings(p: &RawPrivacy) -> Result<Option<DpSettings>, (String, String)> {
+    let d = DpSettings::DEFAULT;
+    let bad = |f: &str, m: &str| Err((format!("privacy.{f}"), m.to_string()));
+    match p.mode.as_deref().unwrap_or("dp") {
+        "k-only" => return Ok(None),
+        "dp" => {}
+        other => return bad("mode", &format!("{other:?} is not a mode; use \"dp\" or \"k-only\"")),
+    }
+    let s = DpSettings {
+        epsilon_per_query: p.epsilon_per_query.unwrap_or(d.epsilon_per_query),
+        delta: p.delta.unwrap_or(d.delta),
+        budget_epsilon: p.budget_epsilon.unwrap_or(d.budget_epsilon),
+        budget_period: p.budget_period_days.map(|days| Duration::from_secs(days * 86_400)).unwrap_or(d.budget_period),
+        max_groups_per_person: p.max_groups_per_person.unwrap_or(d.max_groups_per_person),
+        max_rows_per_person: p.max_rows_per_person.unwrap_or(d.max_rows_per_person),
+    };
+    if !(s.epsilon_per_query >= 0.001 && s.epsilon_per_query <= 10.0) {
+        return bad("epsilon_per_query", "must be between 0.001 and 10");
+    }
+    if !(s.delta > 0.0 && s.delta <= 1e-3) {
+        return bad("delta", "must be in (0, 0.001]");
+    }
+    if !(s.budget_epsilon >= s.epsilon_per_query && s.budget_epsilon <= 1_000.0) {
+        return bad("budget_epsilon", "must be at least epsilon_per_query and at most 1000");
+    }
+    if !(1..=366 * 86_400).contains(&s.budget_period.as_secs()) {
+        return bad("budget_period_days", "must be between 1 and 366");
+    }
+    if !(1..=100).contains(&s.max_groups_per_person) {
+        return bad("max_groups_per_person", "must be between 1 and 100");
+    }
+    if !(1..=100).contains(&s.max_rows_per_person) {
+        return bad("max_rows_per_person", "must be between 1 and 100");
+    }
+    Ok(Some(s))
 }
 
 impl NodeConfig {
@@ -188,8 +239,9 @@ impl NodeConfig {
             }
         }
         let peer_agencies: Vec<&str> = raw.peers.iter().map(|p| p.agency.as_str()).collect();
-        let policy = Policy::resolve(&raw.policy, &raw.agency, &peer_agencies, k)
+        let mut policy = Policy::resolve(&raw.policy, &raw.agency, &peer_agencies, k)
             .map_err(|(field, message)| invalid(&field, message))?;
+        policy.dp = dp_settings(&raw.privacy).map_err(|(field, message)| invalid(&field, message))?;
         Ok(NodeConfig {
             policy,
             source: None,
@@ -207,7 +259,7 @@ impl NodeConfig {
     /// Renders a configuration file (used by the demo and documentation).
     pub fn render(&self) -> String {
         let mut s = format!(
-            "federation = {:?}\nagency = {:?}\nlisten = {:?}\ndata_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[privacy]\nk = {}\n\n[query]\ntimeout_secs = {}\n",
+            "federation = {:?}\nagency = {:?}\nlisten = {:?}\ndata_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[privacy]\nk = {}\n{}\n[query]\ntimeout_secs = {}\n",
             self.federation,
             self.agency,
             self.listen.to_string(),
@@ -216,6 +268,18 @@ impl NodeConfig {
             self.tls.cert.display().to_string(),
             self.tls.key.display().to_string(),
             self.k,
+            match &self.policy.dp {
+                None => "mode = \"k-only\"\n".to_string(),
+                Some(d) => format!(
+                    "mode = \"dp\"\nepsilon_per_query = {:?}\ndelta = {:?}\nbudget_epsilon = {:?}\nbudget_period_days = {}\nmax_groups_per_person = {}\nmax_rows_per_person = {}\n",
+                    d.epsilon_per_query,
+                    d.delta,
+                    d.budget_epsilon,
+                    d.budget_period.as_secs() / 86_400,
+                    d.max_groups_per_person,
+                    d.max_rows_per_person
+                ),
+            },
             self.timeout.as_secs(),
         );
         let p = &self.policy;
@@ -287,6 +351,19 @@ url = "https://127.0.0.1:7002"
         let text = format!("{GOOD}\n[policy]\nmin_k = 30\nrate_limit_per_minute = 5\n");
         let c = NodeConfig::parse(&text, Path::new("node.toml")).expect("valid");
         assert_eq!((c.k, c.policy.k, c.policy.rate_limit_per_minute), (10, 30, 5));
+    }
+
+    #[test]
+    fn privacy_mode_defaults_to_dp_and_checks_values() {
+        let c = NodeConfig::parse(GOOD, Path::new("node.toml")).expect("valid");
+        assert_eq!(c.policy.dp, Some(DpSettings::DEFAULT));
+        let text = format!("{GOOD}\n[privacy]\nmode = \"k-only\"\n");
+        assert_eq!(NodeConfig::parse(&text, Path::new("node.toml")).expect("valid").policy.dp, None);
+        let text = format!("{GOOD}\n[privacy]\nepsilon_per_query = 0\n");
+        let err = NodeConfig::parse(&text, Path::new("node.toml")).expect_err("must fail").to_string();
+        assert!(err.contains("privacy.epsilon_per_query"), "{err}");
+        let text = format!("{GOOD}\n[privacy]\nmode = \"fuzzy\"\n");
+        assert!(NodeConfig::parse(&text, Path::new("node.toml")).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use cxfed_protocol::Identity;
 use cxfed_protocol::wire::{ARROW_STREAM, ErrorBody, NodeState, NodeStatus, PROTOCOL_VERSION, PartialRequest, QueryRequest, QueryResponse};
+use cxfed_queries::rewrite::Partial;
 use cxfed_queries::validate::{QueryError, approve};
 
 use crate::config::Peer;
@@ -28,7 +29,9 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
     node.policy().check_query(&approved)?;
 
     let local = async {
-        let r = node.answer_partial(&format!("{} (coordinator)", node.config.agency), &analyst_uri, query_id, &req.sql).await;
+        let r = node
+            .answer_partial(&format!("{} (coordinator)", node.config.agency), &analyst_uri, query_id, &req.sql, req.epsilon)
+            .await;
         let r = r.map_err(|e| match e {
             PartialError::Query(QueryError::Rejected(r)) => (NodeState::Refused, r.to_string()),
             PartialError::Policy(p) => (NodeState::Refused, p.to_string()),
@@ -38,29 +41,39 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
         (node.config.agency.clone(), r)
     };
     let remote = node.config.peers.iter().map(|p| async {
-        (p.agency.clone(), ask_peer(node, p, query_id, &analyst_uri, &req.sql).await)
+        (p.agency.clone(), ask_peer(node, p, query_id, &analyst_uri, req).await)
     });
     let (local, remote) = futures::join!(local, join_all(remote));
 
     let mut statuses = Vec::new();
-    let mut batches = Vec::new();
+    let mut partials = Vec::new();
     let mut node_suppressed = 0;
     for (agency, result) in std::iter::once(local).chain(remote) {
-        match result.and_then(|p| {
+        // Peers are untrusted: a partial must have exactly the shape this query implies.
+        let checked = result.and_then(|p| {
+            let meta = p.meta.clone().ok_or((NodeState::Error, "partial without encoding metadata".to_string()))?;
             for b in &p.batches {
-                approved.check_partial(&b.schema()).map_err(|e| (NodeState::Error, e))?;
+                approved.check_partial(&b.schema(), &meta).map_err(|e| (NodeState::Error, e))?;
             }
-            Ok(p)
-        }) {
-            Ok(p) => {
+            Ok((p, meta))
+        });
+        match checked {
+            Ok((p, meta)) => {
                 let groups = p.batches.iter().map(|b| b.num_rows() as u64).sum();
                 node_suppressed += p.suppressed_groups;
-                statuses.push(NodeStatus { agency, status: NodeState::Ok, error: None, suppressed_groups: p.suppressed_groups, groups });
-                batches.extend(p.batches);
+                statuses.push(NodeStatus {
+                    agency,
+                    status: NodeState::Ok,
+                    error: None,
+                    suppressed_groups: p.suppressed_groups,
+                    groups,
+                    epsilon: meta.epsilon,
+                });
+                partials.push(Partial { batches: p.batches, meta });
             }
             Err((state, error)) => {
                 warn!(query_id, node = %agency, ?state, %error, "node did not contribute");
-                statuses.push(NodeStatus { agency, status: state, error: Some(error), suppressed_groups: 0, groups: 0 });
+                statuses.push(NodeStatus { agency, status: state, error: Some(error), ..Default::default() });
             }
         }
     }
@@ -69,7 +82,7 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
         return Err(ApiError::NodesFailed(query_id.to_string(), statuses));
     }
 
-    let merged = approved.merge(&node.ctx, batches, node.policy().k).await?;
+    let merged = approved.merge_partials(&node.ctx, partials, node.policy().k).await?;
     let rows = crate::output::rows(&merged.batches).map_err(|e| ApiError::Internal(e.to_string()))?;
     info!(
         query_id,
@@ -87,6 +100,8 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
         suppressed_groups: merged.suppressed_groups + node_suppressed,
         nodes: statuses,
         complete,
+        privacy: if merged.dp { "dp".into() } else { "k-only".into() },
+        ci95: if merged.dp { merged.ci95 } else { vec![] },
     })
 }
 
@@ -96,10 +111,16 @@ async fn ask_peer(
     peer: &Peer,
     query_id: &str,
     analyst: &str,
-    sql: &str,
+    req: &QueryRequest,
 ) -> Result<DecodedPartial, (NodeState, String)> {
     let url = format!("{}/v1/partial", peer.url.trim_end_matches('/'));
-    let body = PartialRequest { protocol: PROTOCOL_VERSION, query_id: query_id.into(), sql: sql.into(), analyst: analyst.into() };
+    let body = PartialRequest {
+        protocol: PROTOCOL_VERSION,
+        query_id: query_id.into(),
+        sql: req.sql.clone(),
+        analyst: analyst.into(),
+        epsilon: req.epsilon,
+    };
     let resp = node
         .client
         .post(&url)
@@ -124,7 +145,7 @@ async fn ask_peer(
     if status.is_success() && is_arrow {
         return decode(&bytes).map_err(|e| (NodeState::Error, e));
     }
-    let state = if status == reqwest::StatusCode::BAD_REQUEST || status == reqwest::StatusCode::FORBIDDEN {
+    let state = if [reqwest::StatusCode::BAD_REQUEST, reqwest::StatusCode::FORBIDDEN, reqwest::StatusCode::TOO_MANY_REQUESTS].contains(&status) {
         NodeState::Refused
     } else {
         NodeState::Error

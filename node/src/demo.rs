@@ -10,7 +10,7 @@ use cxfed_queries::schema::Table;
 
 use crate::cli::{QueryFailure, send_query};
 use crate::config::{NodeConfig, Peer};
-use crate::policy::{Policy, PolicyConfig};
+use crate::policy::{DpSettings, Policy, PolicyConfig};
 use crate::output::{Format, render};
 use crate::server::RunningNode;
 use crate::tls::TlsFiles;
@@ -106,6 +106,19 @@ pub async fn start_federation(
     k: u64,
     timeout: Duration,
 ) -> Result<LocalFederation, DemoError> {
+    start_federation_with(dir, agencies, people, k, timeout, None).await
+}
+
+/// Like [`start_federation`] (which runs `k-only` nodes), with differential privacy on every
+/// node when `dp` is given.
+pub async fn start_federation_with(
+    dir: &Path,
+    agencies: &[&str],
+    people: usize,
+    k: u64,
+    timeout: Duration,
+    dp: Option<DpSettings>,
+) -> Result<LocalFederation, DemoError> {
     let certs = dir.join("certs");
     let owned: Vec<String> = agencies.iter().map(|a| a.to_string()).collect();
     crate::certs::dev(FEDERATION, &owned, &certs, 30, true).map_err(err)?;
@@ -142,7 +155,8 @@ pub async fn start_federation(
             .map(|(j, a)| Peer { agency: a.to_string(), url: format!("https://127.0.0.1:{}", ports[j]) })
             .collect();
         let peer_agencies: Vec<&str> = peers.iter().map(|p| p.agency.as_str()).collect();
-        let policy = Policy::resolve(&PolicyConfig::default(), agency, &peer_agencies, k).map_err(|(f, m)| err(format!("{f}: {m}")))?;
+        let mut policy = Policy::resolve(&PolicyConfig::default(), agency, &peer_agencies, k).map_err(|(f, m)| err(format!("{f}: {m}")))?;
+        policy.dp = dp;
         let config = NodeConfig {
             policy,
             source: None,
@@ -185,11 +199,20 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     };
     println!("cxfed demo: federation {FEDERATION} with {} in {}", AGENCIES.join(", "), dir.display());
     println!("  making certificates, {} synthetic people per agency, and starting three mTLS nodes...", opts.people);
-    let fed = start_federation(&dir, &AGENCIES, opts.people, crate::config::DEFAULT_K, Duration::from_secs(60)).await?;
+    let dp = DpSettings::DEFAULT;
+    let fed = start_federation_with(&dir, &AGENCIES, opts.people, crate::config::DEFAULT_K, Duration::from_secs(60), Some(dp)).await?;
     for (i, a) in AGENCIES.iter().enumerate() {
         println!("  node {a:<4} {}  data {}", fed.url(i), dir.join("data").join(a.to_lowercase()).display());
     }
-    println!("  ready in {:.1} s; k = {} distinct people per released group\n", started.elapsed().as_secs_f64(), crate::config::DEFAULT_K);
+    println!(
+        "  ready in {:.1} s; every node: k = {}, differential privacy ε = {} per query (budget {} per analyst per {} days), δ = {}\n",
+        started.elapsed().as_secs_f64(),
+        crate::config::DEFAULT_K,
+        dp.epsilon_per_query,
+        dp.budget_epsilon,
+        dp.budget_period.as_secs() / 86_400,
+        dp.delta
+    );
 
     let analyst = fed.tls("SSA", "analyst");
     let client = crate::client::http_client(&analyst, Duration::from_secs(120)).map_err(err)?;
@@ -197,7 +220,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     for (title, sql) in QUERIES {
         println!("── {title}\n{}\n", indent(sql));
         let t = Instant::now();
-        let resp = send_query(&client, &coordinator, &QueryRequest { sql: sql.to_string(), require_all: true })
+        let resp = send_query(&client, &coordinator, &QueryRequest::new(*sql))
             .await
             .map_err(err)?;
         print!("{}", render(&resp, Format::Table));
@@ -205,7 +228,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     }
     let (title, sql) = REFUSED;
     println!("── {title}\n{}\n", indent(sql));
-    match send_query(&client, &coordinator, &QueryRequest { sql: sql.to_string(), require_all: true }).await {
+    match send_query(&client, &coordinator, &QueryRequest::new(sql)).await {
         Err(QueryFailure::Refused(body)) => println!("refused, as it must be: {}\n", QueryFailure::Refused(body)),
         Ok(_) => return Err(DemoError("the identifier query was answered; refusing to continue".into())),
         Err(e) => return Err(err(e)),

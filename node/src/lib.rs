@@ -15,6 +15,7 @@
 //! - [`coordinator`]: fan-out to every node, merge, final suppression.
 //! - [`policy`]: the steward's policy (who may ask, hidden dimensions, k floor, limits).
 //! - [`audit`]: the append-only query log.
+//! - [`ledger`]: the per-analyst privacy-budget ledger.
 //! - [`server`]: the axum HTTPS server and its routes.
 //! - [`output`]: table / JSON / CSV rendering of results.
 //! - [`demo`]: the self-contained three-agency demo.
@@ -29,6 +30,7 @@ pub mod coordinator;
 pub mod demo;
 pub mod engine;
 pub mod ingest;
+pub mod ledger;
 pub mod output;
 pub mod partial;
 pub mod policy;

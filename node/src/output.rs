@@ -67,6 +67,27 @@ fn cell_text(v: &Value) -> String {
     }
 }
 
+/// Renders a node's budget report for a steward.
+pub fn render_budget(b: &cxfed_protocol::wire::BudgetResponse) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(["analyst", "queries", "ε used", "ε left"]);
+    for a in &b.analysts {
+        t.add_row([a.analyst.clone(), a.queries.to_string(), format!("{:.3}", a.used), format!("{:.3}", a.remaining)]);
+    }
+    match (b.epsilon_per_query, b.budget_epsilon, b.period_days) {
+        (Some(e), Some(budget), Some(days)) => format!(
+            "node {} · mode dp · ε ≤ {e} per query · {budget} per analyst per {days} days\n{t}\n",
+            b.agency
+        ),
+        _ => format!("node {} · mode {} (no privacy budget)\n", b.agency, b.mode),
+    }
+}
+
+fn round_ci(ci: f64) -> String {
+    if ci >= 100.0 { format!("{ci:.0}") } else if ci >= 1.0 { format!("{ci:.2}") } else { format!("{ci:.4}") }
+}
+
 /// Renders a response in `format`.
 pub fn render(resp: &QueryResponse, format: Format) -> String {
     match format {
@@ -91,10 +112,15 @@ pub fn render(resp: &QueryResponse, format: Format) -> String {
             let mut t = Table::new();
             t.load_preset(UTF8_FULL_CONDENSED);
             t.set_header(resp.columns.iter().map(Cell::new));
-            for row in &resp.rows {
-                t.add_row(row.iter().map(|v| {
-                    let c = Cell::new(cell_text(v));
-                    if v.is_number() { c.set_alignment(CellAlignment::Right) } else { c }
+            for (r, row) in resp.rows.iter().enumerate() {
+                t.add_row(row.iter().enumerate().map(|(c, v)| {
+                    let ci = resp.ci95.get(r).and_then(|row| row.get(c)).copied().flatten();
+                    let text = match ci {
+                        Some(ci) => format!("{} ± {}", cell_text(v), round_ci(ci)),
+                        None => cell_text(v),
+                    };
+                    let cell = Cell::new(text);
+                    if v.is_number() { cell.set_alignment(CellAlignment::Right) } else { cell }
                 }));
             }
             let nodes: Vec<String> = resp
@@ -110,8 +136,15 @@ pub fn render(resp: &QueryResponse, format: Format) -> String {
                     ),
                 })
                 .collect();
+            let privacy = if resp.privacy == "dp" {
+                let eps: Vec<String> =
+                    resp.nodes.iter().filter_map(|n| n.epsilon.map(|e| format!("{} ε={e}", n.agency))).collect();
+                format!(" · differentially private ({}; ± = 95% noise interval)", eps.join(", "))
+            } else {
+                String::new()
+            };
             format!(
-                "{t}\n{} row(s) · {} group(s) suppressed · nodes: {}{} · query {}\n",
+                "{t}\n{} row(s) · {} group(s) suppressed{privacy} · nodes: {}{} · query {}\n",
                 resp.rows.len(),
                 resp.suppressed_groups,
                 nodes.join(", "),
@@ -165,8 +198,11 @@ mod tests {
                 error: None,
                 suppressed_groups: 0,
                 groups: 1,
+                epsilon: None,
             }],
             complete: true,
+            privacy: "k-only".into(),
+            ci95: vec![],
         };
         let t = render(&resp, Format::Table);
         assert!(t.contains("3.2500") && t.contains("2 group(s) suppressed") && t.contains("SSA ok"), "{t}");

@@ -11,10 +11,15 @@ use arrow::ipc::writer::StreamWriter;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SessionContext;
 
-use cxfed_protocol::wire::{META_AGENCY, META_SUPPRESSED};
+use cxfed_protocol::wire::{META_AGENCY, META_PARTIAL, META_SUPPRESSED};
+use cxfed_queries::dp::RandomSource;
+use cxfed_queries::privacy::DpParams;
+use cxfed_queries::rewrite::PartialMeta;
+use ring::rand::{SecureRandom, SystemRandom};
 use cxfed_queries::rewrite::suppress;
 use cxfed_queries::validate::{QueryError, approve};
 
+use crate::ledger::Ledger;
 use crate::policy::{Policy, PolicyRefusal};
 
 /// A node's answer to a partial request, ready to send.
@@ -24,8 +29,10 @@ pub struct PartialOutput {
     pub ipc: Vec<u8>,
     /// Groups released.
     pub groups: u64,
-    /// Groups withheld (below this node's k).
+    /// Groups withheld (below this node's k; 0 in `dp` mode, where the count is not released).
     pub suppressed_groups: u64,
+    /// ε spent (`dp` mode).
+    pub epsilon: Option<f64>,
 }
 
 /// Why a node did not answer a partial.
@@ -39,12 +46,68 @@ pub enum PartialError {
     Policy(#[from] PolicyRefusal),
 }
 
-/// Validates `sql`, checks it against `policy`, runs its partial plan on this node's data
-/// within the policy's time limit, withholds groups below the policy's k and encodes the rest.
-pub async fn run(ctx: &SessionContext, agency: &str, policy: &Policy, sql: &str) -> Result<PartialOutput, PartialError> {
+/// Who a partial is for, and where to charge its privacy budget.
+#[derive(Debug, Clone, Copy)]
+pub struct Charge<'a> {
+    /// The budget ledger of this node.
+    pub ledger: &'a Ledger,
+    /// The analyst the query is for.
+    pub analyst: &'a str,
+    /// The query id.
+    pub query_id: &'a str,
+    /// ε the analyst asked for (at most the node's own maximum is spent).
+    pub requested_epsilon: Option<f64>,
+}
+
+/// Validates `sql`, checks it against `policy`, charges the analyst's budget (in `dp` mode),
+/// runs its partial plan on this node's data within the policy's time limit, then suppresses
+/// (`k-only`) or noises and selects (`dp`) groups, and encodes what may leave.
+pub async fn run(
+    ctx: &SessionContext,
+    agency: &str,
+    policy: &Policy,
+    sql: &str,
+    charge: Charge<'_>,
+) -> Result<PartialOutput, PartialError> {
     let approved = approve(&ctx.state(), sql).await?;
     policy.check_query(&approved)?;
-    let plan = approved.partial_plan()?;
+    let (plan, dp, meta) = match &policy.dp {
+        None => (approved.partial_plan()?, None, approved.k_only_meta()),
+        Some(settings) => {
+            let epsilon = match charge.requested_epsilon {
+                Some(e) if !(e > 0.0 && e.is_finite()) => {
+                    return Err(QueryError::Rejected(cxfed_queries::rules::Rejection::new(
+                        cxfed_queries::rules::Rule::PlanError,
+                        format!("epsilon must be a positive number, not {e}"),
+                    ))
+                    .into());
+                }
+                Some(e) => e.min(settings.epsilon_per_query),
+                None => settings.epsilon_per_query,
+            };
+            let params = DpParams {
+                epsilon,
+                delta: settings.delta,
+                max_groups_per_person: settings.max_groups_per_person,
+                max_rows_per_person: settings.max_rows_per_person,
+                k: policy.k,
+            };
+            let dp = approved.dp_partial(&params)?;
+            // Charged and synced before any data is read.
+            match charge
+                .ledger
+                .charge(charge.analyst, charge.query_id, epsilon, settings.budget_epsilon, settings.budget_period)
+                .await
+                .map_err(|e| QueryError::Internal(format!("budget ledger: {e}")))?
+            {
+                Ok(_) => {}
+                Err(exhausted) => return Err(PolicyRefusal::budget(exhausted.to_string()).into()),
+            }
+            let meta = dp.meta.clone();
+            (dp.plan.clone(), Some(dp), meta)
+        }
+    };
+    let fields = plan.schema().as_arrow().fields().clone();
     let execute = async { ctx.execute_logical_plan(plan).await?.collect().await };
     let batches = match tokio::time::timeout(policy.query_timeout, execute).await {
         Err(_) => {
@@ -60,16 +123,51 @@ pub async fn run(ctx: &SessionContext, agency: &str, policy: &Policy, sql: &str)
         Ok(Err(e)) => return Err(QueryError::from(e).into()),
         Ok(Ok(b)) => b,
     };
-    let (kept, suppressed_groups) = suppress(&batches, policy.k)?;
+    let (kept, suppressed_groups) = match &dp {
+        None => suppress(&batches, policy.k)?,
+        Some(dp) => {
+            let mut rng = OsRandom::default();
+            let noisy = dp.add_noise(&batches, &mut rng)?;
+            if rng.failed {
+                return Err(QueryError::Internal("the operating system's random generator failed".into()).into());
+            }
+            // How many groups fell below the DP threshold is not itself protected: not reported.
+            (noisy, 0)
+        }
+    };
     let groups = kept.iter().map(|b| b.num_rows() as u64).sum();
     policy.check_groups(groups)?;
     let metadata = HashMap::from([
         (META_SUPPRESSED.to_string(), suppressed_groups.to_string()),
         (META_AGENCY.to_string(), agency.to_string()),
+        (META_PARTIAL.to_string(), serde_json::to_string(&meta).map_err(|e| QueryError::Internal(e.to_string()))?),
     ]);
-    let schema = Arc::new(Schema::new_with_metadata(approved.partial_schema()?.fields().clone(), metadata));
+    let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
     let ipc = encode(&schema, &kept).map_err(|e| QueryError::Internal(format!("encoding partial: {e}")))?;
-    Ok(PartialOutput { ipc, groups, suppressed_groups })
+    Ok(PartialOutput { ipc, groups, suppressed_groups, epsilon: meta.epsilon })
+}
+
+/// The OS CSPRNG (ring's `SystemRandom`) as a noise source; records failure instead of
+/// panicking so the caller can refuse to release anything.
+struct OsRandom {
+    rng: SystemRandom,
+    failed: bool,
+}
+
+impl Default for OsRandom {
+    fn default() -> Self {
+        OsRandom { rng: SystemRandom::new(), failed: false }
+    }
+}
+
+impl RandomSource for OsRandom {
+    fn next_u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        if self.rng.fill(&mut b).is_err() {
+            self.failed = true;
+        }
+        u64::from_le_bytes(b)
+    }
 }
 
 fn is_resources_exhausted(e: &DataFusionError) -> bool {
@@ -95,6 +193,8 @@ pub struct DecodedPartial {
     pub batches: Vec<RecordBatch>,
     /// What the peer says it withheld.
     pub suppressed_groups: u64,
+    /// How the peer encoded and noised its partial.
+    pub meta: Option<PartialMeta>,
 }
 
 /// Decodes an IPC stream. Structural checks against the expected schema are the caller's.
@@ -106,11 +206,15 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedPartial, String> {
         Some(v) => v.parse().map_err(|_| format!("invalid {META_SUPPRESSED} metadata"))?,
         None => return Err(format!("missing {META_SUPPRESSED} metadata")),
     };
+    let meta = match schema.metadata().get(META_PARTIAL) {
+        Some(m) => Some(serde_json::from_str(m).map_err(|e| format!("invalid {META_PARTIAL} metadata: {e}"))?),
+        None => None,
+    };
     let plain = Arc::new(Schema::new(schema.fields().clone()));
     let mut batches = Vec::new();
     for b in reader {
         let b = b.map_err(|e| format!("invalid Arrow IPC batch: {e}"))?;
         batches.push(RecordBatch::try_new(Arc::clone(&plain), b.columns().to_vec()).map_err(|e| e.to_string())?);
     }
-    Ok(DecodedPartial { batches, suppressed_groups })
+    Ok(DecodedPartial { batches, suppressed_groups, meta })
 }

@@ -87,20 +87,25 @@ impl PolicyRefusal {
     pub fn memory(reason: String) -> Self {
         Self::new("CXF-P006", "memory-limit", 503, reason)
     }
+    /// The analyst's privacy budget on this node is spent.
+    pub fn budget(reason: String) -> Self {
+        Self::new("CXF-P007", "budget-exhausted", 429, reason)
+    }
 }
 
 /// Every policy code, for documentation and tests.
-pub const POLICY_CODES: [(&str, &str); 6] = [
+pub const POLICY_CODES: [(&str, &str); 7] = [
     ("CXF-P001", "analyst-agency-not-allowed"),
     ("CXF-P002", "dimension-hidden"),
     ("CXF-P003", "rate-limited"),
     ("CXF-P004", "too-many-groups"),
     ("CXF-P005", "query-timeout"),
     ("CXF-P006", "memory-limit"),
+    ("CXF-P007", "budget-exhausted"),
 ];
 
 /// The policy in force: resolved defaults, checked values.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     /// Agencies whose analysts may query.
     pub allowed_agencies: Vec<String>,
@@ -116,6 +121,38 @@ pub struct Policy {
     pub query_timeout: Duration,
     /// Memory pool in bytes.
     pub memory_limit_bytes: usize,
+    /// Differential privacy (`[privacy] mode = "dp"`); `None` in `k-only` mode.
+    pub dp: Option<DpSettings>,
+}
+
+/// The node's differential-privacy settings (`[privacy]` in node.toml).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpSettings {
+    /// ε a query spends on this node at most (an analyst may ask for less).
+    pub epsilon_per_query: f64,
+    /// δ for partition selection.
+    pub delta: f64,
+    /// ε per analyst per period.
+    pub budget_epsilon: f64,
+    /// The budget period.
+    pub budget_period: Duration,
+    /// Groups one person may contribute to in one query.
+    pub max_groups_per_person: u64,
+    /// Rows one person may contribute to one group.
+    pub max_rows_per_person: u64,
+}
+
+impl DpSettings {
+    /// The defaults: ε = 1 per query, δ = 1e-6, ε = 10 per analyst per 30 days, one group and
+    /// one row per person.
+    pub const DEFAULT: DpSettings = DpSettings {
+        epsilon_per_query: 1.0,
+        delta: 1e-6,
+        budget_epsilon: 10.0,
+        budget_period: Duration::from_secs(30 * 86_400),
+        max_groups_per_person: 1,
+        max_rows_per_person: 1,
+    };
 }
 
 impl Policy {
@@ -163,6 +200,7 @@ impl Policy {
             rate_limit_per_minute: raw.rate_limit_per_minute.unwrap_or(120),
             query_timeout: Duration::from_secs(timeout),
             memory_limit_bytes: usize::try_from(memory_mb * 1024 * 1024).unwrap_or(usize::MAX),
+            dp: None,
         })
     }
 

@@ -9,6 +9,7 @@
 //! | `GET /v1/schema`    | any           | tables, columns, row counts              |
 //! | `GET /v1/health`    | any           | liveness                                 |
 //! | `GET /v1/audit`     | auditor       | this node's query log (`?since=SEQ`)     |
+//! | `GET /v1/budget`    | steward       | privacy budget used and left per analyst |
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,6 +39,7 @@ use cxfed_queries::validate::QueryError;
 
 use crate::audit::{AuditLog, Decision, Record};
 use crate::config::NodeConfig;
+use crate::ledger::Ledger;
 use crate::partial::{PartialError, PartialOutput};
 use crate::policy::{Policy, PolicyRefusal, RateLimiter};
 
@@ -55,6 +57,8 @@ pub struct Node {
     policy: RwLock<Arc<Policy>>,
     /// Per-analyst rate limits.
     limiter: RateLimiter,
+    /// Per-analyst privacy budgets.
+    pub ledger: Ledger,
 }
 
 impl std::fmt::Debug for Node {
@@ -139,7 +143,8 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
     let audit = AuditLog::open(&config.data_dir).map_err(|e| data_err(&e))?;
     let client = crate::client::http_client(&config.tls, config.timeout)?;
     let policy = RwLock::new(Arc::new(config.policy.clone()));
-    Ok(Node { config, ctx, client, audit, policy, limiter: RateLimiter::default() })
+    let ledger = Ledger::open(&config.data_dir).map_err(|e| data_err(&e))?;
+    Ok(Node { config, ctx, client, audit, policy, limiter: RateLimiter::default(), ledger })
 }
 
 /// Starts serving `config` on `listener` (or on `config.listen` when `None`).
@@ -244,6 +249,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/schema", get(schema))
         .route("/v1/health", get(health))
         .route("/v1/audit", get(audit))
+        .route("/v1/budget", get(budget))
         .fallback(|| async { ApiError::NotFound })
         .with_state(node)
 }
@@ -433,10 +439,12 @@ impl Node {
         analyst: &str,
         query_id: &str,
         sql: &str,
+        requested_epsilon: Option<f64>,
     ) -> Result<PartialOutput, PartialError> {
+        let charge = crate::partial::Charge { ledger: &self.ledger, analyst, query_id, requested_epsilon };
         let result = match self.admit(analyst, "partial") {
             Err(refusal) => Err(PartialError::Policy(refusal)),
-            Ok(()) => crate::partial::run(&self.ctx, &self.config.agency, &self.policy(), sql).await,
+            Ok(()) => crate::partial::run(&self.ctx, &self.config.agency, &self.policy(), sql, charge).await,
         };
         let (decision, code, released, withheld) = match &result {
             Ok(out) => (Decision::Executed, None, out.groups, out.suppressed_groups),
@@ -526,7 +534,7 @@ async fn partial(
     }
     let span = tracing::info_span!("partial", query_id = %req.query_id, peer = %peer);
     let out = node
-        .answer_partial(&peer.to_string(), &req.analyst, &req.query_id, &req.sql)
+        .answer_partial(&peer.to_string(), &req.analyst, &req.query_id, &req.sql, req.epsilon)
         .instrument(span)
         .await
         .map_err(|e| match ApiError::from(e) {
@@ -559,6 +567,35 @@ async fn explain(
         };
     }
     Ok(axum::Json(explanation).into_response())
+}
+
+async fn budget(State(node): State<Arc<Node>>, Extension(tls): Extension<Arc<TlsInfo>>) -> Result<Response, ApiError> {
+    node.authorize(&tls, "/v1/budget", &[Role::Steward]).await?;
+    let policy = node.policy();
+    let (mode, eps, budget, period, analysts) = match &policy.dp {
+        None => ("k-only", None, None, None, vec![]),
+        Some(d) => (
+            "dp",
+            Some(d.epsilon_per_query),
+            Some(d.budget_epsilon),
+            Some(d.budget_period.as_secs() / 86_400),
+            node.ledger
+                .usage(d.budget_epsilon, d.budget_period)
+                .await
+                .into_iter()
+                .map(|u| cxfed_protocol::wire::BudgetUse { analyst: u.analyst, used: u.used, remaining: u.remaining, queries: u.queries })
+                .collect(),
+        ),
+    };
+    Ok(axum::Json(cxfed_protocol::wire::BudgetResponse {
+        agency: node.config.agency.clone(),
+        mode: mode.into(),
+        epsilon_per_query: eps,
+        budget_epsilon: budget,
+        period_days: period,
+        analysts,
+    })
+    .into_response())
 }
 
 async fn health(State(node): State<Arc<Node>>, Extension(tls): Extension<Arc<TlsInfo>>) -> Result<Response, ApiError> {

@@ -12,6 +12,8 @@ pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
 /// Arrow schema metadata key: groups the node withheld because they were below its own k.
 pub const META_SUPPRESSED: &str = "cxfed.suppressed_groups";
+/// Arrow schema metadata key: the partial's encoding and noise scales (JSON).
+pub const META_PARTIAL: &str = "cxfed.partial";
 /// Arrow schema metadata key: the agency of the node that produced the partial.
 pub const META_AGENCY: &str = "cxfed.agency";
 
@@ -28,6 +30,7 @@ fn default_protocol() -> u32 {
 
 /// `POST /v1/query` (role analyst).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[non_exhaustive]
 #[serde(deny_unknown_fields)]
 pub struct QueryRequest {
     /// The analyst's SQL.
@@ -35,10 +38,13 @@ pub struct QueryRequest {
     /// Fail unless every node answered (default). `false` accepts a partial federation answer.
     #[serde(default = "default_true")]
     pub require_all: bool,
+    /// ε to spend on each node (at most each node's `epsilon_per_query`; default: that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
 }
 
 /// What one node did with a federated query.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct NodeStatus {
     /// The node's agency.
     pub agency: String,
@@ -53,13 +59,17 @@ pub struct NodeStatus {
     /// Partial groups this node returned.
     #[serde(default)]
     pub groups: u64,
+    /// ε this node spent (differential-privacy mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
 }
 
 /// Outcome of one node's part of a query.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeState {
     /// Answered.
+    #[default]
     Ok,
     /// Refused the query (its own validation or policy).
     Refused,
@@ -84,12 +94,42 @@ pub struct QueryResponse {
     pub nodes: Vec<NodeStatus>,
     /// False when some node did not contribute (only with `require_all = false`).
     pub complete: bool,
+    /// `dp` when any node added noise, else `k-only`.
+    #[serde(default = "default_mode")]
+    pub privacy: String,
+    /// Per row and column, the half-width of the 95% noise interval of the value (null when
+    /// the value is exact or no interval is derived). Empty when no node added noise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ci95: Vec<Vec<Option<f64>>>,
+}
+
+impl QueryRequest {
+    /// A request for `sql` requiring every node, at each node's default ε.
+    pub fn new(sql: impl Into<String>) -> Self {
+        QueryRequest { sql: sql.into(), require_all: true, epsilon: None }
+    }
+
+    /// Accept (`false`) or refuse (`true`) a partial federation answer.
+    pub fn require_all(mut self, require_all: bool) -> Self {
+        self.require_all = require_all;
+        self
+    }
+
+    /// Ask to spend `epsilon` per node.
+    pub fn epsilon(mut self, epsilon: Option<f64>) -> Self {
+        self.epsilon = epsilon;
+        self
+    }
+}
+
+fn default_mode() -> String {
+    "k-only".into()
 }
 
 /// `POST /v1/partial` (role node): the analyst's SQL as the coordinator received it. The node
 /// plans and validates it itself and derives its own partial plan; it never runs SQL written
 /// by the coordinator.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PartialRequest {
     /// Protocol version of the coordinator.
@@ -101,6 +141,9 @@ pub struct PartialRequest {
     pub sql: String,
     /// The analyst identity the coordinator vouches for (logged; not yet proof).
     pub analyst: String,
+    /// ε the analyst asked to spend (each node spends at most its own maximum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
 }
 
 /// Error body of every non-2xx response.
@@ -139,6 +182,36 @@ pub struct Health {
     pub protocol: u32,
     /// Software version.
     pub version: String,
+}
+
+/// One analyst's privacy-budget use on a node, in `GET /v1/budget`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BudgetUse {
+    /// The analyst's identity.
+    pub analyst: String,
+    /// ε spent in the current period.
+    pub used: f64,
+    /// ε left in the current period.
+    pub remaining: f64,
+    /// Queries charged in the period.
+    pub queries: u64,
+}
+
+/// `GET /v1/budget` (steward): this node's privacy settings and every analyst's use.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BudgetResponse {
+    /// The node's agency.
+    pub agency: String,
+    /// `dp` or `k-only`.
+    pub mode: String,
+    /// ε a query may spend here (dp).
+    pub epsilon_per_query: Option<f64>,
+    /// ε per analyst per period (dp).
+    pub budget_epsilon: Option<f64>,
+    /// Period length in days (dp).
+    pub period_days: Option<u64>,
+    /// Use per analyst.
+    pub analysts: Vec<BudgetUse>,
 }
 
 /// One column in `GET /v1/schema`.

@@ -12,12 +12,16 @@
 //! - [`rules`]: refusal codes and positions.
 //! - [`validate`]: SQL → [`ApprovedQuery`] or a [`Rejection`].
 //! - [`rewrite`]: the partial plan and the merge plan.
+//! - [`privacy`]: the differentially private partial plan and its noise.
 //! - [`context`]: a planning context with the CX schema and no data.
+//! - [`dp`]: exact discrete Laplace noise, calibration, partition selection.
 //! - [`explain`]: the plan, partial plan, merge and privacy rules of a query, or its refusal.
 #![forbid(unsafe_code)]
 
 pub mod context;
+pub mod dp;
 pub mod explain;
+pub mod privacy;
 pub mod rewrite;
 pub mod rules;
 pub mod schema;

@@ -14,11 +14,14 @@
 //! Partials are SQL-level sums and counts defined here, never DataFusion's internal
 //! accumulator states (which for DISTINCT are lists of raw values).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, BooleanArray, Int64Array, RecordBatch};
+use arrow::array::{Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch};
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::scalar::ScalarValue;
+use serde::{Deserialize, Serialize};
 use datafusion::catalog::default_table_source::provider_as_source;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SessionContext;
@@ -84,6 +87,7 @@ impl ApprovedQuery {
                     aggs.push(agg(count_udaf(), arg, true, filter).alias(part_name(i, 'n')));
                 }
                 AggKind::Sum => {
+                    aggs.push(agg(count_udaf(), arg.clone(), false, filter.clone()).alias(part_name(i, 'n')));
                     aggs.push(agg(sum_udaf(), arg, false, filter).alias(part_name(i, 's')));
                 }
                 AggKind::Avg => {
@@ -102,40 +106,156 @@ impl ApprovedQuery {
         Ok(LogicalPlan::Aggregate(Aggregate::try_new(input, groups, aggs)?))
     }
 
-    /// The Arrow schema of the partial batches every node must return.
+    /// The Arrow schema of the partial batches a `k-only` node returns.
     pub fn partial_schema(&self) -> Result<SchemaRef, QueryError> {
         Ok(Arc::new(self.partial_plan()?.schema().as_arrow().clone()))
     }
 
-    /// Checks that a peer's partial batch has exactly the partial schema (names and types).
-    /// Peers are untrusted: anything else is refused.
-    pub fn check_partial(&self, batch_schema: &SchemaRef) -> Result<(), String> {
-        let expected = self.partial_schema().map_err(|e| e.to_string())?;
-        let same = expected.fields().len() == batch_schema.fields().len()
-            && expected
-                .fields()
-                .iter()
-                .zip(batch_schema.fields())
-                .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
-        if same {
-            Ok(())
-        } else {
-            Err(format!("partial result has schema {batch_schema:?}, expected {expected:?}"))
+    /// How a `k-only` node encodes its partials: exact, uncentred values.
+    pub fn k_only_meta(&self) -> PartialMeta {
+        PartialMeta {
+            dp: false,
+            epsilon: None,
+            encodings: vec![Encoding { center: 0.0, scale: 1.0 }; self.kinds.len()],
+            scales: BTreeMap::new(),
         }
     }
 
-    /// Merges every node's partial batches, withholds groups whose summed distinct-person count
-    /// is below `k`, and applies the query's own projection, HAVING, ORDER BY and LIMIT.
+    /// The columns a partial must have for aggregate `i`: count, and sums where the kind needs them.
+    fn parts(&self, i: usize) -> &'static [char] {
+        match self.kinds[i] {
+            AggKind::Count | AggKind::CountPersons => &['n'],
+            AggKind::Sum | AggKind::Avg => &['n', 's'],
+            AggKind::Variance { .. } | AggKind::Stddev { .. } => &['n', 's', 'q'],
+        }
+    }
+
+    /// Checks a peer's partial (untrusted): group columns of the query's types, exactly the
+    /// partial columns its aggregates need (integers or floats), and sane metadata.
+    pub fn check_partial(&self, batch_schema: &SchemaRef, meta: &PartialMeta) -> Result<(), String> {
+        let expected = self.partial_schema().map_err(|e| e.to_string())?;
+        let n_groups = self.aggregate.group_expr.len();
+        let mut names: Vec<String> = (0..n_groups).map(group_name).collect();
+        for i in 0..self.kinds.len() {
+            names.extend(self.parts(i).iter().map(|p| part_name(i, *p)));
+        }
+        names.push(PERSONS.to_string());
+        let fields = batch_schema.fields();
+        if fields.len() != names.len() || fields.iter().zip(&names).any(|(f, n)| f.name() != n) {
+            return Err(format!("partial has columns {:?}, expected {names:?}", fields.iter().map(|f| f.name()).collect::<Vec<_>>()));
+        }
+        for (j, f) in fields.iter().take(n_groups).enumerate() {
+            if f.data_type() != expected.field(j).data_type() {
+                return Err(format!("group column {} has type {}, expected {}", f.name(), f.data_type(), expected.field(j).data_type()));
+            }
+        }
+        for f in fields.iter().skip(n_groups) {
+            let ok = if f.name().ends_with("_n") || f.name() == PERSONS {
+                *f.data_type() == DataType::Int64
+            } else {
+                f.data_type().is_numeric()
+            };
+            if !ok {
+                return Err(format!("partial column {} has type {}", f.name(), f.data_type()));
+            }
+        }
+        if meta.encodings.len() != self.kinds.len()
+            || meta.encodings.iter().any(|e| !e.center.is_finite() || !(e.scale >= 1.0 && e.scale.is_finite()))
+            || meta.scales.values().any(|b| !(b.is_finite() && *b >= 0.0))
+        {
+            return Err("partial metadata is malformed".into());
+        }
+        Ok(())
+    }
+
+    /// The schema every partial is normalized to before merging: values back in the units of
+    /// the data, noise variances alongside.
+    fn canonical_schema(&self) -> Result<SchemaRef, QueryError> {
+        let partial = self.partial_schema()?;
+        let n_groups = self.aggregate.group_expr.len();
+        let mut fields: Vec<Field> = partial.fields().iter().take(n_groups).map(|f| f.as_ref().clone().with_nullable(true)).collect();
+        for i in 0..self.kinds.len() {
+            fields.push(Field::new(part_name(i, 'n'), DataType::Int64, true));
+            for p in ['s', 'q', 'v', 'w'] {
+                fields.push(Field::new(part_name(i, p), DataType::Float64, true));
+            }
+        }
+        fields.push(Field::new(PERSONS, DataType::Int64, true));
+        fields.push(Field::new(PERSONS_VARIANCE, DataType::Float64, true));
+        Ok(Arc::new(Schema::new(fields)))
+    }
+
+    /// Rewrites one node's checked partial into the canonical schema: s = s'/F + c·n,
+    /// q = q'/F² + 2c·s'/F + c²·n, and the noise variances of n (`v`) and s (`w`).
+    fn normalize(&self, batch: &RecordBatch, meta: &PartialMeta, canonical: &SchemaRef) -> Result<RecordBatch, QueryError> {
+        let internal = |e: arrow::error::ArrowError| QueryError::Internal(e.to_string());
+        let rows = batch.num_rows();
+        let n_groups = self.aggregate.group_expr.len();
+        let float = |name: &str| -> Result<Option<Float64Array>, QueryError> {
+            match batch.column_by_name(name) {
+                None => Ok(None),
+                Some(a) => {
+                    let a = arrow::compute::cast(a, &DataType::Float64).map_err(internal)?;
+                    Ok(a.as_any().downcast_ref::<Float64Array>().cloned())
+                }
+            }
+        };
+        let int = |name: &str| -> Result<Int64Array, QueryError> {
+            batch
+                .column_by_name(name)
+                .and_then(|a| a.as_any().downcast_ref::<Int64Array>().cloned())
+                .ok_or_else(|| QueryError::Internal(format!("{name} missing or not Int64")))
+        };
+        let var_of = |name: &str| crate::dp::variance(meta.scales.get(name).copied().unwrap_or(0.0));
+        let mut columns: Vec<ArrayRef> = (0..n_groups).map(|j| Arc::clone(batch.column(j))).collect();
+        for (i, enc) in meta.encodings.iter().enumerate() {
+            let (c, f) = (enc.center, enc.scale);
+            let n = int(&part_name(i, 'n'))?;
+            let s_raw = float(&part_name(i, 's'))?;
+            let q_raw = float(&part_name(i, 'q'))?;
+            let get = |a: &Option<Float64Array>, r: usize| a.as_ref().map(|a| if a.is_valid(r) { a.value(r) } else { 0.0 }).unwrap_or(0.0);
+            let nv = |r: usize| if n.is_valid(r) { n.value(r) as f64 } else { 0.0 };
+            let s: Float64Array = (0..rows).map(|r| Some(get(&s_raw, r) / f + c * nv(r))).collect();
+            let q: Float64Array =
+                (0..rows).map(|r| Some(get(&q_raw, r) / (f * f) + 2.0 * c * get(&s_raw, r) / f + c * c * nv(r))).collect();
+            let vn = var_of(&part_name(i, 'n'));
+            let vs = var_of(&part_name(i, 's')) / (f * f) + c * c * vn;
+            columns.push(Arc::new(n));
+            columns.push(Arc::new(s));
+            columns.push(Arc::new(q));
+            columns.push(Arc::new(Float64Array::from(vec![vn; rows])));
+            columns.push(Arc::new(Float64Array::from(vec![vs; rows])));
+        }
+        columns.push(Arc::new(int(PERSONS)?));
+        columns.push(Arc::new(Float64Array::from(vec![var_of(PERSONS); rows])));
+        RecordBatch::try_new(Arc::clone(canonical), columns).map_err(internal)
+    }
+
+    /// Merges `k-only` partial batches (see [`ApprovedQuery::merge_partials`]).
     pub async fn merge(&self, ctx: &SessionContext, partials: Vec<RecordBatch>, k: u64) -> Result<Merged, QueryError> {
-        let partial_schema = self.partial_schema()?;
-        for b in &partials {
-            self.check_partial(&b.schema()).map_err(QueryError::Internal)?;
+        let meta = self.k_only_meta();
+        self.merge_partials(ctx, vec![Partial { batches: partials, meta }], k).await
+    }
+
+    /// Merges every node's partials, withholds groups whose summed person count is below `k`,
+    /// and applies the query's own projection, HAVING, ORDER BY and LIMIT. Each released
+    /// aggregate carries a 95% noise interval when nodes added noise.
+    pub async fn merge_partials(&self, ctx: &SessionContext, partials: Vec<Partial>, k: u64) -> Result<Merged, QueryError> {
+        let canonical = self.canonical_schema()?;
+        let mut batches = Vec::new();
+        let mut dp = false;
+        for p in &partials {
+            dp |= p.meta.dp;
+            for b in &p.batches {
+                self.check_partial(&b.schema(), &p.meta).map_err(QueryError::Internal)?;
+                batches.push(self.normalize(b, &p.meta, &canonical)?);
+            }
         }
         // 1. Sum the partial columns per group.
-        let mem = MemTable::try_new(Arc::clone(&partial_schema), vec![partials])?;
+        let mem = MemTable::try_new(Arc::clone(&canonical), vec![batches])?;
         let n_groups = self.aggregate.group_expr.len();
         let group_cols: Vec<Expr> = (0..n_groups).map(|j| col(group_name(j))).collect();
-        let sums: Vec<Expr> = partial_schema.fields()[n_groups..]
+        let sums: Vec<Expr> = canonical.fields()[n_groups..]
             .iter()
             .map(|f| agg(sum_udaf(), col(f.name()), false, None).alias(f.name()))
             .collect();
@@ -148,12 +268,13 @@ impl ApprovedQuery {
         // 2. Federation k.
         let (kept, suppressed_groups) = suppress(&merged, k)?;
 
-        // 3. Final values under the original aggregate's names, then the query's upper plan.
+        // 3. Final values under the original aggregate's names (and their noise intervals),
+        //    then the query's upper plan, carrying the intervals along.
         let mem = MemTable::try_new(merged_schema, vec![kept])?;
         let scan = LogicalPlanBuilder::scan("merged", provider_as_source(Arc::new(mem)), None)?.build()?;
         let scan_schema = Arc::clone(scan.schema());
         let agg_schema = Arc::clone(&self.aggregate.schema);
-        let mut finals = Vec::with_capacity(agg_schema.fields().len());
+        let mut finals = Vec::with_capacity(agg_schema.fields().len() + self.kinds.len());
         for (idx, (qualifier, field)) in agg_schema.iter().enumerate() {
             let value = if idx < n_groups {
                 col(group_name(idx))
@@ -165,36 +286,138 @@ impl ApprovedQuery {
             };
             finals.push(value.alias_qualified(qualifier.cloned(), field.name()));
         }
-        let mut plan = LogicalPlanBuilder::from(scan).project(finals)?.build()?;
-        for node in self.upper.iter().rev() {
-            plan = node.with_new_exprs(node.expressions(), vec![plan])?;
+        let ci_cols: Vec<Expr> = (0..self.kinds.len()).map(|i| col(ci_name(i))).collect();
+        for (i, kind) in self.kinds.iter().enumerate() {
+            finals.push(interval(*kind, i)?.alias(ci_name(i)));
         }
-        let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
-        let batches = ctx.execute_logical_plan(plan).await?.collect().await?;
-        Ok(Merged { schema, batches, suppressed_groups })
+        let mut plan = LogicalPlanBuilder::from(scan).project(finals)?.build()?;
+        let mut top_projection: Option<Vec<Expr>> = None;
+        for node in self.upper.iter().rev() {
+            let mut exprs = node.expressions();
+            if let LogicalPlan::Projection(_) = node {
+                top_projection = Some(exprs.clone());
+                exprs.extend(ci_cols.iter().cloned());
+            }
+            plan = node.with_new_exprs(exprs, vec![plan])?;
+        }
+        let out_fields = self.plan.schema().fields().len();
+        let names = self.aggregate_names();
+        let ci_of: Vec<Option<usize>> = match &top_projection {
+            Some(exprs) => exprs.iter().map(|e| aggregate_index(e, &names)).collect(),
+            None => vec![None; out_fields],
+        };
+        let full = ctx.execute_logical_plan(plan).await?.collect().await?;
+        let schema: SchemaRef = Arc::new(self.plan.schema().as_arrow().clone());
+        let mut batches = Vec::with_capacity(full.len());
+        let mut ci95 = Vec::new();
+        for b in &full {
+            let cols: Vec<ArrayRef> = b.columns().iter().take(out_fields).cloned().collect();
+            batches.push(RecordBatch::try_new(Arc::clone(&schema), cols).map_err(|e| QueryError::Internal(e.to_string()))?);
+            for r in 0..b.num_rows() {
+                let row = ci_of
+                    .iter()
+                    .map(|i| {
+                        let i = (*i)?;
+                        let a = b.column(out_fields + i).as_any().downcast_ref::<Float64Array>()?;
+                        (top_projection.is_some() && a.is_valid(r)).then(|| a.value(r))
+                    })
+                    .collect();
+                ci95.push(row);
+            }
+        }
+        Ok(Merged { schema, batches, suppressed_groups, ci95, dp })
     }
 }
 
-/// The final value of aggregate `i` from its summed partials.
+/// Name of the persons-count noise variance column.
+pub const PERSONS_VARIANCE: &str = "__persons_v";
+
+fn ci_name(i: usize) -> String {
+    format!("__ci{i}")
+}
+
+/// Which aggregate an output expression shows (through aliases, casts and ROUND/ABS).
+fn aggregate_index(e: &Expr, names: &[String]) -> Option<usize> {
+    match e {
+        Expr::Alias(a) => aggregate_index(&a.expr, names),
+        Expr::Cast(c) => aggregate_index(&c.expr, names),
+        Expr::TryCast(c) => aggregate_index(&c.expr, names),
+        Expr::ScalarFunction(f) if f.func.name() == "round" => f.args.first().and_then(|a| aggregate_index(a, names)),
+        Expr::Column(c) => names.iter().position(|n| *n == c.name),
+        _ => None,
+    }
+}
+
+/// How a node encoded one aggregate's partial sums: values were (x − center)·scale.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Encoding {
+    /// The centre subtracted from every clamped value.
+    pub center: f64,
+    /// The fixed-point factor (1 for integers).
+    pub scale: f64,
+}
+
+/// What a node says about its partial; travels as JSON in the Arrow schema metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialMeta {
+    /// Whether the node added noise (differential-privacy mode).
+    pub dp: bool,
+    /// ε the node spent on this query.
+    pub epsilon: Option<f64>,
+    /// One per aggregate of the query.
+    pub encodings: Vec<Encoding>,
+    /// Noise scale of each noised column.
+    pub scales: BTreeMap<String, f64>,
+}
+
+/// One node's partial, as received by the coordinator.
+#[derive(Debug, Clone)]
+pub struct Partial {
+    /// Its batches.
+    pub batches: Vec<RecordBatch>,
+    /// Its metadata.
+    pub meta: PartialMeta,
+}
+
+/// The final value of aggregate `i` from its summed canonical partials.
 fn final_value(kind: AggKind, i: usize) -> datafusion::error::Result<Expr> {
     let n = || col(part_name(i, 'n'));
-    let s = || cast(col(part_name(i, 's')), DataType::Float64);
-    let q = || cast(col(part_name(i, 'q')), DataType::Float64);
+    let s = || col(part_name(i, 's'));
+    let q = || col(part_name(i, 'q'));
     let nf = || cast(n(), DataType::Float64);
     let variance = |population: bool| -> datafusion::error::Result<Expr> {
-        // Σ(x - mean)² = q - s²/n, clamped at 0 against rounding.
+        // Σ(x - mean)² = q - s²/n, clamped at 0 against rounding and noise.
         let v = q() - s() * s() / nf();
         let ss = when(v.clone().lt(lit(0.0)), lit(0.0)).otherwise(v)?;
         let (min_n, denom) = if population { (0i64, nf()) } else { (1i64, nf() - lit(1.0)) };
         when(n().gt(lit(min_n)), ss / denom).end()
     };
     Ok(match kind {
-        AggKind::Count | AggKind::CountPersons => n(),
-        AggKind::Sum => col(part_name(i, 's')),
+        // Noise can push a count below zero; a count is never negative.
+        AggKind::Count | AggKind::CountPersons => when(n().lt(lit(0i64)), lit(0i64)).otherwise(n())?,
+        AggKind::Sum => when(n().gt(lit(0i64)), s()).end()?,
         AggKind::Avg => when(n().gt(lit(0i64)), s() / nf()).end()?,
         AggKind::Variance { population } => variance(population)?,
         AggKind::Stddev { population } => sqrt(variance(population)?),
     })
+}
+
+/// Half-width of the 95% noise interval of aggregate `i` (NULL when exact or not derived).
+fn interval(kind: AggKind, i: usize) -> datafusion::error::Result<Expr> {
+    let nf = || cast(col(part_name(i, 'n')), DataType::Float64);
+    let (s, vn, vs) = (|| col(part_name(i, 's')), || col(part_name(i, 'v')), || col(part_name(i, 'w')));
+    let var = match kind {
+        AggKind::Count | AggKind::CountPersons => vn(),
+        AggKind::Sum => vs(),
+        // Delta method for s/n.
+        AggKind::Avg => when(
+            nf().gt(lit(0.0)),
+            vs() / (nf() * nf()) + s() * s() * vn() / (nf() * nf() * nf() * nf()),
+        )
+        .end()?,
+        AggKind::Variance { .. } | AggKind::Stddev { .. } => lit(ScalarValue::Float64(None)),
+    };
+    when(var.clone().gt(lit(0.0)), lit(1.96) * sqrt(var)).end()
 }
 
 /// The merged answer of a federated query.
@@ -206,6 +429,10 @@ pub struct Merged {
     pub batches: Vec<RecordBatch>,
     /// Groups the coordinator withheld (below the federation k).
     pub suppressed_groups: u64,
+    /// Per output row and column: half-width of the 95% noise interval, when noised.
+    pub ci95: Vec<Vec<Option<f64>>>,
+    /// Whether any node added noise.
+    pub dp: bool,
 }
 
 /// Keeps the rows whose [`PERSONS`] count is at least `k`; returns them and how many were

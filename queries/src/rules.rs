@@ -48,11 +48,13 @@ pub enum Rule {
     GroupingSetsNotAllowed,
     /// The query is too long or too deeply nested.
     QueryTooLarge,
+    /// In differential-privacy mode, an aggregate's argument has no declared bounds.
+    UnboundedArgument,
 }
 
 impl Rule {
     /// Every rule, in code order.
-    pub const ALL: [Rule; 18] = [
+    pub const ALL: [Rule; 19] = [
         Rule::SyntaxError,
         Rule::MultipleStatements,
         Rule::NotAQuery,
@@ -71,6 +73,7 @@ impl Rule {
         Rule::NestedAggregation,
         Rule::GroupingSetsNotAllowed,
         Rule::QueryTooLarge,
+        Rule::UnboundedArgument,
     ];
 
     /// The stable code, e.g. `CXF-Q012`.
@@ -94,6 +97,7 @@ impl Rule {
             Rule::NestedAggregation => "CXF-Q016",
             Rule::GroupingSetsNotAllowed => "CXF-Q017",
             Rule::QueryTooLarge => "CXF-Q018",
+            Rule::UnboundedArgument => "CXF-Q019",
         }
     }
 
@@ -118,6 +122,7 @@ impl Rule {
             Rule::NestedAggregation => "nested-aggregation",
             Rule::GroupingSetsNotAllowed => "grouping-sets-not-allowed",
             Rule::QueryTooLarge => "query-too-large",
+            Rule::UnboundedArgument => "unbounded-argument",
         }
     }
 

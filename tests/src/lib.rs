@@ -48,7 +48,7 @@ impl Fed {
 
     /// Sends `sql` as the SSA analyst to node `i`.
     pub async fn query_at(&self, i: usize, sql: &str, require_all: bool) -> Result<QueryResponse, QueryFailure> {
-        send_query(&self.analyst, &self.fed.url(i), &QueryRequest { sql: sql.into(), require_all }).await
+        send_query(&self.analyst, &self.fed.url(i), &QueryRequest::new(sql).require_all(require_all)).await
     }
 
     pub async fn query(&self, sql: &str) -> Result<QueryResponse, QueryFailure> {

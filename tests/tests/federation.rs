@@ -133,7 +133,7 @@ async fn refuses_hostile_queries_at_coordinator_and_node() {
             Err(QueryFailure::Refused(body)) => assert_eq!(&body.code, code, "{sql}: {}", body.message),
             other => panic!("{sql}: expected refusal {code}, got {other:?}"),
         }
-        let req = PartialRequest { protocol: 1, query_id: "hostile".into(), sql: sql.to_string(), analyst: "x".into() };
+        let req = PartialRequest { protocol: 1, query_id: "hostile".into(), sql: sql.to_string(), analyst: "spiffe://cx-demo/SSA/analyst/ssa-analyst".into(), ..Default::default() };
         let resp = hostile.post(&partial_url).json(&req).send().await.unwrap();
         assert_eq!(resp.status(), 400, "{sql}: node must refuse");
         let body: cxfed_protocol::wire::ErrorBody = resp.json().await.unwrap();
@@ -198,7 +198,7 @@ async fn tls_and_role_refusals() {
 
     // Right CA, wrong role for the endpoint: 403.
     let analyst = fed.client("SSA", "analyst");
-    let req = PartialRequest { protocol: 1, query_id: "q".into(), sql: "SELECT COUNT(*) FROM experience".into(), analyst: "x".into() };
+    let req = PartialRequest { protocol: 1, query_id: "q".into(), sql: "SELECT COUNT(*) FROM experience".into(), analyst: "x".into(), ..Default::default() };
     let resp = analyst.post(format!("{url}/v1/partial")).json(&req).send().await.unwrap();
     assert_eq!(resp.status(), 403, "refuses_analyst_on_partial");
     let steward = fed.client("CMS", "steward");
@@ -270,7 +270,7 @@ async fn slow_node_times_out() {
     let client = cxfed::client::http_client(&fed.tls("SSA", "analyst"), Duration::from_secs(30)).unwrap();
     let url = format!("https://127.0.0.1:{}", node.addr.port());
     let started = std::time::Instant::now();
-    let req = cxfed_protocol::wire::QueryRequest { sql: "SELECT COUNT(*) FROM experience".into(), require_all: false };
+    let req = cxfed_protocol::wire::QueryRequest::new("SELECT COUNT(*) FROM experience").require_all(false);
     let resp = cxfed::cli::send_query(&client, &url, &req).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(15));
     let opm = resp.nodes.iter().find(|n| n.agency == "OPM").unwrap();

@@ -134,7 +134,7 @@ async fn node_keeps_answering_good_queries_under_a_flood() {
             let url = url.clone();
             let sql = bad[i % bad.len()].to_string();
             tokio::spawn(async move {
-                let req = cxfed_protocol::wire::QueryRequest { sql, require_all: true };
+                let req = cxfed_protocol::wire::QueryRequest::new(sql);
                 cxfed::cli::send_query(&client, &url, &req).await.is_ok()
             })
         })

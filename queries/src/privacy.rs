@@ -1,0 +1,370 @@
+//! The differentially private partial plan a node runs in `dp` mode, and the noise it adds
+//! before anything leaves it.
+//!
+//! ```text
+//!  rows ─▶ per row: group keys, person, clamp(x, lo, hi) − c (fixed point ×F), indicators
+//!       ─▶ GROUP BY keys, person            per-person sums, capped at R rows' worth
+//!       ─▶ keep ≤ G groups per person       (random choice, ROW_NUMBER over person)
+//!       ─▶ GROUP BY keys                    persons, Σn, Σs, Σs²  (integers)
+//!       ─▶ + discrete Laplace noise on every value, calibrated to Δ·m/ε
+//!       ─▶ release a group only if its noisy person count ≥ τ(ε, δ, k)
+//! ```
+//!
+//! One person changes at most G groups, and in each at most: the person count by 1, a count by
+//! R, a centred sum by R·h, a sum of squares by R·h² (h = half the declared range, ×F). The ε
+//! of the query is split evenly over the m statistics each group releases, so the whole
+//! release is ε-DP for the counts and sums, and (ε, δ)-DP with partition selection.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BooleanArray, Int64Array, RecordBatch};
+use arrow::compute::filter_record_batch;
+use datafusion::functions::math::expr_fn::random;
+use datafusion::functions_aggregate::{count::count_udaf, sum::sum_udaf};
+use datafusion::functions_window::expr_fn::row_number;
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{
+    BinaryExpr, Case, Cast, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, Operator, TryCast, col, lit, when,
+};
+use datafusion::scalar::ScalarValue;
+use serde::{Deserialize, Serialize};
+
+use crate::dp::{RandomSource, Scale, partition_threshold};
+use crate::rewrite::{Encoding, PERSONS, PartialMeta};
+use crate::rules::{Rejection, Rule};
+use crate::schema::{self, Domain};
+use crate::validate::{AggKind, ApprovedQuery, QueryError};
+
+/// Fixed-point factor for arguments that are not integers.
+pub const FIXED_POINT: f64 = 1_000.0;
+
+/// A node's differential-privacy parameters for one query.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DpParams {
+    /// ε spent by this query on this node.
+    pub epsilon: f64,
+    /// δ for partition selection.
+    pub delta: f64,
+    /// Groups one person may contribute to (G).
+    pub max_groups_per_person: u64,
+    /// Rows one person may contribute to one group (R).
+    pub max_rows_per_person: u64,
+    /// The node's k: τ is never below it.
+    pub k: u64,
+}
+
+/// A node's DP partial: the plan to run and how to noise its output.
+#[derive(Debug, Clone)]
+pub struct DpPartial {
+    /// The plan (integer columns, no noise yet).
+    pub plan: LogicalPlan,
+    /// Per-column noise scales and per-aggregate encodings, sent with the partial.
+    pub meta: PartialMeta,
+    /// Scales of every noised column, by name.
+    scales: BTreeMap<String, Scale>,
+    /// Release threshold on the noisy person count.
+    pub threshold: f64,
+}
+
+fn lit_f64(v: f64) -> Expr {
+    lit(ScalarValue::Float64(Some(v)))
+}
+
+fn clamp(x: Expr, lo: Expr, hi: Expr) -> datafusion::error::Result<Expr> {
+    when(x.clone().lt(lo.clone()), lo).when(x.clone().gt(hi.clone()), hi).otherwise(x)
+}
+
+fn sum(x: Expr) -> Expr {
+    Expr::AggregateFunction(AggregateFunction::new_udf(sum_udaf(), vec![x], false, None, vec![], None))
+}
+
+/// Interval bounds of an aggregate argument, from the schema's declared ranges. `None` when an
+/// expression's range cannot be bounded (it is then refused in `dp` mode).
+pub fn bounds(e: &Expr) -> Option<(f64, f64)> {
+    let union = |a: Option<(f64, f64)>, b: Option<(f64, f64)>| match (a, b) {
+        (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.max(b.1))),
+        (x, None) | (None, x) => x,
+    };
+    match e {
+        Expr::Alias(a) => bounds(&a.expr),
+        Expr::Cast(Cast { expr, .. }) | Expr::TryCast(TryCast { expr, .. }) => bounds(expr),
+        Expr::Column(c) => match schema::column_anywhere(&c.name)?.domain {
+            Domain::Range(lo, hi) => Some((lo as f64, hi as f64)),
+            _ => None,
+        },
+        Expr::Literal(v, _) if v.is_null() => None,
+        Expr::Literal(v, _) => {
+            let f = match v {
+                ScalarValue::Boolean(Some(b)) => f64::from(u8::from(*b)),
+                other => other.cast_to(&arrow::datatypes::DataType::Float64).ok().and_then(|s| match s {
+                    ScalarValue::Float64(Some(f)) if f.is_finite() => Some(f),
+                    _ => None,
+                })?,
+            };
+            Some((f, f))
+        }
+        Expr::Negative(x) => bounds(x).map(|(lo, hi)| (-hi, -lo)),
+        Expr::Case(Case { when_then_expr, else_expr, .. }) => {
+            // NULL branches add no value; every other branch must be bounded.
+            let mut out: Option<(f64, f64)> = None;
+            for (_, then) in when_then_expr {
+                if matches!(then.as_ref(), Expr::Literal(v, _) if v.is_null()) {
+                    continue;
+                }
+                out = union(out, Some(bounds(then)?));
+            }
+            match else_expr {
+                Some(x) if !matches!(x.as_ref(), Expr::Literal(v, _) if v.is_null()) => union(out, Some(bounds(x)?)),
+                _ => out,
+            }
+        }
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            let (a, b) = (bounds(left)?, bounds(right)?);
+            let r = match op {
+                Operator::Plus => (a.0 + b.0, a.1 + b.1),
+                Operator::Minus => (a.0 - b.1, a.1 - b.0),
+                Operator::Multiply => {
+                    let p = [a.0 * b.0, a.0 * b.1, a.1 * b.0, a.1 * b.1];
+                    (p.iter().copied().fold(f64::INFINITY, f64::min), p.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+                }
+                Operator::Divide if b.0 == b.1 && b.0 != 0.0 => {
+                    let (x, y) = (a.0 / b.0, a.1 / b.0);
+                    (x.min(y), x.max(y))
+                }
+                _ => return None,
+            };
+            (r.0.is_finite() && r.1.is_finite()).then_some(r)
+        }
+        Expr::ScalarFunction(f) => match (f.func.name(), f.args.as_slice()) {
+            ("abs", [x]) => bounds(x).map(|(lo, hi)| if lo >= 0.0 { (lo, hi) } else if hi <= 0.0 { (-hi, -lo) } else { (0.0, hi.max(-lo)) }),
+            ("round" | "floor" | "ceil" | "trunc", [x, ..]) => bounds(x).map(|(lo, hi)| (lo.floor(), hi.ceil())),
+            ("coalesce", args) => args.iter().try_fold(None, |acc, a| Some(union(acc, Some(bounds(a)?))))?,
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The per-person bound of a statistic, and its name.
+struct Stat {
+    name: String,
+    sensitivity: u64,
+}
+
+impl ApprovedQuery {
+    /// Builds the DP partial plan for this query with `params`.
+    pub fn dp_partial(&self, params: &DpParams) -> Result<DpPartial, QueryError> {
+        let g = params.max_groups_per_person.max(1);
+        let r = params.max_rows_per_person.max(1);
+        let input = LogicalPlanBuilder::from(Arc::clone(&self.aggregate.input));
+        let n_groups = self.aggregate.group_expr.len();
+        let mut row_exprs: Vec<Expr> =
+            self.aggregate.group_expr.iter().enumerate().map(|(j, e)| e.clone().unalias().alias(format!("__g{j}"))).collect();
+        row_exprs.push(Expr::Column(self.person.clone()).alias("__pid"));
+        let mut person_aggs = Vec::new();
+        let mut capped = Vec::new();
+        let mut group_aggs = vec![Expr::AggregateFunction(AggregateFunction::new_udf(
+            count_udaf(),
+            vec![lit(1i64)],
+            false,
+            None,
+            vec![],
+            None,
+        ))
+        .alias(PERSONS)];
+        let mut stats = vec![Stat { name: PERSONS.into(), sensitivity: g }];
+        let mut encodings = Vec::new();
+        for (i, (e, kind)) in self.aggregate.aggr_expr.iter().zip(&self.kinds).enumerate() {
+            let af = match e.clone().unalias() {
+                Expr::AggregateFunction(af) => af,
+                other => return Err(QueryError::Internal(format!("not an aggregate: {other}"))),
+            };
+            let arg = af.params.args.first().cloned().unwrap_or_else(|| lit(1i64));
+            let mut cond = arg.clone().is_not_null();
+            if let Some(f) = af.params.filter.clone() {
+                cond = cond.and(*f);
+            }
+            let n = format!("__a{i}_n");
+            row_exprs.push(when(cond.clone(), lit(1i64)).otherwise(lit(0i64))?.alias(format!("{n}_row")));
+            person_aggs.push(sum(col(format!("{n}_row"))).alias(n.clone()));
+            let n_cap = if *kind == AggKind::CountPersons { 1 } else { r };
+            capped.push(when(col(&n).gt(lit(n_cap as i64)), lit(n_cap as i64)).otherwise(col(&n))?.alias(n.clone()));
+            group_aggs.push(sum(col(&n)).alias(n.clone()));
+            stats.push(Stat { name: n.clone(), sensitivity: g * n_cap });
+            if matches!(kind, AggKind::Count | AggKind::CountPersons) {
+                encodings.push(Encoding { center: 0.0, scale: 1.0 });
+                continue;
+            }
+            let (lo, hi) = bounds(&arg).ok_or_else(|| {
+                Rejection::new(
+                    Rule::UnboundedArgument,
+                    format!(
+                        "in differential-privacy mode the argument of {} must have declared bounds (a measure, a literal, or CASE/arithmetic over them): {arg}",
+                        af.func.name()
+                    ),
+                )
+                .at_word(&self.sql, af.func.name())
+            })?;
+            let center = (lo + hi) / 2.0;
+            let integral = lo.fract() == 0.0 && hi.fract() == 0.0 && center.fract() == 0.0;
+            let factor = if integral { 1.0 } else { FIXED_POINT };
+            let half = ((hi - lo) / 2.0 * factor).ceil().max(1.0) as u64;
+            encodings.push(Encoding { center, scale: factor });
+            let x = Expr::Cast(Cast::new(Box::new(arg), arrow::datatypes::DataType::Float64));
+            let v = Expr::Cast(Cast::new(
+                Box::new(datafusion::functions::math::expr_fn::round(vec![
+                    (clamp(x, lit_f64(lo), lit_f64(hi))? - lit_f64(center)) * lit_f64(factor),
+                ])),
+                arrow::datatypes::DataType::Int64,
+            ));
+            let v = when(cond, v).otherwise(lit(0i64))?;
+            let s = format!("__a{i}_s");
+            row_exprs.push(v.clone().alias(format!("{s}_row")));
+            person_aggs.push(sum(col(format!("{s}_row"))).alias(s.clone()));
+            let bound = (r * half) as i64;
+            capped.push(clamp(col(&s), lit(-bound), lit(bound))?.alias(s.clone()));
+            group_aggs.push(sum(col(&s)).alias(s.clone()));
+            stats.push(Stat { name: s, sensitivity: g * r * half });
+            if matches!(kind, AggKind::Variance { .. } | AggKind::Stddev { .. }) {
+                let q = format!("__a{i}_q");
+                row_exprs.push((v.clone() * v).alias(format!("{q}_row")));
+                person_aggs.push(sum(col(format!("{q}_row"))).alias(q.clone()));
+                let qbound = (r * half * half) as i64;
+                capped.push(when(col(&q).gt(lit(qbound)), lit(qbound)).otherwise(col(&q))?.alias(q.clone()));
+                group_aggs.push(sum(col(&q)).alias(q.clone()));
+                stats.push(Stat { name: q, sensitivity: g * r * half * half });
+            }
+        }
+        let groups: Vec<Expr> = (0..n_groups).map(|j| col(format!("__g{j}"))).collect();
+        let mut person_keys = groups.clone();
+        person_keys.push(col("__pid"));
+        let rank = row_number()
+            .partition_by(vec![col("__pid")])
+            .order_by(vec![random().sort(true, false)])
+            .build()?
+            .alias("__rank");
+        let mut keep: Vec<Expr> = groups.clone();
+        keep.extend(capped);
+        let plan = input
+            .project(row_exprs)?
+            .aggregate(person_keys, person_aggs)?
+            .window(vec![rank])?
+            .filter(col("__rank").lt_eq(lit(g as i64)))?
+            .project(keep)?
+            .aggregate(groups, group_aggs)?
+            .build()?;
+
+        // ε split evenly over the m statistics of a group.
+        let m = stats.len() as u64;
+        let mut scales = BTreeMap::new();
+        for s in &stats {
+            let scale = Scale::for_epsilon(s.sensitivity.saturating_mul(m), params.epsilon).ok_or_else(|| {
+                QueryError::Internal(format!("cannot calibrate noise for ε = {}", params.epsilon))
+            })?;
+            scales.insert(s.name.clone(), scale);
+        }
+        let threshold = partition_threshold(scales[PERSONS].value(), params.delta, params.k);
+        let meta = PartialMeta {
+            dp: true,
+            epsilon: Some(params.epsilon),
+            encodings,
+            scales: scales.iter().map(|(k, v)| (k.clone(), v.value())).collect(),
+        };
+        Ok(DpPartial { plan, meta, scales, threshold })
+    }
+}
+
+impl DpPartial {
+    /// Adds noise to every statistic of every group, and keeps only groups whose noisy person
+    /// count reaches the threshold. The true values never leave this function.
+    pub fn add_noise(&self, batches: &[RecordBatch], rng: &mut dyn RandomSource) -> Result<Vec<RecordBatch>, QueryError> {
+        let mut out = Vec::with_capacity(batches.len());
+        for b in batches {
+            let schema = b.schema();
+            let mut columns: Vec<ArrayRef> = Vec::with_capacity(b.num_columns());
+            let mut keep: Vec<bool> = vec![true; b.num_rows()];
+            for (idx, field) in schema.fields().iter().enumerate() {
+                let Some(scale) = self.scales.get(field.name()) else {
+                    columns.push(Arc::clone(b.column(idx)));
+                    continue;
+                };
+                let values = b
+                    .column(idx)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .ok_or_else(|| QueryError::Internal(format!("{} is not Int64", field.name())))?;
+                let noisy: Int64Array = (0..values.len())
+                    .map(|r| Some(values.value(r).saturating_add(scale.sample(rng))))
+                    .collect();
+                if field.name() == PERSONS {
+                    for (r, k) in keep.iter_mut().enumerate() {
+                        *k = noisy.value(r) as f64 >= self.threshold;
+                    }
+                }
+                columns.push(Arc::new(noisy));
+            }
+            let noisy = RecordBatch::try_new(Arc::clone(&schema), columns).map_err(|e| QueryError::Internal(e.to_string()))?;
+            let mask = BooleanArray::from(keep);
+            out.push(filter_record_batch(&noisy, &mask).map_err(|e| QueryError::Internal(e.to_string()))?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::planning_context;
+    use crate::validate::approve;
+
+    async fn approved(sql: &str) -> ApprovedQuery {
+        let ctx = planning_context().expect("ctx");
+        approve(&ctx.state(), sql).await.expect("approve")
+    }
+
+    #[tokio::test]
+    async fn bounds_follow_the_schema_and_arithmetic() {
+        let q = approved("SELECT AVG(trust), AVG(CASE WHEN trust >= 4 THEN 1.0 ELSE 0.0 END), SUM(wait_minutes / 60.0) FROM experience e JOIN operational o ON e.case_id = o.case_id").await;
+        let args: Vec<Expr> = q
+            .aggregate
+            .aggr_expr
+            .iter()
+            .map(|e| match e.clone().unalias() {
+                Expr::AggregateFunction(af) => af.params.args[0].clone(),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(bounds(&args[0]), Some((1.0, 5.0)));
+        assert_eq!(bounds(&args[1]), Some((0.0, 1.0)));
+        assert_eq!(bounds(&args[2]), Some((0.0, 168.0)));
+    }
+
+    #[tokio::test]
+    async fn refuses_unbounded_arguments() {
+        let q = approved("SELECT SUM(CASE WHEN trust > 3 THEN wait_minutes * wait_minutes ELSE 0 END) FROM experience e JOIN operational o ON e.case_id = o.case_id").await;
+        assert!(q.dp_partial(&params()).is_ok(), "products of bounded measures are bounded");
+        let q = approved("SELECT SUM(date_part('year', response_date)) FROM experience").await;
+        match q.dp_partial(&params()) {
+            Err(QueryError::Rejected(r)) => assert_eq!(r.rule, Rule::UnboundedArgument),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn params() -> DpParams {
+        DpParams { epsilon: 1.0, delta: 1e-6, max_groups_per_person: 1, max_rows_per_person: 1, k: 10 }
+    }
+
+    #[tokio::test]
+    async fn scales_follow_sensitivity_and_epsilon() {
+        let q = approved("SELECT channel, COUNT(*), AVG(trust) FROM experience GROUP BY channel").await;
+        let dp = q.dp_partial(&params()).expect("dp");
+        // m = persons + count n + avg n + avg s = 4 statistics; avg s: h = 2 (1..5 centred on 3).
+        assert_eq!(dp.meta.scales[PERSONS], 4.0);
+        assert_eq!(dp.meta.scales["__a1_s"], 8.0);
+        assert_eq!(dp.meta.encodings[1], Encoding { center: 3.0, scale: 1.0 });
+        let dp2 = q.dp_partial(&DpParams { epsilon: 0.5, ..params() }).expect("dp");
+        assert_eq!(dp2.meta.scales["__a1_s"], 16.0);
+        assert!(dp.threshold > 10.0);
+    }
+}
