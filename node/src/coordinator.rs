@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use cxfed_protocol::Identity;
 use cxfed_protocol::wire::{ARROW_STREAM, ErrorBody, NodeState, NodeStatus, PROTOCOL_VERSION, PartialRequest, QueryRequest, QueryResponse};
+use cxfed_queries::privacy::DpParams;
 use cxfed_queries::rewrite::Partial;
 use cxfed_queries::validate::{QueryError, approve};
 
@@ -28,14 +29,31 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
     let approved = approve(&node.ctx.state(), &req.sql).await?;
     node.policy().check_query(&approved)?;
 
+    // In DP mode, a query this node cannot bound is refused before fan-out.
+    if let Some(dp) = &node.policy().dp {
+        let params = DpParams {
+            epsilon: dp.epsilon_per_query,
+            delta: dp.delta,
+            max_groups_per_person: dp.max_groups_per_person,
+            max_rows_per_person: dp.max_rows_per_person,
+            k: node.policy().k,
+        };
+        approved.dp_partial(&params)?;
+    }
+
+    let mut local_refusal = None;
     let local = async {
         let r = node
             .answer_partial(&format!("{} (coordinator)", node.config.agency), &analyst_uri, query_id, &req.sql, req.epsilon)
             .await;
-        let r = r.map_err(|e| match e {
-            PartialError::Query(QueryError::Rejected(r)) => (NodeState::Refused, r.to_string()),
-            PartialError::Policy(p) => (NodeState::Refused, p.to_string()),
-            other => (NodeState::Error, other.to_string()),
+        let r = r.map_err(|e| {
+            let shown = match &e {
+                PartialError::Query(QueryError::Rejected(r)) => (NodeState::Refused, r.to_string()),
+                PartialError::Policy(p) => (NodeState::Refused, p.to_string()),
+                other => (NodeState::Error, other.to_string()),
+            };
+            local_refusal = Some(e);
+            shown
         });
         let r = r.and_then(|out| decode(&out.ipc).map_err(|e| (NodeState::Error, e)));
         (node.config.agency.clone(), r)
@@ -76,6 +94,13 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
                 statuses.push(NodeStatus { agency, status: state, error: Some(error), ..Default::default() });
             }
         }
+    }
+    // Refused everywhere (e.g. the analyst's budget is spent on every node): answer with this
+    // node's own refusal and its code rather than a generic failure.
+    if statuses.iter().all(|s| s.status == NodeState::Refused)
+        && let Some(e @ (PartialError::Policy(_) | PartialError::Query(QueryError::Rejected(_)))) = local_refusal
+    {
+        return Err(ApiError::from(e));
     }
     let complete = statuses.iter().all(|s| s.status == NodeState::Ok);
     if !complete && (req.require_all || statuses.iter().all(|s| s.status != NodeState::Ok)) {

@@ -164,15 +164,7 @@ impl ApprovedQuery {
         row_exprs.push(Expr::Column(self.person.clone()).alias("__pid"));
         let mut person_aggs = Vec::new();
         let mut capped = Vec::new();
-        let mut group_aggs = vec![Expr::AggregateFunction(AggregateFunction::new_udf(
-            count_udaf(),
-            vec![lit(1i64)],
-            false,
-            None,
-            vec![],
-            None,
-        ))
-        .alias(PERSONS)];
+        let mut group_aggs = Vec::new();
         let mut stats = vec![Stat { name: PERSONS.into(), sensitivity: g }];
         let mut encodings = Vec::new();
         for (i, (e, kind)) in self.aggregate.aggr_expr.iter().zip(&self.kinds).enumerate() {
@@ -236,6 +228,11 @@ impl ApprovedQuery {
                 stats.push(Stat { name: q, sensitivity: g * r * half * half });
             }
         }
+        // The person count goes last, as in the k-only partial.
+        group_aggs.push(
+            Expr::AggregateFunction(AggregateFunction::new_udf(count_udaf(), vec![lit(1i64)], false, None, vec![], None))
+                .alias(PERSONS),
+        );
         let groups: Vec<Expr> = (0..n_groups).map(|j| col(format!("__g{j}"))).collect();
         let mut person_keys = groups.clone();
         person_keys.push(col("__pid"));
@@ -348,6 +345,75 @@ mod tests {
         match q.dp_partial(&params()) {
             Err(QueryError::Rejected(r)) => assert_eq!(r.rule, Rule::UnboundedArgument),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// Runs the DP plan without noise on rows where one person has many extreme answers.
+    #[tokio::test]
+    async fn clamps_and_bounds_each_persons_contribution() {
+        use crate::schema::Table;
+        use arrow::array::{ArrayRef, Date32Array, Int8Array, StringArray};
+        use datafusion::datasource::MemTable;
+        use datafusion::execution::context::SessionContext;
+        let rows: Vec<(&str, &str, i8)> = vec![
+            ("p1", "phone", 5),
+            ("p1", "phone", 5),
+            ("p1", "phone", 5),
+            ("p1", "email", 5),
+            ("p2", "phone", 1),
+            ("p3", "phone", 4),
+        ];
+        let n = rows.len();
+        let text = |f: &dyn Fn(usize) -> String| -> ArrayRef { Arc::new(StringArray::from((0..n).map(|i| Some(f(i))).collect::<Vec<_>>())) };
+        let score: ArrayRef = Arc::new(Int8Array::from(rows.iter().map(|r| Some(r.2)).collect::<Vec<_>>()));
+        let columns: Vec<ArrayRef> = vec![
+            text(&|i| format!("r{i}")),
+            text(&|i| rows[i].0.to_string()),
+            text(&|i| format!("c{i}")),
+            text(&|_| "SSA".into()),
+            text(&|_| "s".into()),
+            text(&|_| "approaching_retirement".into()),
+            text(&|_| "apply".into()),
+            text(&|i| rows[i].1.to_string()),
+            text(&|_| "WY".into()),
+            text(&|_| "65_74".into()),
+            Arc::new(Date32Array::from(vec![Some(20_000); n])),
+            Arc::clone(&score),
+            Arc::clone(&score),
+            Arc::clone(&score),
+            Arc::clone(&score),
+            Arc::clone(&score),
+            Arc::clone(&score),
+            score,
+        ];
+        let batch = RecordBatch::try_new(Table::Experience.arrow_schema(), columns).expect("batch");
+        let ctx = SessionContext::new();
+        crate::context::register_functions(&ctx);
+        ctx.register_table("experience", Arc::new(MemTable::try_new(Table::Experience.arrow_schema(), vec![vec![batch]]).expect("mem")))
+            .expect("register");
+        ctx.register_table("operational", Arc::new(MemTable::try_new(Table::Operational.arrow_schema(), vec![vec![]]).expect("mem")))
+            .expect("register");
+        let q = approve(&ctx.state(), "SELECT channel, COUNT(*), SUM(trust) FROM experience GROUP BY channel").await.expect("approve");
+        let dp = q.dp_partial(&DpParams { k: 1, ..params() }).expect("dp");
+        let out = ctx.execute_logical_plan(dp.plan).await.expect("plan").collect().await.expect("run");
+        let mut seen = std::collections::BTreeMap::new();
+        for b in &out {
+            let col = |name: &str| b.column_by_name(name).expect(name).clone();
+            let ch = col("__g0");
+            let ch = ch.as_any().downcast_ref::<StringArray>().expect("text");
+            let get = |name: &str, r: usize| col(name).as_any().downcast_ref::<Int64Array>().expect("int").value(r);
+            for r in 0..b.num_rows() {
+                seen.insert(ch.value(r).to_string(), (get(PERSONS, r), get("__a0_n", r), get("__a1_n", r), get("__a1_s", r)));
+            }
+        }
+        // G = 1: p1 counts in only one of phone/email; R = 1: one row's worth each; sums are
+        // centred on 3 and capped at ±2 per person.
+        let total_persons: i64 = seen.values().map(|v| v.0).sum();
+        assert_eq!(total_persons, 3, "{seen:?}");
+        for (persons, n_count, n_sum, s) in seen.values() {
+            assert_eq!(n_count, persons);
+            assert_eq!(n_sum, persons);
+            assert!(s.abs() <= 2 * persons);
         }
     }
 

@@ -46,6 +46,16 @@ impl Fed {
         Fed { dir, fed, analyst }
     }
 
+    /// A federation whose nodes run in differential-privacy mode with `dp`.
+    pub async fn start_dp(people: usize, dp: cxfed::policy::DpSettings) -> Fed {
+        let dir = tempfile::tempdir().unwrap();
+        let fed = cxfed::demo::start_federation_with(dir.path(), &AGENCIES, people, K, Duration::from_secs(30), Some(dp))
+            .await
+            .unwrap();
+        let analyst = cxfed::client::http_client(&fed.tls("SSA", "analyst"), Duration::from_secs(60)).unwrap();
+        Fed { dir, fed, analyst }
+    }
+
     /// Sends `sql` as the SSA analyst to node `i`.
     pub async fn query_at(&self, i: usize, sql: &str, require_all: bool) -> Result<QueryResponse, QueryFailure> {
         send_query(&self.analyst, &self.fed.url(i), &QueryRequest::new(sql).require_all(require_all)).await
