@@ -103,6 +103,9 @@ pub enum Command {
         /// The k to describe (nodes apply their own).
         #[arg(long, default_value_t = crate::config::DEFAULT_K)]
         k: u64,
+        /// Explain for `k-only` nodes instead of the default differential-privacy settings.
+        #[arg(long)]
+        k_only: bool,
         /// The SQL.
         sql: String,
     },
@@ -293,9 +296,12 @@ async fn dispatch(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Explain { format, k, sql } => {
+        Command::Explain { format, k, k_only, sql } => {
             let ctx = cxfed_queries::context::planning_context().map_err(|e| e.to_string())?;
-            let e = cxfed_queries::explain::explain(&ctx.state(), &sql, k, k).await.map_err(|e| e.to_string())?;
+            let dp = (!k_only).then(|| crate::policy::DpSettings::DEFAULT.params(k, None));
+            let e = cxfed_queries::explain::explain_with(&ctx.state(), &sql, k, k, dp.as_ref())
+                .await
+                .map_err(|e| e.to_string())?;
             match format {
                 ExplainFormat::Text => print!("{e}"),
                 ExplainFormat::Json => println!("{}", serde_json::to_string_pretty(&e).map_err(|e| e.to_string())?),

@@ -9,7 +9,6 @@ use tracing::{info, warn};
 
 use cxfed_protocol::Identity;
 use cxfed_protocol::wire::{ARROW_STREAM, ErrorBody, NodeState, NodeStatus, PROTOCOL_VERSION, PartialRequest, QueryRequest, QueryResponse};
-use cxfed_queries::privacy::DpParams;
 use cxfed_queries::rewrite::Partial;
 use cxfed_queries::validate::{QueryError, approve};
 
@@ -30,15 +29,9 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
     node.policy().check_query(&approved)?;
 
     // In DP mode, a query this node cannot bound is refused before fan-out.
-    if let Some(dp) = &node.policy().dp {
-        let params = DpParams {
-            epsilon: dp.epsilon_per_query,
-            delta: dp.delta,
-            max_groups_per_person: dp.max_groups_per_person,
-            max_rows_per_person: dp.max_rows_per_person,
-            k: node.policy().k,
-        };
-        approved.dp_partial(&params)?;
+    let policy = node.policy();
+    if let Some(dp) = &policy.dp {
+        approved.dp_partial(&dp.params(policy.k, req.epsilon))?;
     }
 
     let mut local_refusal = None;

@@ -13,7 +13,6 @@ use datafusion::execution::context::SessionContext;
 
 use cxfed_protocol::wire::{META_AGENCY, META_PARTIAL, META_SUPPRESSED};
 use cxfed_queries::dp::RandomSource;
-use cxfed_queries::privacy::DpParams;
 use cxfed_queries::rewrite::PartialMeta;
 use ring::rand::{SecureRandom, SystemRandom};
 use cxfed_queries::rewrite::suppress;
@@ -74,24 +73,17 @@ pub async fn run(
     let (plan, dp, meta) = match &policy.dp {
         None => (approved.partial_plan()?, None, approved.k_only_meta()),
         Some(settings) => {
-            let epsilon = match charge.requested_epsilon {
-                Some(e) if !(e > 0.0 && e.is_finite()) => {
-                    return Err(QueryError::Rejected(cxfed_queries::rules::Rejection::new(
-                        cxfed_queries::rules::Rule::PlanError,
-                        format!("epsilon must be a positive number, not {e}"),
-                    ))
-                    .into());
-                }
-                Some(e) => e.min(settings.epsilon_per_query),
-                None => settings.epsilon_per_query,
-            };
-            let params = DpParams {
-                epsilon,
-                delta: settings.delta,
-                max_groups_per_person: settings.max_groups_per_person,
-                max_rows_per_person: settings.max_rows_per_person,
-                k: policy.k,
-            };
+            if let Some(e) = charge.requested_epsilon
+                && !(e > 0.0 && e.is_finite())
+            {
+                return Err(QueryError::Rejected(cxfed_queries::rules::Rejection::new(
+                    cxfed_queries::rules::Rule::PlanError,
+                    format!("epsilon must be a positive number, not {e}"),
+                ))
+                .into());
+            }
+            let params = settings.params(policy.k, charge.requested_epsilon);
+            let epsilon = params.epsilon;
             let dp = approved.dp_partial(&params)?;
             // Charged and synced before any data is read.
             match charge

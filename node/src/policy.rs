@@ -143,6 +143,18 @@ pub struct DpSettings {
 }
 
 impl DpSettings {
+    /// The parameters of one query at this node: ε is the analyst's request capped at
+    /// `epsilon_per_query`.
+    pub fn params(&self, k: u64, requested_epsilon: Option<f64>) -> cxfed_queries::privacy::DpParams {
+        cxfed_queries::privacy::DpParams {
+            epsilon: requested_epsilon.map_or(self.epsilon_per_query, |e| e.min(self.epsilon_per_query)),
+            delta: self.delta,
+            max_groups_per_person: self.max_groups_per_person,
+            max_rows_per_person: self.max_rows_per_person,
+            k,
+        }
+    }
+
     /// The defaults: ε = 1 per query, δ = 1e-6, ε = 10 per analyst per 30 days, one group and
     /// one row per person.
     pub const DEFAULT: DpSettings = DpSettings {

@@ -553,7 +553,9 @@ async fn explain(
     node.authorize(&tls, "/v1/explain", &[Role::Analyst, Role::Steward]).await?;
     let req: QueryRequest = parse_json(&body)?;
     let policy = node.policy();
-    let mut explanation = cxfed_queries::explain::explain(&node.ctx.state(), &req.sql, policy.k, policy.k).await?;
+    let dp = policy.dp.as_ref().map(|d| d.params(policy.k, None));
+    let mut explanation =
+        cxfed_queries::explain::explain_with(&node.ctx.state(), &req.sql, policy.k, policy.k, dp.as_ref()).await?;
     if matches!(explanation, cxfed_queries::explain::Explanation::Accepted { .. })
         && let Ok(approved) = cxfed_queries::validate::approve(&node.ctx.state(), &req.sql).await
         && let Err(p) = policy.check_query(&approved)

@@ -7,6 +7,7 @@ use std::fmt;
 use datafusion::execution::context::SessionState;
 use serde::Serialize;
 
+use crate::privacy::DpParams;
 use crate::rewrite::PERSONS;
 use crate::rules::Rejection;
 use crate::validate::{AggKind, QueryError, approve};
@@ -57,14 +58,34 @@ impl From<&Rejection> for Explanation {
     }
 }
 
-/// Explains `sql` as a node with k = `node_k` and a federation k = `federation_k` would run it.
+/// Explains `sql` as a `k-only` node with k = `node_k` and a federation k = `federation_k`
+/// would run it.
 pub async fn explain(state: &SessionState, sql: &str, node_k: u64, federation_k: u64) -> Result<Explanation, QueryError> {
+    explain_with(state, sql, node_k, federation_k, None).await
+}
+
+/// Explains `sql` as a node would run it, in `dp` mode when `dp` is given.
+pub async fn explain_with(
+    state: &SessionState,
+    sql: &str,
+    node_k: u64,
+    federation_k: u64,
+    dp: Option<&DpParams>,
+) -> Result<Explanation, QueryError> {
     let approved = match approve(state, sql).await {
         Ok(a) => a,
         Err(QueryError::Rejected(r)) => return Ok(Explanation::from(&r)),
         Err(e) => return Err(e),
     };
-    let partial = approved.partial_plan()?;
+    let dp_partial = match dp.map(|p| approved.dp_partial(p)).transpose() {
+        Ok(d) => d,
+        Err(QueryError::Rejected(r)) => return Ok(Explanation::from(&r)),
+        Err(e) => return Err(e),
+    };
+    let partial = match &dp_partial {
+        Some(d) => d.plan.clone(),
+        None => approved.partial_plan()?,
+    };
     let merge = approved
         .aggregate_kinds()
         .iter()
@@ -83,13 +104,32 @@ pub async fn explain(state: &SessionState, sql: &str, node_k: u64, federation_k:
             format!("{name} = {formula}")
         })
         .collect();
-    let privacy = vec![
-        format!("every node withholds any group with {PERSONS} (distinct person_id) below its own k (this node: {node_k}) and reports how many it withheld"),
+    let mut privacy = Vec::new();
+    if let (Some(d), Some(p)) = (&dp_partial, dp) {
+        privacy.push(format!(
+            "differential privacy: each node spends ε = {} on this query, clamps values to declared bounds, keeps at most {} group(s) and {} row(s) per person",
+            p.epsilon, p.max_groups_per_person, p.max_rows_per_person
+        ));
+        let scales: Vec<String> = d.meta.scales.iter().map(|(c, b)| format!("{c}: {b}")).collect();
+        privacy.push(format!("discrete Laplace noise scales per released value: {}", scales.join(", ")));
+        privacy.push(format!(
+            "a group is released only if its noisy {PERSONS} ≥ τ = {:.1} (δ = {}, k = {node_k})",
+            d.threshold, p.delta
+        ));
+    }
+    if dp.is_none() {
+        privacy.push(format!(
+            "every node withholds any group with {PERSONS} (distinct person_id) below its own k (this node: {node_k}) and reports how many it withheld"
+        ));
+    }
+    privacy.extend([
         format!("the coordinator releases a merged group only if the nodes' {PERSONS} add up to at least its k ({federation_k})"),
         "no raw row, identifier or withheld group leaves a node; each node re-validates the analyst's SQL itself".into(),
         "HAVING, ORDER BY and LIMIT run only at the coordinator, after suppression".into(),
-        "k-anonymity alone does not stop differencing between queries".into(),
-    ];
+    ]);
+    if dp.is_none() {
+        privacy.push("k-only mode: exact values; k-anonymity alone does not stop differencing between queries".into());
+    }
     Ok(Explanation::Accepted {
         columns: approved.columns(),
         plan: approved.plan().display_indent().to_string(),
