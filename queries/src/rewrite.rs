@@ -160,8 +160,8 @@ impl ApprovedQuery {
             }
         }
         if meta.encodings.len() != self.kinds.len()
-            || meta.encodings.iter().any(|e| !e.center.is_finite() || !(e.scale >= 1.0 && e.scale.is_finite()))
-            || meta.scales.values().any(|b| !(b.is_finite() && *b >= 0.0))
+            || meta.encodings.iter().any(|e| !e.center.is_finite() || !e.scale.is_finite() || e.scale < 1.0)
+            || meta.scales.values().any(|b| !b.is_finite() || *b < 0.0)
         {
             return Err("partial metadata is malformed".into());
         }
@@ -474,7 +474,7 @@ mod tests {
         };
         let score = |salt: usize| -> ArrayRef {
             Arc::new(Int8Array::from(
-                (0..rows).map(|i| if (i + salt) % 17 == 0 { None } else { Some(((i * 7 + salt * 3 + s) % 5 + 1) as i8) }).collect::<Vec<_>>(),
+                (0..rows).map(|i| if (i + salt).is_multiple_of(17) { None } else { Some(((i * 7 + salt * 3 + s) % 5 + 1) as i8) }).collect::<Vec<_>>(),
             ))
         };
         let columns: Vec<ArrayRef> = vec![

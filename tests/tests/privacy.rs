@@ -3,12 +3,9 @@
 //! recovering a person.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::time::Duration;
-
 use cxfed::cli::QueryFailure;
 use cxfed::policy::DpSettings;
 use cxfed_e2e::Fed;
-use serde_json::Value;
 
 fn settings(budget: f64) -> DpSettings {
     DpSettings { budget_epsilon: budget, ..DpSettings::DEFAULT }
@@ -115,6 +112,5 @@ async fn differencing_attack_fails_under_differential_privacy() {
     }
     assert!(refused, "the budget (ε = 10, 1 per query) must run out");
     assert!(diffs.len() <= 5, "{}", diffs.len());
-    let _ = Value::Null;
     fed.fed.shutdown().await;
 }
