@@ -109,7 +109,10 @@ impl AuditLog {
             }
         }
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        Ok(AuditLog { path, inner: Mutex::new((file, seq)) })
+        Ok(AuditLog {
+            path,
+            inner: Mutex::new((file, seq)),
+        })
     }
 
     /// Appends one entry and syncs it to disk.
@@ -177,14 +180,20 @@ mod tests {
         log.append(record("a")).await.expect("append");
         log.append(record("b")).await.expect("append");
         drop(log);
-        let mut f = OpenOptions::new().append(true).open(dir.path().join(AUDIT_FILE)).expect("open");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(AUDIT_FILE))
+            .expect("open");
         f.write_all(b"{\"seq\":3,\"ti").expect("torn write");
         drop(f);
         let log = AuditLog::open(dir.path()).expect("reopen");
         let e = log.append(record("c")).await.expect("append");
         assert_eq!(e.seq, 3);
         let all = log.read_since(0).await.expect("read");
-        assert_eq!(all.iter().map(|e| e.query_id.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(
+            all.iter().map(|e| e.query_id.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
         assert_eq!(log.read_since(2).await.expect("read").len(), 1);
     }
 }

@@ -171,12 +171,17 @@ pub struct TlsArgs {
 
 impl From<TlsArgs> for TlsFiles {
     fn from(a: TlsArgs) -> Self {
-        TlsFiles { ca: a.ca, cert: a.cert, key: a.key }
+        TlsFiles {
+            ca: a.ca,
+            cert: a.cert,
+            key: a.key,
+        }
     }
 }
 
 fn parse_table(s: &str) -> Result<Table, String> {
-    Table::from_name(s).ok_or_else(|| format!("{s:?} is not a table; use experience or operational"))
+    Table::from_name(s)
+        .ok_or_else(|| format!("{s:?} is not a table; use experience or operational"))
 }
 
 /// Why a query produced no answer, as the analyst sees it.
@@ -196,8 +201,19 @@ fn describe(b: &ErrorBody) -> String {
         s.push_str(&format!(" (at line {l}, column {c})"));
     }
     for n in &b.nodes {
-        let state = serde_json::to_value(n.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-        s.push_str(&format!("\n  node {}: {}{}", n.agency, state, n.error.as_ref().map(|e| format!(" — {e}")).unwrap_or_default()));
+        let state = serde_json::to_value(n.status)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        s.push_str(&format!(
+            "\n  node {}: {}{}",
+            n.agency,
+            state,
+            n.error
+                .as_ref()
+                .map(|e| format!(" — {e}"))
+                .unwrap_or_default()
+        ));
     }
     if let Some(q) = &b.query_id {
         s.push_str(&format!("\n  query id {q}"));
@@ -206,13 +222,26 @@ fn describe(b: &ErrorBody) -> String {
 }
 
 /// Posts a query to `node` and returns the merged answer.
-pub async fn send_query(client: &reqwest::Client, node: &str, req: &QueryRequest) -> Result<QueryResponse, QueryFailure> {
+pub async fn send_query(
+    client: &reqwest::Client,
+    node: &str,
+    req: &QueryRequest,
+) -> Result<QueryResponse, QueryFailure> {
     let url = format!("{}/v1/query", node.trim_end_matches('/'));
-    let resp = client.post(&url).json(req).send().await.map_err(|e| QueryFailure::Transport(format!("{url}: {}", error_chain(&e))))?;
+    let resp = client
+        .post(&url)
+        .json(req)
+        .send()
+        .await
+        .map_err(|e| QueryFailure::Transport(format!("{url}: {}", error_chain(&e))))?;
     let status = resp.status();
-    let bytes = resp.bytes().await.map_err(|e| QueryFailure::Transport(format!("{url}: {e}")))?;
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| QueryFailure::Transport(format!("{url}: {e}")))?;
     if status.is_success() {
-        return serde_json::from_slice(&bytes).map_err(|e| QueryFailure::Transport(format!("{url}: unreadable answer: {e}")));
+        return serde_json::from_slice(&bytes)
+            .map_err(|e| QueryFailure::Transport(format!("{url}: unreadable answer: {e}")));
     }
     match serde_json::from_slice::<ErrorBody>(&bytes) {
         Ok(b) => Err(QueryFailure::Refused(Box::new(b))),
@@ -243,33 +272,74 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 async fn dispatch(command: Command) -> Result<(), String> {
     match command {
-        Command::Certs(CertsCommand::Dev { federation, agencies, out, days, force }) => {
-            crate::certs::dev(&federation, &agencies, &out, days, force).map_err(|e| e.to_string())?;
-            println!("wrote federation {federation} CA and certificates for {} to {}", agencies.join(", "), out.display());
+        Command::Certs(CertsCommand::Dev {
+            federation,
+            agencies,
+            out,
+            days,
+            force,
+        }) => {
+            crate::certs::dev(&federation, &agencies, &out, days, force)
+                .map_err(|e| e.to_string())?;
+            println!(
+                "wrote federation {federation} CA and certificates for {} to {}",
+                agencies.join(", "),
+                out.display()
+            );
             Ok(())
         }
-        Command::Synth { agency, people, seed, out } => {
-            let opts = crate::synth::SynthOptions { agency, people, seed };
+        Command::Synth {
+            agency,
+            people,
+            seed,
+            out,
+        } => {
+            let opts = crate::synth::SynthOptions {
+                agency,
+                people,
+                seed,
+            };
             let summary = crate::synth::write(&opts, &out).map_err(|e| e.to_string())?;
             println!("{summary:?} → {}", out.display());
             Ok(())
         }
-        Command::Ingest { data_dir, table, file } => {
-            let report = tokio::task::spawn_blocking(move || crate::ingest::ingest(&data_dir, table, &file, true))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+        Command::Ingest {
+            data_dir,
+            table,
+            file,
+        } => {
+            let report = tokio::task::spawn_blocking(move || {
+                crate::ingest::ingest(&data_dir, table, &file, true)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
             println!("{report:?}");
             Ok(())
         }
         Command::Serve { config } => {
             let config = crate::config::NodeConfig::load(&config).map_err(|e| e.to_string())?;
-            crate::server::run(config, shutdown_signal()).await.map_err(|e| e.to_string())
+            crate::server::run(config, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())
         }
-        Command::Query { node, tls, format, allow_partial, epsilon, timeout, sql } => {
-            let client = crate::client::http_client(&tls.into(), Duration::from_secs(timeout)).map_err(|e| e.to_string())?;
-            let req = QueryRequest::new(sql).require_all(!allow_partial).epsilon(epsilon);
-            let resp = send_query(&client, &node, &req).await.map_err(|e| e.to_string())?;
+        Command::Query {
+            node,
+            tls,
+            format,
+            allow_partial,
+            epsilon,
+            timeout,
+            sql,
+        } => {
+            let client = crate::client::http_client(&tls.into(), Duration::from_secs(timeout))
+                .map_err(|e| e.to_string())?;
+            let req = QueryRequest::new(sql)
+                .require_all(!allow_partial)
+                .epsilon(epsilon);
+            let resp = send_query(&client, &node, &req)
+                .await
+                .map_err(|e| e.to_string())?;
             print!("{}", crate::output::render(&resp, format));
             if !resp.complete {
                 eprintln!("warning: partial federation answer: not every node contributed");
@@ -277,9 +347,14 @@ async fn dispatch(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Budget { node, tls, json } => {
-            let client = crate::client::http_client(&tls.into(), Duration::from_secs(30)).map_err(|e| e.to_string())?;
+            let client = crate::client::http_client(&tls.into(), Duration::from_secs(30))
+                .map_err(|e| e.to_string())?;
             let url = format!("{}/v1/budget", node.trim_end_matches('/'));
-            let resp = client.get(&url).send().await.map_err(|e| format!("{url}: {}", error_chain(&e)))?;
+            let resp = client
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
             let status = resp.status();
             let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
             if !status.is_success() {
@@ -288,15 +363,24 @@ async fn dispatch(command: Command) -> Result<(), String> {
                     Err(_) => format!("{url}: HTTP {status}"),
                 });
             }
-            let b: cxfed_protocol::wire::BudgetResponse = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+            let b: cxfed_protocol::wire::BudgetResponse =
+                serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&b).map_err(|e| e.to_string())?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&b).map_err(|e| e.to_string())?
+                );
             } else {
                 print!("{}", crate::output::render_budget(&b));
             }
             Ok(())
         }
-        Command::Explain { format, k, k_only, sql } => {
+        Command::Explain {
+            format,
+            k,
+            k_only,
+            sql,
+        } => {
             let ctx = cxfed_queries::context::planning_context().map_err(|e| e.to_string())?;
             let dp = (!k_only).then(|| crate::policy::DpSettings::DEFAULT.params(k, None));
             let e = cxfed_queries::explain::explain_with(&ctx.state(), &sql, k, k, dp.as_ref())
@@ -304,15 +388,22 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             match format {
                 ExplainFormat::Text => print!("{e}"),
-                ExplainFormat::Json => println!("{}", serde_json::to_string_pretty(&e).map_err(|e| e.to_string())?),
+                ExplainFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&e).map_err(|e| e.to_string())?
+                ),
             }
             match e {
                 cxfed_queries::explain::Explanation::Accepted { .. } => Ok(()),
-                cxfed_queries::explain::Explanation::Refused { code, .. } => Err(format!("query refused ({code})")),
+                cxfed_queries::explain::Explanation::Refused { code, .. } => {
+                    Err(format!("query refused ({code})"))
+                }
             }
         }
         Command::Demo { dir, serve, people } => {
-            crate::demo::run(crate::demo::DemoOptions { dir, serve, people }).await.map_err(|e| e.to_string())
+            crate::demo::run(crate::demo::DemoOptions { dir, serve, people })
+                .await
+                .map_err(|e| e.to_string())
         }
     }
 }

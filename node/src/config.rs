@@ -155,13 +155,21 @@ fn dp_settings(p: &RawPrivacy) -> Result<Option<DpSettings>, (String, String)> {
     match p.mode.as_deref().unwrap_or("dp") {
         "k-only" => return Ok(None),
         "dp" => {}
-        other => return bad("mode", &format!("{other:?} is not a mode; use \"dp\" or \"k-only\"")),
+        other => {
+            return bad(
+                "mode",
+                &format!("{other:?} is not a mode; use \"dp\" or \"k-only\""),
+            );
+        }
     }
     let s = DpSettings {
         epsilon_per_query: p.epsilon_per_query.unwrap_or(d.epsilon_per_query),
         delta: p.delta.unwrap_or(d.delta),
         budget_epsilon: p.budget_epsilon.unwrap_or(d.budget_epsilon),
-        budget_period: p.budget_period_days.map(|days| Duration::from_secs(days * 86_400)).unwrap_or(d.budget_period),
+        budget_period: p
+            .budget_period_days
+            .map(|days| Duration::from_secs(days * 86_400))
+            .unwrap_or(d.budget_period),
         max_groups_per_person: p.max_groups_per_person.unwrap_or(d.max_groups_per_person),
         max_rows_per_person: p.max_rows_per_person.unwrap_or(d.max_rows_per_person),
     };
@@ -172,7 +180,10 @@ fn dp_settings(p: &RawPrivacy) -> Result<Option<DpSettings>, (String, String)> {
         return bad("delta", "must be in (0, 0.001]");
     }
     if !(s.budget_epsilon >= s.epsilon_per_query && s.budget_epsilon <= 1_000.0) {
-        return bad("budget_epsilon", "must be at least epsilon_per_query and at most 1000");
+        return bad(
+            "budget_epsilon",
+            "must be at least epsilon_per_query and at most 1000",
+        );
     }
     if !(1..=366 * 86_400).contains(&s.budget_period.as_secs()) {
         return bad("budget_period_days", "must be between 1 and 366");
@@ -189,8 +200,10 @@ fn dp_settings(p: &RawPrivacy) -> Result<Option<DpSettings>, (String, String)> {
 impl NodeConfig {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut config = Self::parse(&text, path)?;
         config.source = Some(path.to_path_buf());
         Ok(config)
@@ -208,21 +221,40 @@ impl NodeConfig {
             message,
         };
         let base = path.parent().unwrap_or(Path::new("."));
-        let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
 
-        cxfed_protocol::Identity::new(&raw.federation, &raw.agency, cxfed_protocol::Role::Node, "node")
-            .map_err(|e| invalid("federation/agency", e.to_string()))?;
-        let listen: SocketAddr = raw
-            .listen
-            .parse()
-            .map_err(|e| invalid("listen", format!("{:?} is not an address like 127.0.0.1:7001 ({e})", raw.listen)))?;
+        cxfed_protocol::Identity::new(
+            &raw.federation,
+            &raw.agency,
+            cxfed_protocol::Role::Node,
+            "node",
+        )
+        .map_err(|e| invalid("federation/agency", e.to_string()))?;
+        let listen: SocketAddr = raw.listen.parse().map_err(|e| {
+            invalid(
+                "listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:7001 ({e})",
+                    raw.listen
+                ),
+            )
+        })?;
         let k = raw.privacy.k.unwrap_or(DEFAULT_K);
         if k == 0 {
             return Err(invalid("privacy.k", "k must be at least 1".into()));
         }
         let timeout_secs = raw.query.timeout_secs.unwrap_or(30);
         if !(1..=3600).contains(&timeout_secs) {
-            return Err(invalid("query.timeout_secs", "must be between 1 and 3600".into()));
+            return Err(invalid(
+                "query.timeout_secs",
+                "must be between 1 and 3600".into(),
+            ));
         }
         let mut seen = vec![raw.agency.clone()];
         for (i, p) in raw.peers.iter().enumerate() {
@@ -233,15 +265,22 @@ impl NodeConfig {
                 ));
             }
             seen.push(p.agency.clone());
-            let ok = p.url.strip_prefix("https://").is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace));
+            let ok = p
+                .url
+                .strip_prefix("https://")
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace));
             if !ok {
-                return Err(invalid(&format!("peers[{i}].url"), format!("{:?} must be an https:// URL", p.url)));
+                return Err(invalid(
+                    &format!("peers[{i}].url"),
+                    format!("{:?} must be an https:// URL", p.url),
+                ));
             }
         }
         let peer_agencies: Vec<&str> = raw.peers.iter().map(|p| p.agency.as_str()).collect();
         let mut policy = Policy::resolve(&raw.policy, &raw.agency, &peer_agencies, k)
             .map_err(|(field, message)| invalid(&field, message))?;
-        policy.dp = dp_settings(&raw.privacy).map_err(|(field, message)| invalid(&field, message))?;
+        policy.dp =
+            dp_settings(&raw.privacy).map_err(|(field, message)| invalid(&field, message))?;
         Ok(NodeConfig {
             policy,
             source: None,
@@ -249,7 +288,11 @@ impl NodeConfig {
             agency: raw.agency,
             listen,
             data_dir: resolve(&raw.data_dir),
-            tls: TlsFiles { ca: resolve(&raw.tls.ca), cert: resolve(&raw.tls.cert), key: resolve(&raw.tls.key) },
+            tls: TlsFiles {
+                ca: resolve(&raw.tls.ca),
+                cert: resolve(&raw.tls.cert),
+                key: resolve(&raw.tls.key),
+            },
             peers: raw.peers,
             k,
             timeout: Duration::from_secs(timeout_secs),
@@ -294,7 +337,10 @@ impl NodeConfig {
             p.memory_limit_bytes / (1024 * 1024),
         ));
         for p in &self.peers {
-            s.push_str(&format!("\n[[peers]]\nagency = {:?}\nurl = {:?}\n", p.agency, p.url));
+            s.push_str(&format!(
+                "\n[[peers]]\nagency = {:?}\nurl = {:?}\n",
+                p.agency, p.url
+            ));
         }
         s
     }
@@ -332,25 +378,34 @@ url = "https://127.0.0.1:7002"
     #[test]
     fn unknown_key_is_refused_with_its_line() {
         let text = GOOD.replace("listen =", "lisen =");
-        let err = NodeConfig::parse(&text, Path::new("node.toml")).expect_err("must fail").to_string();
+        let err = NodeConfig::parse(&text, Path::new("node.toml"))
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("node.toml") && err.contains("line 4"), "{err}");
     }
 
     #[test]
     fn refuses_plain_http_peer() {
         let text = GOOD.replace("https://127.0.0.1:7002", "http://127.0.0.1:7002");
-        let err = NodeConfig::parse(&text, Path::new("node.toml")).expect_err("must fail").to_string();
+        let err = NodeConfig::parse(&text, Path::new("node.toml"))
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("peers[0].url"), "{err}");
     }
 
     #[test]
     fn policy_errors_name_the_key() {
         let text = format!("{GOOD}\n[policy]\nhidden_dimensions = [\"nosuch\"]\n");
-        let err = NodeConfig::parse(&text, Path::new("node.toml")).expect_err("must fail").to_string();
+        let err = NodeConfig::parse(&text, Path::new("node.toml"))
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("policy.hidden_dimensions[0]"), "{err}");
         let text = format!("{GOOD}\n[policy]\nmin_k = 30\nrate_limit_per_minute = 5\n");
         let c = NodeConfig::parse(&text, Path::new("node.toml")).expect("valid");
-        assert_eq!((c.k, c.policy.k, c.policy.rate_limit_per_minute), (10, 30, 5));
+        assert_eq!(
+            (c.k, c.policy.k, c.policy.rate_limit_per_minute),
+            (10, 30, 5)
+        );
     }
 
     #[test]
@@ -358,9 +413,17 @@ url = "https://127.0.0.1:7002"
         let c = NodeConfig::parse(GOOD, Path::new("node.toml")).expect("valid");
         assert_eq!(c.policy.dp, Some(DpSettings::DEFAULT));
         let text = format!("{GOOD}\n[privacy]\nmode = \"k-only\"\n");
-        assert_eq!(NodeConfig::parse(&text, Path::new("node.toml")).expect("valid").policy.dp, None);
+        assert_eq!(
+            NodeConfig::parse(&text, Path::new("node.toml"))
+                .expect("valid")
+                .policy
+                .dp,
+            None
+        );
         let text = format!("{GOOD}\n[privacy]\nepsilon_per_query = 0\n");
-        let err = NodeConfig::parse(&text, Path::new("node.toml")).expect_err("must fail").to_string();
+        let err = NodeConfig::parse(&text, Path::new("node.toml"))
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("privacy.epsilon_per_query"), "{err}");
         let text = format!("{GOOD}\n[privacy]\nmode = \"fuzzy\"\n");
         assert!(NodeConfig::parse(&text, Path::new("node.toml")).is_err());
@@ -369,7 +432,9 @@ url = "https://127.0.0.1:7002"
     #[test]
     fn refuses_k_zero() {
         let text = format!("{GOOD}\n[privacy]\nk = 0\n");
-        let err = NodeConfig::parse(&text, Path::new("node.toml")).expect_err("must fail").to_string();
+        let err = NodeConfig::parse(&text, Path::new("node.toml"))
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("privacy.k"), "{err}");
     }
 }

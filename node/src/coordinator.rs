@@ -8,7 +8,10 @@ use futures::future::join_all;
 use tracing::{info, warn};
 
 use cxfed_protocol::Identity;
-use cxfed_protocol::wire::{ARROW_STREAM, ErrorBody, NodeState, NodeStatus, PROTOCOL_VERSION, PartialRequest, QueryRequest, QueryResponse};
+use cxfed_protocol::wire::{
+    ARROW_STREAM, ErrorBody, NodeState, NodeStatus, PROTOCOL_VERSION, PartialRequest, QueryRequest,
+    QueryResponse,
+};
 use cxfed_queries::rewrite::Partial;
 use cxfed_queries::validate::{QueryError, approve};
 
@@ -20,7 +23,12 @@ use crate::server::{ApiError, Node};
 pub const MAX_PARTIAL_BYTES: usize = 256 * 1024 * 1024;
 
 /// Answers an analyst's query across the federation.
-pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryRequest) -> Result<QueryResponse, ApiError> {
+pub async fn query(
+    node: &Node,
+    analyst: &Identity,
+    query_id: &str,
+    req: &QueryRequest,
+) -> Result<QueryResponse, ApiError> {
     let started = Instant::now();
     // Refuse here before bothering any peer; every node checks again anyway.
     let analyst_uri = analyst.to_string();
@@ -37,7 +45,13 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
     let mut local_refusal = None;
     let local = async {
         let r = node
-            .answer_partial(&format!("{} (coordinator)", node.config.agency), &analyst_uri, query_id, &req.sql, req.epsilon)
+            .answer_partial(
+                &format!("{} (coordinator)", node.config.agency),
+                &analyst_uri,
+                query_id,
+                &req.sql,
+                req.epsilon,
+            )
             .await;
         let r = r.map_err(|e| {
             let shown = match &e {
@@ -52,7 +66,10 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
         (node.config.agency.clone(), r)
     };
     let remote = node.config.peers.iter().map(|p| async {
-        (p.agency.clone(), ask_peer(node, p, query_id, &analyst_uri, req).await)
+        (
+            p.agency.clone(),
+            ask_peer(node, p, query_id, &analyst_uri, req).await,
+        )
     });
     let (local, remote) = futures::join!(local, join_all(remote));
 
@@ -62,9 +79,14 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
     for (agency, result) in std::iter::once(local).chain(remote) {
         // Peers are untrusted: a partial must have exactly the shape this query implies.
         let checked = result.and_then(|p| {
-            let meta = p.meta.clone().ok_or((NodeState::Error, "partial without encoding metadata".to_string()))?;
+            let meta = p.meta.clone().ok_or((
+                NodeState::Error,
+                "partial without encoding metadata".to_string(),
+            ))?;
             for b in &p.batches {
-                approved.check_partial(&b.schema(), &meta).map_err(|e| (NodeState::Error, e))?;
+                approved
+                    .check_partial(&b.schema(), &meta)
+                    .map_err(|e| (NodeState::Error, e))?;
             }
             Ok((p, meta))
         });
@@ -80,18 +102,27 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
                     groups,
                     epsilon: meta.epsilon,
                 });
-                partials.push(Partial { batches: p.batches, meta });
+                partials.push(Partial {
+                    batches: p.batches,
+                    meta,
+                });
             }
             Err((state, error)) => {
                 warn!(query_id, node = %agency, ?state, %error, "node did not contribute");
-                statuses.push(NodeStatus { agency, status: state, error: Some(error), ..Default::default() });
+                statuses.push(NodeStatus {
+                    agency,
+                    status: state,
+                    error: Some(error),
+                    ..Default::default()
+                });
             }
         }
     }
     // Refused everywhere (e.g. the analyst's budget is spent on every node): answer with this
     // node's own refusal and its code rather than a generic failure.
     if statuses.iter().all(|s| s.status == NodeState::Refused)
-        && let Some(e @ (PartialError::Policy(_) | PartialError::Query(QueryError::Rejected(_)))) = local_refusal
+        && let Some(e @ (PartialError::Policy(_) | PartialError::Query(QueryError::Rejected(_)))) =
+            local_refusal
     {
         return Err(ApiError::from(e));
     }
@@ -100,8 +131,11 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
         return Err(ApiError::NodesFailed(query_id.to_string(), statuses));
     }
 
-    let merged = approved.merge_partials(&node.ctx, partials, node.policy().k).await?;
-    let rows = crate::output::rows(&merged.batches).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let merged = approved
+        .merge_partials(&node.ctx, partials, node.policy().k)
+        .await?;
+    let rows =
+        crate::output::rows(&merged.batches).map_err(|e| ApiError::Internal(e.to_string()))?;
     info!(
         query_id,
         rows = rows.len(),
@@ -113,12 +147,21 @@ pub async fn query(node: &Node, analyst: &Identity, query_id: &str, req: &QueryR
     );
     Ok(QueryResponse {
         query_id: query_id.to_string(),
-        columns: merged.schema.fields().iter().map(|f| f.name().clone()).collect(),
+        columns: merged
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect(),
         rows,
         suppressed_groups: merged.suppressed_groups + node_suppressed,
         nodes: statuses,
         complete,
-        privacy: if merged.dp { "dp".into() } else { "k-only".into() },
+        privacy: if merged.dp {
+            "dp".into()
+        } else {
+            "k-only".into()
+        },
         ci95: if merged.dp { merged.ci95 } else { vec![] },
     })
 }
@@ -150,20 +193,32 @@ async fn ask_peer(
     if let Some(len) = resp.content_length()
         && len as usize > MAX_PARTIAL_BYTES
     {
-        return Err((NodeState::Error, format!("partial of {len} bytes is over the {MAX_PARTIAL_BYTES}-byte limit")));
+        return Err((
+            NodeState::Error,
+            format!("partial of {len} bytes is over the {MAX_PARTIAL_BYTES}-byte limit"),
+        ));
     }
     let is_arrow = resp
         .headers()
         .get(reqwest::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes() == ARROW_STREAM.as_bytes());
-    let bytes = resp.bytes().await.map_err(|e| (NodeState::Unreachable, describe_reqwest(&e)))?;
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| (NodeState::Unreachable, describe_reqwest(&e)))?;
     if bytes.len() > MAX_PARTIAL_BYTES {
         return Err((NodeState::Error, "partial is over the size limit".into()));
     }
     if status.is_success() && is_arrow {
         return decode(&bytes).map_err(|e| (NodeState::Error, e));
     }
-    let state = if [reqwest::StatusCode::BAD_REQUEST, reqwest::StatusCode::FORBIDDEN, reqwest::StatusCode::TOO_MANY_REQUESTS].contains(&status) {
+    let state = if [
+        reqwest::StatusCode::BAD_REQUEST,
+        reqwest::StatusCode::FORBIDDEN,
+        reqwest::StatusCode::TOO_MANY_REQUESTS,
+    ]
+    .contains(&status)
+    {
         NodeState::Refused
     } else {
         NodeState::Error

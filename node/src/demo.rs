@@ -10,8 +10,8 @@ use cxfed_queries::schema::Table;
 
 use crate::cli::{QueryFailure, send_query};
 use crate::config::{NodeConfig, Peer};
-use crate::policy::{DpSettings, Policy, PolicyConfig};
 use crate::output::{Format, render};
+use crate::policy::{DpSettings, Policy, PolicyConfig};
 use crate::server::RunningNode;
 use crate::tls::TlsFiles;
 
@@ -46,8 +46,8 @@ pub const QUERIES: &[(&str, &str)] = &[
         "SELECT o.channel, COUNT(*) AS responses, ROUND(AVG(o.wait_minutes), 1) AS avg_wait_min,\n       ROUND(AVG(e.satisfaction) FILTER (WHERE o.wait_minutes <= 15), 2) AS sat_wait_15_or_less,\n       ROUND(AVG(e.satisfaction) FILTER (WHERE o.wait_minutes > 60), 2) AS sat_wait_over_60\nFROM experience e JOIN operational o ON e.case_id = o.case_id\nWHERE o.wait_minutes IS NOT NULL\nGROUP BY o.channel\nORDER BY avg_wait_min DESC",
     ),
     (
-        "Processing time by agency and outcome",
-        "SELECT agency, outcome, COUNT(*) AS cases,\n       ROUND(AVG(processing_days), 1) AS avg_days, ROUND(STDDEV(processing_days), 1) AS sd_days\nFROM operational\nWHERE life_experience = 'approaching_retirement'\nGROUP BY agency, outcome\nORDER BY agency, outcome",
+        "Processing time by agency and outcome (closed cases)",
+        "SELECT agency, outcome, COUNT(*) AS cases,\n       ROUND(AVG(processing_days), 1) AS avg_days, ROUND(STDDEV(processing_days), 1) AS sd_days\nFROM operational\nWHERE life_experience = 'approaching_retirement' AND outcome <> 'pending'\nGROUP BY agency, outcome\nORDER BY agency, outcome",
     ),
 ];
 
@@ -86,7 +86,11 @@ impl LocalFederation {
     /// The TLS files of `role` at `agency`.
     pub fn tls(&self, agency: &str, role: &str) -> TlsFiles {
         let dir = self.certs.join(agency.to_lowercase());
-        TlsFiles { ca: self.certs.join("ca.pem"), cert: dir.join(format!("{role}.pem")), key: dir.join(format!("{role}.key")) }
+        TlsFiles {
+            ca: self.certs.join("ca.pem"),
+            cert: dir.join(format!("{role}.pem")),
+            key: dir.join(format!("{role}.key")),
+        }
     }
 
     /// Stops every node.
@@ -125,7 +129,11 @@ pub async fn start_federation_with(
     for (i, agency) in agencies.iter().enumerate() {
         let synth_dir = dir.join("synth").join(agency.to_lowercase());
         let data_dir = dir.join("data").join(agency.to_lowercase());
-        let opts = crate::synth::SynthOptions { agency: agency.to_string(), people, seed: 1 + i as u64 };
+        let opts = crate::synth::SynthOptions {
+            agency: agency.to_string(),
+            people,
+            seed: 1 + i as u64,
+        };
         tokio::task::spawn_blocking(move || -> Result<(), DemoError> {
             crate::synth::write(&opts, &synth_dir).map_err(err)?;
             if data_dir.exists() {
@@ -140,9 +148,16 @@ pub async fn start_federation_with(
         .await
         .map_err(err)??;
     }
-    let listeners: Vec<std::net::TcpListener> =
-        agencies.iter().map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>().map_err(err)?;
-    let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>().map_err(err)?;
+    let listeners: Vec<std::net::TcpListener> = agencies
+        .iter()
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
     let mut nodes = Vec::new();
     let mut configs = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
@@ -152,10 +167,14 @@ pub async fn start_federation_with(
             .iter()
             .enumerate()
             .filter(|(j, _)| *j != i)
-            .map(|(j, a)| Peer { agency: a.to_string(), url: format!("https://127.0.0.1:{}", ports[j]) })
+            .map(|(j, a)| Peer {
+                agency: a.to_string(),
+                url: format!("https://127.0.0.1:{}", ports[j]),
+            })
             .collect();
         let peer_agencies: Vec<&str> = peers.iter().map(|p| p.agency.as_str()).collect();
-        let mut policy = Policy::resolve(&PolicyConfig::default(), agency, &peer_agencies, k).map_err(|(f, m)| err(format!("{f}: {m}")))?;
+        let mut policy = Policy::resolve(&PolicyConfig::default(), agency, &peer_agencies, k)
+            .map_err(|(f, m)| err(format!("{f}: {m}")))?;
         policy.dp = dp;
         let config = NodeConfig {
             policy,
@@ -178,9 +197,17 @@ pub async fn start_federation_with(
         std::fs::write(&path, config.render()).map_err(err)?;
         let config = NodeConfig::load(&path).map_err(err)?;
         configs.push(path);
-        nodes.push(crate::server::start(config, Some(listener)).await.map_err(err)?);
+        nodes.push(
+            crate::server::start(config, Some(listener))
+                .await
+                .map_err(err)?,
+        );
     }
-    Ok(LocalFederation { nodes, certs, configs })
+    Ok(LocalFederation {
+        nodes,
+        certs,
+        configs,
+    })
 }
 
 /// Runs the demo.
@@ -193,16 +220,38 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
             d.clone()
         }
         None => {
-            temp = tempfile::Builder::new().prefix("cxfed-demo-").tempdir().map_err(err)?;
+            temp = tempfile::Builder::new()
+                .prefix("cxfed-demo-")
+                .tempdir()
+                .map_err(err)?;
             temp.path().to_path_buf()
         }
     };
-    println!("cxfed demo: federation {FEDERATION} with {} in {}", AGENCIES.join(", "), dir.display());
-    println!("  making certificates, {} synthetic people per agency, and starting three mTLS nodes...", opts.people);
+    println!(
+        "cxfed demo: federation {FEDERATION} with {} in {}",
+        AGENCIES.join(", "),
+        dir.display()
+    );
+    println!(
+        "  making certificates, {} synthetic people per agency, and starting three mTLS nodes...",
+        opts.people
+    );
     let dp = DpSettings::DEFAULT;
-    let fed = start_federation_with(&dir, &AGENCIES, opts.people, crate::config::DEFAULT_K, Duration::from_secs(60), Some(dp)).await?;
+    let fed = start_federation_with(
+        &dir,
+        &AGENCIES,
+        opts.people,
+        crate::config::DEFAULT_K,
+        Duration::from_secs(60),
+        Some(dp),
+    )
+    .await?;
     for (i, a) in AGENCIES.iter().enumerate() {
-        println!("  node {a:<4} {}  data {}", fed.url(i), dir.join("data").join(a.to_lowercase()).display());
+        println!(
+            "  node {a:<4} {}  data {}",
+            fed.url(i),
+            dir.join("data").join(a.to_lowercase()).display()
+        );
     }
     println!(
         "  ready in {:.1} s; every node: k = {}, differential privacy ε = {} per query (budget {} per analyst per {} days), δ = {}\n",
@@ -229,8 +278,14 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     let (title, sql) = REFUSED;
     println!("── {title}\n{}\n", indent(sql));
     match send_query(&client, &coordinator, &QueryRequest::new(sql)).await {
-        Err(QueryFailure::Refused(body)) => println!("refused, as it must be: {}\n", QueryFailure::Refused(body)),
-        Ok(_) => return Err(DemoError("the identifier query was answered; refusing to continue".into())),
+        Err(QueryFailure::Refused(body)) => {
+            println!("refused, as it must be: {}\n", QueryFailure::Refused(body))
+        }
+        Ok(_) => {
+            return Err(DemoError(
+                "the identifier query was answered; refusing to continue".into(),
+            ));
+        }
         Err(e) => return Err(err(e)),
     }
 
@@ -243,7 +298,14 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
             c.cert.display(),
             c.key.display()
         );
-        println!("Node configs: {}", fed.configs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        println!(
+            "Node configs: {}",
+            fed.configs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         crate::cli::shutdown_signal().await;
     }
     fed.shutdown().await;
@@ -252,5 +314,8 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
 }
 
 fn indent(sql: &str) -> String {
-    sql.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+    sql.lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

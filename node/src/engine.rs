@@ -6,7 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::context::SessionContext;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -18,7 +20,10 @@ use crate::storage::table_dir;
 
 /// Builds the session for a node whose tables live under `data_dir` (created if missing), with
 /// a memory pool of `memory_limit` bytes shared by all its queries.
-pub fn node_context(data_dir: &Path, memory_limit: usize) -> datafusion::error::Result<SessionContext> {
+pub fn node_context(
+    data_dir: &Path,
+    memory_limit: usize,
+) -> datafusion::error::Result<SessionContext> {
     // No list-files cache: a file ingested while serving must be visible to the next query.
     let runtime = RuntimeEnvBuilder::new()
         .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
@@ -31,8 +36,11 @@ pub fn node_context(data_dir: &Path, memory_limit: usize) -> datafusion::error::
         std::fs::create_dir_all(&dir)?;
         let dir = std::fs::canonicalize(&dir)?;
         let url = ListingTableUrl::parse(format!("{}/", dir.display()))?;
-        let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-        let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(table.arrow_schema());
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new(url)
+            .with_listing_options(options)
+            .with_schema(table.arrow_schema());
         ctx.register_table(table.name(), Arc::new(ListingTable::try_new(config)?))?;
     }
     Ok(ctx)

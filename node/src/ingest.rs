@@ -127,7 +127,11 @@ fn format_invalid(file: &Path, errors: &[RowError], total: u64) -> String {
         let more = total - listed;
         let _ = writeln!(s, "... and {more} more error{}", plural(more));
     }
-    let _ = write!(s, "{f}: {total} error{}; nothing was ingested", plural(total));
+    let _ = write!(
+        s,
+        "{f}: {total} error{}; nothing was ingested",
+        plural(total)
+    );
     s
 }
 
@@ -136,15 +140,24 @@ fn plural(n: u64) -> &'static str {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> IngestError + '_ {
-    move |source| IngestError::Io { path: path.to_path_buf(), source }
+    move |source| IngestError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn pq_err(path: &Path) -> impl FnOnce(ParquetError) -> IngestError + '_ {
-    move |source| IngestError::Parquet { path: path.to_path_buf(), source }
+    move |source| IngestError::Parquet {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn arrow_err(path: &Path) -> impl FnOnce(ArrowError) -> IngestError + '_ {
-    move |source| IngestError::Arrow { path: path.to_path_buf(), source }
+    move |source| IngestError::Arrow {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Validates `file` (CSV, or Parquet if its name ends in `.parquet`) as rows of `table` and adds
@@ -175,7 +188,8 @@ pub fn validate(table: Table, file: &Path) -> Result<u64, IngestError> {
 
 /// Whether `file` is read as Parquet (its extension is `parquet`, any case); otherwise CSV.
 pub fn is_parquet_input(file: &Path) -> bool {
-    file.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+    file.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
 }
 
 fn run(
@@ -256,7 +270,11 @@ enum Problem<'a> {
     DateOutOfRange(i32),
     BadBool(&'a [u8]),
     Unrepresentable(ColumnType),
-    Before { value: i32, other: &'static str, other_value: i32 },
+    Before {
+        value: i32,
+        other: &'static str,
+        other_value: i32,
+    },
 }
 
 impl Problem<'_> {
@@ -273,7 +291,11 @@ impl Problem<'_> {
                 "{name}: value contains a line break (an unterminated quoted field?)"
             ),
             Problem::Control(c) => {
-                write!(out, "{name}: value contains control character U+{:04X}", c as u32)
+                write!(
+                    out,
+                    "{name}: value contains control character U+{:04X}",
+                    c as u32
+                )
             }
             Problem::BadAgency(v) => write!(
                 out,
@@ -296,15 +318,30 @@ impl Problem<'_> {
                 write!(out, "{name}: {} is not a calendar date", show(v))
             }
             Problem::DateOutOfRange(d) => {
-                write!(out, "{name}: date {d} (days since 1970-01-01) is outside years 0000-9999")
+                write!(
+                    out,
+                    "{name}: date {d} (days since 1970-01-01) is outside years 0000-9999"
+                )
             }
             Problem::BadBool(v) => {
-                write!(out, "{name}: {} is not a boolean (expected true or false)", show(v))
+                write!(
+                    out,
+                    "{name}: {} is not a boolean (expected true or false)",
+                    show(v)
+                )
             }
             Problem::Unrepresentable(ty) => {
-                write!(out, "{name}: value does not fit the column type {}", ty.data_type())
+                write!(
+                    out,
+                    "{name}: value does not fit the column type {}",
+                    ty.data_type()
+                )
             }
-            Problem::Before { value, other, other_value } => write!(
+            Problem::Before {
+                value,
+                other,
+                other_value,
+            } => write!(
                 out,
                 "{name}: {} is before {other} {}",
                 DateDisplay(value),
@@ -336,8 +373,14 @@ fn describe_vocabulary(v: &[u8], list: &[&str], out: &mut String) {
     if list.len() > SHOWN {
         let _ = write!(out, ", ... ({} codes)", list.len());
     }
-    if let Some(code) = list.iter().find(|c| c.as_bytes().eq_ignore_ascii_case(v.trim_ascii())) {
-        let _ = write!(out, " (codes are exact and case-sensitive: did you mean {code}?)");
+    if let Some(code) = list
+        .iter()
+        .find(|c| c.as_bytes().eq_ignore_ascii_case(v.trim_ascii()))
+    {
+        let _ = write!(
+            out,
+            " (codes are exact and case-sensitive: did you mean {code}?)"
+        );
     }
 }
 
@@ -419,7 +462,10 @@ pub(crate) fn parse_date(b: &[u8]) -> Result<i32, bool> {
         return Err(false);
     }
     let mut digits = [0u32; 8];
-    for (slot, &c) in digits.iter_mut().zip(b[..4].iter().chain(&b[5..7]).chain(&b[8..10])) {
+    for (slot, &c) in digits
+        .iter_mut()
+        .zip(b[..4].iter().chain(&b[5..7]).chain(&b[8..10]))
+    {
         let d = c.wrapping_sub(b'0');
         if d > 9 {
             return Err(false);
@@ -458,7 +504,9 @@ fn parse_int(b: &[u8]) -> Option<i64> {
 
 /// Whether `b` is an agency code: 2-12 uppercase ASCII letters or digits.
 pub(crate) fn is_agency_code(b: &[u8]) -> bool {
-    (2..=12).contains(&b.len()) && b.iter().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+    (2..=12).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
 }
 
 /// Checks free text: UTF-8, at most [`MAX_FREE_TEXT_CHARS`] characters, no control characters.
@@ -664,7 +712,11 @@ struct Errors {
 
 impl Errors {
     fn new(rows: bool) -> Errors {
-        Errors { list: Vec::new(), total: 0, rows }
+        Errors {
+            list: Vec::new(),
+            total: 0,
+            rows,
+        }
     }
 
     fn add(&mut self, line: u64, column: usize, name: &str, problem: Problem<'_>) {
@@ -672,7 +724,11 @@ impl Errors {
         if self.list.len() < MAX_LISTED_ERRORS {
             let mut reason = self.prefix(line);
             problem.describe(name, &mut reason);
-            self.list.push(RowError { line, column, reason });
+            self.list.push(RowError {
+                line,
+                column,
+                reason,
+            });
         }
     }
 
@@ -681,19 +737,31 @@ impl Errors {
         if self.list.len() < MAX_LISTED_ERRORS {
             let mut reason = self.prefix(line);
             reason.push_str(&message());
-            self.list.push(RowError { line, column, reason });
+            self.list.push(RowError {
+                line,
+                column,
+                reason,
+            });
         }
     }
 
     fn prefix(&self, line: u64) -> String {
-        if self.rows && line > 0 { format!("row {line}: ") } else { String::new() }
+        if self.rows && line > 0 {
+            format!("row {line}: ")
+        } else {
+            String::new()
+        }
     }
 
     fn into_result(self, file: &Path) -> Result<(), IngestError> {
         if self.total == 0 {
             Ok(())
         } else {
-            Err(IngestError::Invalid { file: file.to_path_buf(), errors: self.list, total: self.total })
+            Err(IngestError::Invalid {
+                file: file.to_path_buf(),
+                errors: self.list,
+                total: self.total,
+            })
         }
     }
 }
@@ -751,7 +819,9 @@ impl Output {
         let file = temp.as_file().try_clone().map_err(io_err(&temp_path))?;
         out.temp = Some(temp);
         let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).map_err(pq_err(&temp_path))?))
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(1).map_err(pq_err(&temp_path))?,
+            ))
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .set_created_by(format!("cxfed {}", env!("CARGO_PKG_VERSION")))
             .build();
@@ -769,14 +839,17 @@ impl Output {
 
     fn commit(mut self) -> Result<PathBuf, IngestError> {
         let (Some(writer), Some(temp)) = (self.writer.take(), self.temp.take()) else {
-            return Err(io_err(&self.final_path)(io::Error::other("output already closed")));
+            return Err(io_err(&self.final_path)(io::Error::other(
+                "output already closed",
+            )));
         };
         let temp_path = temp.path().to_path_buf();
         let file = writer.into_inner().map_err(pq_err(&temp_path))?;
         file.sync_all().map_err(io_err(&temp_path))?;
         drop(file);
         // On failure the returned handle is dropped, which deletes the temp file.
-        temp.persist(&self.final_path).map_err(|e| io_err(&self.final_path)(e.error))?;
+        temp.persist(&self.final_path)
+            .map_err(|e| io_err(&self.final_path)(e.error))?;
         self.committed = true;
         // Make the rename (and any directory we created) durable.
         let mut dirs = vec![self.table_dir.clone()];
@@ -821,7 +894,10 @@ fn sync_dir(_dir: &Path) -> io::Result<()> {
 /// `<unix_nanos>-<16 random hex digits>`.
 fn unique_name() -> String {
     use std::hash::{BuildHasher, Hasher};
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let mut h = std::hash::RandomState::new().build_hasher();
     h.write_u128(nanos);
     h.write_u32(std::process::id());
@@ -927,8 +1003,8 @@ impl Sink {
             return Ok(());
         }
         if let Some(out) = self.out.as_mut() {
-            let batch = RecordBatch::try_new(self.schema.clone(), arrays)
-                .map_err(arrow_err(&self.file))?;
+            let batch =
+                RecordBatch::try_new(self.schema.clone(), arrays).map_err(arrow_err(&self.file))?;
             out.write(&batch)?;
         }
         Ok(())
@@ -969,10 +1045,17 @@ impl<R: Read> Read for QuoteCounter<R> {
 fn csv_read_error(file: &Path, e: csv::Error) -> IngestError {
     let line = e.position().map(|p| p.line()).unwrap_or(0);
     match e.into_kind() {
-        csv::ErrorKind::Io(source) => IngestError::Io { path: file.to_path_buf(), source },
+        csv::ErrorKind::Io(source) => IngestError::Io {
+            path: file.to_path_buf(),
+            source,
+        },
         other => IngestError::Invalid {
             file: file.to_path_buf(),
-            errors: vec![RowError { line, column: 1, reason: format!("malformed CSV: {other:?}") }],
+            errors: vec![RowError {
+                line,
+                column: 1,
+                reason: format!("malformed CSV: {other:?}"),
+            }],
             total: 1,
         },
     }
@@ -993,18 +1076,26 @@ fn ingest_csv(
         .has_headers(false)
         .flexible(true)
         .buffer_capacity(1 << 20)
-        .from_reader(QuoteCounter { inner: reader, quotes: 0 });
+        .from_reader(QuoteCounter {
+            inner: reader,
+            quotes: 0,
+        });
     let cols = table.columns();
     let ncols = cols.len();
 
     // Header.
     let mut record = csv::ByteRecord::new();
-    let has_header = csv.read_byte_record(&mut record).map_err(|e| csv_read_error(file, e))?;
+    let has_header = csv
+        .read_byte_record(&mut record)
+        .map_err(|e| csv_read_error(file, e))?;
     let mut errors = Errors::new(false);
     if !has_header {
         errors.add_message(1, 1, || {
             let names: Vec<&str> = cols.iter().map(|c| c.name).collect();
-            format!("the file is empty; expected the header line {}", names.join(","))
+            format!(
+                "the file is empty; expected the header line {}",
+                names.join(",")
+            )
         });
         return errors.into_result(file).map(|()| (0, None));
     }
@@ -1013,7 +1104,11 @@ fn ingest_csv(
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let f = if i == 0 { f.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(f) } else { f };
+            let f = if i == 0 {
+                f.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(f)
+            } else {
+                f
+            };
             String::from_utf8_lossy(f).into_owned()
         })
         .collect();
@@ -1045,14 +1140,20 @@ fn ingest_csv(
                 });
             } else {
                 sink.errors.add_message(line, ncols + 1, || {
-                    format!("unexpected field: the row has {found} fields but the header has {ncols}")
+                    format!(
+                        "unexpected field: the row has {found} fields but the header has {ncols}"
+                    )
                 });
             }
         } else {
             let rec = &record;
             sink.push_row(line, &columns, |i| {
                 let f = &rec[i];
-                if f.is_empty() { Value::Null } else { Value::Text(f) }
+                if f.is_empty() {
+                    Value::Null
+                } else {
+                    Value::Text(f)
+                }
             })?;
         }
         last = Some((line, record.len(), sink.errors.total > before));
@@ -1063,7 +1164,9 @@ fn ingest_csv(
     {
         let name = cols.get(fields.saturating_sub(1)).map_or("?", |c| c.name);
         sink.errors.add_message(line, fields.max(1), || {
-            format!("{name}: unbalanced '\"': a quoted field is not closed before the end of the file")
+            format!(
+                "{name}: unbalanced '\"': a quoted field is not closed before the end of the file"
+            )
         });
     }
     sink.finish()
@@ -1079,7 +1182,13 @@ fn check_header(table: Table, header: &[String], line: u64, errors: &mut Errors)
     let mut seen: Vec<&str> = Vec::new();
     for (i, h) in header.iter().enumerate() {
         if table.column(h).is_none() {
-            found.push((i + 1, format!("unexpected column `{h}` (not in the {} table)", table.name())));
+            found.push((
+                i + 1,
+                format!(
+                    "unexpected column `{h}` (not in the {} table)",
+                    table.name()
+                ),
+            ));
         } else if seen.contains(&h.as_str()) {
             found.push((i + 1, format!("duplicate column `{h}`")));
         } else {
@@ -1097,7 +1206,11 @@ fn check_header(table: Table, header: &[String], line: u64, errors: &mut Errors)
             if h != c.name {
                 found.push((
                     i + 1,
-                    format!("column `{h}` is out of order: column {} must be `{}`", i + 1, c.name),
+                    format!(
+                        "column `{h}` is out of order: column {} must be `{}`",
+                        i + 1,
+                        c.name
+                    ),
                 ));
             }
         }
@@ -1108,7 +1221,10 @@ fn check_header(table: Table, header: &[String], line: u64, errors: &mut Errors)
     for (k, (col, reason)) in found.into_iter().enumerate() {
         errors.add_message(line, col, || {
             if k + 1 == n {
-                format!("{reason}; the header must be exactly: {}", expected.join(","))
+                format!(
+                    "{reason}; the header must be exactly: {}",
+                    expected.join(",")
+                )
             } else {
                 reason
             }
@@ -1137,7 +1253,11 @@ impl Src {
                     return Value::Null;
                 }
                 let b = a.value(r).as_bytes();
-                if b.is_empty() { Value::Null } else { Value::Text(b) }
+                if b.is_empty() {
+                    Value::Null
+                } else {
+                    Value::Text(b)
+                }
             }
             Src::Int { cast, orig } => {
                 if cast.is_valid(r) {
@@ -1225,9 +1345,12 @@ fn convert(kind: SrcKind, array: &ArrayRef, file: &Path) -> Result<Src, IngestEr
     let cast = |to: &DataType| arrow::compute::cast(array, to).map_err(arrow_err(file));
     let wrong = || arrow_err(file)(ArrowError::CastError("unexpected array type".into()));
     Ok(match kind {
-        SrcKind::Str => {
-            Src::Str(cast(&DataType::Utf8)?.as_string_opt::<i32>().ok_or_else(wrong)?.clone())
-        }
+        SrcKind::Str => Src::Str(
+            cast(&DataType::Utf8)?
+                .as_string_opt::<i32>()
+                .ok_or_else(wrong)?
+                .clone(),
+        ),
         SrcKind::Int => Src::Int {
             cast: cast(&DataType::Int64)?
                 .as_primitive_opt::<Int64Type>()
@@ -1236,7 +1359,10 @@ fn convert(kind: SrcKind, array: &ArrayRef, file: &Path) -> Result<Src, IngestEr
             orig: array.clone(),
         },
         SrcKind::Float => Src::Float(
-            cast(&DataType::Float64)?.as_primitive_opt::<Float64Type>().ok_or_else(wrong)?.clone(),
+            cast(&DataType::Float64)?
+                .as_primitive_opt::<Float64Type>()
+                .ok_or_else(wrong)?
+                .clone(),
         ),
         SrcKind::Date => Src::Date {
             cast: cast(&DataType::Date32)?
@@ -1272,7 +1398,10 @@ fn ingest_parquet(
         let name = f.name();
         if table.column(name).is_none() {
             errors.add_message(0, i + 1, || {
-                format!("schema: unexpected column `{name}` (not in the {} table)", table.name())
+                format!(
+                    "schema: unexpected column `{name}` (not in the {} table)",
+                    table.name()
+                )
             });
         } else if source.fields().iter().take(i).any(|g| g.name() == name) {
             errors.add_message(0, i + 1, || format!("schema: duplicate column `{name}`"));
@@ -1299,7 +1428,10 @@ fn ingest_parquet(
     errors.list.sort_by_key(|e| e.column);
     errors.into_result(file)?;
 
-    let reader = builder.with_batch_size(CHUNK_ROWS).build().map_err(pq_err(file))?;
+    let reader = builder
+        .with_batch_size(CHUNK_ROWS)
+        .build()
+        .map_err(pq_err(file))?;
     let mut sink = Sink::new(table, file, false);
     sink.open_output(data_dir, table)?;
     let columns: Vec<usize> = mapping.iter().map(|(k, _)| k + 1).collect();
@@ -1370,7 +1502,10 @@ mod tests {
 
     fn read_rows(path: &Path) -> usize {
         let f = File::open(path).expect("open");
-        let reader = ParquetRecordBatchReaderBuilder::try_new(f).expect("reader").build().expect("build");
+        let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+            .expect("reader")
+            .build()
+            .expect("build");
         reader.map(|b| b.expect("batch").num_rows()).sum()
     }
 
@@ -1410,7 +1545,10 @@ mod tests {
         assert!(report.path.starts_with(data.join("operational")));
         assert!(storage::is_data_file(&report.path));
         assert_eq!(read_rows(&report.path), 1000);
-        assert_eq!(storage::data_files(&data, Table::Operational).expect("list"), vec![report.path]);
+        assert_eq!(
+            storage::data_files(&data, Table::Operational).expect("list"),
+            vec![report.path]
+        );
         // No temp file left behind.
         assert_eq!(list_all(&data).len(), 2);
     }
@@ -1427,7 +1565,11 @@ mod tests {
         text.push_str(&op_row(2)); // line 4
         text.push('\n');
         // line 5: closed before opened (column 11) and abandoned not a boolean (column 15)
-        text.push_str(&op_row(3).replace(",2025-02-01,", ",2024-12-31,").replace(",false,", ",no,"));
+        text.push_str(
+            &op_row(3)
+                .replace(",2025-02-01,", ",2024-12-31,")
+                .replace(",false,", ",no,"),
+        );
         text.push('\n');
         let input = write_file(tmp.path(), "bad.csv", &text);
         let data = tmp.path().join("data");
@@ -1439,13 +1581,25 @@ mod tests {
         let at: Vec<(u64, usize)> = errors.iter().map(|e| (e.line, e.column)).collect();
         assert_eq!(at, vec![(3, 7), (5, 11), (5, 15)], "{shown}");
         let f = input.display().to_string();
-        assert!(shown.contains(&format!("{f}:3:7: channel: \"fax\" is not allowed")), "{shown}");
         assert!(
-            shown.contains(&format!("{f}:5:11: closed_date: 2024-12-31 is before opened_date 2025-01-04")),
+            shown.contains(&format!("{f}:3:7: channel: \"fax\" is not allowed")),
             "{shown}"
         );
-        assert!(shown.contains(&format!("{f}:5:15: abandoned: \"no\" is not a boolean")), "{shown}");
-        assert!(list_all(&data).is_empty(), "data dir changed: {:?}", list_all(&data));
+        assert!(
+            shown.contains(&format!(
+                "{f}:5:11: closed_date: 2024-12-31 is before opened_date 2025-01-04"
+            )),
+            "{shown}"
+        );
+        assert!(
+            shown.contains(&format!("{f}:5:15: abandoned: \"no\" is not a boolean")),
+            "{shown}"
+        );
+        assert!(
+            list_all(&data).is_empty(),
+            "data dir changed: {:?}",
+            list_all(&data)
+        );
         // A data dir that did not exist is not created either.
         let missing = tmp.path().join("nope");
         assert!(ingest(&missing, Table::Operational, &input, false).is_err());
@@ -1455,37 +1609,70 @@ mod tests {
     #[test]
     fn value_errors() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let header = Table::Experience.columns().iter().map(|c| c.name).collect::<Vec<_>>().join(",");
+        let header = Table::Experience
+            .columns()
+            .iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+            .join(",");
         let good = "SSA-R-1,SSA-P-1,SSA-C-1,SSA,Retirement benefits,approaching_retirement,apply,phone,MD,62_64,2025-03-01,4,5,4,3,2,5,";
         let rows = [
             good.to_string(),
-            good.replace(",4,5,4,", ",7,5,4,"),                 // trust out of range (col 12)
-            good.replace(",SSA,", ",ssa,"),                      // agency (col 4)
-            good.replace(",MD,", ",md,"),                        // state (col 9)
-            good.replace("2025-03-01", "2025-02-30"),            // date (col 11)
-            good.replace("SSA-R-1", ""),                         // required (col 1)
-            good.replace(",4,5,4,", ",4.0,5,4,"),                // not integer (col 12)
+            good.replace(",4,5,4,", ",7,5,4,"), // trust out of range (col 12)
+            good.replace(",SSA,", ",ssa,"),     // agency (col 4)
+            good.replace(",MD,", ",md,"),       // state (col 9)
+            good.replace("2025-03-01", "2025-02-30"), // date (col 11)
+            good.replace("SSA-R-1", ""),        // required (col 1)
+            good.replace(",4,5,4,", ",4.0,5,4,"), // not integer (col 12)
             good.replace("Retirement benefits", &"x".repeat(121)), // too long (col 5)
-            good.replace(",62_64,", ",,"),                       // optional: fine
-            format!("{good},extra"),                            // too many fields
-            "SSA-R-1,SSA-P-1".to_string(),                       // too few fields
+            good.replace(",62_64,", ",,"),      // optional: fine
+            format!("{good},extra"),            // too many fields
+            "SSA-R-1,SSA-P-1".to_string(),      // too few fields
         ];
         let text = format!("{header}\n{}\n", rows.join("\n"));
         let input = write_file(tmp.path(), "exp.csv", &text);
         let (errors, total) = invalid(validate(Table::Experience, &input).expect_err("invalid"));
         let at: Vec<(u64, usize)> = errors.iter().map(|e| (e.line, e.column)).collect();
-        assert_eq!(at, vec![(3, 12), (4, 4), (5, 9), (6, 11), (7, 1), (8, 12), (9, 5), (11, 19), (12, 3)]);
+        assert_eq!(
+            at,
+            vec![
+                (3, 12),
+                (4, 4),
+                (5, 9),
+                (6, 11),
+                (7, 1),
+                (8, 12),
+                (9, 5),
+                (11, 19),
+                (12, 3)
+            ]
+        );
         assert_eq!(total, 9);
         let reasons: Vec<&str> = errors.iter().map(|e| e.reason.as_str()).collect();
         assert_eq!(reasons[0], "trust: 7 is outside 1..=5");
-        assert!(reasons[1].starts_with("agency: \"ssa\" is not an agency code"), "{}", reasons[1]);
+        assert!(
+            reasons[1].starts_with("agency: \"ssa\" is not an agency code"),
+            "{}",
+            reasons[1]
+        );
         assert!(reasons[2].contains("did you mean MD?"), "{}", reasons[2]);
         assert!(reasons[2].contains("(56 codes)"), "{}", reasons[2]);
-        assert_eq!(reasons[3], "response_date: \"2025-02-30\" is not a calendar date");
+        assert_eq!(
+            reasons[3],
+            "response_date: \"2025-02-30\" is not a calendar date"
+        );
         assert_eq!(reasons[4], "response_id: required value is empty");
         assert_eq!(reasons[5], "trust: \"4.0\" is not an integer");
-        assert!(reasons[6].starts_with("service: value has 121 characters"), "{}", reasons[6]);
-        assert!(reasons[8].starts_with("case_id: missing; the row has 2 fields"), "{}", reasons[8]);
+        assert!(
+            reasons[6].starts_with("service: value has 121 characters"),
+            "{}",
+            reasons[6]
+        );
+        assert!(
+            reasons[8].starts_with("case_id: missing; the row has 2 fields"),
+            "{}",
+            reasons[8]
+        );
     }
 
     #[test]
@@ -1506,7 +1693,11 @@ mod tests {
         assert_eq!(errors[0].reason, "service: value is not valid UTF-8");
 
         // Unterminated quote on the last line.
-        let text = format!("{OP_HEADER}\n{}\n{}", op_row(0), op_row(1).replace(",approved", ",\"approved"));
+        let text = format!(
+            "{OP_HEADER}\n{}\n{}",
+            op_row(0),
+            op_row(1).replace(",approved", ",\"approved")
+        );
         let input = write_file(tmp.path(), "quote.csv", &text);
         let (errors, _) = invalid(validate(Table::Operational, &input).expect_err("invalid"));
         assert_eq!((errors[0].line, errors[0].column), (3, 16), "{errors:?}");
@@ -1538,28 +1729,50 @@ mod tests {
             let (errors, _) =
                 invalid(ingest(&data, Table::Operational, &input, false).expect_err("invalid"));
             assert!(!data.exists());
-            errors.into_iter().map(|e| (e.line, e.column, e.reason)).collect::<Vec<_>>()
+            errors
+                .into_iter()
+                .map(|e| (e.line, e.column, e.reason))
+                .collect::<Vec<_>>()
         };
         // Missing `outcome`.
         let e = check(&OP_HEADER.replace(",outcome", ""));
         assert_eq!(e.len(), 1);
         assert_eq!((e[0].0, e[0].1), (1, 16));
-        assert!(e[0].2.starts_with("missing column `outcome`; the header must be exactly: case_id,"));
+        assert!(
+            e[0].2
+                .starts_with("missing column `outcome`; the header must be exactly: case_id,")
+        );
         // Unexpected column and a misspelling.
-        let e = check(&OP_HEADER.replace("channel,", "chanel,").replace(",outcome", ",outcome,notes"));
-        let at: Vec<_> = e.iter().map(|x| (x.1, x.2.split(';').next().unwrap_or("").to_string())).collect();
+        let e = check(
+            &OP_HEADER
+                .replace("channel,", "chanel,")
+                .replace(",outcome", ",outcome,notes"),
+        );
+        let at: Vec<_> = e
+            .iter()
+            .map(|x| (x.1, x.2.split(';').next().unwrap_or("").to_string()))
+            .collect();
         assert_eq!(
             at,
             vec![
-                (7, "unexpected column `chanel` (not in the operational table)".to_string()),
+                (
+                    7,
+                    "unexpected column `chanel` (not in the operational table)".to_string()
+                ),
                 (7, "missing column `channel`".to_string()),
-                (17, "unexpected column `notes` (not in the operational table)".to_string()),
+                (
+                    17,
+                    "unexpected column `notes` (not in the operational table)".to_string()
+                ),
             ]
         );
         // Out of order.
         let e = check(&OP_HEADER.replace("case_id,person_id", "person_id,case_id"));
         assert_eq!(e.len(), 2);
-        assert_eq!(e[0].2, "column `person_id` is out of order: column 1 must be `case_id`");
+        assert_eq!(
+            e[0].2,
+            "column `person_id` is out of order: column 1 must be `case_id`"
+        );
         // A UTF-8 byte order mark is fine.
         let input = write_file(tmp.path(), "bom.csv", &format!("\u{feff}{}", op_csv(3)));
         assert_eq!(validate(Table::Operational, &input).expect("valid"), 3);
@@ -1581,7 +1794,11 @@ mod tests {
         assert_eq!(total, 250);
         let lines: Vec<&str> = shown.lines().collect();
         assert_eq!(lines.len(), 102);
-        assert!(lines[0].ends_with(":2:12: wait_minutes: -1 is outside 0..=10080"), "{}", lines[0]);
+        assert!(
+            lines[0].ends_with(":2:12: wait_minutes: -1 is outside 0..=10080"),
+            "{}",
+            lines[0]
+        );
         assert_eq!(lines[100], "... and 150 more errors");
         assert!(lines[101].ends_with(": 250 errors; nothing was ingested"));
     }
@@ -1595,12 +1812,21 @@ mod tests {
         let second = ingest(&data, Table::Operational, &first.path, false).expect("parquet ingest");
         assert_eq!(second.rows, 70_000);
         assert_ne!(first.path, second.path);
-        assert_eq!(storage::data_files(&data, Table::Operational).expect("list").len(), 2);
+        assert_eq!(
+            storage::data_files(&data, Table::Operational)
+                .expect("list")
+                .len(),
+            2
+        );
         let read_all = |p: &Path| {
             let f = File::open(p).expect("open");
-            let r = ParquetRecordBatchReaderBuilder::try_new(f).expect("reader").build().expect("build");
+            let r = ParquetRecordBatchReaderBuilder::try_new(f)
+                .expect("reader")
+                .build()
+                .expect("build");
             let batches: Vec<RecordBatch> = r.map(|b| b.expect("batch")).collect();
-            arrow::compute::concat_batches(&Table::Operational.arrow_schema(), &batches).expect("concat")
+            arrow::compute::concat_batches(&Table::Operational.arrow_schema(), &batches)
+                .expect("concat")
         };
         let (a, b) = (read_all(&first.path), read_all(&second.path));
         assert_eq!(a, b);
@@ -1608,8 +1834,16 @@ mod tests {
         // The wrong table: schema errors on "line" 0.
         let (errors, _) =
             invalid(validate(Table::Experience, &first.path).expect_err("wrong table"));
-        assert!(errors.iter().all(|e| e.line == 0 && e.reason.starts_with("schema: ")));
-        assert!(errors.iter().any(|e| e.reason == "schema: missing column `trust`"));
+        assert!(
+            errors
+                .iter()
+                .all(|e| e.line == 0 && e.reason.starts_with("schema: "))
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.reason == "schema: missing column `trust`")
+        );
     }
 
     #[test]
@@ -1647,16 +1881,26 @@ mod tests {
         }
         let batch = RecordBatch::try_new(schema.clone(), arrays).expect("batch");
         let path = tmp.path().join("in.parquet");
-        let mut w = ArrowWriter::try_new(File::create(&path).expect("create"), schema, None).expect("writer");
+        let mut w = ArrowWriter::try_new(File::create(&path).expect("create"), schema, None)
+            .expect("writer");
         w.write(&batch).expect("write");
         w.close().expect("close");
         let (errors, total) = invalid(validate(Table::Experience, &path).expect_err("invalid"));
         assert_eq!(total, 2);
         assert_eq!((errors[0].line, errors[0].column), (3, 11));
-        assert_eq!(errors[0].reason, "row 3: response_date: \"2025-01-32\" is not a calendar date");
+        assert_eq!(
+            errors[0].reason,
+            "row 3: response_date: \"2025-01-32\" is not a calendar date"
+        );
         assert_eq!(errors[1].reason, "row 3: trust: 4.5 is not an integer");
-        assert!(IngestError::Invalid { file: path.clone(), errors: errors.clone(), total }
+        assert!(
+            IngestError::Invalid {
+                file: path.clone(),
+                errors: errors.clone(),
+                total
+            }
             .to_string()
-            .contains("in.parquet:3:12: row 3: trust: 4.5 is not an integer"));
+            .contains("in.parquet:3:12: row 3: trust: 4.5 is not an integer")
+        );
     }
 }

@@ -42,7 +42,9 @@ pub struct Usage {
 
 /// Why a charge was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("privacy budget exhausted: this query needs ε = {needed}, {remaining:.3} of {budget} is left for this analyst in the current {period_days}-day period")]
+#[error(
+    "privacy budget exhausted: this query needs ε = {needed}, {remaining:.3} of {budget} is left for this analyst in the current {period_days}-day period"
+)]
 pub struct Exhausted {
     /// ε the query needs.
     pub needed: f64,
@@ -61,7 +63,10 @@ pub struct Ledger {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 impl Ledger {
@@ -91,7 +96,9 @@ impl Ledger {
             }
         }
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        Ok(Ledger { inner: Mutex::new((file, charges)) })
+        Ok(Ledger {
+            inner: Mutex::new((file, charges)),
+        })
     }
 
     /// Charges `epsilon` to `analyst` if the period's budget allows, durably, before returning.
@@ -120,13 +127,23 @@ impl Ledger {
                 period_days: period.as_secs() / 86_400,
             }));
         }
-        let charge = Charge { time: t, analyst: analyst.to_string(), query_id: query_id.to_string(), epsilon };
+        let charge = Charge {
+            time: t,
+            analyst: analyst.to_string(),
+            query_id: query_id.to_string(),
+            epsilon,
+        };
         let mut line = serde_json::to_vec(&charge).map_err(std::io::Error::other)?;
         line.push(b'\n');
         file.write_all(&line)?;
         file.sync_data()?;
         charges.push(charge);
-        Ok(Ok(Usage { analyst: analyst.to_string(), used: used + epsilon, remaining: (budget - used - epsilon).max(0.0), queries: queries + 1 }))
+        Ok(Ok(Usage {
+            analyst: analyst.to_string(),
+            used: used + epsilon,
+            remaining: (budget - used - epsilon).max(0.0),
+            queries: queries + 1,
+        }))
     }
 
     /// Every analyst's use in the current period.
@@ -141,7 +158,12 @@ impl Ledger {
         }
         let mut out: Vec<Usage> = by
             .into_iter()
-            .map(|(a, (used, queries))| Usage { analyst: a.to_string(), used, remaining: (budget - used).max(0.0), queries })
+            .map(|(a, (used, queries))| Usage {
+                analyst: a.to_string(),
+                used,
+                remaining: (budget - used).max(0.0),
+                queries,
+            })
             .collect();
         out.sort_by(|a, b| a.analyst.cmp(&b.analyst));
         out
@@ -159,20 +181,43 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let l = Ledger::open(dir.path()).expect("open");
         for i in 0..10 {
-            let u = l.charge("a", &format!("q{i}"), 0.1, 1.0, DAY).await.expect("io").expect("within budget");
+            let u = l
+                .charge("a", &format!("q{i}"), 0.1, 1.0, DAY)
+                .await
+                .expect("io")
+                .expect("within budget");
             assert!((u.used - 0.1 * f64::from(i + 1)).abs() < 1e-9);
         }
-        let refused = l.charge("a", "q10", 0.1, 1.0, DAY).await.expect("io").expect_err("exhausted");
+        let refused = l
+            .charge("a", "q10", 0.1, 1.0, DAY)
+            .await
+            .expect("io")
+            .expect_err("exhausted");
         assert!(refused.remaining < 1e-9 && refused.to_string().contains("exhausted"));
         assert!(l.charge("b", "q", 0.5, 1.0, DAY).await.expect("io").is_ok());
         drop(l);
         // A crash mid-write leaves a torn line: cut off, everything before kept.
-        let mut f = OpenOptions::new().append(true).open(dir.path().join(LEDGER_FILE)).expect("open");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(LEDGER_FILE))
+            .expect("open");
         f.write_all(b"{\"time\":1,\"anal").expect("write");
         drop(f);
         let l = Ledger::open(dir.path()).expect("reopen");
-        assert!(l.charge("a", "q11", 0.1, 1.0, DAY).await.expect("io").is_err(), "spent budget must stay spent");
+        assert!(
+            l.charge("a", "q11", 0.1, 1.0, DAY)
+                .await
+                .expect("io")
+                .is_err(),
+            "spent budget must stay spent"
+        );
         let usage = l.usage(1.0, DAY).await;
-        assert_eq!(usage.iter().map(|u| (u.analyst.as_str(), u.queries)).collect::<Vec<_>>(), [("a", 10), ("b", 1)]);
+        assert_eq!(
+            usage
+                .iter()
+                .map(|u| (u.analyst.as_str(), u.queries))
+                .collect::<Vec<_>>(),
+            [("a", 10), ("b", 1)]
+        );
     }
 }

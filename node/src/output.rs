@@ -2,7 +2,9 @@
 //! [`QueryResponse`] to a person-readable table, JSON or CSV.
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt64Type};
+use arrow::datatypes::{
+    DataType, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt64Type,
+};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::Value;
@@ -25,8 +27,11 @@ pub fn rows(batches: &[RecordBatch]) -> Result<Vec<Vec<Value>>, arrow::error::Ar
     let mut out = Vec::new();
     let options = FormatOptions::default().with_null("");
     for b in batches {
-        let formatters: Vec<ArrayFormatter> =
-            b.columns().iter().map(|c| ArrayFormatter::try_new(c.as_ref(), &options)).collect::<Result<_, _>>()?;
+        let formatters: Vec<ArrayFormatter> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+            .collect::<Result<_, _>>()?;
         for r in 0..b.num_rows() {
             let mut row = Vec::with_capacity(b.num_columns());
             for (c, col) in b.columns().iter().enumerate() {
@@ -42,7 +47,11 @@ fn value(col: &dyn Array, r: usize, fmt: &ArrayFormatter) -> Value {
     if col.is_null(r) {
         return Value::Null;
     }
-    let float = |f: f64| serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null);
+    let float = |f: f64| {
+        serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or(Value::Null)
+    };
     match col.data_type() {
         DataType::Int8 => Value::from(col.as_primitive::<Int8Type>().value(r)),
         DataType::Int16 => Value::from(col.as_primitive::<Int16Type>().value(r)),
@@ -52,7 +61,12 @@ fn value(col: &dyn Array, r: usize, fmt: &ArrayFormatter) -> Value {
         DataType::Float32 => float(f64::from(col.as_primitive::<Float32Type>().value(r))),
         DataType::Float64 => float(col.as_primitive::<Float64Type>().value(r)),
         DataType::Boolean => Value::Bool(col.as_boolean().value(r)),
-        DataType::Decimal128(_, _) => fmt.value(r).to_string().parse::<f64>().map(float).unwrap_or(Value::Null),
+        DataType::Decimal128(_, _) => fmt
+            .value(r)
+            .to_string()
+            .parse::<f64>()
+            .map(float)
+            .unwrap_or(Value::Null),
         _ => Value::String(fmt.value(r).to_string()),
     }
 }
@@ -73,7 +87,12 @@ pub fn render_budget(b: &cxfed_protocol::wire::BudgetResponse) -> String {
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(["analyst", "queries", "ε used", "ε left"]);
     for a in &b.analysts {
-        t.add_row([a.analyst.clone(), a.queries.to_string(), format!("{:.3}", a.used), format!("{:.3}", a.remaining)]);
+        t.add_row([
+            a.analyst.clone(),
+            a.queries.to_string(),
+            format!("{:.3}", a.used),
+            format!("{:.3}", a.remaining),
+        ]);
     }
     match (b.epsilon_per_query, b.budget_epsilon, b.period_days) {
         (Some(e), Some(budget), Some(days)) => format!(
@@ -85,7 +104,13 @@ pub fn render_budget(b: &cxfed_protocol::wire::BudgetResponse) -> String {
 }
 
 fn round_ci(ci: f64) -> String {
-    if ci >= 100.0 { format!("{ci:.0}") } else if ci >= 1.0 { format!("{ci:.2}") } else { format!("{ci:.4}") }
+    if ci >= 100.0 {
+        format!("{ci:.0}")
+    } else if ci >= 1.0 {
+        format!("{ci:.2}")
+    } else {
+        format!("{ci:.4}")
+    }
 }
 
 /// Renders a response in `format`.
@@ -114,13 +139,22 @@ pub fn render(resp: &QueryResponse, format: Format) -> String {
             t.set_header(resp.columns.iter().map(Cell::new));
             for (r, row) in resp.rows.iter().enumerate() {
                 t.add_row(row.iter().enumerate().map(|(c, v)| {
-                    let ci = resp.ci95.get(r).and_then(|row| row.get(c)).copied().flatten();
+                    let ci = resp
+                        .ci95
+                        .get(r)
+                        .and_then(|row| row.get(c))
+                        .copied()
+                        .flatten();
                     let text = match ci {
                         Some(ci) => format!("{} ± {}", cell_text(v), round_ci(ci)),
                         None => cell_text(v),
                     };
                     let cell = Cell::new(text);
-                    if v.is_number() { cell.set_alignment(CellAlignment::Right) } else { cell }
+                    if v.is_number() {
+                        cell.set_alignment(CellAlignment::Right)
+                    } else {
+                        cell
+                    }
                 }));
             }
             let nodes: Vec<String> = resp
@@ -131,15 +165,27 @@ pub fn render(resp: &QueryResponse, format: Format) -> String {
                     other => format!(
                         "{} {}{}",
                         n.agency,
-                        serde_json::to_value(other).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
-                        n.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+                        serde_json::to_value(other)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default(),
+                        n.error
+                            .as_ref()
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default()
                     ),
                 })
                 .collect();
             let privacy = if resp.privacy == "dp" {
-                let eps: Vec<String> =
-                    resp.nodes.iter().filter_map(|n| n.epsilon.map(|e| format!("{} ε={e}", n.agency))).collect();
-                format!(" · differentially private ({}; ± = 95% noise interval)", eps.join(", "))
+                let eps: Vec<String> = resp
+                    .nodes
+                    .iter()
+                    .filter_map(|n| n.epsilon.map(|e| format!("{} ε={e}", n.agency)))
+                    .collect();
+                format!(
+                    " · differentially private ({}; ± = 95% noise interval)",
+                    eps.join(", ")
+                )
             } else {
                 String::new()
             };
@@ -148,7 +194,11 @@ pub fn render(resp: &QueryResponse, format: Format) -> String {
                 resp.rows.len(),
                 resp.suppressed_groups,
                 nodes.join(", "),
-                if resp.complete { "" } else { " · PARTIAL FEDERATION ANSWER" },
+                if resp.complete {
+                    ""
+                } else {
+                    " · PARTIAL FEDERATION ANSWER"
+                },
                 resp.query_id
             )
         }
@@ -181,8 +231,19 @@ mod tests {
         )
         .expect("batch");
         let r = rows(&[b]).expect("rows");
-        assert_eq!(r[0], vec![Value::from("phone"), Value::from(3), Value::from(0.5), Value::from("2024-10-04")]);
-        assert_eq!(r[1], vec![Value::Null, Value::from(4), Value::Null, Value::Null]);
+        assert_eq!(
+            r[0],
+            vec![
+                Value::from("phone"),
+                Value::from(3),
+                Value::from(0.5),
+                Value::from("2024-10-04")
+            ]
+        );
+        assert_eq!(
+            r[1],
+            vec![Value::Null, Value::from(4), Value::Null, Value::Null]
+        );
     }
 
     #[test]
@@ -205,7 +266,10 @@ mod tests {
             ci95: vec![],
         };
         let t = render(&resp, Format::Table);
-        assert!(t.contains("3.2500") && t.contains("2 group(s) suppressed") && t.contains("SSA ok"), "{t}");
+        assert!(
+            t.contains("3.2500") && t.contains("2 group(s) suppressed") && t.contains("SSA ok"),
+            "{t}"
+        );
         assert_eq!(render(&resp, Format::Csv), "channel,avg\nphone,3.25\n");
     }
 }

@@ -14,9 +14,9 @@ use datafusion::execution::context::SessionContext;
 use cxfed_protocol::wire::{META_AGENCY, META_PARTIAL, META_SUPPRESSED};
 use cxfed_queries::dp::RandomSource;
 use cxfed_queries::rewrite::PartialMeta;
-use ring::rand::{SecureRandom, SystemRandom};
 use cxfed_queries::rewrite::suppress;
 use cxfed_queries::validate::{QueryError, approve};
+use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::ledger::Ledger;
 use crate::policy::{Policy, PolicyRefusal};
@@ -88,7 +88,13 @@ pub async fn run(
             // Charged and synced before any data is read.
             match charge
                 .ledger
-                .charge(charge.analyst, charge.query_id, epsilon, settings.budget_epsilon, settings.budget_period)
+                .charge(
+                    charge.analyst,
+                    charge.query_id,
+                    epsilon,
+                    settings.budget_epsilon,
+                    settings.budget_period,
+                )
                 .await
                 .map_err(|e| QueryError::Internal(format!("budget ledger: {e}")))?
             {
@@ -110,7 +116,10 @@ pub async fn run(
             .into());
         }
         Ok(Err(e)) if is_resources_exhausted(&e) => {
-            return Err(PolicyRefusal::memory("the query needs more memory than this node's pool allows".into()).into());
+            return Err(PolicyRefusal::memory(
+                "the query needs more memory than this node's pool allows".into(),
+            )
+            .into());
         }
         Ok(Err(e)) => return Err(QueryError::from(e).into()),
         Ok(Ok(b)) => b,
@@ -121,7 +130,10 @@ pub async fn run(
             let mut rng = OsRandom::default();
             let noisy = dp.add_noise(&batches, &mut rng)?;
             if rng.failed {
-                return Err(QueryError::Internal("the operating system's random generator failed".into()).into());
+                return Err(QueryError::Internal(
+                    "the operating system's random generator failed".into(),
+                )
+                .into());
             }
             // How many groups fell below the DP threshold is not itself protected: not reported.
             (noisy, 0)
@@ -132,11 +144,20 @@ pub async fn run(
     let metadata = HashMap::from([
         (META_SUPPRESSED.to_string(), suppressed_groups.to_string()),
         (META_AGENCY.to_string(), agency.to_string()),
-        (META_PARTIAL.to_string(), serde_json::to_string(&meta).map_err(|e| QueryError::Internal(e.to_string()))?),
+        (
+            META_PARTIAL.to_string(),
+            serde_json::to_string(&meta).map_err(|e| QueryError::Internal(e.to_string()))?,
+        ),
     ]);
     let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
-    let ipc = encode(&schema, &kept).map_err(|e| QueryError::Internal(format!("encoding partial: {e}")))?;
-    Ok(PartialOutput { ipc, groups, suppressed_groups, epsilon: meta.epsilon })
+    let ipc = encode(&schema, &kept)
+        .map_err(|e| QueryError::Internal(format!("encoding partial: {e}")))?;
+    Ok(PartialOutput {
+        ipc,
+        groups,
+        suppressed_groups,
+        epsilon: meta.epsilon,
+    })
 }
 
 /// The OS CSPRNG (ring's `SystemRandom`) as a noise source; records failure instead of
@@ -148,7 +169,10 @@ struct OsRandom {
 
 impl Default for OsRandom {
     fn default() -> Self {
-        OsRandom { rng: SystemRandom::new(), failed: false }
+        OsRandom {
+            rng: SystemRandom::new(),
+            failed: false,
+        }
     }
 }
 
@@ -166,12 +190,18 @@ fn is_resources_exhausted(e: &DataFusionError) -> bool {
     matches!(e.find_root(), DataFusionError::ResourcesExhausted(_))
 }
 
-fn encode(schema: &Arc<Schema>, batches: &[RecordBatch]) -> Result<Vec<u8>, arrow::error::ArrowError> {
+fn encode(
+    schema: &Arc<Schema>,
+    batches: &[RecordBatch],
+) -> Result<Vec<u8>, arrow::error::ArrowError> {
     let mut buf = Vec::new();
     {
         let mut writer = StreamWriter::try_new(&mut buf, schema)?;
         for b in batches {
-            writer.write(&RecordBatch::try_new(Arc::clone(schema), b.columns().to_vec())?)?;
+            writer.write(&RecordBatch::try_new(
+                Arc::clone(schema),
+                b.columns().to_vec(),
+            )?)?;
         }
         writer.finish()?;
     }
@@ -195,18 +225,29 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedPartial, String> {
         .map_err(|e| format!("invalid Arrow IPC: {e}"))?;
     let schema = reader.schema();
     let suppressed_groups = match schema.metadata().get(META_SUPPRESSED) {
-        Some(v) => v.parse().map_err(|_| format!("invalid {META_SUPPRESSED} metadata"))?,
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("invalid {META_SUPPRESSED} metadata"))?,
         None => return Err(format!("missing {META_SUPPRESSED} metadata")),
     };
     let meta = match schema.metadata().get(META_PARTIAL) {
-        Some(m) => Some(serde_json::from_str(m).map_err(|e| format!("invalid {META_PARTIAL} metadata: {e}"))?),
+        Some(m) => Some(
+            serde_json::from_str(m).map_err(|e| format!("invalid {META_PARTIAL} metadata: {e}"))?,
+        ),
         None => None,
     };
     let plain = Arc::new(Schema::new(schema.fields().clone()));
     let mut batches = Vec::new();
     for b in reader {
         let b = b.map_err(|e| format!("invalid Arrow IPC batch: {e}"))?;
-        batches.push(RecordBatch::try_new(Arc::clone(&plain), b.columns().to_vec()).map_err(|e| e.to_string())?);
+        batches.push(
+            RecordBatch::try_new(Arc::clone(&plain), b.columns().to_vec())
+                .map_err(|e| e.to_string())?,
+        );
     }
-    Ok(DecodedPartial { batches, suppressed_groups, meta })
+    Ok(DecodedPartial {
+        batches,
+        suppressed_groups,
+        meta,
+    })
 }

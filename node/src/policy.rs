@@ -60,7 +60,12 @@ pub struct PolicyRefusal {
 
 impl PolicyRefusal {
     fn new(code: &'static str, slug: &'static str, status: u16, reason: String) -> Self {
-        PolicyRefusal { code, slug, reason, status }
+        PolicyRefusal {
+            code,
+            slug,
+            reason,
+            status,
+        }
     }
 
     /// The analyst's agency may not query this node.
@@ -145,9 +150,14 @@ pub struct DpSettings {
 impl DpSettings {
     /// The parameters of one query at this node: ε is the analyst's request capped at
     /// `epsilon_per_query`.
-    pub fn params(&self, k: u64, requested_epsilon: Option<f64>) -> cxfed_queries::privacy::DpParams {
+    pub fn params(
+        &self,
+        k: u64,
+        requested_epsilon: Option<f64>,
+    ) -> cxfed_queries::privacy::DpParams {
         cxfed_queries::privacy::DpParams {
-            epsilon: requested_epsilon.map_or(self.epsilon_per_query, |e| e.min(self.epsilon_per_query)),
+            epsilon: requested_epsilon
+                .map_or(self.epsilon_per_query, |e| e.min(self.epsilon_per_query)),
             delta: self.delta,
             max_groups_per_person: self.max_groups_per_person,
             max_rows_per_person: self.max_rows_per_person,
@@ -169,23 +179,46 @@ impl DpSettings {
 
 impl Policy {
     /// Resolves `raw` for a node of `agency` with `peers` and `[privacy] k`. Errors name the key.
-    pub fn resolve(raw: &PolicyConfig, agency: &str, peers: &[&str], k: u64) -> Result<Policy, (String, String)> {
+    pub fn resolve(
+        raw: &PolicyConfig,
+        agency: &str,
+        peers: &[&str],
+        k: u64,
+    ) -> Result<Policy, (String, String)> {
         let allowed_agencies = match &raw.allowed_agencies {
             Some(list) => list.clone(),
-            None => std::iter::once(agency).chain(peers.iter().copied()).map(String::from).collect(),
+            None => std::iter::once(agency)
+                .chain(peers.iter().copied())
+                .map(String::from)
+                .collect(),
         };
         for (i, a) in allowed_agencies.iter().enumerate() {
-            if a.is_empty() || !a.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
-                return Err((format!("policy.allowed_agencies[{i}]"), format!("{a:?} is not an agency abbreviation")));
+            if a.is_empty()
+                || !a
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err((
+                    format!("policy.allowed_agencies[{i}]"),
+                    format!("{a:?} is not an agency abbreviation"),
+                ));
             }
         }
         for (i, d) in raw.hidden_dimensions.iter().enumerate() {
             match schema::column_anywhere(d).map(|c| c.kind) {
                 Some(Kind::Dimension | Kind::Date | Kind::Measure) => {}
                 Some(Kind::Identifier) => {
-                    return Err((format!("policy.hidden_dimensions[{i}]"), format!("{d} is an identifier; identifiers are never exposed anyway")));
+                    return Err((
+                        format!("policy.hidden_dimensions[{i}]"),
+                        format!("{d} is an identifier; identifiers are never exposed anyway"),
+                    ));
                 }
-                None => return Err((format!("policy.hidden_dimensions[{i}]"), format!("{d} is not a column of the CX schema"))),
+                None => {
+                    return Err((
+                        format!("policy.hidden_dimensions[{i}]"),
+                        format!("{d} is not a column of the CX schema"),
+                    ));
+                }
             }
         }
         let min_k = raw.min_k.unwrap_or(1);
@@ -198,11 +231,17 @@ impl Policy {
         }
         let timeout = raw.query_timeout_secs.unwrap_or(60);
         if !(1..=3600).contains(&timeout) {
-            return Err(("policy.query_timeout_secs".into(), "must be between 1 and 3600".into()));
+            return Err((
+                "policy.query_timeout_secs".into(),
+                "must be between 1 and 3600".into(),
+            ));
         }
         let memory_mb = raw.memory_limit_mb.unwrap_or(1024);
         if !(16..=1_048_576).contains(&memory_mb) {
-            return Err(("policy.memory_limit_mb".into(), "must be between 16 and 1048576".into()));
+            return Err((
+                "policy.memory_limit_mb".into(),
+                "must be between 16 and 1048576".into(),
+            ));
         }
         Ok(Policy {
             allowed_agencies,
@@ -218,8 +257,9 @@ impl Policy {
 
     /// Checks who is asking.
     pub fn check_analyst(&self, analyst: &str) -> Result<Identity, PolicyRefusal> {
-        let id = Identity::parse_uri(analyst)
-            .map_err(|e| PolicyRefusal::agency(format!("the analyst identity is not usable: {e}")))?;
+        let id = Identity::parse_uri(analyst).map_err(|e| {
+            PolicyRefusal::agency(format!("the analyst identity is not usable: {e}"))
+        })?;
         if id.role() != cxfed_protocol::Role::Analyst {
             return Err(PolicyRefusal::agency(format!("{id} is not an analyst")));
         }
@@ -236,8 +276,14 @@ impl Policy {
     /// Checks what the query touches.
     pub fn check_query(&self, q: &ApprovedQuery) -> Result<(), PolicyRefusal> {
         let used = q.referenced_columns();
-        if let Some(d) = self.hidden_dimensions.iter().find(|d| used.contains(d.as_str())) {
-            return Err(PolicyRefusal::hidden(format!("this node does not expose {d}")));
+        if let Some(d) = self
+            .hidden_dimensions
+            .iter()
+            .find(|d| used.contains(d.as_str()))
+        {
+            return Err(PolicyRefusal::hidden(format!(
+                "this node does not expose {d}"
+            )));
         }
         Ok(())
     }
@@ -280,7 +326,9 @@ impl RateLimiter {
             q.pop_front();
         }
         if q.len() >= limit as usize {
-            return Err(PolicyRefusal::rate(format!("at most {limit} queries per minute per analyst; try again shortly")));
+            return Err(PolicyRefusal::rate(format!(
+                "at most {limit} queries per minute per analyst; try again shortly"
+            )));
         }
         q.push_back(now);
         Ok(())
@@ -300,22 +348,33 @@ mod tests {
         let p = policy(PolicyConfig::default());
         assert_eq!(p.allowed_agencies, ["SSA", "CMS"]);
         assert!(p.check_analyst("spiffe://cx/CMS/analyst/a").is_ok());
-        let r = p.check_analyst("spiffe://cx/IRS/analyst/a").expect_err("IRS not allowed");
+        let r = p
+            .check_analyst("spiffe://cx/IRS/analyst/a")
+            .expect_err("IRS not allowed");
         assert_eq!(r.code, "CXF-P001");
         assert!(p.check_analyst("spiffe://cx/SSA/node/n").is_err());
     }
 
     #[test]
     fn min_k_is_a_floor() {
-        let p = policy(PolicyConfig { min_k: Some(25), ..Default::default() });
+        let p = policy(PolicyConfig {
+            min_k: Some(25),
+            ..Default::default()
+        });
         assert_eq!(p.k, 25);
-        let p = policy(PolicyConfig { min_k: Some(5), ..Default::default() });
+        let p = policy(PolicyConfig {
+            min_k: Some(5),
+            ..Default::default()
+        });
         assert_eq!(p.k, 10);
     }
 
     #[test]
     fn refuses_unknown_hidden_dimension_with_its_key() {
-        let raw = PolicyConfig { hidden_dimensions: vec!["stat".into()], ..Default::default() };
+        let raw = PolicyConfig {
+            hidden_dimensions: vec!["stat".into()],
+            ..Default::default()
+        };
         let (field, _) = Policy::resolve(&raw, "SSA", &[], 10).expect_err("unknown");
         assert_eq!(field, "policy.hidden_dimensions[0]");
     }
@@ -333,16 +392,23 @@ mod tests {
     #[tokio::test]
     async fn hides_dimensions_wherever_they_appear() {
         let ctx = cxfed_queries::context::planning_context().expect("ctx");
-        let p = policy(PolicyConfig { hidden_dimensions: vec!["state".into()], ..Default::default() });
+        let p = policy(PolicyConfig {
+            hidden_dimensions: vec!["state".into()],
+            ..Default::default()
+        });
         for sql in [
             "SELECT state, COUNT(*) FROM experience GROUP BY state",
             "SELECT COUNT(*) FROM experience WHERE state = 'WY'",
             "SELECT channel, COUNT(*) FILTER (WHERE state = 'WY') FROM experience GROUP BY channel",
         ] {
-            let q = cxfed_queries::validate::approve(&ctx.state(), sql).await.expect("approve");
+            let q = cxfed_queries::validate::approve(&ctx.state(), sql)
+                .await
+                .expect("approve");
             assert_eq!(p.check_query(&q).expect_err(sql).code, "CXF-P002");
         }
-        let q = cxfed_queries::validate::approve(&ctx.state(), "SELECT COUNT(*) FROM experience").await.expect("approve");
+        let q = cxfed_queries::validate::approve(&ctx.state(), "SELECT COUNT(*) FROM experience")
+            .await
+            .expect("approve");
         assert!(p.check_query(&q).is_ok());
     }
 }

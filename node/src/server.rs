@@ -29,8 +29,8 @@ use serde::Deserialize;
 use tracing::{Instrument, info, warn};
 
 use cxfed_protocol::wire::{
-    ARROW_STREAM, ErrorBody, HEADER_QUERY_ID, Health, NodeStatus, PROTOCOL_VERSION, PartialRequest, QueryRequest,
-    SchemaColumn, SchemaResponse, SchemaTable,
+    ARROW_STREAM, ErrorBody, HEADER_QUERY_ID, Health, NodeStatus, PROTOCOL_VERSION, PartialRequest,
+    QueryRequest, SchemaColumn, SchemaResponse, SchemaTable,
 };
 use cxfed_protocol::{Identity, Role};
 use cxfed_queries::rules::Rejection;
@@ -63,7 +63,10 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("agency", &self.config.agency).field("listen", &self.config.listen).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("agency", &self.config.agency)
+            .field("listen", &self.config.listen)
+            .finish_non_exhaustive()
     }
 }
 
@@ -127,8 +130,14 @@ impl RunningNode {
     pub async fn wait(self) -> Result<(), ServeError> {
         match self.task.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(ServeError::Io { addr: self.addr.to_string(), source }),
-            Err(e) => Err(ServeError::Io { addr: self.addr.to_string(), source: std::io::Error::other(e) }),
+            Ok(Err(source)) => Err(ServeError::Io {
+                addr: self.addr.to_string(),
+                source,
+            }),
+            Err(e) => Err(ServeError::Io {
+                addr: self.addr.to_string(),
+                source: std::io::Error::other(e),
+            }),
         }
     }
 }
@@ -139,21 +148,36 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
         path: config.data_dir.display().to_string(),
         message: e.to_string(),
     };
-    let ctx = crate::engine::node_context(&config.data_dir, config.policy.memory_limit_bytes).map_err(|e| data_err(&e))?;
+    let ctx = crate::engine::node_context(&config.data_dir, config.policy.memory_limit_bytes)
+        .map_err(|e| data_err(&e))?;
     let audit = AuditLog::open(&config.data_dir).map_err(|e| data_err(&e))?;
     let client = crate::client::http_client(&config.tls, config.timeout)?;
     let policy = RwLock::new(Arc::new(config.policy.clone()));
     let ledger = Ledger::open(&config.data_dir).map_err(|e| data_err(&e))?;
-    Ok(Node { config, ctx, client, audit, policy, limiter: RateLimiter::default(), ledger })
+    Ok(Node {
+        config,
+        ctx,
+        client,
+        audit,
+        policy,
+        limiter: RateLimiter::default(),
+        ledger,
+    })
 }
 
 /// Starts serving `config` on `listener` (or on `config.listen` when `None`).
-pub async fn start(config: NodeConfig, listener: Option<std::net::TcpListener>) -> Result<RunningNode, ServeError> {
+pub async fn start(
+    config: NodeConfig,
+    listener: Option<std::net::TcpListener>,
+) -> Result<RunningNode, ServeError> {
     let tls = config.tls.server_config(&config.federation)?;
     let listen = config.listen;
     let node = Arc::new(build_node(config)?);
     let app = router(Arc::clone(&node));
-    let io_err = |source| ServeError::Io { addr: listen.to_string(), source };
+    let io_err = |source| ServeError::Io {
+        addr: listen.to_string(),
+        source,
+    };
     let listener = match listener {
         Some(l) => l,
         None => std::net::TcpListener::bind(listen).map_err(io_err)?,
@@ -161,7 +185,8 @@ pub async fn start(config: NodeConfig, listener: Option<std::net::TcpListener>) 
     listener.set_nonblocking(true).map_err(io_err)?;
     let addr = listener.local_addr().map_err(io_err)?;
     let handle = axum_server::Handle::new();
-    let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(tls)).handshake_timeout(Duration::from_secs(10));
+    let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(tls))
+        .handshake_timeout(Duration::from_secs(10));
     let server = axum_server::from_tcp(listener)
         .map_err(io_err)?
         .acceptor(acceptor)
@@ -173,8 +198,18 @@ pub async fn start(config: NodeConfig, listener: Option<std::net::TcpListener>) 
         });
     let task = tokio::spawn(server.serve(app.into_make_service()));
     info!(agency = %node.config.agency, %addr, peers = node.config.peers.len(), k = node.config.k, "node serving");
-    let reload = node.config.source.clone().map(|path| tokio::spawn(watch_config(Arc::clone(&node), path)));
-    Ok(RunningNode { addr, node, handle, task, reload })
+    let reload = node
+        .config
+        .source
+        .clone()
+        .map(|path| tokio::spawn(watch_config(Arc::clone(&node), path)));
+    Ok(RunningNode {
+        addr,
+        node,
+        handle,
+        task,
+        reload,
+    })
 }
 
 /// How often the configuration file is checked for changes.
@@ -209,7 +244,9 @@ async fn watch_config(node: Arc<Node>, path: std::path::PathBuf) {
         }
         seen = now;
         match NodeConfig::load(&path) {
-            Err(e) => tracing::error!(error = %e, "configuration not reloaded; the policy in force stays"),
+            Err(e) => {
+                tracing::error!(error = %e, "configuration not reloaded; the policy in force stays")
+            }
             Ok(new) => {
                 let old = node.policy();
                 if new.federation != node.config.federation
@@ -220,7 +257,9 @@ async fn watch_config(node: Arc<Node>, path: std::path::PathBuf) {
                     || new.peers != node.config.peers
                     || new.policy.memory_limit_bytes != old.memory_limit_bytes
                 {
-                    warn!("identity, listen, data_dir, tls, peers and memory_limit_mb changes take effect at restart");
+                    warn!(
+                        "identity, listen, data_dir, tls, peers and memory_limit_mb changes take effect at restart"
+                    );
                 }
                 if *old != new.policy {
                     info!(k = new.policy.k, hidden = ?new.policy.hidden_dimensions, allowed = ?new.policy.allowed_agencies, "policy reloaded");
@@ -296,11 +335,19 @@ impl IntoResponse for ApiError {
             ),
             ApiError::Policy(p, query_id) => (
                 StatusCode::from_u16(p.status).unwrap_or(StatusCode::FORBIDDEN),
-                ErrorBody { query_id, ..body(p.code, p.slug, p.reason) },
+                ErrorBody {
+                    query_id,
+                    ..body(p.code, p.slug, p.reason)
+                },
             ),
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, body("CXF-A403", "forbidden", m)),
-            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, body("CXF-A400", "bad-request", m)),
-            ApiError::NotFound => (StatusCode::NOT_FOUND, body("CXF-A404", "not-found", "no such endpoint".into())),
+            ApiError::BadRequest(m) => {
+                (StatusCode::BAD_REQUEST, body("CXF-A400", "bad-request", m))
+            }
+            ApiError::NotFound => (
+                StatusCode::NOT_FOUND,
+                body("CXF-A404", "not-found", "no such endpoint".into()),
+            ),
             ApiError::NodesFailed(query_id, nodes) => {
                 let failed: Vec<String> = nodes
                     .iter()
@@ -325,7 +372,14 @@ impl IntoResponse for ApiError {
             }
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
-                (StatusCode::INTERNAL_SERVER_ERROR, body("CXF-A500", "internal", "internal error; see the node's log".into()))
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    body(
+                        "CXF-A500",
+                        "internal",
+                        "internal error; see the node's log".into(),
+                    ),
+                )
             }
         };
         (status, axum::Json(body)).into_response()
@@ -363,7 +417,9 @@ pub fn new_query_id() -> String {
     let mut b = [0u8; 16];
     if SystemRandom::new().fill(&mut b).is_err() {
         // The OS RNG failing is fatal for keys, but a query id only needs uniqueness.
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         b[..16].copy_from_slice(&t.as_nanos().to_le_bytes());
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -372,14 +428,27 @@ pub fn new_query_id() -> String {
 impl Node {
     /// The verified identity of the TLS peer, if it is allowed `roles` here. Refusals are
     /// logged and audited.
-    async fn authorize(&self, tls: &TlsInfo, endpoint: &'static str, roles: &[Role]) -> Result<Identity, ApiError> {
-        let id = crate::tls::peer_identity(&tls.peer_certificates)
-            .map_err(|e| ApiError::Forbidden(format!("client certificate has no usable identity: {e}")))?;
+    async fn authorize(
+        &self,
+        tls: &TlsInfo,
+        endpoint: &'static str,
+        roles: &[Role],
+    ) -> Result<Identity, ApiError> {
+        let id = crate::tls::peer_identity(&tls.peer_certificates).map_err(|e| {
+            ApiError::Forbidden(format!("client certificate has no usable identity: {e}"))
+        })?;
         let refusal = if id.federation() != self.config.federation {
-            Some(format!("{id} is not of federation {}", self.config.federation))
+            Some(format!(
+                "{id} is not of federation {}",
+                self.config.federation
+            ))
         } else if !roles.contains(&id.role()) {
             let allowed: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
-            Some(format!("role {} may not call {endpoint} (allowed: {})", id.role().as_str(), allowed.join(", ")))
+            Some(format!(
+                "role {} may not call {endpoint} (allowed: {})",
+                id.role().as_str(),
+                allowed.join(", ")
+            ))
         } else if id.role() == Role::Node
             && id.agency() != self.config.agency
             && !self.config.peers.iter().any(|p| p.agency == id.agency())
@@ -411,7 +480,11 @@ impl Node {
 
     /// Appends to the audit log; a log that cannot be written stops the answer.
     pub async fn record(&self, record: Record) -> Result<(), ApiError> {
-        self.audit.append(record).await.map(|_| ()).map_err(|e| ApiError::Internal(format!("audit log: {e}")))
+        self.audit
+            .append(record)
+            .await
+            .map(|_| ())
+            .map_err(|e| ApiError::Internal(format!("audit log: {e}")))
     }
 
     /// The policy in force.
@@ -429,7 +502,8 @@ impl Node {
     pub fn admit(&self, analyst: &str, what: &str) -> Result<(), PolicyRefusal> {
         let policy = self.policy();
         policy.check_analyst(analyst)?;
-        self.limiter.check(&format!("{what}:{analyst}"), policy.rate_limit_per_minute)
+        self.limiter
+            .check(&format!("{what}:{analyst}"), policy.rate_limit_per_minute)
     }
 
     /// Runs this node's part of a query under its own policy and audits it, whoever asked.
@@ -441,14 +515,24 @@ impl Node {
         sql: &str,
         requested_epsilon: Option<f64>,
     ) -> Result<PartialOutput, PartialError> {
-        let charge = crate::partial::Charge { ledger: &self.ledger, analyst, query_id, requested_epsilon };
+        let charge = crate::partial::Charge {
+            ledger: &self.ledger,
+            analyst,
+            query_id,
+            requested_epsilon,
+        };
         let result = match self.admit(analyst, "partial") {
             Err(refusal) => Err(PartialError::Policy(refusal)),
-            Ok(()) => crate::partial::run(&self.ctx, &self.config.agency, &self.policy(), sql, charge).await,
+            Ok(()) => {
+                crate::partial::run(&self.ctx, &self.config.agency, &self.policy(), sql, charge)
+                    .await
+            }
         };
         let (decision, code, released, withheld) = match &result {
             Ok(out) => (Decision::Executed, None, out.groups, out.suppressed_groups),
-            Err(PartialError::Query(QueryError::Rejected(r))) => (Decision::Refused, Some(r.rule.code().to_string()), 0, 0),
+            Err(PartialError::Query(QueryError::Rejected(r))) => {
+                (Decision::Refused, Some(r.rule.code().to_string()), 0, 0)
+            }
             Err(PartialError::Policy(p)) => (Decision::Refused, Some(p.code.to_string()), 0, 0),
             Err(_) => (Decision::Failed, Some("CXF-A500".to_string()), 0, 0),
         };
@@ -534,7 +618,13 @@ async fn partial(
     }
     let span = tracing::info_span!("partial", query_id = %req.query_id, peer = %peer);
     let out = node
-        .answer_partial(&peer.to_string(), &req.analyst, &req.query_id, &req.sql, req.epsilon)
+        .answer_partial(
+            &peer.to_string(),
+            &req.analyst,
+            &req.query_id,
+            &req.sql,
+            req.epsilon,
+        )
         .instrument(span)
         .await
         .map_err(|e| match ApiError::from(e) {
@@ -550,14 +640,23 @@ async fn explain(
     Extension(tls): Extension<Arc<TlsInfo>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    node.authorize(&tls, "/v1/explain", &[Role::Analyst, Role::Steward]).await?;
+    node.authorize(&tls, "/v1/explain", &[Role::Analyst, Role::Steward])
+        .await?;
     let req: QueryRequest = parse_json(&body)?;
     let policy = node.policy();
     let dp = policy.dp.as_ref().map(|d| d.params(policy.k, None));
-    let mut explanation =
-        cxfed_queries::explain::explain_with(&node.ctx.state(), &req.sql, policy.k, policy.k, dp.as_ref()).await?;
-    if matches!(explanation, cxfed_queries::explain::Explanation::Accepted { .. })
-        && let Ok(approved) = cxfed_queries::validate::approve(&node.ctx.state(), &req.sql).await
+    let mut explanation = cxfed_queries::explain::explain_with(
+        &node.ctx.state(),
+        &req.sql,
+        policy.k,
+        policy.k,
+        dp.as_ref(),
+    )
+    .await?;
+    if matches!(
+        explanation,
+        cxfed_queries::explain::Explanation::Accepted { .. }
+    ) && let Ok(approved) = cxfed_queries::validate::approve(&node.ctx.state(), &req.sql).await
         && let Err(p) = policy.check_query(&approved)
     {
         explanation = cxfed_queries::explain::Explanation::Refused {
@@ -571,7 +670,10 @@ async fn explain(
     Ok(axum::Json(explanation).into_response())
 }
 
-async fn budget(State(node): State<Arc<Node>>, Extension(tls): Extension<Arc<TlsInfo>>) -> Result<Response, ApiError> {
+async fn budget(
+    State(node): State<Arc<Node>>,
+    Extension(tls): Extension<Arc<TlsInfo>>,
+) -> Result<Response, ApiError> {
     node.authorize(&tls, "/v1/budget", &[Role::Steward]).await?;
     let policy = node.policy();
     let (mode, eps, budget, period, analysts) = match &policy.dp {
@@ -585,7 +687,12 @@ async fn budget(State(node): State<Arc<Node>>, Extension(tls): Extension<Arc<Tls
                 .usage(d.budget_epsilon, d.budget_period)
                 .await
                 .into_iter()
-                .map(|u| cxfed_protocol::wire::BudgetUse { analyst: u.analyst, used: u.used, remaining: u.remaining, queries: u.queries })
+                .map(|u| cxfed_protocol::wire::BudgetUse {
+                    analyst: u.analyst,
+                    used: u.used,
+                    remaining: u.remaining,
+                    queries: u.queries,
+                })
                 .collect(),
         ),
     };
@@ -600,8 +707,16 @@ async fn budget(State(node): State<Arc<Node>>, Extension(tls): Extension<Arc<Tls
     .into_response())
 }
 
-async fn health(State(node): State<Arc<Node>>, Extension(tls): Extension<Arc<TlsInfo>>) -> Result<Response, ApiError> {
-    node.authorize(&tls, "/v1/health", &[Role::Node, Role::Analyst, Role::Steward, Role::Auditor]).await?;
+async fn health(
+    State(node): State<Arc<Node>>,
+    Extension(tls): Extension<Arc<TlsInfo>>,
+) -> Result<Response, ApiError> {
+    node.authorize(
+        &tls,
+        "/v1/health",
+        &[Role::Node, Role::Analyst, Role::Steward, Role::Auditor],
+    )
+    .await?;
     Ok(axum::Json(Health {
         status: "ok".into(),
         agency: node.config.agency.clone(),
@@ -612,11 +727,21 @@ async fn health(State(node): State<Arc<Node>>, Extension(tls): Extension<Arc<Tls
     .into_response())
 }
 
-async fn schema(State(node): State<Arc<Node>>, Extension(tls): Extension<Arc<TlsInfo>>) -> Result<Response, ApiError> {
-    node.authorize(&tls, "/v1/schema", &[Role::Node, Role::Analyst, Role::Steward, Role::Auditor]).await?;
+async fn schema(
+    State(node): State<Arc<Node>>,
+    Extension(tls): Extension<Arc<TlsInfo>>,
+) -> Result<Response, ApiError> {
+    node.authorize(
+        &tls,
+        "/v1/schema",
+        &[Role::Node, Role::Analyst, Role::Steward, Role::Auditor],
+    )
+    .await?;
     let mut tables = Vec::new();
     for t in Table::ALL {
-        let rows = crate::engine::row_count(&node.ctx, t).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let rows = crate::engine::row_count(&node.ctx, t)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         let columns = t
             .columns()
             .iter()
@@ -639,9 +764,17 @@ async fn schema(State(node): State<Arc<Node>>, Extension(tls): Extension<Arc<Tls
                 },
             })
             .collect();
-        tables.push(SchemaTable { name: t.name().into(), rows, columns });
+        tables.push(SchemaTable {
+            name: t.name().into(),
+            rows,
+            columns,
+        });
     }
-    Ok(axum::Json(SchemaResponse { version: cxfed_queries::schema::SCHEMA_VERSION, tables }).into_response())
+    Ok(axum::Json(SchemaResponse {
+        version: cxfed_queries::schema::SCHEMA_VERSION,
+        tables,
+    })
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -657,7 +790,11 @@ async fn audit(
 ) -> Result<Response, ApiError> {
     node.authorize(&tls, "/v1/audit", &[Role::Auditor]).await?;
     let Query(params) = params.map_err(|e| ApiError::BadRequest(format!("since: {e}")))?;
-    let entries = node.audit.read_since(params.since).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let entries = node
+        .audit
+        .read_since(params.since)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(axum::Json(entries).into_response())
 }
 

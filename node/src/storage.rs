@@ -30,8 +30,7 @@ pub fn is_data_file(path: &Path) -> bool {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
         return false;
     };
-    !name.starts_with('.')
-        && path.extension().and_then(|e| e.to_str()) == Some(DATA_FILE_EXTENSION)
+    !name.starts_with('.') && path.extension().and_then(|e| e.to_str()) == Some(DATA_FILE_EXTENSION)
 }
 
 /// The data files of `table`, sorted by name (that is, by ingestion time). A missing table
@@ -62,10 +61,18 @@ mod tests {
     #[test]
     fn layout() {
         let d = Path::new("/data");
-        assert_eq!(table_dir(d, Table::Experience), PathBuf::from("/data/experience"));
-        assert_eq!(table_dir(d, Table::Operational), PathBuf::from("/data/operational"));
+        assert_eq!(
+            table_dir(d, Table::Experience),
+            PathBuf::from("/data/experience")
+        );
+        assert_eq!(
+            table_dir(d, Table::Operational),
+            PathBuf::from("/data/operational")
+        );
         assert!(is_data_file(Path::new("/data/experience/1-ab.parquet")));
-        assert!(!is_data_file(Path::new("/data/experience/.1-ab.parquet.x.tmp")));
+        assert!(!is_data_file(Path::new(
+            "/data/experience/.1-ab.parquet.x.tmp"
+        )));
         assert!(!is_data_file(Path::new("/data/experience/.hidden.parquet")));
         assert!(!is_data_file(Path::new("/data/experience/notes.txt")));
     }
@@ -73,6 +80,10 @@ mod tests {
     #[test]
     fn missing_table_dir_is_empty() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        assert!(data_files(tmp.path(), Table::Experience).expect("list").is_empty());
+        assert!(
+            data_files(tmp.path(), Table::Experience)
+                .expect("list")
+                .is_empty()
+        );
     }
 }

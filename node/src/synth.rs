@@ -30,7 +30,9 @@
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use cxfed_queries::schema::{AGE_BANDS, CHANNELS, JOURNEY_STAGES, LIFE_EXPERIENCES, OUTCOMES, STATES, Table};
+use cxfed_queries::schema::{
+    AGE_BANDS, CHANNELS, JOURNEY_STAGES, LIFE_EXPERIENCES, OUTCOMES, STATES, Table,
+};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -97,16 +99,23 @@ pub fn write(opts: &SynthOptions, out_dir: &Path) -> Result<SynthSummary, SynthE
     let mut exp = BufWriter::with_capacity(1 << 20, exp_tmp.as_file());
 
     let mut generator = Generator::new(opts);
-    let (operational_rows, experience_rows) = generator
-        .run(&mut op, &mut exp)
-        .map_err(|e| SynthError::Io { path: out_dir.to_path_buf(), source: e })?;
+    let (operational_rows, experience_rows) =
+        generator
+            .run(&mut op, &mut exp)
+            .map_err(|e| SynthError::Io {
+                path: out_dir.to_path_buf(),
+                source: e,
+            })?;
 
     op.flush().map_err(io_err(&op_path))?;
     exp.flush().map_err(io_err(&exp_path))?;
     drop((op, exp));
     for (tmp, path) in [(op_tmp, &op_path), (exp_tmp, &exp_path)] {
         tmp.as_file().sync_all().map_err(io_err(path))?;
-        tmp.persist(path).map_err(|e| SynthError::Io { path: path.clone(), source: e.error })?;
+        tmp.persist(path).map_err(|e| SynthError::Io {
+            path: path.clone(),
+            source: e.error,
+        })?;
     }
     Ok(SynthSummary {
         people: opts.people,
@@ -119,7 +128,10 @@ pub fn write(opts: &SynthOptions, out_dir: &Path) -> Result<SynthSummary, SynthE
 
 fn temp_in(dir: &Path, table: Table) -> io::Result<tempfile::NamedTempFile> {
     let prefix = format!(".{}.csv.", table.name());
-    tempfile::Builder::new().prefix(&prefix).suffix(".tmp").tempfile_in(dir)
+    tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .tempfile_in(dir)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -174,7 +186,13 @@ struct Profile {
 }
 
 const fn svc(name: &'static str, life: usize, weight: u32, days: f64, deny: f64) -> Service {
-    Service { name, life, weight, days, deny }
+    Service {
+        name,
+        life,
+        weight,
+        days,
+        deny,
+    }
 }
 
 //                         web mob eml cht phn aut inp pst pap
@@ -183,7 +201,13 @@ const SSA: Profile = Profile {
         svc("Retirement benefits", RETIREMENT, 45, 30.0, 0.06),
         svc("SSN for a newborn", CHILD, 20, 12.0, 0.02),
         svc("Supplemental Security Income", SHOCK, 25, 110.0, 0.40),
-        svc("Medicare Part A and B enrollment", RETIREMENT, 10, 20.0, 0.03),
+        svc(
+            "Medicare Part A and B enrollment",
+            RETIREMENT,
+            10,
+            20.0,
+            0.03,
+        ),
     ],
     channels: [22, 3, 0, 0, 36, 8, 24, 5, 2],
     phone_wait: 32.0,
@@ -207,7 +231,13 @@ const OPM: Profile = Profile {
     services: &[
         svc("Federal retirement services", RETIREMENT, 75, 70.0, 0.03),
         svc("Survivor annuities", RETIREMENT, 15, 60.0, 0.05),
-        svc("Federal Employees Health Benefits", RETIREMENT, 10, 10.0, 0.02),
+        svc(
+            "Federal Employees Health Benefits",
+            RETIREMENT,
+            10,
+            10.0,
+            0.02,
+        ),
     ],
     channels: [42, 0, 10, 0, 33, 0, 0, 8, 7],
     phone_wait: 25.0,
@@ -309,7 +339,13 @@ const GENERIC: Profile = Profile {
     services: &[
         svc("Retirement planning assistance", RETIREMENT, 20, 30.0, 0.05),
         svc("Disaster assistance", DISASTER, 20, 30.0, 0.25),
-        svc("Veteran and military family services", CIVILIAN, 20, 20.0, 0.10),
+        svc(
+            "Veteran and military family services",
+            CIVILIAN,
+            20,
+            20.0,
+            0.10,
+        ),
         svc("Family benefits", CHILD, 20, 15.0, 0.10),
         svc("Emergency financial assistance", SHOCK, 20, 30.0, 0.25),
     ],
@@ -349,11 +385,11 @@ const DISASTER_STATES: &[&str] = &["FL", "TX", "LA", "CA", "NC", "PR", "HI", "MS
 
 /// Age band weights in [`AGE_BANDS`] order, per life experience.
 const AGE_WEIGHTS: [[u32; 6]; 5] = [
-    [0, 1, 17, 34, 38, 10],  // approaching_retirement
-    [7, 30, 30, 10, 15, 8],  // recovering_from_disaster
-    [28, 50, 15, 3, 3, 1],   // transition_to_civilian_life
-    [24, 68, 6, 1, 1, 0],    // having_a_child
-    [14, 36, 28, 8, 9, 5],   // facing a financial shock
+    [0, 1, 17, 34, 38, 10], // approaching_retirement
+    [7, 30, 30, 10, 15, 8], // recovering_from_disaster
+    [28, 50, 15, 3, 3, 1],  // transition_to_civilian_life
+    [24, 68, 6, 1, 1, 0],   // having_a_child
+    [14, 36, 28, 8, 9, 5],  // facing a financial shock
 ];
 
 /// Channel weight multipliers per age band (in [`CHANNELS`] order).
@@ -391,13 +427,55 @@ struct Item {
 }
 
 const ITEMS: [Item; 7] = [
-    Item { offset: -0.10, wait: 0.8, days: 0.8, denied: 1.0, missing: 0.03 }, // trust
-    Item { offset: 0.00, wait: 1.0, days: 1.0, denied: 1.0, missing: 0.04 },  // satisfaction
-    Item { offset: 0.05, wait: 0.6, days: 0.8, denied: 1.5, missing: 0.05 },  // effectiveness
-    Item { offset: 0.05, wait: 1.0, days: 0.6, denied: 0.7, missing: 0.05 },  // ease
-    Item { offset: -0.15, wait: 1.6, days: 1.6, denied: 0.7, missing: 0.06 }, // efficiency
-    Item { offset: 0.00, wait: 0.6, days: 0.8, denied: 1.2, missing: 0.08 },  // transparency
-    Item { offset: 0.20, wait: 0.7, days: 0.4, denied: 0.6, missing: 0.06 },  // employee_helpfulness
+    Item {
+        offset: -0.10,
+        wait: 0.8,
+        days: 0.8,
+        denied: 1.0,
+        missing: 0.03,
+    }, // trust
+    Item {
+        offset: 0.00,
+        wait: 1.0,
+        days: 1.0,
+        denied: 1.0,
+        missing: 0.04,
+    }, // satisfaction
+    Item {
+        offset: 0.05,
+        wait: 0.6,
+        days: 0.8,
+        denied: 1.5,
+        missing: 0.05,
+    }, // effectiveness
+    Item {
+        offset: 0.05,
+        wait: 1.0,
+        days: 0.6,
+        denied: 0.7,
+        missing: 0.05,
+    }, // ease
+    Item {
+        offset: -0.15,
+        wait: 1.6,
+        days: 1.6,
+        denied: 0.7,
+        missing: 0.06,
+    }, // efficiency
+    Item {
+        offset: 0.00,
+        wait: 0.6,
+        days: 0.8,
+        denied: 1.2,
+        missing: 0.08,
+    }, // transparency
+    Item {
+        offset: 0.20,
+        wait: 0.7,
+        days: 0.4,
+        denied: 0.6,
+        missing: 0.06,
+    }, // employee_helpfulness
 ];
 const EMPLOYEE: usize = 6;
 
@@ -464,7 +542,9 @@ fn lognormal(rng: &mut ChaCha8Rng, mean: f64, sigma: f64) -> f64 {
 
 /// FNV-1a, to mix the agency name into the seed.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn splitmix(mut z: u64) -> u64 {
@@ -606,7 +686,11 @@ impl<'a> Generator<'a> {
         let mut channels: Vec<Vec<u32>> = AGE_CHANNEL.iter().map(channel_table).collect();
         channels.push(channel_table(&[1.0; 9]));
         let disaster_states = cumulative(STATES.iter().zip(POPULATION).map(|(s, p)| {
-            if DISASTER_STATES.contains(s) { p * 3 } else { p }
+            if DISASTER_STATES.contains(s) {
+                p * 3
+            } else {
+                p
+            }
         }));
         Generator {
             rng: ChaCha8Rng::seed_from_u64(seed),
@@ -617,7 +701,10 @@ impl<'a> Generator<'a> {
             channels,
             states: cumulative(POPULATION),
             disaster_states,
-            ages: AGE_WEIGHTS.iter().map(|w| cumulative(w.iter().copied())).collect(),
+            ages: AGE_WEIGHTS
+                .iter()
+                .map(|w| cumulative(w.iter().copied()))
+                .collect(),
             start_stage: cumulative(START_STAGE),
             start: days_from_civil(2024, 10, 1) as i32,
             end: days_from_civil(2025, 12, 31) as i32,
@@ -678,13 +765,22 @@ impl<'a> Generator<'a> {
 
     fn person(&mut self, life: usize) -> Person {
         let id = self.rng.next_u64();
-        let states = if life == DISASTER { &self.disaster_states } else { &self.states };
+        let states = if life == DISASTER {
+            &self.disaster_states
+        } else {
+            &self.states
+        };
         let state = pick(&mut self.rng, states);
         let age = pick(&mut self.rng, &self.ages[life]);
         let effect = PERSON_SD * normal(&mut self.rng);
         let state = (!chance(&mut self.rng, 0.005)).then_some(state);
         let age = (!chance(&mut self.rng, 0.02)).then_some(age);
-        Person { id, state, age, effect }
+        Person {
+            id,
+            state,
+            age,
+            effect,
+        }
     }
 
     fn case(&mut self, service: usize, stage: usize, channel: usize, opened: i32) -> Case {
@@ -692,7 +788,11 @@ impl<'a> Generator<'a> {
         let svc = &self.profile.services[service];
         let id = rng.next_u64();
         let wait = match channel {
-            WEBSITE | MOBILE_APP => Some(if chance(rng, 0.85) { 0.0 } else { rng.random_range(1..6u32).into() }),
+            WEBSITE | MOBILE_APP => Some(if chance(rng, 0.85) {
+                0.0
+            } else {
+                rng.random_range(1..6u32).into()
+            }),
             EMAIL => Some(lognormal(rng, 600.0, 0.9)),
             LIVE_CHAT => Some(lognormal(rng, 6.0, 0.7)),
             PHONE => Some(lognormal(rng, self.profile.phone_wait, 0.8)),
@@ -769,7 +869,9 @@ impl<'a> Generator<'a> {
         line.push(b',');
         push_text(line, self.profile.services[case.service].name);
         line.push(b',');
-        line.extend_from_slice(LIFE_EXPERIENCES[self.profile.services[case.service].life].as_bytes());
+        line.extend_from_slice(
+            LIFE_EXPERIENCES[self.profile.services[case.service].life].as_bytes(),
+        );
         line.push(b',');
         line.extend_from_slice(JOURNEY_STAGES[case.stage].as_bytes());
         line.push(b',');
@@ -808,7 +910,12 @@ impl<'a> Generator<'a> {
         out.write_all(line)
     }
 
-    fn write_response(&mut self, out: &mut impl Write, person: &Person, case: &Case) -> io::Result<()> {
+    fn write_response(
+        &mut self,
+        out: &mut impl Write,
+        person: &Person,
+        case: &Case,
+    ) -> io::Result<()> {
         let rng = &mut self.rng;
         let id = rng.next_u64();
         let base = case.closed.unwrap_or(case.opened);
@@ -816,7 +923,8 @@ impl<'a> Generator<'a> {
         let date = (base + lag).min(self.end).max(base);
 
         // Latent satisfaction and what drags it down.
-        let mut latent = LATENT_BASE + self.profile.base + person.effect + RESPONSE_SD * normal(rng);
+        let mut latent =
+            LATENT_BASE + self.profile.base + person.effect + RESPONSE_SD * normal(rng);
         if chance(rng, DISAFFECTED) {
             latent -= 3.5;
         }
@@ -856,7 +964,11 @@ impl<'a> Generator<'a> {
             if k == 3 {
                 v += ease;
             }
-            let missing = if k == EMPLOYEE && self_service { 0.85 } else { item.missing };
+            let missing = if k == EMPLOYEE && self_service {
+                0.85
+            } else {
+                item.missing
+            };
             if !chance(rng, missing) {
                 scores[k] = Some(v.round().clamp(1.0, 5.0) as u32);
             }
@@ -888,14 +1000,23 @@ mod tests {
 
     fn synth(agency: &str, people: usize, seed: u64) -> (tempfile::TempDir, SynthSummary) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let opts = SynthOptions { agency: agency.to_string(), people, seed };
+        let opts = SynthOptions {
+            agency: agency.to_string(),
+            people,
+            seed,
+        };
         let summary = write(&opts, &dir.path().join("out")).expect("synth");
         (dir, summary)
     }
 
     fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
         let mut r = csv::Reader::from_path(path).expect("open");
-        let header = r.headers().expect("header").iter().map(str::to_string).collect();
+        let header = r
+            .headers()
+            .expect("header")
+            .iter()
+            .map(str::to_string)
+            .collect();
         let rows = r
             .records()
             .map(|rec| rec.expect("record").iter().map(str::to_string).collect())
@@ -930,7 +1051,9 @@ mod tests {
 
     #[test]
     fn passes_schema_validation() {
-        for agency in ["SSA", "CMS", "OPM", "FEMA", "SBA", "HUD", "VA", "DOL", "DOD", "IRS", "USDA", "HHS"] {
+        for agency in [
+            "SSA", "CMS", "OPM", "FEMA", "SBA", "HUD", "VA", "DOL", "DOD", "IRS", "USDA", "HHS",
+        ] {
             let (_d, s) = synth(agency, 1500, 7);
             let ops = crate::ingest::validate(Table::Operational, &s.operational_path)
                 .unwrap_or_else(|e| panic!("{agency}: {e}"));
@@ -939,15 +1062,25 @@ mod tests {
             assert_eq!(ops, s.operational_rows);
             assert_eq!(exps, s.experience_rows);
             let share = s.experience_rows as f64 / s.operational_rows as f64;
-            assert!((0.3..=0.62).contains(&share), "{agency}: response share {share}");
+            assert!(
+                (0.3..=0.62).contains(&share),
+                "{agency}: response share {share}"
+            );
         }
     }
 
     #[test]
     fn invalid_agency() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let opts = SynthOptions { agency: "ssa".into(), people: 10, seed: 1 };
-        assert!(matches!(write(&opts, dir.path()), Err(SynthError::InvalidAgency(_))));
+        let opts = SynthOptions {
+            agency: "ssa".into(),
+            people: 10,
+            seed: 1,
+        };
+        assert!(matches!(
+            write(&opts, dir.path()),
+            Err(SynthError::InvalidAgency(_))
+        ));
     }
 
     #[test]
@@ -955,7 +1088,11 @@ mod tests {
         let (_d, s) = synth("USDA", 3000, 3);
         let (oh, ops) = read_csv(&s.operational_path);
         let (eh, exps) = read_csv(&s.experience_path);
-        let expected: Vec<&str> = Table::Operational.columns().iter().map(|c| c.name).collect();
+        let expected: Vec<&str> = Table::Operational
+            .columns()
+            .iter()
+            .map(|c| c.name)
+            .collect();
         assert_eq!(oh, expected);
         let expected: Vec<&str> = Table::Experience.columns().iter().map(|c| c.name).collect();
         assert_eq!(eh, expected);
@@ -964,22 +1101,32 @@ mod tests {
         let opened = |r: &Vec<String>| crate::ingest::parse_date(r[9].as_bytes()).expect("date");
         for r in &exps {
             assert!(r[0].starts_with("USDA-R-") && r[0].len() == 7 + 16);
-            let case = cases.get(r[2].as_str()).unwrap_or_else(|| panic!("no case {}", r[2]));
+            let case = cases
+                .get(r[2].as_str())
+                .unwrap_or_else(|| panic!("no case {}", r[2]));
             assert_eq!(case[1], r[1], "same person");
             // agency, service, life_experience, journey_stage, channel, state, age_band
             assert_eq!(case[2..9], r[3..10]);
             let date = crate::ingest::parse_date(r[10].as_bytes()).expect("date");
-            let after = if case[10].is_empty() { opened(case) } else { crate::ingest::parse_date(case[10].as_bytes()).expect("date") };
+            let after = if case[10].is_empty() {
+                opened(case)
+            } else {
+                crate::ingest::parse_date(case[10].as_bytes()).expect("date")
+            };
             assert!(date >= after);
         }
         for r in &ops {
             assert!(r[0].starts_with("USDA-C-") && r[1].starts_with("USDA-P-"));
         }
         // Every service of the profile and its life experience appear.
-        let services: BTreeMap<&str, &str> = ops.iter().map(|r| (r[3].as_str(), r[4].as_str())).collect();
+        let services: BTreeMap<&str, &str> =
+            ops.iter().map(|r| (r[3].as_str(), r[4].as_str())).collect();
         assert_eq!(services.get("WIC"), Some(&"having_a_child"));
         assert_eq!(services.get("SNAP"), Some(&"financial_shock"));
-        assert_eq!(services.get("Disaster assistance for farmers"), Some(&"recovering_from_disaster"));
+        assert_eq!(
+            services.get("Disaster assistance for farmers"),
+            Some(&"recovering_from_disaster")
+        );
     }
 
     /// Realism: states, ages, channels, dates, waits and the score distribution.
@@ -997,15 +1144,27 @@ mod tests {
             rows.iter().filter(|r| pred(&r[col])).count() as f64 / rows.len() as f64
         };
         // Retirement benefits: mostly 62+.
-        let retire: Vec<Vec<String>> = ops.iter().filter(|r| r[3] == "Retirement benefits").cloned().collect();
+        let retire: Vec<Vec<String>> = ops
+            .iter()
+            .filter(|r| r[3] == "Retirement benefits")
+            .cloned()
+            .collect();
         assert!(share(&retire, 8, &|a| a == "62_64" || a == "65_74") > 0.6);
-        let newborn: Vec<Vec<String>> = ops.iter().filter(|r| r[3] == "SSN for a newborn").cloned().collect();
+        let newborn: Vec<Vec<String>> = ops
+            .iter()
+            .filter(|r| r[3] == "SSN for a newborn")
+            .cloned()
+            .collect();
         assert!(share(&newborn, 8, &|a| a == "25_44") > 0.55);
         // SSA: phone and in person heavy.
         assert!(share(&ops, 6, &|c| c == "phone" || c == "in_person") > 0.5);
         // Waits: null exactly for paper and mail.
         for r in &ops {
-            assert_eq!(r[11].is_empty(), r[6] == "paper" || r[6] == "postal_mail", "{r:?}");
+            assert_eq!(
+                r[11].is_empty(),
+                r[6] == "paper" || r[6] == "postal_mail",
+                "{r:?}"
+            );
             if r[10].is_empty() {
                 assert_eq!(r[15], "pending");
             }
@@ -1035,7 +1194,10 @@ mod tests {
     }
 
     fn score_stats(exps: &[Vec<String>], col: usize) -> (f64, f64) {
-        let vals: Vec<f64> = exps.iter().filter_map(|r| r[col].parse::<f64>().ok()).collect();
+        let vals: Vec<f64> = exps
+            .iter()
+            .filter_map(|r| r[col].parse::<f64>().ok())
+            .collect();
         let mean = vals.iter().sum::<f64>() / vals.len() as f64;
         let agree = vals.iter().filter(|&&v| v >= 4.0).count() as f64 / vals.len() as f64;
         (mean, agree)
@@ -1044,13 +1206,19 @@ mod tests {
     #[test]
     fn scores_are_calibrated_and_correlated() {
         let mut all = Vec::new();
-        for (i, agency) in ["SSA", "CMS", "OPM", "FEMA", "SBA", "HUD", "VA", "DOL", "DOD", "IRS", "USDA"].iter().enumerate() {
+        for (i, agency) in [
+            "SSA", "CMS", "OPM", "FEMA", "SBA", "HUD", "VA", "DOL", "DOD", "IRS", "USDA",
+        ]
+        .iter()
+        .enumerate()
+        {
             let (_d, s) = synth(agency, 3000, i as u64);
             let (_, ops) = read_csv(&s.operational_path);
             let (_, exps) = read_csv(&s.experience_path);
             let (mean, _) = score_stats(&exps, 11);
             assert!((3.07..=4.53).contains(&mean), "{agency}: mean trust {mean}");
-            let cases: HashMap<&str, &Vec<String>> = ops.iter().map(|r| (r[0].as_str(), r)).collect();
+            let cases: HashMap<&str, &Vec<String>> =
+                ops.iter().map(|r| (r[0].as_str(), r)).collect();
             for r in exps {
                 let case = cases[r[2].as_str()];
                 all.push((case[11].parse::<u32>().ok(), case[15].clone(), r));
@@ -1063,8 +1231,11 @@ mod tests {
 
         // Long waits lower satisfaction.
         let sat = |pred: &dyn Fn(u32) -> bool| {
-            let rows: Vec<Vec<String>> =
-                all.iter().filter(|(w, _, _)| w.is_some_and(pred)).map(|(_, _, r)| r.clone()).collect();
+            let rows: Vec<Vec<String>> = all
+                .iter()
+                .filter(|(w, _, _)| w.is_some_and(pred))
+                .map(|(_, _, r)| r.clone())
+                .collect();
             score_stats(&rows, 12).0
         };
         let (long, short) = (sat(&|w| w > 60), sat(&|w| w <= 10));
@@ -1076,7 +1247,10 @@ mod tests {
             .filter_map(|r| Some((r[11].parse().ok()?, r[15].parse().ok()?)))
             .collect();
         let n = pairs.len() as f64;
-        let (mx, my) = (pairs.iter().map(|p| p.0).sum::<f64>() / n, pairs.iter().map(|p| p.1).sum::<f64>() / n);
+        let (mx, my) = (
+            pairs.iter().map(|p| p.0).sum::<f64>() / n,
+            pairs.iter().map(|p| p.1).sum::<f64>() / n,
+        );
         let cov = pairs.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>() / n;
         let sx = (pairs.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>() / n).sqrt();
         let sy = (pairs.iter().map(|p| (p.1 - my).powi(2)).sum::<f64>() / n).sqrt();
@@ -1085,19 +1259,27 @@ mod tests {
 
         // Denials lower scores.
         let by_outcome = |outcome: &str| {
-            let rows: Vec<Vec<String>> =
-                all.iter().filter(|(_, o, _)| o == outcome).map(|(_, _, r)| r.clone()).collect();
+            let rows: Vec<Vec<String>> = all
+                .iter()
+                .filter(|(_, o, _)| o == outcome)
+                .map(|(_, _, r)| r.clone())
+                .collect();
             score_stats(&rows, 13).0
         };
         let (denied, approved) = (by_outcome("denied"), by_outcome("approved"));
-        assert!(denied < approved - 0.5, "effectiveness denied {denied}, approved {approved}");
+        assert!(
+            denied < approved - 0.5,
+            "effectiveness denied {denied}, approved {approved}"
+        );
     }
 
     #[test]
     #[ignore = "prints calibration statistics"]
     fn print_calibration() {
         let mut hist = [0u64; 5];
-        for agency in ["SSA", "CMS", "OPM", "FEMA", "SBA", "HUD", "VA", "DOL", "DOD", "IRS", "USDA", "XYZ"] {
+        for agency in [
+            "SSA", "CMS", "OPM", "FEMA", "SBA", "HUD", "VA", "DOL", "DOD", "IRS", "USDA", "XYZ",
+        ] {
             let (_d, s) = synth(agency, 5000, 1);
             let (_, exps) = read_csv(&s.experience_path);
             for r in &exps {
@@ -1120,7 +1302,10 @@ mod tests {
             );
         }
         let n: u64 = hist.iter().sum();
-        let shares: Vec<String> = hist.iter().map(|&h| format!("{:.1}%", 100.0 * h as f64 / n as f64)).collect();
+        let shares: Vec<String> = hist
+            .iter()
+            .map(|&h| format!("{:.1}%", 100.0 * h as f64 / n as f64))
+            .collect();
         println!("trust 1..5: {}", shares.join(" "));
     }
 }

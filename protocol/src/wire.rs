@@ -106,7 +106,11 @@ pub struct QueryResponse {
 impl QueryRequest {
     /// A request for `sql` requiring every node, at each node's default ε.
     pub fn new(sql: impl Into<String>) -> Self {
-        QueryRequest { sql: sql.into(), require_all: true, epsilon: None }
+        QueryRequest {
+            sql: sql.into(),
+            require_all: true,
+            epsilon: None,
+        }
     }
 
     /// Accept (`false`) or refuse (`true`) a partial federation answer.
@@ -271,6 +275,9 @@ mod tests {
 
     #[test]
     fn node_state_is_snake_case() {
-        assert_eq!(serde_json::to_string(&NodeState::Unreachable).expect("json"), "\"unreachable\"");
+        assert_eq!(
+            serde_json::to_string(&NodeState::Unreachable).expect("json"),
+            "\"unreachable\""
+        );
     }
 }

@@ -57,7 +57,10 @@ fn bernoulli_exp(rng: &mut dyn RandomSource, num: u64, den: u64) -> bool {
 /// A draw from the discrete Laplace distribution with scale `t/s` (t, s ≥ 1):
 /// P(X = x) ∝ exp(−|x|·s/t) (CKS20 Algorithm 2).
 pub fn discrete_laplace(rng: &mut dyn RandomSource, t: u64, s: u64) -> i64 {
-    assert!(t >= 1 && s >= 1, "discrete Laplace needs a positive rational scale");
+    assert!(
+        t >= 1 && s >= 1,
+        "discrete Laplace needs a positive rational scale"
+    );
     loop {
         let u = uniform_below(rng, t);
         if !bernoulli_exp(rng, u, t) {
@@ -98,7 +101,10 @@ impl Scale {
         if eps_milli.is_nan() || eps_milli < 1.0 || sensitivity == 0 {
             return None;
         }
-        Some(Scale { t: sensitivity.checked_mul(EPSILON_DENOMINATOR)?, s: eps_milli as u64 })
+        Some(Scale {
+            t: sensitivity.checked_mul(EPSILON_DENOMINATOR)?,
+            s: eps_milli as u64,
+        })
     }
 
     /// The scale as a number.
@@ -168,14 +174,23 @@ mod tests {
             let mean = xs.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
             let var = xs.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64;
             let expected = variance(b);
-            assert!(mean.abs() < 5.0 * (expected / n as f64).sqrt() + 1e-9, "b={b}: mean {mean}");
-            assert!((var / expected - 1.0).abs() < 0.05, "b={b}: var {var} vs {expected}");
+            assert!(
+                mean.abs() < 5.0 * (expected / n as f64).sqrt() + 1e-9,
+                "b={b}: mean {mean}"
+            );
+            assert!(
+                (var / expected - 1.0).abs() < 0.05,
+                "b={b}: var {var} vs {expected}"
+            );
             // Tail: P(|X| ≥ m) = 2 p^m / (1 + p) for the discrete Laplace.
             let p = (-1.0 / b).exp();
             let m = (3.0 * b).ceil() as i64;
             let tail = xs.iter().filter(|&&x| x.abs() >= m).count() as f64 / n as f64;
             let exact = 2.0 * p.powi(m as i32) / (1.0 + p);
-            assert!((tail - exact).abs() < 5.0 * (exact / n as f64).sqrt() + 1e-4, "b={b}: tail {tail} vs {exact}");
+            assert!(
+                (tail - exact).abs() < 5.0 * (exact / n as f64).sqrt() + 1e-4,
+                "b={b}: tail {tail} vs {exact}"
+            );
         }
     }
 
@@ -198,7 +213,10 @@ mod tests {
         for _ in 0..60_000 {
             counts[uniform_below(&mut rng, 6) as usize] += 1;
         }
-        assert!(counts.iter().all(|&c| (9_500..10_500).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (9_500..10_500).contains(&c)),
+            "{counts:?}"
+        );
     }
 
     #[test]
@@ -220,8 +238,13 @@ mod tests {
         let tau_big = partition_threshold(b, delta_big, 1);
         let mut rng = SplitMix64(3);
         let n = 200_000;
-        let released = (0..n).filter(|_| 1.0 + Scale { t: 2, s: 1 }.sample(&mut rng) as f64 >= tau_big).count();
-        assert!((released as f64 / n as f64) <= delta_big * 1.2, "{released}");
+        let released = (0..n)
+            .filter(|_| 1.0 + Scale { t: 2, s: 1 }.sample(&mut rng) as f64 >= tau_big)
+            .count();
+        assert!(
+            (released as f64 / n as f64) <= delta_big * 1.2,
+            "{released}"
+        );
         assert!(tau > tau_big && partition_threshold(b, delta, 50) == 50.0);
     }
 }

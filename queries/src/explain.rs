@@ -60,7 +60,12 @@ impl From<&Rejection> for Explanation {
 
 /// Explains `sql` as a `k-only` node with k = `node_k` and a federation k = `federation_k`
 /// would run it.
-pub async fn explain(state: &SessionState, sql: &str, node_k: u64, federation_k: u64) -> Result<Explanation, QueryError> {
+pub async fn explain(
+    state: &SessionState,
+    sql: &str,
+    node_k: u64,
+    federation_k: u64,
+) -> Result<Explanation, QueryError> {
     explain_with(state, sql, node_k, federation_k, None).await
 }
 
@@ -96,10 +101,18 @@ pub async fn explain_with(
                 AggKind::Count | AggKind::CountPersons => format!("Σ __a{i}_n"),
                 AggKind::Sum => format!("Σ __a{i}_s"),
                 AggKind::Avg => format!("Σ __a{i}_s / Σ __a{i}_n"),
-                AggKind::Variance { population: false } => format!("(Σq − (Σs)²/Σn) / (Σn − 1) over __a{i}_{{n,s,q}}"),
-                AggKind::Variance { population: true } => format!("(Σq − (Σs)²/Σn) / Σn over __a{i}_{{n,s,q}}"),
-                AggKind::Stddev { population: false } => format!("√((Σq − (Σs)²/Σn) / (Σn − 1)) over __a{i}_{{n,s,q}}"),
-                AggKind::Stddev { population: true } => format!("√((Σq − (Σs)²/Σn) / Σn) over __a{i}_{{n,s,q}}"),
+                AggKind::Variance { population: false } => {
+                    format!("(Σq − (Σs)²/Σn) / (Σn − 1) over __a{i}_{{n,s,q}}")
+                }
+                AggKind::Variance { population: true } => {
+                    format!("(Σq − (Σs)²/Σn) / Σn over __a{i}_{{n,s,q}}")
+                }
+                AggKind::Stddev { population: false } => {
+                    format!("√((Σq − (Σs)²/Σn) / (Σn − 1)) over __a{i}_{{n,s,q}}")
+                }
+                AggKind::Stddev { population: true } => {
+                    format!("√((Σq − (Σs)²/Σn) / Σn) over __a{i}_{{n,s,q}}")
+                }
             };
             format!("{name} = {formula}")
         })
@@ -110,8 +123,16 @@ pub async fn explain_with(
             "differential privacy: each node spends ε = {} on this query, clamps values to declared bounds, keeps at most {} group(s) and {} row(s) per person",
             p.epsilon, p.max_groups_per_person, p.max_rows_per_person
         ));
-        let scales: Vec<String> = d.meta.scales.iter().map(|(c, b)| format!("{c}: {b}")).collect();
-        privacy.push(format!("discrete Laplace noise scales per released value: {}", scales.join(", ")));
+        let scales: Vec<String> = d
+            .meta
+            .scales
+            .iter()
+            .map(|(c, b)| format!("{c}: {b}"))
+            .collect();
+        privacy.push(format!(
+            "discrete Laplace noise scales per released value: {}",
+            scales.join(", ")
+        ));
         privacy.push(format!(
             "a group is released only if its noisy {PERSONS} ≥ τ = {:.1} (δ = {}, k = {node_k})",
             d.threshold, p.delta
@@ -142,11 +163,24 @@ pub async fn explain_with(
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Explanation::Accepted { columns, plan, partial_plan, merge, privacy } => {
+            Explanation::Accepted {
+                columns,
+                plan,
+                partial_plan,
+                merge,
+                privacy,
+            } => {
                 writeln!(f, "ACCEPTED — columns: {}", columns.join(", "))?;
                 writeln!(f, "\nValidated plan:\n{}", indent(plan))?;
-                writeln!(f, "\nPartial plan (each node, on its own rows):\n{}", indent(partial_plan))?;
-                writeln!(f, "\nMerge (coordinator, per group, summing every node's partials):")?;
+                writeln!(
+                    f,
+                    "\nPartial plan (each node, on its own rows):\n{}",
+                    indent(partial_plan)
+                )?;
+                writeln!(
+                    f,
+                    "\nMerge (coordinator, per group, summing every node's partials):"
+                )?;
                 for m in merge {
                     writeln!(f, "  {m}")?;
                 }
@@ -156,7 +190,13 @@ impl fmt::Display for Explanation {
                 }
                 Ok(())
             }
-            Explanation::Refused { code, rule, reason, line, column } => {
+            Explanation::Refused {
+                code,
+                rule,
+                reason,
+                line,
+                column,
+            } => {
                 write!(f, "REFUSED {code} {rule}: {reason}")?;
                 if let (Some(l), Some(c)) = (line, column) {
                     write!(f, " (at line {l}, column {c})")?;
@@ -168,7 +208,10 @@ impl fmt::Display for Explanation {
 }
 
 fn indent(s: &str) -> String {
-    s.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+    s.lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]
@@ -179,13 +222,28 @@ mod tests {
     #[tokio::test]
     async fn explains_accepted_and_refused_queries() {
         let ctx = planning_context().expect("context");
-        let e = explain(&ctx.state(), "SELECT channel, AVG(trust) FROM experience GROUP BY channel", 10, 10)
-            .await
-            .expect("explain");
+        let e = explain(
+            &ctx.state(),
+            "SELECT channel, AVG(trust) FROM experience GROUP BY channel",
+            10,
+            10,
+        )
+        .await
+        .expect("explain");
         let text = e.to_string();
         assert!(text.starts_with("ACCEPTED"), "{text}");
-        assert!(text.contains("__persons") && text.contains("Σ __a0_s / Σ __a0_n"), "{text}");
-        let e = explain(&ctx.state(), "SELECT person_id FROM experience GROUP BY person_id", 10, 10).await.expect("explain");
+        assert!(
+            text.contains("__persons") && text.contains("Σ __a0_s / Σ __a0_n"),
+            "{text}"
+        );
+        let e = explain(
+            &ctx.state(),
+            "SELECT person_id FROM experience GROUP BY person_id",
+            10,
+            10,
+        )
+        .await
+        .expect("explain");
         let json = serde_json::to_value(&e).expect("json");
         assert_eq!(json["status"], "refused");
         assert_eq!(json["code"], "CXF-Q012");

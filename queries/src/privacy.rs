@@ -25,7 +25,8 @@ use datafusion::functions_aggregate::{count::count_udaf, sum::sum_udaf};
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    BinaryExpr, Case, Cast, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, Operator, TryCast, col, lit, when,
+    BinaryExpr, Case, Cast, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, Operator,
+    TryCast, col, lit, when,
 };
 use datafusion::scalar::ScalarValue;
 use serde::{Deserialize, Serialize};
@@ -33,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::dp::{RandomSource, Scale, partition_threshold};
 use crate::rewrite::{Encoding, PERSONS, PartialMeta};
 use crate::rules::{Rejection, Rule};
-use crate::schema::{self, Domain};
+use crate::schema;
 use crate::validate::{AggKind, ApprovedQuery, QueryError};
 
 /// Fixed-point factor for arguments that are not integers.
@@ -72,11 +73,20 @@ fn lit_f64(v: f64) -> Expr {
 }
 
 fn clamp(x: Expr, lo: Expr, hi: Expr) -> datafusion::error::Result<Expr> {
-    when(x.clone().lt(lo.clone()), lo).when(x.clone().gt(hi.clone()), hi).otherwise(x)
+    when(x.clone().lt(lo.clone()), lo)
+        .when(x.clone().gt(hi.clone()), hi)
+        .otherwise(x)
 }
 
 fn sum(x: Expr) -> Expr {
-    Expr::AggregateFunction(AggregateFunction::new_udf(sum_udaf(), vec![x], false, None, vec![], None))
+    Expr::AggregateFunction(AggregateFunction::new_udf(
+        sum_udaf(),
+        vec![x],
+        false,
+        None,
+        vec![],
+        None,
+    ))
 }
 
 /// Interval bounds of an aggregate argument, from the schema's declared ranges. `None` when an
@@ -89,23 +99,27 @@ pub fn bounds(e: &Expr) -> Option<(f64, f64)> {
     match e {
         Expr::Alias(a) => bounds(&a.expr),
         Expr::Cast(Cast { expr, .. }) | Expr::TryCast(TryCast { expr, .. }) => bounds(expr),
-        Expr::Column(c) => match schema::column_anywhere(&c.name)?.domain {
-            Domain::Range(lo, hi) => Some((lo as f64, hi as f64)),
-            _ => None,
-        },
+        Expr::Column(c) => schema::dp_bounds(&c.name),
         Expr::Literal(v, _) if v.is_null() => None,
         Expr::Literal(v, _) => {
             let f = match v {
                 ScalarValue::Boolean(Some(b)) => f64::from(u8::from(*b)),
-                other => other.cast_to(&arrow::datatypes::DataType::Float64).ok().and_then(|s| match s {
-                    ScalarValue::Float64(Some(f)) if f.is_finite() => Some(f),
-                    _ => None,
-                })?,
+                other => other
+                    .cast_to(&arrow::datatypes::DataType::Float64)
+                    .ok()
+                    .and_then(|s| match s {
+                        ScalarValue::Float64(Some(f)) if f.is_finite() => Some(f),
+                        _ => None,
+                    })?,
             };
             Some((f, f))
         }
         Expr::Negative(x) => bounds(x).map(|(lo, hi)| (-hi, -lo)),
-        Expr::Case(Case { when_then_expr, else_expr, .. }) => {
+        Expr::Case(Case {
+            when_then_expr,
+            else_expr,
+            ..
+        }) => {
             // NULL branches add no value; every other branch must be bounded.
             let mut out: Option<(f64, f64)> = None;
             for (_, then) in when_then_expr {
@@ -115,7 +129,9 @@ pub fn bounds(e: &Expr) -> Option<(f64, f64)> {
                 out = union(out, Some(bounds(then)?));
             }
             match else_expr {
-                Some(x) if !matches!(x.as_ref(), Expr::Literal(v, _) if v.is_null()) => union(out, Some(bounds(x)?)),
+                Some(x) if !matches!(x.as_ref(), Expr::Literal(v, _) if v.is_null()) => {
+                    union(out, Some(bounds(x)?))
+                }
                 _ => out,
             }
         }
@@ -126,7 +142,10 @@ pub fn bounds(e: &Expr) -> Option<(f64, f64)> {
                 Operator::Minus => (a.0 - b.1, a.1 - b.0),
                 Operator::Multiply => {
                     let p = [a.0 * b.0, a.0 * b.1, a.1 * b.0, a.1 * b.1];
-                    (p.iter().copied().fold(f64::INFINITY, f64::min), p.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+                    (
+                        p.iter().copied().fold(f64::INFINITY, f64::min),
+                        p.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                    )
                 }
                 Operator::Divide if b.0 == b.1 && b.0 != 0.0 => {
                     let (x, y) = (a.0 / b.0, a.1 / b.0);
@@ -137,9 +156,21 @@ pub fn bounds(e: &Expr) -> Option<(f64, f64)> {
             (r.0.is_finite() && r.1.is_finite()).then_some(r)
         }
         Expr::ScalarFunction(f) => match (f.func.name(), f.args.as_slice()) {
-            ("abs", [x]) => bounds(x).map(|(lo, hi)| if lo >= 0.0 { (lo, hi) } else if hi <= 0.0 { (-hi, -lo) } else { (0.0, hi.max(-lo)) }),
-            ("round" | "floor" | "ceil" | "trunc", [x, ..]) => bounds(x).map(|(lo, hi)| (lo.floor(), hi.ceil())),
-            ("coalesce", args) => args.iter().try_fold(None, |acc, a| Some(union(acc, Some(bounds(a)?))))?,
+            ("abs", [x]) => bounds(x).map(|(lo, hi)| {
+                if lo >= 0.0 {
+                    (lo, hi)
+                } else if hi <= 0.0 {
+                    (-hi, -lo)
+                } else {
+                    (0.0, hi.max(-lo))
+                }
+            }),
+            ("round" | "floor" | "ceil" | "trunc", [x, ..]) => {
+                bounds(x).map(|(lo, hi)| (lo.floor(), hi.ceil()))
+            }
+            ("coalesce", args) => args
+                .iter()
+                .try_fold(None, |acc, a| Some(union(acc, Some(bounds(a)?))))?,
             _ => None,
         },
         _ => None,
@@ -159,13 +190,21 @@ impl ApprovedQuery {
         let r = params.max_rows_per_person.max(1);
         let input = LogicalPlanBuilder::from(Arc::clone(&self.aggregate.input));
         let n_groups = self.aggregate.group_expr.len();
-        let mut row_exprs: Vec<Expr> =
-            self.aggregate.group_expr.iter().enumerate().map(|(j, e)| e.clone().unalias().alias(format!("__g{j}"))).collect();
+        let mut row_exprs: Vec<Expr> = self
+            .aggregate
+            .group_expr
+            .iter()
+            .enumerate()
+            .map(|(j, e)| e.clone().unalias().alias(format!("__g{j}")))
+            .collect();
         row_exprs.push(Expr::Column(self.person.clone()).alias("__pid"));
         let mut person_aggs = Vec::new();
         let mut capped = Vec::new();
         let mut group_aggs = Vec::new();
-        let mut stats = vec![Stat { name: PERSONS.into(), sensitivity: g }];
+        let mut stats = vec![Stat {
+            name: PERSONS.into(),
+            sensitivity: g,
+        }];
         let mut encodings = Vec::new();
         for (i, (e, kind)) in self.aggregate.aggr_expr.iter().zip(&self.kinds).enumerate() {
             let af = match e.clone().unalias() {
@@ -178,14 +217,28 @@ impl ApprovedQuery {
                 cond = cond.and(*f);
             }
             let n = format!("__a{i}_n");
-            row_exprs.push(when(cond.clone(), lit(1i64)).otherwise(lit(0i64))?.alias(format!("{n}_row")));
+            row_exprs.push(
+                when(cond.clone(), lit(1i64))
+                    .otherwise(lit(0i64))?
+                    .alias(format!("{n}_row")),
+            );
             person_aggs.push(sum(col(format!("{n}_row"))).alias(n.clone()));
             let n_cap = if *kind == AggKind::CountPersons { 1 } else { r };
-            capped.push(when(col(&n).gt(lit(n_cap as i64)), lit(n_cap as i64)).otherwise(col(&n))?.alias(n.clone()));
+            capped.push(
+                when(col(&n).gt(lit(n_cap as i64)), lit(n_cap as i64))
+                    .otherwise(col(&n))?
+                    .alias(n.clone()),
+            );
             group_aggs.push(sum(col(&n)).alias(n.clone()));
-            stats.push(Stat { name: n.clone(), sensitivity: g * n_cap });
+            stats.push(Stat {
+                name: n.clone(),
+                sensitivity: g * n_cap,
+            });
             if matches!(kind, AggKind::Count | AggKind::CountPersons) {
-                encodings.push(Encoding { center: 0.0, scale: 1.0 });
+                encodings.push(Encoding {
+                    center: 0.0,
+                    scale: 1.0,
+                });
                 continue;
             }
             let (lo, hi) = bounds(&arg).ok_or_else(|| {
@@ -202,8 +255,14 @@ impl ApprovedQuery {
             let integral = lo.fract() == 0.0 && hi.fract() == 0.0 && center.fract() == 0.0;
             let factor = if integral { 1.0 } else { FIXED_POINT };
             let half = ((hi - lo) / 2.0 * factor).ceil().max(1.0) as u64;
-            encodings.push(Encoding { center, scale: factor });
-            let x = Expr::Cast(Cast::new(Box::new(arg), arrow::datatypes::DataType::Float64));
+            encodings.push(Encoding {
+                center,
+                scale: factor,
+            });
+            let x = Expr::Cast(Cast::new(
+                Box::new(arg),
+                arrow::datatypes::DataType::Float64,
+            ));
             let v = Expr::Cast(Cast::new(
                 Box::new(datafusion::functions::math::expr_fn::round(vec![
                     (clamp(x, lit_f64(lo), lit_f64(hi))? - lit_f64(center)) * lit_f64(factor),
@@ -217,21 +276,38 @@ impl ApprovedQuery {
             let bound = (r * half) as i64;
             capped.push(clamp(col(&s), lit(-bound), lit(bound))?.alias(s.clone()));
             group_aggs.push(sum(col(&s)).alias(s.clone()));
-            stats.push(Stat { name: s, sensitivity: g * r * half });
+            stats.push(Stat {
+                name: s,
+                sensitivity: g * r * half,
+            });
             if matches!(kind, AggKind::Variance { .. } | AggKind::Stddev { .. }) {
                 let q = format!("__a{i}_q");
                 row_exprs.push((v.clone() * v).alias(format!("{q}_row")));
                 person_aggs.push(sum(col(format!("{q}_row"))).alias(q.clone()));
                 let qbound = (r * half * half) as i64;
-                capped.push(when(col(&q).gt(lit(qbound)), lit(qbound)).otherwise(col(&q))?.alias(q.clone()));
+                capped.push(
+                    when(col(&q).gt(lit(qbound)), lit(qbound))
+                        .otherwise(col(&q))?
+                        .alias(q.clone()),
+                );
                 group_aggs.push(sum(col(&q)).alias(q.clone()));
-                stats.push(Stat { name: q, sensitivity: g * r * half * half });
+                stats.push(Stat {
+                    name: q,
+                    sensitivity: g * r * half * half,
+                });
             }
         }
         // The person count goes last, as in the k-only partial.
         group_aggs.push(
-            Expr::AggregateFunction(AggregateFunction::new_udf(count_udaf(), vec![lit(1i64)], false, None, vec![], None))
-                .alias(PERSONS),
+            Expr::AggregateFunction(AggregateFunction::new_udf(
+                count_udaf(),
+                vec![lit(1i64)],
+                false,
+                None,
+                vec![],
+                None,
+            ))
+            .alias(PERSONS),
         );
         let groups: Vec<Expr> = (0..n_groups).map(|j| col(format!("__g{j}"))).collect();
         let mut person_keys = groups.clone();
@@ -256,9 +332,13 @@ impl ApprovedQuery {
         let m = stats.len() as u64;
         let mut scales = BTreeMap::new();
         for s in &stats {
-            let scale = Scale::for_epsilon(s.sensitivity.saturating_mul(m), params.epsilon).ok_or_else(|| {
-                QueryError::Internal(format!("cannot calibrate noise for ε = {}", params.epsilon))
-            })?;
+            let scale = Scale::for_epsilon(s.sensitivity.saturating_mul(m), params.epsilon)
+                .ok_or_else(|| {
+                    QueryError::Internal(format!(
+                        "cannot calibrate noise for ε = {}",
+                        params.epsilon
+                    ))
+                })?;
             scales.insert(s.name.clone(), scale);
         }
         let threshold = partition_threshold(scales[PERSONS].value(), params.delta, params.k);
@@ -268,14 +348,23 @@ impl ApprovedQuery {
             encodings,
             scales: scales.iter().map(|(k, v)| (k.clone(), v.value())).collect(),
         };
-        Ok(DpPartial { plan, meta, scales, threshold })
+        Ok(DpPartial {
+            plan,
+            meta,
+            scales,
+            threshold,
+        })
     }
 }
 
 impl DpPartial {
     /// Adds noise to every statistic of every group, and keeps only groups whose noisy person
     /// count reaches the threshold. The true values never leave this function.
-    pub fn add_noise(&self, batches: &[RecordBatch], rng: &mut dyn RandomSource) -> Result<Vec<RecordBatch>, QueryError> {
+    pub fn add_noise(
+        &self,
+        batches: &[RecordBatch],
+        rng: &mut dyn RandomSource,
+    ) -> Result<Vec<RecordBatch>, QueryError> {
         let mut out = Vec::with_capacity(batches.len());
         for b in batches {
             let schema = b.schema();
@@ -290,7 +379,9 @@ impl DpPartial {
                     .column(idx)
                     .as_any()
                     .downcast_ref::<Int64Array>()
-                    .ok_or_else(|| QueryError::Internal(format!("{} is not Int64", field.name())))?;
+                    .ok_or_else(|| {
+                        QueryError::Internal(format!("{} is not Int64", field.name()))
+                    })?;
                 let noisy: Int64Array = (0..values.len())
                     .map(|r| Some(values.value(r).saturating_add(scale.sample(rng))))
                     .collect();
@@ -301,9 +392,13 @@ impl DpPartial {
                 }
                 columns.push(Arc::new(noisy));
             }
-            let noisy = RecordBatch::try_new(Arc::clone(&schema), columns).map_err(|e| QueryError::Internal(e.to_string()))?;
+            let noisy = RecordBatch::try_new(Arc::clone(&schema), columns)
+                .map_err(|e| QueryError::Internal(e.to_string()))?;
             let mask = BooleanArray::from(keep);
-            out.push(filter_record_batch(&noisy, &mask).map_err(|e| QueryError::Internal(e.to_string()))?);
+            out.push(
+                filter_record_batch(&noisy, &mask)
+                    .map_err(|e| QueryError::Internal(e.to_string()))?,
+            );
         }
         Ok(out)
     }
@@ -334,13 +429,16 @@ mod tests {
             .collect();
         assert_eq!(bounds(&args[0]), Some((1.0, 5.0)));
         assert_eq!(bounds(&args[1]), Some((0.0, 1.0)));
-        assert_eq!(bounds(&args[2]), Some((0.0, 168.0)));
+        assert_eq!(bounds(&args[2]), Some((0.0, 4.0)));
     }
 
     #[tokio::test]
     async fn refuses_unbounded_arguments() {
         let q = approved("SELECT SUM(CASE WHEN trust > 3 THEN wait_minutes * wait_minutes ELSE 0 END) FROM experience e JOIN operational o ON e.case_id = o.case_id").await;
-        assert!(q.dp_partial(&params()).is_ok(), "products of bounded measures are bounded");
+        assert!(
+            q.dp_partial(&params()).is_ok(),
+            "products of bounded measures are bounded"
+        );
         let q = approved("SELECT SUM(date_part('year', response_date)) FROM experience").await;
         match q.dp_partial(&params()) {
             Err(QueryError::Rejected(r)) => assert_eq!(r.rule, Rule::UnboundedArgument),
@@ -364,8 +462,14 @@ mod tests {
             ("p3", "phone", 4),
         ];
         let n = rows.len();
-        let text = |f: &dyn Fn(usize) -> String| -> ArrayRef { Arc::new(StringArray::from((0..n).map(|i| Some(f(i))).collect::<Vec<_>>())) };
-        let score: ArrayRef = Arc::new(Int8Array::from(rows.iter().map(|r| Some(r.2)).collect::<Vec<_>>()));
+        let text = |f: &dyn Fn(usize) -> String| -> ArrayRef {
+            Arc::new(StringArray::from(
+                (0..n).map(|i| Some(f(i))).collect::<Vec<_>>(),
+            ))
+        };
+        let score: ArrayRef = Arc::new(Int8Array::from(
+            rows.iter().map(|r| Some(r.2)).collect::<Vec<_>>(),
+        ));
         let columns: Vec<ArrayRef> = vec![
             text(&|i| format!("r{i}")),
             text(&|i| rows[i].0.to_string()),
@@ -389,21 +493,57 @@ mod tests {
         let batch = RecordBatch::try_new(Table::Experience.arrow_schema(), columns).expect("batch");
         let ctx = SessionContext::new();
         crate::context::register_functions(&ctx);
-        ctx.register_table("experience", Arc::new(MemTable::try_new(Table::Experience.arrow_schema(), vec![vec![batch]]).expect("mem")))
-            .expect("register");
-        ctx.register_table("operational", Arc::new(MemTable::try_new(Table::Operational.arrow_schema(), vec![vec![]]).expect("mem")))
-            .expect("register");
-        let q = approve(&ctx.state(), "SELECT channel, COUNT(*), SUM(trust) FROM experience GROUP BY channel").await.expect("approve");
+        ctx.register_table(
+            "experience",
+            Arc::new(
+                MemTable::try_new(Table::Experience.arrow_schema(), vec![vec![batch]])
+                    .expect("mem"),
+            ),
+        )
+        .expect("register");
+        ctx.register_table(
+            "operational",
+            Arc::new(
+                MemTable::try_new(Table::Operational.arrow_schema(), vec![vec![]]).expect("mem"),
+            ),
+        )
+        .expect("register");
+        let q = approve(
+            &ctx.state(),
+            "SELECT channel, COUNT(*), SUM(trust) FROM experience GROUP BY channel",
+        )
+        .await
+        .expect("approve");
         let dp = q.dp_partial(&DpParams { k: 1, ..params() }).expect("dp");
-        let out = ctx.execute_logical_plan(dp.plan).await.expect("plan").collect().await.expect("run");
+        let out = ctx
+            .execute_logical_plan(dp.plan)
+            .await
+            .expect("plan")
+            .collect()
+            .await
+            .expect("run");
         let mut seen = std::collections::BTreeMap::new();
         for b in &out {
             let col = |name: &str| b.column_by_name(name).expect(name).clone();
             let ch = col("__g0");
             let ch = ch.as_any().downcast_ref::<StringArray>().expect("text");
-            let get = |name: &str, r: usize| col(name).as_any().downcast_ref::<Int64Array>().expect("int").value(r);
+            let get = |name: &str, r: usize| {
+                col(name)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .expect("int")
+                    .value(r)
+            };
             for r in 0..b.num_rows() {
-                seen.insert(ch.value(r).to_string(), (get(PERSONS, r), get("__a0_n", r), get("__a1_n", r), get("__a1_s", r)));
+                seen.insert(
+                    ch.value(r).to_string(),
+                    (
+                        get(PERSONS, r),
+                        get("__a0_n", r),
+                        get("__a1_n", r),
+                        get("__a1_s", r),
+                    ),
+                );
             }
         }
         // G = 1: p1 counts in only one of phone/email; R = 1: one row's worth each; sums are
@@ -418,18 +558,36 @@ mod tests {
     }
 
     fn params() -> DpParams {
-        DpParams { epsilon: 1.0, delta: 1e-6, max_groups_per_person: 1, max_rows_per_person: 1, k: 10 }
+        DpParams {
+            epsilon: 1.0,
+            delta: 1e-6,
+            max_groups_per_person: 1,
+            max_rows_per_person: 1,
+            k: 10,
+        }
     }
 
     #[tokio::test]
     async fn scales_follow_sensitivity_and_epsilon() {
-        let q = approved("SELECT channel, COUNT(*), AVG(trust) FROM experience GROUP BY channel").await;
+        let q =
+            approved("SELECT channel, COUNT(*), AVG(trust) FROM experience GROUP BY channel").await;
         let dp = q.dp_partial(&params()).expect("dp");
         // m = persons + count n + avg n + avg s = 4 statistics; avg s: h = 2 (1..5 centred on 3).
         assert_eq!(dp.meta.scales[PERSONS], 4.0);
         assert_eq!(dp.meta.scales["__a1_s"], 8.0);
-        assert_eq!(dp.meta.encodings[1], Encoding { center: 3.0, scale: 1.0 });
-        let dp2 = q.dp_partial(&DpParams { epsilon: 0.5, ..params() }).expect("dp");
+        assert_eq!(
+            dp.meta.encodings[1],
+            Encoding {
+                center: 3.0,
+                scale: 1.0
+            }
+        );
+        let dp2 = q
+            .dp_partial(&DpParams {
+                epsilon: 0.5,
+                ..params()
+            })
+            .expect("dp");
         assert_eq!(dp2.meta.scales["__a1_s"], 16.0);
         assert!(dp.threshold > 10.0);
     }

@@ -20,8 +20,6 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::scalar::ScalarValue;
-use serde::{Deserialize, Serialize};
 use datafusion::catalog::default_table_source::provider_as_source;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SessionContext;
@@ -31,6 +29,8 @@ use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, cast, col, lit, when,
 };
+use datafusion::scalar::ScalarValue;
+use serde::{Deserialize, Serialize};
 
 use crate::validate::{AggKind, ApprovedQuery, QueryError};
 
@@ -45,8 +45,20 @@ fn part_name(i: usize, part: char) -> String {
     format!("__a{i}_{part}")
 }
 
-fn agg(func: Arc<datafusion::logical_expr::AggregateUDF>, arg: Expr, distinct: bool, filter: Option<Box<Expr>>) -> Expr {
-    Expr::AggregateFunction(AggregateFunction::new_udf(func, vec![arg], distinct, filter, vec![], None))
+fn agg(
+    func: Arc<datafusion::logical_expr::AggregateUDF>,
+    arg: Expr,
+    distinct: bool,
+    filter: Option<Box<Expr>>,
+) -> Expr {
+    Expr::AggregateFunction(AggregateFunction::new_udf(
+        func,
+        vec![arg],
+        distinct,
+        filter,
+        vec![],
+        None,
+    ))
 }
 
 fn aggregate_parts(e: &Expr) -> Result<&AggregateFunction, QueryError> {
@@ -77,7 +89,11 @@ impl ApprovedQuery {
             let arg = af.params.args.first().cloned().unwrap_or_else(|| lit(1i64));
             let as_f64 = |x: Expr| -> Result<Expr, QueryError> {
                 let ty = x.get_type(schema.as_ref())?;
-                Ok(if ty == DataType::Float64 { x } else { cast(x, DataType::Float64) })
+                Ok(if ty == DataType::Float64 {
+                    x
+                } else {
+                    cast(x, DataType::Float64)
+                })
             };
             match kind {
                 AggKind::Count => {
@@ -87,23 +103,39 @@ impl ApprovedQuery {
                     aggs.push(agg(count_udaf(), arg, true, filter).alias(part_name(i, 'n')));
                 }
                 AggKind::Sum => {
-                    aggs.push(agg(count_udaf(), arg.clone(), false, filter.clone()).alias(part_name(i, 'n')));
+                    aggs.push(
+                        agg(count_udaf(), arg.clone(), false, filter.clone())
+                            .alias(part_name(i, 'n')),
+                    );
                     aggs.push(agg(sum_udaf(), arg, false, filter).alias(part_name(i, 's')));
                 }
                 AggKind::Avg => {
-                    aggs.push(agg(count_udaf(), arg.clone(), false, filter.clone()).alias(part_name(i, 'n')));
-                    aggs.push(agg(sum_udaf(), as_f64(arg)?, false, filter).alias(part_name(i, 's')));
+                    aggs.push(
+                        agg(count_udaf(), arg.clone(), false, filter.clone())
+                            .alias(part_name(i, 'n')),
+                    );
+                    aggs.push(
+                        agg(sum_udaf(), as_f64(arg)?, false, filter).alias(part_name(i, 's')),
+                    );
                 }
                 AggKind::Variance { .. } | AggKind::Stddev { .. } => {
                     let x = as_f64(arg.clone())?;
-                    aggs.push(agg(count_udaf(), arg, false, filter.clone()).alias(part_name(i, 'n')));
-                    aggs.push(agg(sum_udaf(), x.clone(), false, filter.clone()).alias(part_name(i, 's')));
-                    aggs.push(agg(sum_udaf(), x.clone() * x, false, filter).alias(part_name(i, 'q')));
+                    aggs.push(
+                        agg(count_udaf(), arg, false, filter.clone()).alias(part_name(i, 'n')),
+                    );
+                    aggs.push(
+                        agg(sum_udaf(), x.clone(), false, filter.clone()).alias(part_name(i, 's')),
+                    );
+                    aggs.push(
+                        agg(sum_udaf(), x.clone() * x, false, filter).alias(part_name(i, 'q')),
+                    );
                 }
             }
         }
         aggs.push(agg(count_udaf(), Expr::Column(self.person.clone()), true, None).alias(PERSONS));
-        Ok(LogicalPlan::Aggregate(Aggregate::try_new(input, groups, aggs)?))
+        Ok(LogicalPlan::Aggregate(Aggregate::try_new(
+            input, groups, aggs,
+        )?))
     }
 
     /// The Arrow schema of the partial batches a `k-only` node returns.
@@ -116,8 +148,22 @@ impl ApprovedQuery {
         PartialMeta {
             dp: false,
             epsilon: None,
-            encodings: vec![Encoding { center: 0.0, scale: 1.0 }; self.kinds.len()],
+            encodings: vec![
+                Encoding {
+                    center: 0.0,
+                    scale: 1.0
+                };
+                self.kinds.len()
+            ],
             scales: BTreeMap::new(),
+        }
+    }
+
+    /// Declared bounds of aggregate `i`'s argument, when it has them.
+    fn argument_bounds(&self, i: usize) -> Option<(f64, f64)> {
+        match self.aggregate.aggr_expr.get(i)?.clone().unalias() {
+            Expr::AggregateFunction(af) => crate::privacy::bounds(af.params.args.first()?),
+            _ => None,
         }
     }
 
@@ -132,7 +178,11 @@ impl ApprovedQuery {
 
     /// Checks a peer's partial (untrusted): group columns of the query's types, exactly the
     /// partial columns its aggregates need (integers or floats), and sane metadata.
-    pub fn check_partial(&self, batch_schema: &SchemaRef, meta: &PartialMeta) -> Result<(), String> {
+    pub fn check_partial(
+        &self,
+        batch_schema: &SchemaRef,
+        meta: &PartialMeta,
+    ) -> Result<(), String> {
         let expected = self.partial_schema().map_err(|e| e.to_string())?;
         let n_groups = self.aggregate.group_expr.len();
         let mut names: Vec<String> = (0..n_groups).map(group_name).collect();
@@ -142,11 +192,19 @@ impl ApprovedQuery {
         names.push(PERSONS.to_string());
         let fields = batch_schema.fields();
         if fields.len() != names.len() || fields.iter().zip(&names).any(|(f, n)| f.name() != n) {
-            return Err(format!("partial has columns {:?}, expected {names:?}", fields.iter().map(|f| f.name()).collect::<Vec<_>>()));
+            return Err(format!(
+                "partial has columns {:?}, expected {names:?}",
+                fields.iter().map(|f| f.name()).collect::<Vec<_>>()
+            ));
         }
         for (j, f) in fields.iter().take(n_groups).enumerate() {
             if f.data_type() != expected.field(j).data_type() {
-                return Err(format!("group column {} has type {}, expected {}", f.name(), f.data_type(), expected.field(j).data_type()));
+                return Err(format!(
+                    "group column {} has type {}, expected {}",
+                    f.name(),
+                    f.data_type(),
+                    expected.field(j).data_type()
+                ));
             }
         }
         for f in fields.iter().skip(n_groups) {
@@ -156,11 +214,18 @@ impl ApprovedQuery {
                 f.data_type().is_numeric()
             };
             if !ok {
-                return Err(format!("partial column {} has type {}", f.name(), f.data_type()));
+                return Err(format!(
+                    "partial column {} has type {}",
+                    f.name(),
+                    f.data_type()
+                ));
             }
         }
         if meta.encodings.len() != self.kinds.len()
-            || meta.encodings.iter().any(|e| !e.center.is_finite() || !e.scale.is_finite() || e.scale < 1.0)
+            || meta
+                .encodings
+                .iter()
+                .any(|e| !e.center.is_finite() || !e.scale.is_finite() || e.scale < 1.0)
             || meta.scales.values().any(|b| !b.is_finite() || *b < 0.0)
         {
             return Err("partial metadata is malformed".into());
@@ -173,7 +238,12 @@ impl ApprovedQuery {
     fn canonical_schema(&self) -> Result<SchemaRef, QueryError> {
         let partial = self.partial_schema()?;
         let n_groups = self.aggregate.group_expr.len();
-        let mut fields: Vec<Field> = partial.fields().iter().take(n_groups).map(|f| f.as_ref().clone().with_nullable(true)).collect();
+        let mut fields: Vec<Field> = partial
+            .fields()
+            .iter()
+            .take(n_groups)
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect();
         for i in 0..self.kinds.len() {
             fields.push(Field::new(part_name(i, 'n'), DataType::Int64, true));
             for p in ['s', 'q', 'v', 'w'] {
@@ -187,7 +257,12 @@ impl ApprovedQuery {
 
     /// Rewrites one node's checked partial into the canonical schema: s = s'/F + c·n,
     /// q = q'/F² + 2c·s'/F + c²·n, and the noise variances of n (`v`) and s (`w`).
-    fn normalize(&self, batch: &RecordBatch, meta: &PartialMeta, canonical: &SchemaRef) -> Result<RecordBatch, QueryError> {
+    fn normalize(
+        &self,
+        batch: &RecordBatch,
+        meta: &PartialMeta,
+        canonical: &SchemaRef,
+    ) -> Result<RecordBatch, QueryError> {
         let internal = |e: arrow::error::ArrowError| QueryError::Internal(e.to_string());
         let rows = batch.num_rows();
         let n_groups = self.aggregate.group_expr.len();
@@ -206,18 +281,35 @@ impl ApprovedQuery {
                 .and_then(|a| a.as_any().downcast_ref::<Int64Array>().cloned())
                 .ok_or_else(|| QueryError::Internal(format!("{name} missing or not Int64")))
         };
-        let var_of = |name: &str| crate::dp::variance(meta.scales.get(name).copied().unwrap_or(0.0));
-        let mut columns: Vec<ArrayRef> = (0..n_groups).map(|j| Arc::clone(batch.column(j))).collect();
+        let var_of =
+            |name: &str| crate::dp::variance(meta.scales.get(name).copied().unwrap_or(0.0));
+        let mut columns: Vec<ArrayRef> =
+            (0..n_groups).map(|j| Arc::clone(batch.column(j))).collect();
         for (i, enc) in meta.encodings.iter().enumerate() {
             let (c, f) = (enc.center, enc.scale);
             let n = int(&part_name(i, 'n'))?;
             let s_raw = float(&part_name(i, 's'))?;
             let q_raw = float(&part_name(i, 'q'))?;
-            let get = |a: &Option<Float64Array>, r: usize| a.as_ref().map(|a| if a.is_valid(r) { a.value(r) } else { 0.0 }).unwrap_or(0.0);
-            let nv = |r: usize| if n.is_valid(r) { n.value(r) as f64 } else { 0.0 };
-            let s: Float64Array = (0..rows).map(|r| Some(get(&s_raw, r) / f + c * nv(r))).collect();
-            let q: Float64Array =
-                (0..rows).map(|r| Some(get(&q_raw, r) / (f * f) + 2.0 * c * get(&s_raw, r) / f + c * c * nv(r))).collect();
+            let get = |a: &Option<Float64Array>, r: usize| {
+                a.as_ref()
+                    .map(|a| if a.is_valid(r) { a.value(r) } else { 0.0 })
+                    .unwrap_or(0.0)
+            };
+            let nv = |r: usize| {
+                if n.is_valid(r) {
+                    n.value(r) as f64
+                } else {
+                    0.0
+                }
+            };
+            let s: Float64Array = (0..rows)
+                .map(|r| Some(get(&s_raw, r) / f + c * nv(r)))
+                .collect();
+            let q: Float64Array = (0..rows)
+                .map(|r| {
+                    Some(get(&q_raw, r) / (f * f) + 2.0 * c * get(&s_raw, r) / f + c * c * nv(r))
+                })
+                .collect();
             let vn = var_of(&part_name(i, 'n'));
             let vs = var_of(&part_name(i, 's')) / (f * f) + c * c * vn;
             columns.push(Arc::new(n));
@@ -232,22 +324,41 @@ impl ApprovedQuery {
     }
 
     /// Merges `k-only` partial batches (see [`ApprovedQuery::merge_partials`]).
-    pub async fn merge(&self, ctx: &SessionContext, partials: Vec<RecordBatch>, k: u64) -> Result<Merged, QueryError> {
+    pub async fn merge(
+        &self,
+        ctx: &SessionContext,
+        partials: Vec<RecordBatch>,
+        k: u64,
+    ) -> Result<Merged, QueryError> {
         let meta = self.k_only_meta();
-        self.merge_partials(ctx, vec![Partial { batches: partials, meta }], k).await
+        self.merge_partials(
+            ctx,
+            vec![Partial {
+                batches: partials,
+                meta,
+            }],
+            k,
+        )
+        .await
     }
 
     /// Merges every node's partials, withholds groups whose summed person count is below `k`,
     /// and applies the query's own projection, HAVING, ORDER BY and LIMIT. Each released
     /// aggregate carries a 95% noise interval when nodes added noise.
-    pub async fn merge_partials(&self, ctx: &SessionContext, partials: Vec<Partial>, k: u64) -> Result<Merged, QueryError> {
+    pub async fn merge_partials(
+        &self,
+        ctx: &SessionContext,
+        partials: Vec<Partial>,
+        k: u64,
+    ) -> Result<Merged, QueryError> {
         let canonical = self.canonical_schema()?;
         let mut batches = Vec::new();
         let mut dp = false;
         for p in &partials {
             dp |= p.meta.dp;
             for b in &p.batches {
-                self.check_partial(&b.schema(), &p.meta).map_err(QueryError::Internal)?;
+                self.check_partial(&b.schema(), &p.meta)
+                    .map_err(QueryError::Internal)?;
                 batches.push(self.normalize(b, &p.meta, &canonical)?);
             }
         }
@@ -271,7 +382,8 @@ impl ApprovedQuery {
         // 3. Final values under the original aggregate's names (and their noise intervals),
         //    then the query's upper plan, carrying the intervals along.
         let mem = MemTable::try_new(merged_schema, vec![kept])?;
-        let scan = LogicalPlanBuilder::scan("merged", provider_as_source(Arc::new(mem)), None)?.build()?;
+        let scan =
+            LogicalPlanBuilder::scan("merged", provider_as_source(Arc::new(mem)), None)?.build()?;
         let scan_schema = Arc::clone(scan.schema());
         let agg_schema = Arc::clone(&self.aggregate.schema);
         let mut finals = Vec::with_capacity(agg_schema.fields().len() + self.kinds.len());
@@ -280,9 +392,17 @@ impl ApprovedQuery {
                 col(group_name(idx))
             } else {
                 let i = idx - n_groups;
-                let value = final_value(self.kinds[i], i)?;
+                let value = final_value(
+                    self.kinds[i],
+                    i,
+                    if dp { self.argument_bounds(i) } else { None },
+                )?;
                 let ty = value.get_type(scan_schema.as_ref())?;
-                if &ty == field.data_type() { value } else { cast(value, field.data_type().clone()) }
+                if &ty == field.data_type() {
+                    value
+                } else {
+                    cast(value, field.data_type().clone())
+                }
             };
             finals.push(value.alias_qualified(qualifier.cloned(), field.name()));
         }
@@ -312,20 +432,32 @@ impl ApprovedQuery {
         let mut ci95 = Vec::new();
         for b in &full {
             let cols: Vec<ArrayRef> = b.columns().iter().take(out_fields).cloned().collect();
-            batches.push(RecordBatch::try_new(Arc::clone(&schema), cols).map_err(|e| QueryError::Internal(e.to_string()))?);
+            batches.push(
+                RecordBatch::try_new(Arc::clone(&schema), cols)
+                    .map_err(|e| QueryError::Internal(e.to_string()))?,
+            );
             for r in 0..b.num_rows() {
                 let row = ci_of
                     .iter()
                     .map(|i| {
                         let i = (*i)?;
-                        let a = b.column(out_fields + i).as_any().downcast_ref::<Float64Array>()?;
+                        let a = b
+                            .column(out_fields + i)
+                            .as_any()
+                            .downcast_ref::<Float64Array>()?;
                         (top_projection.is_some() && a.is_valid(r)).then(|| a.value(r))
                     })
                     .collect();
                 ci95.push(row);
             }
         }
-        Ok(Merged { schema, batches, suppressed_groups, ci95, dp })
+        Ok(Merged {
+            schema,
+            batches,
+            suppressed_groups,
+            ci95,
+            dp,
+        })
     }
 }
 
@@ -342,7 +474,9 @@ fn aggregate_index(e: &Expr, names: &[String]) -> Option<usize> {
         Expr::Alias(a) => aggregate_index(&a.expr, names),
         Expr::Cast(c) => aggregate_index(&c.expr, names),
         Expr::TryCast(c) => aggregate_index(&c.expr, names),
-        Expr::ScalarFunction(f) if f.func.name() == "round" => f.args.first().and_then(|a| aggregate_index(a, names)),
+        Expr::ScalarFunction(f) if f.func.name() == "round" => {
+            f.args.first().and_then(|a| aggregate_index(a, names))
+        }
         Expr::Column(c) => names.iter().position(|n| *n == c.name),
         _ => None,
     }
@@ -379,24 +513,53 @@ pub struct Partial {
     pub meta: PartialMeta,
 }
 
-/// The final value of aggregate `i` from its summed canonical partials.
-fn final_value(kind: AggKind, i: usize) -> datafusion::error::Result<Expr> {
+/// The final value of aggregate `i` from its summed canonical partials. With `bounds` (noisy
+/// partials), averages and spreads are clamped to what values in those bounds allow — pure
+/// post-processing, which costs no privacy.
+fn final_value(
+    kind: AggKind,
+    i: usize,
+    bounds: Option<(f64, f64)>,
+) -> datafusion::error::Result<Expr> {
     let n = || col(part_name(i, 'n'));
     let s = || col(part_name(i, 's'));
     let q = || col(part_name(i, 'q'));
     let nf = || cast(n(), DataType::Float64);
+    let clamp = |x: Expr, lo: f64, hi: f64| -> datafusion::error::Result<Expr> {
+        when(x.clone().lt(lit(lo)), lit(lo))
+            .when(x.clone().gt(lit(hi)), lit(hi))
+            .otherwise(x)
+    };
     let variance = |population: bool| -> datafusion::error::Result<Expr> {
         // Σ(x - mean)² = q - s²/n, clamped at 0 against rounding and noise.
         let v = q() - s() * s() / nf();
         let ss = when(v.clone().lt(lit(0.0)), lit(0.0)).otherwise(v)?;
-        let (min_n, denom) = if population { (0i64, nf()) } else { (1i64, nf() - lit(1.0)) };
-        when(n().gt(lit(min_n)), ss / denom).end()
+        let (min_n, denom) = if population {
+            (0i64, nf())
+        } else {
+            (1i64, nf() - lit(1.0))
+        };
+        let var = ss / denom;
+        let var = match bounds {
+            Some((lo, hi)) => clamp(var, 0.0, ((hi - lo) / 2.0).powi(2))?,
+            None => var,
+        };
+        when(n().gt(lit(min_n)), var).end()
     };
     Ok(match kind {
         // Noise can push a count below zero; a count is never negative.
-        AggKind::Count | AggKind::CountPersons => when(n().lt(lit(0i64)), lit(0i64)).otherwise(n())?,
+        AggKind::Count | AggKind::CountPersons => {
+            when(n().lt(lit(0i64)), lit(0i64)).otherwise(n())?
+        }
         AggKind::Sum => when(n().gt(lit(0i64)), s()).end()?,
-        AggKind::Avg => when(n().gt(lit(0i64)), s() / nf()).end()?,
+        AggKind::Avg => {
+            let avg = s() / nf();
+            let avg = match bounds {
+                Some((lo, hi)) => clamp(avg, lo, hi)?,
+                None => avg,
+            };
+            when(n().gt(lit(0i64)), avg).end()?
+        }
         AggKind::Variance { population } => variance(population)?,
         AggKind::Stddev { population } => sqrt(variance(population)?),
     })
@@ -405,7 +568,11 @@ fn final_value(kind: AggKind, i: usize) -> datafusion::error::Result<Expr> {
 /// Half-width of the 95% noise interval of aggregate `i` (NULL when exact or not derived).
 fn interval(kind: AggKind, i: usize) -> datafusion::error::Result<Expr> {
     let nf = || cast(col(part_name(i, 'n')), DataType::Float64);
-    let (s, vn, vs) = (|| col(part_name(i, 's')), || col(part_name(i, 'v')), || col(part_name(i, 'w')));
+    let (s, vn, vs) = (
+        || col(part_name(i, 's')),
+        || col(part_name(i, 'v')),
+        || col(part_name(i, 'w')),
+    );
     let var = match kind {
         AggKind::Count | AggKind::CountPersons => vn(),
         AggKind::Sum => vs(),
@@ -442,20 +609,23 @@ pub fn suppress(batches: &[RecordBatch], k: u64) -> Result<(Vec<RecordBatch>, u6
     let mut dropped = 0u64;
     let k = i64::try_from(k).unwrap_or(i64::MAX);
     for b in batches {
-        let idx = b.schema().index_of(PERSONS).map_err(|e| QueryError::Internal(e.to_string()))?;
+        let idx = b
+            .schema()
+            .index_of(PERSONS)
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
         let persons = b
             .column(idx)
             .as_any()
             .downcast_ref::<Int64Array>()
             .ok_or_else(|| QueryError::Internal(format!("{PERSONS} is not Int64")))?;
-        let mask: BooleanArray =
-            (0..persons.len()).map(|r| Some(persons.is_valid(r) && persons.value(r) >= k)).collect();
+        let mask: BooleanArray = (0..persons.len())
+            .map(|r| Some(persons.is_valid(r) && persons.value(r) >= k))
+            .collect();
         dropped += mask.false_count() as u64;
         kept.push(filter_record_batch(b, &mask).map_err(|e| QueryError::Internal(e.to_string()))?);
     }
     Ok((kept, dropped))
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -470,11 +640,21 @@ mod tests {
     fn experience(s: usize, rows: usize) -> RecordBatch {
         let schema = Table::Experience.arrow_schema();
         let text = |f: &dyn Fn(usize) -> String| -> ArrayRef {
-            Arc::new(StringArray::from((0..rows).map(|i| Some(f(i))).collect::<Vec<_>>()))
+            Arc::new(StringArray::from(
+                (0..rows).map(|i| Some(f(i))).collect::<Vec<_>>(),
+            ))
         };
         let score = |salt: usize| -> ArrayRef {
             Arc::new(Int8Array::from(
-                (0..rows).map(|i| if (i + salt).is_multiple_of(17) { None } else { Some(((i * 7 + salt * 3 + s) % 5 + 1) as i8) }).collect::<Vec<_>>(),
+                (0..rows)
+                    .map(|i| {
+                        if (i + salt).is_multiple_of(17) {
+                            None
+                        } else {
+                            Some(((i * 7 + salt * 3 + s) % 5 + 1) as i8)
+                        }
+                    })
+                    .collect::<Vec<_>>(),
             ))
         };
         let columns: Vec<ArrayRef> = vec![
@@ -488,7 +668,11 @@ mod tests {
             text(&|i| crate::schema::CHANNELS[(i * 5 + s) % 4].to_string()),
             text(&|i| crate::schema::STATES[i % 6].to_string()),
             text(&|i| crate::schema::AGE_BANDS[i % 6].to_string()),
-            Arc::new(Date32Array::from((0..rows).map(|i| Some(20_000 + (i % 200) as i32)).collect::<Vec<_>>())),
+            Arc::new(Date32Array::from(
+                (0..rows)
+                    .map(|i| Some(20_000 + (i % 200) as i32))
+                    .collect::<Vec<_>>(),
+            )),
             score(0),
             score(1),
             score(2),
@@ -516,11 +700,33 @@ mod tests {
             pick("age_band"),
             pick("response_date"),
             pick("response_date"),
-            Arc::new(Int32Array::from((0..rows).map(|i| if i % 11 == 0 { None } else { Some(((i * 37 + s) % 240) as i32) }).collect::<Vec<_>>())),
-            Arc::new(Int32Array::from((0..rows).map(|i| Some(((i * 13) % 90) as i32)).collect::<Vec<_>>())),
-            Arc::new(arrow::array::BooleanArray::from((0..rows).map(|i| Some(i % 3 == 0)).collect::<Vec<_>>())),
-            Arc::new(arrow::array::BooleanArray::from((0..rows).map(|i| Some(i % 10 == 0)).collect::<Vec<_>>())),
-            Arc::new(StringArray::from((0..rows).map(|i| Some(crate::schema::OUTCOMES[i % 4])).collect::<Vec<_>>())),
+            Arc::new(Int32Array::from(
+                (0..rows)
+                    .map(|i| {
+                        if i % 11 == 0 {
+                            None
+                        } else {
+                            Some(((i * 37 + s) % 240) as i32)
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            )),
+            Arc::new(Int32Array::from(
+                (0..rows)
+                    .map(|i| Some(((i * 13) % 90) as i32))
+                    .collect::<Vec<_>>(),
+            )),
+            Arc::new(arrow::array::BooleanArray::from(
+                (0..rows).map(|i| Some(i % 3 == 0)).collect::<Vec<_>>(),
+            )),
+            Arc::new(arrow::array::BooleanArray::from(
+                (0..rows).map(|i| Some(i % 10 == 0)).collect::<Vec<_>>(),
+            )),
+            Arc::new(StringArray::from(
+                (0..rows)
+                    .map(|i| Some(crate::schema::OUTCOMES[i % 4]))
+                    .collect::<Vec<_>>(),
+            )),
         ];
         RecordBatch::try_new(schema, columns).expect("batch")
     }
@@ -530,10 +736,16 @@ mod tests {
         register_functions(&ctx);
         let exp: Vec<RecordBatch> = shards.iter().map(|&s| experience(s, 240)).collect();
         let op: Vec<RecordBatch> = shards.iter().map(|&s| operational(s, 240)).collect();
-        ctx.register_table("experience", Arc::new(MemTable::try_new(Table::Experience.arrow_schema(), vec![exp]).expect("mem")))
-            .expect("register");
-        ctx.register_table("operational", Arc::new(MemTable::try_new(Table::Operational.arrow_schema(), vec![op]).expect("mem")))
-            .expect("register");
+        ctx.register_table(
+            "experience",
+            Arc::new(MemTable::try_new(Table::Experience.arrow_schema(), vec![exp]).expect("mem")),
+        )
+        .expect("register");
+        ctx.register_table(
+            "operational",
+            Arc::new(MemTable::try_new(Table::Operational.arrow_schema(), vec![op]).expect("mem")),
+        )
+        .expect("register");
         ctx
     }
 
@@ -541,7 +753,12 @@ mod tests {
         let mut rows = Vec::new();
         for b in batches {
             for r in 0..b.num_rows() {
-                rows.push(b.columns().iter().map(|c| array_value_to_string(c, r).expect("fmt")).collect());
+                rows.push(
+                    b.columns()
+                        .iter()
+                        .map(|c| array_value_to_string(c, r).expect("fmt"))
+                        .collect(),
+                );
             }
         }
         rows
@@ -567,11 +784,25 @@ mod tests {
         let pooled = context(&[0, 1, 2]);
         let shards: Vec<SessionContext> = (0..3).map(|s| context(&[s])).collect();
         for sql in queries {
-            let expected = pooled.sql(sql).await.expect("pooled").collect().await.expect("pooled");
+            let expected = pooled
+                .sql(sql)
+                .await
+                .expect("pooled")
+                .collect()
+                .await
+                .expect("pooled");
             let mut partials = Vec::new();
             for ctx in &shards {
-                let q = approve(&ctx.state(), sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-                let batches = ctx.execute_logical_plan(q.partial_plan().expect("partial")).await.expect("run").collect().await.expect("collect");
+                let q = approve(&ctx.state(), sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                let batches = ctx
+                    .execute_logical_plan(q.partial_plan().expect("partial"))
+                    .await
+                    .expect("run")
+                    .collect()
+                    .await
+                    .expect("collect");
                 partials.extend(batches);
             }
             let coordinator = context(&[]);
@@ -580,7 +811,10 @@ mod tests {
             let (got, want) = (render(&merged.batches), render(&expected));
             assert_eq!(got.len(), want.len(), "{sql}\n got {got:?}\nwant {want:?}");
             for (g, w) in got.iter().zip(&want) {
-                assert!(g.iter().zip(w).all(|(a, b)| close(a, b)), "{sql}\n got {g:?}\nwant {w:?}");
+                assert!(
+                    g.iter().zip(w).all(|(a, b)| close(a, b)),
+                    "{sql}\n got {g:?}\nwant {w:?}"
+                );
             }
             assert_eq!(merged.suppressed_groups, 0);
         }
@@ -589,13 +823,27 @@ mod tests {
     #[tokio::test]
     async fn suppression_counts_small_groups() {
         let ctx = context(&[0]);
-        let q = approve(&ctx.state(), "SELECT state, channel, COUNT(*) FROM experience GROUP BY state, channel").await.expect("approve");
-        let batches = ctx.execute_logical_plan(q.partial_plan().expect("partial")).await.expect("run").collect().await.expect("collect");
+        let q = approve(
+            &ctx.state(),
+            "SELECT state, channel, COUNT(*) FROM experience GROUP BY state, channel",
+        )
+        .await
+        .expect("approve");
+        let batches = ctx
+            .execute_logical_plan(q.partial_plan().expect("partial"))
+            .await
+            .expect("run")
+            .collect()
+            .await
+            .expect("collect");
         let total: usize = batches.iter().map(|b| b.num_rows()).sum();
         let (kept, dropped) = suppress(&batches, 1_000).expect("suppress");
         assert_eq!(kept.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
         assert_eq!(dropped as usize, total);
         let (kept, dropped) = suppress(&batches, 1).expect("suppress");
-        assert_eq!((kept.iter().map(|b| b.num_rows()).sum::<usize>(), dropped), (total, 0));
+        assert_eq!(
+            (kept.iter().map(|b| b.num_rows()).sum::<usize>(), dropped),
+            (total, 0)
+        );
     }
 }

@@ -128,7 +128,9 @@ impl Rule {
 
     /// Parses a code (`CXF-Q012`) or a slug (`identifier-not-allowed`).
     pub fn parse(s: &str) -> Option<Rule> {
-        Rule::ALL.into_iter().find(|r| r.code() == s || r.slug() == s)
+        Rule::ALL
+            .into_iter()
+            .find(|r| r.code() == s || r.slug() == s)
     }
 }
 
@@ -167,7 +169,11 @@ pub struct Rejection {
 impl Rejection {
     /// A rejection without a position.
     pub fn new(rule: Rule, reason: impl Into<String>) -> Self {
-        Rejection { rule, reason: reason.into(), position: None }
+        Rejection {
+            rule,
+            reason: reason.into(),
+            position: None,
+        }
     }
 
     /// Sets the position to the first place `word` appears as a token in `sql`, if it does.
@@ -192,7 +198,9 @@ impl fmt::Display for Rejection {
 /// Finds the position of the `nth` (0-based) token equal to `word` (case-insensitive; quoted
 /// identifiers match their unquoted text).
 pub fn locate_word(sql: &str, word: &str, nth: usize) -> Option<Position> {
-    let tokens = Tokenizer::new(&GenericDialect {}, sql).tokenize_with_location().ok()?;
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize_with_location()
+        .ok()?;
     tokens
         .iter()
         .filter(|t| match &t.token {
@@ -200,17 +208,27 @@ pub fn locate_word(sql: &str, word: &str, nth: usize) -> Option<Position> {
             _ => false,
         })
         .nth(nth)
-        .map(|t| Position { line: t.span.start.line, column: t.span.start.column })
+        .map(|t| Position {
+            line: t.span.start.line,
+            column: t.span.start.column,
+        })
 }
 
 /// Extracts "Line: L, Column: C" from a sqlparser error message.
 pub fn position_in_message(msg: &str) -> Option<Position> {
     let l = msg.find("Line: ")?;
     let rest = &msg[l + 6..];
-    let line: u64 = rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    let line: u64 = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
     let c = rest.find("Column: ")?;
-    let column: u64 =
-        rest[c + 8..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    let column: u64 = rest[c + 8..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
     Some(Position { line, column })
 }
 
@@ -232,13 +250,27 @@ mod tests {
     #[test]
     fn locates_words_by_token_not_substring() {
         let sql = "SELECT count(*)\nFROM experience WHERE person_id_x = 1 AND \"person_id\" = 2";
-        assert_eq!(locate_word(sql, "person_id", 0), Some(Position { line: 2, column: 43 }));
+        assert_eq!(
+            locate_word(sql, "person_id", 0),
+            Some(Position {
+                line: 2,
+                column: 43
+            })
+        );
         assert_eq!(locate_word(sql, "nothing", 0), None);
     }
 
     #[test]
     fn reads_positions_from_parser_messages() {
-        let p = position_in_message("sql parser error: Expected: end of statement, found: x at Line: 3, Column: 14");
-        assert_eq!(p, Some(Position { line: 3, column: 14 }));
+        let p = position_in_message(
+            "sql parser error: Expected: end of statement, found: x at Line: 3, Column: 14",
+        );
+        assert_eq!(
+            p,
+            Some(Position {
+                line: 3,
+                column: 14
+            })
+        );
     }
 }

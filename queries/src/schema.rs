@@ -129,8 +129,20 @@ pub struct Column {
     pub domain: Domain,
 }
 
-const fn col(name: &'static str, ty: ColumnType, kind: Kind, required: bool, domain: Domain) -> Column {
-    Column { name, ty, kind, required, domain }
+const fn col(
+    name: &'static str,
+    ty: ColumnType,
+    kind: Kind,
+    required: bool,
+    domain: Domain,
+) -> Column {
+    Column {
+        name,
+        ty,
+        kind,
+        required,
+        domain,
+    }
 }
 
 /// Priority Life Experiences.
@@ -142,8 +154,15 @@ pub const LIFE_EXPERIENCES: &[&str] = &[
     "financial_shock",
 ];
 /// Journey stages.
-pub const JOURNEY_STAGES: &[&str] =
-    &["awareness", "eligibility", "apply", "wait", "decision", "receive", "renew_or_appeal"];
+pub const JOURNEY_STAGES: &[&str] = &[
+    "awareness",
+    "eligibility",
+    "apply",
+    "wait",
+    "decision",
+    "receive",
+    "renew_or_appeal",
+];
 /// GSA Touchpoints channel codes.
 pub const CHANNELS: &[&str] = &[
     "website",
@@ -191,11 +210,35 @@ static EXPERIENCE: &[Column] = &[
     col("case_id", T::Text, K::Identifier, true, D::FreeText),
     col("agency", T::Text, K::Dimension, true, D::Agency),
     col("service", T::Text, K::Dimension, true, D::FreeText),
-    col("life_experience", T::Text, K::Dimension, true, D::Vocabulary(LIFE_EXPERIENCES)),
-    col("journey_stage", T::Text, K::Dimension, true, D::Vocabulary(JOURNEY_STAGES)),
-    col("channel", T::Text, K::Dimension, true, D::Vocabulary(CHANNELS)),
+    col(
+        "life_experience",
+        T::Text,
+        K::Dimension,
+        true,
+        D::Vocabulary(LIFE_EXPERIENCES),
+    ),
+    col(
+        "journey_stage",
+        T::Text,
+        K::Dimension,
+        true,
+        D::Vocabulary(JOURNEY_STAGES),
+    ),
+    col(
+        "channel",
+        T::Text,
+        K::Dimension,
+        true,
+        D::Vocabulary(CHANNELS),
+    ),
     col("state", T::Text, K::Dimension, false, D::Vocabulary(STATES)),
-    col("age_band", T::Text, K::Dimension, false, D::Vocabulary(AGE_BANDS)),
+    col(
+        "age_band",
+        T::Text,
+        K::Dimension,
+        false,
+        D::Vocabulary(AGE_BANDS),
+    ),
     col("response_date", T::Date, K::Date, true, D::Any),
     col("trust", T::Int8, K::Measure, false, SCORE),
     col("satisfaction", T::Int8, K::Measure, false, SCORE),
@@ -211,24 +254,89 @@ static OPERATIONAL: &[Column] = &[
     col("person_id", T::Text, K::Identifier, true, D::FreeText),
     col("agency", T::Text, K::Dimension, true, D::Agency),
     col("service", T::Text, K::Dimension, true, D::FreeText),
-    col("life_experience", T::Text, K::Dimension, true, D::Vocabulary(LIFE_EXPERIENCES)),
-    col("journey_stage", T::Text, K::Dimension, true, D::Vocabulary(JOURNEY_STAGES)),
-    col("channel", T::Text, K::Dimension, true, D::Vocabulary(CHANNELS)),
+    col(
+        "life_experience",
+        T::Text,
+        K::Dimension,
+        true,
+        D::Vocabulary(LIFE_EXPERIENCES),
+    ),
+    col(
+        "journey_stage",
+        T::Text,
+        K::Dimension,
+        true,
+        D::Vocabulary(JOURNEY_STAGES),
+    ),
+    col(
+        "channel",
+        T::Text,
+        K::Dimension,
+        true,
+        D::Vocabulary(CHANNELS),
+    ),
     col("state", T::Text, K::Dimension, false, D::Vocabulary(STATES)),
-    col("age_band", T::Text, K::Dimension, false, D::Vocabulary(AGE_BANDS)),
+    col(
+        "age_band",
+        T::Text,
+        K::Dimension,
+        false,
+        D::Vocabulary(AGE_BANDS),
+    ),
     col("opened_date", T::Date, K::Date, true, D::Any),
     col("closed_date", T::Date, K::Date, false, D::Any),
-    col("wait_minutes", T::Int32, K::Measure, false, D::Range(0, 10_080)),
-    col("processing_days", T::Int32, K::Measure, false, D::Range(0, 3_650)),
-    col("first_contact_resolved", T::Bool, K::Dimension, false, D::Any),
+    col(
+        "wait_minutes",
+        T::Int32,
+        K::Measure,
+        false,
+        D::Range(0, 10_080),
+    ),
+    col(
+        "processing_days",
+        T::Int32,
+        K::Measure,
+        false,
+        D::Range(0, 3_650),
+    ),
+    col(
+        "first_contact_resolved",
+        T::Bool,
+        K::Dimension,
+        false,
+        D::Any,
+    ),
     col("abandoned", T::Bool, K::Dimension, false, D::Any),
-    col("outcome", T::Text, K::Dimension, true, D::Vocabulary(OUTCOMES)),
+    col(
+        "outcome",
+        T::Text,
+        K::Dimension,
+        true,
+        D::Vocabulary(OUTCOMES),
+    ),
 ];
 
 /// The column that identifies a person (the privacy unit).
 pub const PERSON_ID: &str = "person_id";
 /// The only column two tables may be joined on.
 pub const JOIN_KEY: &str = "case_id";
+
+/// Declared contribution bounds of a measure for differential privacy: values are clamped to
+/// these before noise is calibrated. Tighter than the validation ranges where the long tail
+/// carries little signal (a wait over 4 hours counts as 4 hours; processing over a year as a
+/// year).
+pub fn dp_bounds(name: &str) -> Option<(f64, f64)> {
+    match name {
+        "wait_minutes" => Some((0.0, 240.0)),
+        "processing_days" => Some((0.0, 365.0)),
+        _ => match column_anywhere(name)?.domain {
+            Domain::Range(lo, hi) if column_anywhere(name)?.kind == Kind::Measure => {
+                Some((lo as f64, hi as f64))
+            }
+            _ => None,
+        },
+    }
+}
 
 /// Looks a column up in either table (the kind of a name is the same in both).
 pub fn column_anywhere(name: &str) -> Option<&'static Column> {
@@ -248,14 +356,22 @@ mod tests {
                 }
             }
         }
-        assert_eq!(Table::Experience.column("person_id").map(|c| c.kind), Some(Kind::Identifier));
+        assert_eq!(
+            Table::Experience.column("person_id").map(|c| c.kind),
+            Some(Kind::Identifier)
+        );
     }
 
     #[test]
     fn arrow_schema_matches_columns() {
         let s = Table::Operational.arrow_schema();
         assert_eq!(s.fields().len(), Table::Operational.columns().len());
-        assert_eq!(s.field_with_name("wait_minutes").map(|f| f.data_type().clone()).ok(), Some(DataType::Int32));
+        assert_eq!(
+            s.field_with_name("wait_minutes")
+                .map(|f| f.data_type().clone())
+                .ok(),
+            Some(DataType::Int32)
+        );
         assert_eq!(STATES.len(), 56);
     }
 }

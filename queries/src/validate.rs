@@ -32,8 +32,24 @@ pub const MAX_SQL_BYTES: usize = 16 * 1024;
 
 /// Scalar functions a query may use (DataFusion names).
 pub const ALLOWED_FUNCTIONS: &[&str] = &[
-    "date_trunc", "date_part", "coalesce", "nullif", "abs", "round", "floor", "ceil", "trunc",
-    "sqrt", "power", "ln", "log10", "exp", "lower", "upper", "greatest", "least",
+    "date_trunc",
+    "date_part",
+    "coalesce",
+    "nullif",
+    "abs",
+    "round",
+    "floor",
+    "ceil",
+    "trunc",
+    "sqrt",
+    "power",
+    "ln",
+    "log10",
+    "exp",
+    "lower",
+    "upper",
+    "greatest",
+    "least",
 ];
 
 /// Date granularities a date may be grouped by.
@@ -128,7 +144,12 @@ impl ApprovedQuery {
 
     /// Output column names, in order.
     pub fn columns(&self) -> Vec<String> {
-        self.plan.schema().fields().iter().map(|f| f.name().clone()).collect()
+        self.plan
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect()
     }
 
     /// The kind of each aggregate of the query, in plan order.
@@ -138,13 +159,23 @@ impl ApprovedQuery {
 
     /// The grouping expressions, as text.
     pub fn group_keys(&self) -> Vec<String> {
-        self.aggregate.group_expr.iter().map(|e| e.to_string()).collect()
+        self.aggregate
+            .group_expr
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
     }
 
     /// The output names of the aggregates, in plan order.
     pub fn aggregate_names(&self) -> Vec<String> {
         let n = self.aggregate.group_expr.len();
-        self.aggregate.schema.fields().iter().skip(n).map(|f| f.name().clone()).collect()
+        self.aggregate
+            .schema
+            .fields()
+            .iter()
+            .skip(n)
+            .map(|f| f.name().clone())
+            .collect()
     }
 
     /// Every CX column the query reads anywhere (select, where, join, group, having, order),
@@ -173,12 +204,18 @@ pub async fn approve(state: &SessionState, sql: &str) -> Result<ApprovedQuery, Q
     if sql.len() > MAX_SQL_BYTES {
         return Err(Rejection::new(
             Rule::QueryTooLarge,
-            format!("the query is {} bytes; at most {MAX_SQL_BYTES} are accepted", sql.len()),
+            format!(
+                "the query is {} bytes; at most {MAX_SQL_BYTES} are accepted",
+                sql.len()
+            ),
         )
         .into());
     }
     let statement = parse_one(state, sql)?;
-    let plan = state.statement_to_plan(statement).await.map_err(|e| plan_error(sql, e))?;
+    let plan = state
+        .statement_to_plan(statement)
+        .await
+        .map_err(|e| plan_error(sql, e))?;
     SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
@@ -197,27 +234,61 @@ fn parse_one(state: &SessionState, sql: &str) -> Result<DFStatement, QueryError>
         .and_then(|mut p| p.parse_statements())
         .map_err(|e| {
             let msg = e.to_string();
-            let rule = if msg.contains("ecursion limit") { Rule::QueryTooLarge } else { Rule::SyntaxError };
-            Rejection { rule, reason: first_line(&strip_prefix(&msg)), position: position_in_message(&msg) }
+            let rule = if msg.contains("ecursion limit") {
+                Rule::QueryTooLarge
+            } else {
+                Rule::SyntaxError
+            };
+            Rejection {
+                rule,
+                reason: first_line(&strip_prefix(&msg)),
+                position: position_in_message(&msg),
+            }
         })?;
     if statements.len() != 1 {
-        let rule = if statements.is_empty() { Rule::SyntaxError } else { Rule::MultipleStatements };
+        let rule = if statements.is_empty() {
+            Rule::SyntaxError
+        } else {
+            Rule::MultipleStatements
+        };
         let reason = if statements.is_empty() {
             "the request holds no SQL statement".to_string()
         } else {
-            format!("send one statement at a time; this request holds {}", statements.len())
+            format!(
+                "send one statement at a time; this request holds {}",
+                statements.len()
+            )
         };
-        let position = if statements.len() > 1 { second_statement_position(sql) } else { None };
-        return Err(Rejection { rule, reason, position }.into());
+        let position = if statements.len() > 1 {
+            second_statement_position(sql)
+        } else {
+            None
+        };
+        return Err(Rejection {
+            rule,
+            reason,
+            position,
+        }
+        .into());
     }
-    let statement = statements.pop_front().ok_or_else(|| QueryError::Internal("no statement".into()))?;
+    let statement = statements
+        .pop_front()
+        .ok_or_else(|| QueryError::Internal("no statement".into()))?;
     match &statement {
         DFStatement::Statement(s) if matches!(**s, Statement::Query(_)) => Ok(statement),
         DFStatement::Statement(s) => {
-            let word = s.to_string().split_whitespace().next().unwrap_or("statement").to_uppercase();
-            Err(Rejection::new(Rule::NotAQuery, format!("only SELECT queries are accepted, not {word}"))
-                .at_word(sql, &word)
-                .into())
+            let word = s
+                .to_string()
+                .split_whitespace()
+                .next()
+                .unwrap_or("statement")
+                .to_uppercase();
+            Err(Rejection::new(
+                Rule::NotAQuery,
+                format!("only SELECT queries are accepted, not {word}"),
+            )
+            .at_word(sql, &word)
+            .into())
         }
         _ => Err(Rejection::new(Rule::NotAQuery, "only SELECT queries are accepted").into()),
     }
@@ -225,12 +296,17 @@ fn parse_one(state: &SessionState, sql: &str) -> Result<DFStatement, QueryError>
 
 fn second_statement_position(sql: &str) -> Option<crate::rules::Position> {
     use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
-    let tokens = Tokenizer::new(&GenericDialect {}, sql).tokenize_with_location().ok()?;
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize_with_location()
+        .ok()?;
     let semi = tokens.iter().position(|t| t.token == Token::SemiColon)?;
     tokens[semi + 1..]
         .iter()
         .find(|t| !matches!(t.token, Token::Whitespace(_) | Token::SemiColon))
-        .map(|t| crate::rules::Position { line: t.span.start.line, column: t.span.start.column })
+        .map(|t| crate::rules::Position {
+            line: t.span.start.line,
+            column: t.span.start.column,
+        })
 }
 
 fn strip_prefix(msg: &str) -> String {
@@ -261,7 +337,11 @@ fn plan_error(sql: &str, e: DataFusionError) -> QueryError {
     } else {
         Rule::PlanError
     };
-    let mut rejection = Rejection { rule, reason: first_line(&msg.replace("Error during planning: ", "")), position: None };
+    let mut rejection = Rejection {
+        rule,
+        reason: first_line(&msg.replace("Error during planning: ", "")),
+        position: None,
+    };
     // DataFusion names the column or table it could not find; point at it.
     if let Some(name) = quoted_name(&msg) {
         rejection = rejection.at_word(sql, &name);
@@ -283,7 +363,10 @@ fn check(sql: &str, plan: LogicalPlan) -> Result<ApprovedQuery, QueryError> {
     let mut node = &plan;
     let aggregate = loop {
         match node {
-            LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::Sort(_) | LogicalPlan::Limit(_) => {
+            LogicalPlan::Projection(_)
+            | LogicalPlan::Filter(_)
+            | LogicalPlan::Sort(_)
+            | LogicalPlan::Limit(_) => {
                 upper.push(node.clone());
                 node = node.inputs()[0];
             }
@@ -329,7 +412,14 @@ fn check(sql: &str, plan: LogicalPlan) -> Result<ApprovedQuery, QueryError> {
         .find(|c| c.name == schema::PERSON_ID)
         .ok_or_else(|| QueryError::Internal("no person_id column under the aggregate".into()))?;
 
-    Ok(ApprovedQuery { sql: sql.to_string(), plan, upper, aggregate, kinds, person })
+    Ok(ApprovedQuery {
+        sql: sql.to_string(),
+        plan,
+        upper,
+        aggregate,
+        kinds,
+        person,
+    })
 }
 
 /// The refusal for a plan node that may not appear where it is.
@@ -377,20 +467,28 @@ fn shape_rejection(sql: &str, node: &LogicalPlan, below_aggregate: bool) -> Reje
 }
 
 /// Collects the plan nodes under the aggregate, checking their shape.
-fn collect_below(sql: &str, plan: &LogicalPlan, out: &mut Vec<LogicalPlan>) -> Result<(), Rejection> {
+fn collect_below(
+    sql: &str,
+    plan: &LogicalPlan,
+    out: &mut Vec<LogicalPlan>,
+) -> Result<(), Rejection> {
     match plan {
         LogicalPlan::Filter(f) => {
             out.push(plan.clone());
             collect_below(sql, &f.input, out)
         }
-        LogicalPlan::TableScan(_) | LogicalPlan::SubqueryAlias(_) => scanned_table(sql, plan).map(|_| ()),
+        LogicalPlan::TableScan(_) | LogicalPlan::SubqueryAlias(_) => {
+            scanned_table(sql, plan).map(|_| ())
+        }
         LogicalPlan::Join(j) => {
             let left = scanned_table(sql, &j.left).map_err(|r| join_side(sql, r))?;
             let right = scanned_table(sql, &j.right).map_err(|r| join_side(sql, r))?;
             // The SQL planner leaves `ON a = b` in `filter`; the optimizer later moves it to `on`.
             let keys: Vec<(&Expr, &Expr)> = match (&j.on[..], &j.filter) {
                 ([(l, r)], None) => vec![(l, r)],
-                ([], Some(Expr::BinaryExpr(b))) if b.op == Operator::Eq => vec![(&*b.left, &*b.right)],
+                ([], Some(Expr::BinaryExpr(b))) if b.op == Operator::Eq => {
+                    vec![(&*b.left, &*b.right)]
+                }
                 _ => vec![],
             };
             let on_case_id = keys.len() == 1
@@ -416,8 +514,11 @@ fn join_side(sql: &str, r: Rejection) -> Rejection {
     if r.rule == Rule::TableNotAllowed {
         r
     } else {
-        Rejection::new(Rule::JoinNotAllowed, "joins may only combine the experience and operational tables")
-            .at_word(sql, "join")
+        Rejection::new(
+            Rule::JoinNotAllowed,
+            "joins may only combine the experience and operational tables",
+        )
+        .at_word(sql, "join")
     }
 }
 
@@ -437,7 +538,9 @@ fn scanned_table(sql: &str, plan: &LogicalPlan) -> Result<Table, Rejection> {
                 Some(t) if qualified_ok && scan.filters.is_empty() => Ok(t),
                 _ => Err(Rejection::new(
                     Rule::TableNotAllowed,
-                    format!("only the experience and operational tables may be queried, not {name}"),
+                    format!(
+                        "only the experience and operational tables may be queried, not {name}"
+                    ),
                 )
                 .at_word(sql, name)),
             }
@@ -553,7 +656,10 @@ fn check_expr(sql: &str, e: &Expr) -> Result<(), Rejection> {
                 } else {
                     Err(Rejection::new(
                         Rule::FunctionNotAllowed,
-                        format!("function {name} is not allowed; allowed: {}", ALLOWED_FUNCTIONS.join(", ")),
+                        format!(
+                            "function {name} is not allowed; allowed: {}",
+                            ALLOWED_FUNCTIONS.join(", ")
+                        ),
                     )
                     .at_word(sql, name))
                 }
@@ -563,20 +669,42 @@ fn check_expr(sql: &str, e: &Expr) -> Result<(), Rejection> {
                 "aggregates are only allowed in the SELECT list and HAVING",
             )
             .at_word(sql, af.func.name())),
-            Expr::WindowFunction(_) => {
-                Err(Rejection::new(Rule::WindowNotAllowed, "window functions are not allowed").at_word(sql, "over"))
-            }
-            Expr::Exists(_) | Expr::InSubquery(_) | Expr::ScalarSubquery(_) | Expr::SetComparison(_) | Expr::OuterReferenceColumn(..) => {
-                Err(Rejection::new(Rule::SubqueryNotAllowed, "subqueries are not allowed").at_word(sql, "select").map_position_nth(sql, "select", 1))
-            }
-            Expr::GroupingSet(_) => Err(Rejection::new(Rule::GroupingSetsNotAllowed, "GROUPING SETS, ROLLUP and CUBE are not allowed")
-                .at_word(sql, "rollup")
-                .at_word(sql, "cube")
-                .at_word(sql, "grouping")),
+            Expr::WindowFunction(_) => Err(Rejection::new(
+                Rule::WindowNotAllowed,
+                "window functions are not allowed",
+            )
+            .at_word(sql, "over")),
+            Expr::Exists(_)
+            | Expr::InSubquery(_)
+            | Expr::ScalarSubquery(_)
+            | Expr::SetComparison(_)
+            | Expr::OuterReferenceColumn(..) => Err(Rejection::new(
+                Rule::SubqueryNotAllowed,
+                "subqueries are not allowed",
+            )
+            .at_word(sql, "select")
+            .map_position_nth(sql, "select", 1)),
+            Expr::GroupingSet(_) => Err(Rejection::new(
+                Rule::GroupingSetsNotAllowed,
+                "GROUPING SETS, ROLLUP and CUBE are not allowed",
+            )
+            .at_word(sql, "rollup")
+            .at_word(sql, "cube")
+            .at_word(sql, "grouping")),
             #[allow(deprecated)]
-            Expr::Wildcard { .. } => Err(Rejection::new(Rule::RawRows, "* may only appear in COUNT(*)")),
-            Expr::Placeholder(_) => Err(Rejection::new(Rule::FunctionNotAllowed, "query parameters ($1, ?) are not allowed")),
-            Expr::SimilarTo(_) => Err(Rejection::new(Rule::FunctionNotAllowed, "SIMILAR TO is not allowed").at_word(sql, "similar")),
+            Expr::Wildcard { .. } => Err(Rejection::new(
+                Rule::RawRows,
+                "* may only appear in COUNT(*)",
+            )),
+            Expr::Placeholder(_) => Err(Rejection::new(
+                Rule::FunctionNotAllowed,
+                "query parameters ($1, ?) are not allowed",
+            )),
+            Expr::SimilarTo(_) => Err(Rejection::new(
+                Rule::FunctionNotAllowed,
+                "SIMILAR TO is not allowed",
+            )
+            .at_word(sql, "similar")),
             other => Err(Rejection::new(
                 Rule::FunctionNotAllowed,
                 format!("expression {} is not allowed", other.variant_name()),
@@ -614,18 +742,25 @@ fn check_group_key(sql: &str, g: &Expr) -> Result<(), Rejection> {
     let bad = |what: &str| {
         Rejection::new(
             Rule::GroupByNotAllowed,
-            format!("GROUP BY {what}: only dimension columns and dates truncated to month, quarter or year may be grouped"),
+            format!(
+                "GROUP BY {what}: only dimension columns and dates truncated to month, quarter or year may be grouped"
+            ),
         )
     };
     match strip_alias(g) {
-        Expr::GroupingSet(_) => Err(Rejection::new(Rule::GroupingSetsNotAllowed, "GROUPING SETS, ROLLUP and CUBE are not allowed")
-            .at_word(sql, "rollup")
-            .at_word(sql, "cube")
-            .at_word(sql, "grouping")),
+        Expr::GroupingSet(_) => Err(Rejection::new(
+            Rule::GroupingSetsNotAllowed,
+            "GROUPING SETS, ROLLUP and CUBE are not allowed",
+        )
+        .at_word(sql, "rollup")
+        .at_word(sql, "cube")
+        .at_word(sql, "grouping")),
         Expr::Column(c) => match schema::column_anywhere(&c.name).map(|c| c.kind) {
             Some(Kind::Dimension) => Ok(()),
             Some(Kind::Identifier) => Err(identifier_rejection(sql, &c.name)),
-            Some(Kind::Measure) => Err(bad(&format!("{} is a measure", c.name)).at_word(sql, &c.name)),
+            Some(Kind::Measure) => {
+                Err(bad(&format!("{} is a measure", c.name)).at_word(sql, &c.name))
+            }
             Some(Kind::Date) => Err(bad(&format!(
                 "{} is a date; use date_trunc('month'|'quarter'|'year', {})",
                 c.name, c.name
@@ -645,7 +780,10 @@ fn check_group_key(sql: &str, g: &Expr) -> Result<(), Rejection> {
             if ok {
                 Ok(())
             } else {
-                Err(bad("on a date must truncate a date column to month, quarter or year").at_word(sql, f.func.name()))
+                Err(
+                    bad("on a date must truncate a date column to month, quarter or year")
+                        .at_word(sql, f.func.name()),
+                )
             }
         }
         other => Err(bad(&format!("expression {other}")).at_word(sql, "group")),
@@ -654,12 +792,17 @@ fn check_group_key(sql: &str, g: &Expr) -> Result<(), Rejection> {
 
 fn check_aggregate(sql: &str, e: &Expr) -> Result<AggKind, Rejection> {
     let Expr::AggregateFunction(af) = strip_alias(e) else {
-        return Err(Rejection::new(Rule::AggregateNotAllowed, "unexpected aggregate expression"));
+        return Err(Rejection::new(
+            Rule::AggregateNotAllowed,
+            "unexpected aggregate expression",
+        ));
     };
     let name = af.func.name();
     let refuse = |why: String| Rejection::new(Rule::AggregateNotAllowed, why).at_word(sql, name);
     if !af.params.order_by.is_empty() {
-        return Err(refuse(format!("ordered aggregates ({name} with ORDER BY / WITHIN GROUP) are not allowed")));
+        return Err(refuse(format!(
+            "ordered aggregates ({name} with ORDER BY / WITHIN GROUP) are not allowed"
+        )));
     }
     let kind = match name {
         "count" if is_count_persons(af) => AggKind::CountPersons,
@@ -718,7 +861,9 @@ mod tests {
             "SELECT agency, COUNT(*) FILTER (WHERE trust >= 4) FROM experience GROUP BY agency LIMIT 3",
             "SELECT outcome, variance(processing_days), var_pop(processing_days), stddev_pop(wait_minutes) FROM operational GROUP BY outcome",
         ] {
-            let q = verdict(sql).await.unwrap_or_else(|r| panic!("{sql} refused: {r}"));
+            let q = verdict(sql)
+                .await
+                .unwrap_or_else(|r| panic!("{sql} refused: {r}"));
             assert!(!q.columns().is_empty());
         }
     }
@@ -728,27 +873,81 @@ mod tests {
         let cases = [
             ("SELECT * FROM experience", Rule::RawRows),
             ("SELECT trust FROM experience", Rule::RawRows),
-            ("SELECT person_id, count(*) FROM experience GROUP BY person_id", Rule::IdentifierNotAllowed),
-            ("SELECT count(*) FROM experience WHERE person_id = 'x'", Rule::IdentifierNotAllowed),
-            ("SELECT count(*) FROM experience GROUP BY lower(person_id)", Rule::IdentifierNotAllowed),
-            ("SELECT count(DISTINCT case_id) FROM experience", Rule::IdentifierNotAllowed),
-            ("SELECT max(trust) FROM experience", Rule::AggregateNotAllowed),
-            ("SELECT min(wait_minutes) FROM operational", Rule::AggregateNotAllowed),
-            ("SELECT trust, count(*) FROM experience GROUP BY trust", Rule::GroupByNotAllowed),
-            ("SELECT response_date, count(*) FROM experience GROUP BY response_date", Rule::GroupByNotAllowed),
-            ("SELECT agency, count(*) OVER () FROM experience", Rule::WindowNotAllowed),
-            ("SELECT count(*) FROM (SELECT * FROM experience) t", Rule::SubqueryNotAllowed),
-            ("SELECT count(*) FROM experience WHERE trust > (SELECT avg(trust) FROM experience)", Rule::SubqueryNotAllowed),
-            ("SELECT count(*) FROM experience UNION ALL SELECT count(*) FROM operational", Rule::SetOperationNotAllowed),
-            ("SELECT count(*) FROM experience a JOIN experience b ON a.case_id = b.case_id", Rule::JoinNotAllowed),
-            ("SELECT count(*) FROM experience e JOIN operational o ON e.agency = o.agency", Rule::JoinNotAllowed),
+            (
+                "SELECT person_id, count(*) FROM experience GROUP BY person_id",
+                Rule::IdentifierNotAllowed,
+            ),
+            (
+                "SELECT count(*) FROM experience WHERE person_id = 'x'",
+                Rule::IdentifierNotAllowed,
+            ),
+            (
+                "SELECT count(*) FROM experience GROUP BY lower(person_id)",
+                Rule::IdentifierNotAllowed,
+            ),
+            (
+                "SELECT count(DISTINCT case_id) FROM experience",
+                Rule::IdentifierNotAllowed,
+            ),
+            (
+                "SELECT max(trust) FROM experience",
+                Rule::AggregateNotAllowed,
+            ),
+            (
+                "SELECT min(wait_minutes) FROM operational",
+                Rule::AggregateNotAllowed,
+            ),
+            (
+                "SELECT trust, count(*) FROM experience GROUP BY trust",
+                Rule::GroupByNotAllowed,
+            ),
+            (
+                "SELECT response_date, count(*) FROM experience GROUP BY response_date",
+                Rule::GroupByNotAllowed,
+            ),
+            (
+                "SELECT agency, count(*) OVER () FROM experience",
+                Rule::WindowNotAllowed,
+            ),
+            (
+                "SELECT count(*) FROM (SELECT * FROM experience) t",
+                Rule::SubqueryNotAllowed,
+            ),
+            (
+                "SELECT count(*) FROM experience WHERE trust > (SELECT avg(trust) FROM experience)",
+                Rule::SubqueryNotAllowed,
+            ),
+            (
+                "SELECT count(*) FROM experience UNION ALL SELECT count(*) FROM operational",
+                Rule::SetOperationNotAllowed,
+            ),
+            (
+                "SELECT count(*) FROM experience a JOIN experience b ON a.case_id = b.case_id",
+                Rule::JoinNotAllowed,
+            ),
+            (
+                "SELECT count(*) FROM experience e JOIN operational o ON e.agency = o.agency",
+                Rule::JoinNotAllowed,
+            ),
             ("DROP TABLE experience", Rule::NotAQuery),
-            ("INSERT INTO experience SELECT * FROM experience", Rule::NotAQuery),
-            ("SELECT count(*) FROM experience; SELECT 1", Rule::MultipleStatements),
+            (
+                "INSERT INTO experience SELECT * FROM experience",
+                Rule::NotAQuery,
+            ),
+            (
+                "SELECT count(*) FROM experience; SELECT 1",
+                Rule::MultipleStatements,
+            ),
             ("SELEC count(*) FROM experience", Rule::SyntaxError),
             ("SELECT count(*) FROM secrets", Rule::TableNotAllowed),
-            ("SELECT count(DISTINCT agency) FROM experience", Rule::DistinctNotAllowed),
-            ("SELECT agency, count(*) FROM experience GROUP BY ROLLUP(agency)", Rule::GroupingSetsNotAllowed),
+            (
+                "SELECT count(DISTINCT agency) FROM experience",
+                Rule::DistinctNotAllowed,
+            ),
+            (
+                "SELECT agency, count(*) FROM experience GROUP BY ROLLUP(agency)",
+                Rule::GroupingSetsNotAllowed,
+            ),
             ("SELECT 1", Rule::TableNotAllowed),
             ("SELECT count(nosuch) FROM experience", Rule::PlanError),
         ];
@@ -763,11 +962,19 @@ mod tests {
     #[tokio::test]
     async fn names_the_position_of_an_identifier() {
         let ctx = planning_context().expect("context");
-        let err = approve(&ctx.state(), "SELECT agency, count(*)\nFROM experience\nWHERE person_id = 'p1' GROUP BY agency")
-            .await
-            .expect_err("must refuse");
-        let QueryError::Rejected(r) = err else { panic!("not a rejection") };
+        let err = approve(
+            &ctx.state(),
+            "SELECT agency, count(*)\nFROM experience\nWHERE person_id = 'p1' GROUP BY agency",
+        )
+        .await
+        .expect_err("must refuse");
+        let QueryError::Rejected(r) = err else {
+            panic!("not a rejection")
+        };
         assert_eq!(r.rule, Rule::IdentifierNotAllowed);
-        assert_eq!(r.position, Some(crate::rules::Position { line: 3, column: 7 }));
+        assert_eq!(
+            r.position,
+            Some(crate::rules::Position { line: 3, column: 7 })
+        );
     }
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 use arrow::array::RecordBatch;
 use arrow::util::display::array_value_to_string;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::prelude::SessionContext;
 use serde_json::Value;
 
@@ -41,24 +43,47 @@ impl Fed {
 
     pub async fn start_with(people: usize, timeout: Duration) -> Fed {
         let dir = tempfile::tempdir().unwrap();
-        let fed = start_federation(dir.path(), &AGENCIES, people, K, timeout).await.unwrap();
-        let analyst = cxfed::client::http_client(&fed.tls("SSA", "analyst"), Duration::from_secs(60)).unwrap();
+        let fed = start_federation(dir.path(), &AGENCIES, people, K, timeout)
+            .await
+            .unwrap();
+        let analyst =
+            cxfed::client::http_client(&fed.tls("SSA", "analyst"), Duration::from_secs(60))
+                .unwrap();
         Fed { dir, fed, analyst }
     }
 
     /// A federation whose nodes run in differential-privacy mode with `dp`.
     pub async fn start_dp(people: usize, dp: cxfed::policy::DpSettings) -> Fed {
         let dir = tempfile::tempdir().unwrap();
-        let fed = cxfed::demo::start_federation_with(dir.path(), &AGENCIES, people, K, Duration::from_secs(30), Some(dp))
-            .await
-            .unwrap();
-        let analyst = cxfed::client::http_client(&fed.tls("SSA", "analyst"), Duration::from_secs(60)).unwrap();
+        let fed = cxfed::demo::start_federation_with(
+            dir.path(),
+            &AGENCIES,
+            people,
+            K,
+            Duration::from_secs(30),
+            Some(dp),
+        )
+        .await
+        .unwrap();
+        let analyst =
+            cxfed::client::http_client(&fed.tls("SSA", "analyst"), Duration::from_secs(60))
+                .unwrap();
         Fed { dir, fed, analyst }
     }
 
     /// Sends `sql` as the SSA analyst to node `i`.
-    pub async fn query_at(&self, i: usize, sql: &str, require_all: bool) -> Result<QueryResponse, QueryFailure> {
-        send_query(&self.analyst, &self.fed.url(i), &QueryRequest::new(sql).require_all(require_all)).await
+    pub async fn query_at(
+        &self,
+        i: usize,
+        sql: &str,
+        require_all: bool,
+    ) -> Result<QueryResponse, QueryFailure> {
+        send_query(
+            &self.analyst,
+            &self.fed.url(i),
+            &QueryRequest::new(sql).require_all(require_all),
+        )
+        .await
     }
 
     pub async fn query(&self, sql: &str) -> Result<QueryResponse, QueryFailure> {
@@ -87,11 +112,16 @@ impl Fed {
                     ListingTableUrl::parse(format!("{}/", dir.display())).unwrap()
                 })
                 .collect();
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+                .with_file_extension(".parquet");
             let config = ListingTableConfig::new_with_multi_paths(urls)
                 .with_listing_options(options)
                 .with_schema(table.arrow_schema());
-            ctx.register_table(table.name(), Arc::new(ListingTable::try_new(config).unwrap())).unwrap();
+            ctx.register_table(
+                table.name(),
+                Arc::new(ListingTable::try_new(config).unwrap()),
+            )
+            .unwrap();
         }
         ctx
     }
@@ -137,23 +167,38 @@ impl Case {
     }
 
     pub const fn on(self, table: &'static str) -> Case {
-        Case { from: table, ..self }
+        Case {
+            from: table,
+            ..self
+        }
     }
 
     pub const fn filter(self, f: &'static str) -> Case {
-        Case { filter: Some(f), ..self }
+        Case {
+            filter: Some(f),
+            ..self
+        }
     }
 
     pub const fn having(self, h: &'static str) -> Case {
-        Case { having: Some(h), ..self }
+        Case {
+            having: Some(h),
+            ..self
+        }
     }
 
     pub const fn order(self, o: &'static str) -> Case {
-        Case { order: Some(o), ..self }
+        Case {
+            order: Some(o),
+            ..self
+        }
     }
 
     pub const fn limit(self, l: u32) -> Case {
-        Case { limit: Some(l), ..self }
+        Case {
+            limit: Some(l),
+            ..self
+        }
     }
 
     /// The SQL the analyst sends.
@@ -195,22 +240,32 @@ impl Case {
     /// would. Returns the rows and the number of suppressed groups.
     pub async fn pooled_answer(&self, ctx: &SessionContext) -> (Vec<Vec<Value>>, u64) {
         // 1. The cells each node would withhold.
-        let keys: Vec<String> =
-            std::iter::once(self.agency.to_string()).chain(self.group.iter().map(|g| g.to_string())).collect();
-        let aliased: Vec<String> = keys.iter().enumerate().map(|(i, k)| format!("{k} AS __k{i}")).collect();
+        let keys: Vec<String> = std::iter::once(self.agency.to_string())
+            .chain(self.group.iter().map(|g| g.to_string()))
+            .collect();
+        let aliased: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{k} AS __k{i}"))
+            .collect();
         let cells_sql = format!(
             "SELECT {}, COUNT(DISTINCT {}) AS __p FROM {}{} GROUP BY {}",
             aliased.join(", "),
             self.person,
             self.from,
-            self.filter.map(|f| format!(" WHERE {f}")).unwrap_or_default(),
+            self.filter
+                .map(|f| format!(" WHERE {f}"))
+                .unwrap_or_default(),
             keys.join(", ")
         );
         let cells = collect(ctx, &cells_sql).await;
         let mut small = Vec::new();
         for b in &cells {
             for r in 0..b.num_rows() {
-                let p = array_value_to_string(b.column(keys.len()), r).unwrap().parse::<u64>().unwrap();
+                let p = array_value_to_string(b.column(keys.len()), r)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap();
                 if p < K {
                     let conds: Vec<String> = keys
                         .iter()
@@ -221,7 +276,10 @@ impl Case {
                                 format!("({key}) IS NULL")
                             } else {
                                 let v = array_value_to_string(col, r).unwrap().replace('\'', "''");
-                                format!("(({key}) IS NOT DISTINCT FROM CAST('{v}' AS {}))", sql_type(col.data_type()))
+                                format!(
+                                    "(({key}) IS NOT DISTINCT FROM CAST('{v}' AS {}))",
+                                    sql_type(col.data_type())
+                                )
                             }
                         })
                         .collect();
@@ -237,14 +295,23 @@ impl Case {
             "SELECT COUNT(DISTINCT {}) AS __p FROM {}{}{}",
             self.person,
             self.from,
-            self.where_clause(exclude.as_deref()).map(|w| format!(" WHERE {w}")).unwrap_or_default(),
-            if self.group.is_empty() { String::new() } else { format!(" GROUP BY {}", self.group.join(", ")) }
+            self.where_clause(exclude.as_deref())
+                .map(|w| format!(" WHERE {w}"))
+                .unwrap_or_default(),
+            if self.group.is_empty() {
+                String::new()
+            } else {
+                format!(" GROUP BY {}", self.group.join(", "))
+            }
         );
         let groups = collect(ctx, &group_sql).await;
         let mut coordinator_suppressed = 0;
         for b in &groups {
             for r in 0..b.num_rows() {
-                let p = array_value_to_string(b.column(0), r).unwrap().parse::<u64>().unwrap_or(0);
+                let p = array_value_to_string(b.column(0), r)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap_or(0);
                 if p < K {
                     coordinator_suppressed += 1;
                 }
@@ -259,7 +326,10 @@ impl Case {
         });
         let sql = self.compose(self.where_clause(exclude.as_deref()), having);
         let batches = collect(ctx, &sql).await;
-        (cxfed::output::rows(&batches).unwrap(), node_suppressed + coordinator_suppressed)
+        (
+            cxfed::output::rows(&batches).unwrap(),
+            node_suppressed + coordinator_suppressed,
+        )
     }
 }
 
@@ -297,7 +367,11 @@ async fn collect(ctx: &SessionContext, sql: &str) -> Vec<RecordBatch> {
 
 /// Compares two JSON rows sets: integers exactly, floats to 1e-9 relative.
 pub fn assert_rows_match(context: &str, got: &[Vec<Value>], want: &[Vec<Value>]) {
-    assert_eq!(got.len(), want.len(), "{context}: row count\n got {got:?}\nwant {want:?}");
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{context}: row count\n got {got:?}\nwant {want:?}"
+    );
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert_eq!(g.len(), w.len(), "{context}: row {i} width");
         for (a, b) in g.iter().zip(w) {
@@ -313,4 +387,3 @@ pub fn assert_rows_match(context: &str, got: &[Vec<Value>], want: &[Vec<Value>])
         }
     }
 }
-

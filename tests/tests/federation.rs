@@ -56,13 +56,23 @@ async fn federated_answers_equal_pooled_answers() {
     let mut suppressed_total = 0;
     for case in CASES {
         let sql = case.sql();
-        let got = fed.query(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let got = fed
+            .query(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
         assert!(got.complete, "{sql}");
         assert_eq!(got.nodes.len(), 3);
-        assert!(got.nodes.iter().all(|n| n.status == NodeState::Ok), "{sql}: {:?}", got.nodes);
+        assert!(
+            got.nodes.iter().all(|n| n.status == NodeState::Ok),
+            "{sql}: {:?}",
+            got.nodes
+        );
         let (want, suppressed) = case.pooled_answer(&pooled).await;
         assert_rows_match(&sql, &got.rows, &want);
-        assert_eq!(got.suppressed_groups, suppressed, "{sql}: suppressed groups");
+        assert_eq!(
+            got.suppressed_groups, suppressed,
+            "{sql}: suppressed groups"
+        );
         suppressed_total += suppressed;
     }
     assert!(CASES.len() >= 20);
@@ -80,42 +90,120 @@ const REFUSED: &[(&str, &str)] = &[
     ("SELECT * FROM experience", "CXF-Q005"),
     ("SELECT trust, satisfaction FROM experience", "CXF-Q005"),
     ("SELECT agency FROM experience WHERE trust = 1", "CXF-Q005"),
-    ("SELECT person_id, AVG(trust) FROM experience GROUP BY person_id", "CXF-Q012"),
-    ("SELECT COUNT(*) FROM experience WHERE person_id = 'SSA-P-1'", "CXF-Q012"),
-    ("SELECT COUNT(*) FROM experience WHERE response_id LIKE 'SSA%'", "CXF-Q012"),
-    ("SELECT COUNT(*) FROM experience GROUP BY case_id", "CXF-Q012"),
-    ("SELECT COUNT(DISTINCT case_id) FROM operational", "CXF-Q012"),
-    ("SELECT SUM(CASE WHEN person_id = 'x' THEN trust END) FROM experience", "CXF-Q012"),
-    ("SELECT agency, COUNT(*) FROM experience GROUP BY agency ORDER BY MAX(person_id)", "CXF-Q012"),
-    ("SELECT COUNT(*) FROM experience WHERE CAST(person_id AS VARCHAR) = 'x'", "CXF-Q012"),
+    (
+        "SELECT person_id, AVG(trust) FROM experience GROUP BY person_id",
+        "CXF-Q012",
+    ),
+    (
+        "SELECT COUNT(*) FROM experience WHERE person_id = 'SSA-P-1'",
+        "CXF-Q012",
+    ),
+    (
+        "SELECT COUNT(*) FROM experience WHERE response_id LIKE 'SSA%'",
+        "CXF-Q012",
+    ),
+    (
+        "SELECT COUNT(*) FROM experience GROUP BY case_id",
+        "CXF-Q012",
+    ),
+    (
+        "SELECT COUNT(DISTINCT case_id) FROM operational",
+        "CXF-Q012",
+    ),
+    (
+        "SELECT SUM(CASE WHEN person_id = 'x' THEN trust END) FROM experience",
+        "CXF-Q012",
+    ),
+    (
+        "SELECT agency, COUNT(*) FROM experience GROUP BY agency ORDER BY MAX(person_id)",
+        "CXF-Q012",
+    ),
+    (
+        "SELECT COUNT(*) FROM experience WHERE CAST(person_id AS VARCHAR) = 'x'",
+        "CXF-Q012",
+    ),
     ("SELECT MAX(trust) FROM experience", "CXF-Q011"),
-    ("SELECT agency, MIN(wait_minutes) FROM operational GROUP BY agency", "CXF-Q011"),
+    (
+        "SELECT agency, MIN(wait_minutes) FROM operational GROUP BY agency",
+        "CXF-Q011",
+    ),
     ("SELECT ARRAY_AGG(trust) FROM experience", "CXF-Q011"),
     ("SELECT MEDIAN(trust) FROM experience", "CXF-Q011"),
-    ("SELECT trust, COUNT(*) FROM experience GROUP BY trust", "CXF-Q013"),
-    ("SELECT wait_minutes, COUNT(*) FROM operational GROUP BY wait_minutes", "CXF-Q013"),
-    ("SELECT response_date, COUNT(*) FROM experience GROUP BY response_date", "CXF-Q013"),
-    ("SELECT date_trunc('day', response_date), COUNT(*) FROM experience GROUP BY 1", "CXF-Q013"),
-    ("SELECT agency, COUNT(*) OVER () FROM experience", "CXF-Q010"),
-    ("SELECT COUNT(*) FROM (SELECT * FROM experience) t", "CXF-Q007"),
-    ("WITH t AS (SELECT * FROM experience) SELECT COUNT(*) FROM t", "CXF-Q007"),
-    ("SELECT COUNT(*) FROM experience WHERE trust > (SELECT AVG(trust) FROM experience)", "CXF-Q007"),
-    ("SELECT COUNT(*) FROM experience WHERE case_id IN (SELECT case_id FROM operational)", "CXF-Q012"),
-    ("SELECT COUNT(*) FROM experience UNION ALL SELECT COUNT(*) FROM operational", "CXF-Q008"),
-    ("SELECT COUNT(*) FROM experience a JOIN experience b ON a.case_id = b.case_id", "CXF-Q009"),
-    ("SELECT COUNT(*) FROM experience e JOIN operational o ON e.agency = o.agency", "CXF-Q009"),
-    ("SELECT COUNT(*) FROM experience e LEFT JOIN operational o ON e.case_id = o.case_id", "CXF-Q009"),
+    (
+        "SELECT trust, COUNT(*) FROM experience GROUP BY trust",
+        "CXF-Q013",
+    ),
+    (
+        "SELECT wait_minutes, COUNT(*) FROM operational GROUP BY wait_minutes",
+        "CXF-Q013",
+    ),
+    (
+        "SELECT response_date, COUNT(*) FROM experience GROUP BY response_date",
+        "CXF-Q013",
+    ),
+    (
+        "SELECT date_trunc('day', response_date), COUNT(*) FROM experience GROUP BY 1",
+        "CXF-Q013",
+    ),
+    (
+        "SELECT agency, COUNT(*) OVER () FROM experience",
+        "CXF-Q010",
+    ),
+    (
+        "SELECT COUNT(*) FROM (SELECT * FROM experience) t",
+        "CXF-Q007",
+    ),
+    (
+        "WITH t AS (SELECT * FROM experience) SELECT COUNT(*) FROM t",
+        "CXF-Q007",
+    ),
+    (
+        "SELECT COUNT(*) FROM experience WHERE trust > (SELECT AVG(trust) FROM experience)",
+        "CXF-Q007",
+    ),
+    (
+        "SELECT COUNT(*) FROM experience WHERE case_id IN (SELECT case_id FROM operational)",
+        "CXF-Q012",
+    ),
+    (
+        "SELECT COUNT(*) FROM experience UNION ALL SELECT COUNT(*) FROM operational",
+        "CXF-Q008",
+    ),
+    (
+        "SELECT COUNT(*) FROM experience a JOIN experience b ON a.case_id = b.case_id",
+        "CXF-Q009",
+    ),
+    (
+        "SELECT COUNT(*) FROM experience e JOIN operational o ON e.agency = o.agency",
+        "CXF-Q009",
+    ),
+    (
+        "SELECT COUNT(*) FROM experience e LEFT JOIN operational o ON e.case_id = o.case_id",
+        "CXF-Q009",
+    ),
     ("DROP TABLE experience", "CXF-Q003"),
-    ("INSERT INTO experience SELECT * FROM experience", "CXF-Q003"),
+    (
+        "INSERT INTO experience SELECT * FROM experience",
+        "CXF-Q003",
+    ),
     ("COPY experience TO '/tmp/x.csv'", "CXF-Q003"),
     ("SET datafusion.execution.batch_size = 1", "CXF-Q003"),
-    ("CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'", "CXF-Q003"),
-    ("SELECT COUNT(*) FROM experience; DROP TABLE experience", "CXF-Q002"),
+    (
+        "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'",
+        "CXF-Q003",
+    ),
+    (
+        "SELECT COUNT(*) FROM experience; DROP TABLE experience",
+        "CXF-Q002",
+    ),
     ("SELEC COUNT(*) FROM experience", "CXF-Q001"),
     ("SELECT COUNT(*) FROM secrets", "CXF-Q006"),
     ("SELECT COUNT(DISTINCT agency) FROM experience", "CXF-Q015"),
     ("SELECT DISTINCT agency FROM experience", "CXF-Q015"),
-    ("SELECT agency, COUNT(*) FROM experience GROUP BY ROLLUP(agency)", "CXF-Q017"),
+    (
+        "SELECT agency, COUNT(*) FROM experience GROUP BY ROLLUP(agency)",
+        "CXF-Q017",
+    ),
     ("SELECT 1", "CXF-Q006"),
     ("SELECT COUNT(nosuch) FROM experience", "CXF-Q004"),
 ];
@@ -130,10 +218,18 @@ async fn refuses_hostile_queries_at_coordinator_and_node() {
     let partial_url = format!("{}/v1/partial", fed.fed.url(0));
     for (sql, code) in REFUSED {
         match fed.query(sql).await {
-            Err(QueryFailure::Refused(body)) => assert_eq!(&body.code, code, "{sql}: {}", body.message),
+            Err(QueryFailure::Refused(body)) => {
+                assert_eq!(&body.code, code, "{sql}: {}", body.message)
+            }
             other => panic!("{sql}: expected refusal {code}, got {other:?}"),
         }
-        let req = PartialRequest { protocol: 1, query_id: "hostile".into(), sql: sql.to_string(), analyst: "spiffe://cx-demo/SSA/analyst/ssa-analyst".into(), ..Default::default() };
+        let req = PartialRequest {
+            protocol: 1,
+            query_id: "hostile".into(),
+            sql: sql.to_string(),
+            analyst: "spiffe://cx-demo/SSA/analyst/ssa-analyst".into(),
+            ..Default::default()
+        };
         let resp = hostile.post(&partial_url).json(&req).send().await.unwrap();
         assert_eq!(resp.status(), 400, "{sql}: node must refuse");
         let body: cxfed_protocol::wire::ErrorBody = resp.json().await.unwrap();
@@ -142,9 +238,18 @@ async fn refuses_hostile_queries_at_coordinator_and_node() {
     // The node is still serving, and every refusal is in its audit log.
     assert!(fed.query("SELECT COUNT(*) FROM experience").await.is_ok());
     let auditor = fed.client("SSA", "auditor");
-    let entries: Vec<serde_json::Value> =
-        auditor.get(format!("{}/v1/audit", fed.fed.url(0))).send().await.unwrap().json().await.unwrap();
-    let refused = entries.iter().filter(|e| e["decision"] == "refused" && e["query_id"] == "hostile").count();
+    let entries: Vec<serde_json::Value> = auditor
+        .get(format!("{}/v1/audit", fed.fed.url(0)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let refused = entries
+        .iter()
+        .filter(|e| e["decision"] == "refused" && e["query_id"] == "hostile")
+        .count();
     assert_eq!(refused, REFUSED.len());
     fed.fed.shutdown().await;
 }
@@ -152,12 +257,16 @@ async fn refuses_hostile_queries_at_coordinator_and_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusal_names_rule_and_position() {
     let fed = Fed::start_with(300, Duration::from_secs(20)).await;
-    let Err(QueryFailure::Refused(body)) =
-        fed.query("SELECT agency, COUNT(*)\nFROM experience\nWHERE person_id = 'p' GROUP BY agency").await
+    let Err(QueryFailure::Refused(body)) = fed
+        .query("SELECT agency, COUNT(*)\nFROM experience\nWHERE person_id = 'p' GROUP BY agency")
+        .await
     else {
         panic!("must be refused")
     };
-    assert_eq!((body.code.as_str(), body.kind.as_str()), ("CXF-Q012", "identifier-not-allowed"));
+    assert_eq!(
+        (body.code.as_str(), body.kind.as_str()),
+        ("CXF-Q012", "identifier-not-allowed")
+    );
     assert_eq!((body.line, body.column), (Some(3), Some(7)));
     assert!(body.query_id.is_some());
     fed.fed.shutdown().await;
@@ -171,45 +280,120 @@ async fn tls_and_role_refusals() {
     let ca = reqwest::Certificate::from_pem(&ca_pem).unwrap();
 
     // No client certificate: the handshake fails.
-    let anonymous = cxfed::client::http_client_without_identity(&fed.fed.certs.join("ca.pem"), Duration::from_secs(5)).unwrap();
-    assert!(anonymous.get(format!("{url}/v1/health")).send().await.is_err(), "refuses_client_without_certificate");
+    let anonymous = cxfed::client::http_client_without_identity(
+        &fed.fed.certs.join("ca.pem"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(
+        anonymous
+            .get(format!("{url}/v1/health"))
+            .send()
+            .await
+            .is_err(),
+        "refuses_client_without_certificate"
+    );
     drop(ca);
 
     // A certificate from a foreign CA, with a valid-looking identity.
     let (foreign_ca, foreign_key) = cxfed::certs::new_ca("cx-demo").unwrap();
     let id = Identity::new("cx-demo", "SSA", Role::Analyst, "mallory").unwrap();
     let now = time::OffsetDateTime::now_utc();
-    let (cert, key) =
-        cxfed::certs::issue(&foreign_ca, &foreign_key, &id, &[], now - time::Duration::hours(1), now + time::Duration::days(1)).unwrap();
+    let (cert, key) = cxfed::certs::issue(
+        &foreign_ca,
+        &foreign_key,
+        &id,
+        &[],
+        now - time::Duration::hours(1),
+        now + time::Duration::days(1),
+    )
+    .unwrap();
     let client = client_with(&fed, &cert, &key);
-    assert!(client.get(format!("{url}/v1/health")).send().await.is_err(), "refuses_client_from_foreign_ca");
+    assert!(
+        client.get(format!("{url}/v1/health")).send().await.is_err(),
+        "refuses_client_from_foreign_ca"
+    );
 
     // Our CA, but expired.
     let real_ca = std::fs::read_to_string(fed.fed.certs.join("ca.pem")).unwrap();
     let real_key = std::fs::read_to_string(fed.fed.certs.join("ca.key")).unwrap();
-    let (cert, key) =
-        cxfed::certs::issue(&real_ca, &real_key, &id, &[], now - time::Duration::days(10), now - time::Duration::days(1)).unwrap();
-    assert!(client_with(&fed, &cert, &key).get(format!("{url}/v1/health")).send().await.is_err(), "refuses_expired_certificate");
+    let (cert, key) = cxfed::certs::issue(
+        &real_ca,
+        &real_key,
+        &id,
+        &[],
+        now - time::Duration::days(10),
+        now - time::Duration::days(1),
+    )
+    .unwrap();
+    assert!(
+        client_with(&fed, &cert, &key)
+            .get(format!("{url}/v1/health"))
+            .send()
+            .await
+            .is_err(),
+        "refuses_expired_certificate"
+    );
 
     // Our CA, another federation.
     let other = Identity::new("other-fed", "SSA", Role::Analyst, "eve").unwrap();
-    let (cert, key) = cxfed::certs::issue(&real_ca, &real_key, &other, &[], now - time::Duration::hours(1), now + time::Duration::days(1)).unwrap();
-    assert!(client_with(&fed, &cert, &key).get(format!("{url}/v1/health")).send().await.is_err(), "refuses_other_federation");
+    let (cert, key) = cxfed::certs::issue(
+        &real_ca,
+        &real_key,
+        &other,
+        &[],
+        now - time::Duration::hours(1),
+        now + time::Duration::days(1),
+    )
+    .unwrap();
+    assert!(
+        client_with(&fed, &cert, &key)
+            .get(format!("{url}/v1/health"))
+            .send()
+            .await
+            .is_err(),
+        "refuses_other_federation"
+    );
 
     // Right CA, wrong role for the endpoint: 403.
     let analyst = fed.client("SSA", "analyst");
-    let req = PartialRequest { protocol: 1, query_id: "q".into(), sql: "SELECT COUNT(*) FROM experience".into(), analyst: "x".into(), ..Default::default() };
-    let resp = analyst.post(format!("{url}/v1/partial")).json(&req).send().await.unwrap();
+    let req = PartialRequest {
+        protocol: 1,
+        query_id: "q".into(),
+        sql: "SELECT COUNT(*) FROM experience".into(),
+        analyst: "x".into(),
+        ..Default::default()
+    };
+    let resp = analyst
+        .post(format!("{url}/v1/partial"))
+        .json(&req)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 403, "refuses_analyst_on_partial");
     let steward = fed.client("CMS", "steward");
-    let resp = steward.post(format!("{url}/v1/query")).json(&serde_json::json!({"sql": "SELECT COUNT(*) FROM experience"})).send().await.unwrap();
+    let resp = steward
+        .post(format!("{url}/v1/query"))
+        .json(&serde_json::json!({"sql": "SELECT COUNT(*) FROM experience"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 403, "refuses_steward_on_query");
     let resp = analyst.get(format!("{url}/v1/audit")).send().await.unwrap();
     assert_eq!(resp.status(), 403, "refuses_analyst_on_audit");
     // Garbage body: 400 with a clear message, node keeps serving.
-    let resp = analyst.post(format!("{url}/v1/query")).body("{not json").send().await.unwrap();
+    let resp = analyst
+        .post(format!("{url}/v1/query"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
-    assert!(fed.query_at(1, "SELECT COUNT(*) FROM experience", true).await.is_ok());
+    assert!(
+        fed.query_at(1, "SELECT COUNT(*) FROM experience", true)
+            .await
+            .is_ok()
+    );
     fed.fed.shutdown().await;
 }
 
@@ -217,7 +401,11 @@ fn client_with(fed: &Fed, cert: &str, key: &str) -> reqwest::Client {
     let dir = tempfile::tempdir().unwrap().keep();
     std::fs::write(dir.join("c.pem"), cert).unwrap();
     std::fs::write(dir.join("c.key"), key).unwrap();
-    let files = cxfed::tls::TlsFiles { ca: fed.fed.certs.join("ca.pem"), cert: dir.join("c.pem"), key: dir.join("c.key") };
+    let files = cxfed::tls::TlsFiles {
+        ca: fed.fed.certs.join("ca.pem"),
+        cert: dir.join("c.pem"),
+        key: dir.join("c.key"),
+    };
     cxfed::client::http_client(&files, Duration::from_secs(5)).unwrap()
 }
 
@@ -242,7 +430,12 @@ async fn node_down_is_named_and_partial_answers_are_marked() {
     let partial = fed.query_at(0, sql, false).await.unwrap();
     assert!(!partial.complete);
     assert_eq!(partial.rows.len(), 2);
-    let without_opm: Vec<_> = full.rows.iter().filter(|r| r[0] != "OPM").cloned().collect();
+    let without_opm: Vec<_> = full
+        .rows
+        .iter()
+        .filter(|r| r[0] != "OPM")
+        .cloned()
+        .collect();
     assert_eq!(partial.rows, without_opm);
     fed.fed.shutdown().await;
 }
@@ -259,18 +452,26 @@ async fn slow_node_times_out() {
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let mut fed = cxfed::demo::start_federation(dir.path(), &AGENCIES[..2], 200, 10, Duration::from_secs(2)).await.unwrap();
+    let mut fed =
+        cxfed::demo::start_federation(dir.path(), &AGENCIES[..2], 200, 10, Duration::from_secs(2))
+            .await
+            .unwrap();
     // Point SSA at the hanging peer by restarting it with one more peer.
     let first = fed.nodes.remove(0);
     let mut config = first.node.config.clone();
     first.shutdown().await;
-    config.peers.push(cxfed::config::Peer { agency: "OPM".into(), url: format!("https://127.0.0.1:{port}") });
+    config.peers.push(cxfed::config::Peer {
+        agency: "OPM".into(),
+        url: format!("https://127.0.0.1:{port}"),
+    });
     config.listen = "127.0.0.1:0".parse().unwrap();
     let node = cxfed::server::start(config, None).await.unwrap();
-    let client = cxfed::client::http_client(&fed.tls("SSA", "analyst"), Duration::from_secs(30)).unwrap();
+    let client =
+        cxfed::client::http_client(&fed.tls("SSA", "analyst"), Duration::from_secs(30)).unwrap();
     let url = format!("https://127.0.0.1:{}", node.addr.port());
     let started = std::time::Instant::now();
-    let req = cxfed_protocol::wire::QueryRequest::new("SELECT COUNT(*) FROM experience").require_all(false);
+    let req = cxfed_protocol::wire::QueryRequest::new("SELECT COUNT(*) FROM experience")
+        .require_all(false);
     let resp = cxfed::cli::send_query(&client, &url, &req).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(15));
     let opm = resp.nodes.iter().find(|n| n.agency == "OPM").unwrap();
@@ -305,7 +506,9 @@ async fn ingest_errors_leave_data_untouched_and_new_data_is_served_without_resta
     lines[4] = bad5.join(",");
     let bad = fed.dir.path().join("bad.csv");
     std::fs::write(&bad, lines.join("\n") + "\n").unwrap();
-    let err = cxfed::ingest::ingest(&data, cxfed_queries::schema::Table::Experience, &bad, false).unwrap_err().to_string();
+    let err = cxfed::ingest::ingest(&data, cxfed_queries::schema::Table::Experience, &bad, false)
+        .unwrap_err()
+        .to_string();
     let bad_s = bad.display().to_string();
     assert!(err.contains(&format!("{bad_s}:3:4:")), "{err}");
     assert!(err.contains(&format!("{bad_s}:5:{}:", n - 6)), "{err}");
@@ -313,11 +516,33 @@ async fn ingest_errors_leave_data_untouched_and_new_data_is_served_without_resta
 
     // A good file ingested while the node serves is visible to the next query.
     let extra = fed.dir.path().join("extra");
-    cxfed::synth::write(&cxfed::synth::SynthOptions { agency: "CMS".into(), people: 50, seed: 99 }, &extra).unwrap();
-    let added = std::fs::read_to_string(extra.join("experience.csv")).unwrap().lines().count() as i64 - 1;
-    cxfed::ingest::ingest(&data, cxfed_queries::schema::Table::Experience, &extra.join("experience.csv"), false).unwrap();
+    cxfed::synth::write(
+        &cxfed::synth::SynthOptions {
+            agency: "CMS".into(),
+            people: 50,
+            seed: 99,
+        },
+        &extra,
+    )
+    .unwrap();
+    let added = std::fs::read_to_string(extra.join("experience.csv"))
+        .unwrap()
+        .lines()
+        .count() as i64
+        - 1;
+    cxfed::ingest::ingest(
+        &data,
+        cxfed_queries::schema::Table::Experience,
+        &extra.join("experience.csv"),
+        false,
+    )
+    .unwrap();
     let after = fed.query(sql).await.unwrap();
-    let cms = |r: &cxfed_protocol::wire::QueryResponse| r.rows.iter().find(|row| row[0] == "CMS").unwrap()[1].as_i64().unwrap();
+    let cms = |r: &cxfed_protocol::wire::QueryResponse| {
+        r.rows.iter().find(|row| row[0] == "CMS").unwrap()[1]
+            .as_i64()
+            .unwrap()
+    };
     assert_eq!(cms(&after), cms(&before) + added);
     fed.fed.shutdown().await;
 }

@@ -16,7 +16,10 @@ async fn set_policy(fed: &Fed, i: usize, policy: &str) {
     let path = &fed.fed.configs[i];
     let text = std::fs::read_to_string(path).unwrap();
     let start = text.find("[policy]").unwrap();
-    let end = text[start + 1..].find("\n[").map(|e| start + 1 + e).unwrap_or(text.len());
+    let end = text[start + 1..]
+        .find("\n[")
+        .map(|e| start + 1 + e)
+        .unwrap_or(text.len());
     let new = format!("{}[policy]\n{policy}\n{}", &text[..start], &text[end..]);
     let tmp = path.with_extension("toml.tmp");
     std::fs::write(&tmp, new).unwrap();
@@ -55,7 +58,9 @@ async fn steward_policy_is_enforced_by_each_node_and_reloads_live() {
     eventually("CMS hides state", || async {
         match fed.query(by_state).await {
             Err(QueryFailure::Refused(b)) => b.nodes.iter().any(|n| {
-                n.agency == "CMS" && n.status == NodeState::Refused && n.error.as_deref().unwrap_or("").contains("CXF-P002")
+                n.agency == "CMS"
+                    && n.status == NodeState::Refused
+                    && n.error.as_deref().unwrap_or("").contains("CXF-P002")
             }),
             _ => false,
         }
@@ -65,12 +70,20 @@ async fn steward_policy_is_enforced_by_each_node_and_reloads_live() {
     let partial = fed.query_at(0, by_state, false).await.unwrap();
     assert!(!partial.complete);
     // Queries that do not touch `state` still run everywhere.
-    assert!(fed.query("SELECT channel, COUNT(*) FROM experience GROUP BY channel").await.unwrap().complete);
+    assert!(
+        fed.query("SELECT channel, COUNT(*) FROM experience GROUP BY channel")
+            .await
+            .unwrap()
+            .complete
+    );
 
     // A broken policy file is refused; the policy in force stays.
     set_policy(&fed, 1, "hidden_dimensions = [\"nosuch_column\"]").await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(fed.query(by_state).await.is_err(), "old policy must stay in force");
+    assert!(
+        fed.query(by_state).await.is_err(),
+        "old policy must stay in force"
+    );
 
     // Queried as coordinator, CMS refuses outright with the policy code.
     let r = fed.query_at(1, by_state, true).await;
@@ -84,7 +97,10 @@ async fn steward_policy_is_enforced_by_each_node_and_reloads_live() {
     })
     .await;
     set_policy(&fed, 2, "").await;
-    eventually("OPM serves SSA again", || async { fed.query("SELECT COUNT(*) FROM experience").await.is_ok() }).await;
+    eventually("OPM serves SSA again", || async {
+        fed.query("SELECT COUNT(*) FROM experience").await.is_ok()
+    })
+    .await;
 
     // A k floor: OPM withholds every group below 1,000 people.
     let q = "SELECT agency, journey_stage, COUNT(*) FROM experience GROUP BY agency, journey_stage ORDER BY agency, journey_stage";
@@ -92,7 +108,10 @@ async fn steward_policy_is_enforced_by_each_node_and_reloads_live() {
     set_policy(&fed, 2, "min_k = 1000").await;
     eventually("OPM k floor", || async {
         match fed.query(q).await {
-            Ok(r) => !r.rows.iter().any(|row| row[0] == "OPM") && r.suppressed_groups > before.suppressed_groups,
+            Ok(r) => {
+                !r.rows.iter().any(|row| row[0] == "OPM")
+                    && r.suppressed_groups > before.suppressed_groups
+            }
             Err(_) => false,
         }
     })
@@ -101,7 +120,11 @@ async fn steward_policy_is_enforced_by_each_node_and_reloads_live() {
     // Too many groups.
     set_policy(&fed, 0, "max_groups = 3").await;
     eventually("SSA max groups", || async {
-        refused_code(&fed.query("SELECT channel, COUNT(*) FROM experience GROUP BY channel").await).is_some()
+        refused_code(
+            &fed.query("SELECT channel, COUNT(*) FROM experience GROUP BY channel")
+                .await,
+        )
+        .is_some()
     })
     .await;
 
@@ -110,9 +133,14 @@ async fn steward_policy_is_enforced_by_each_node_and_reloads_live() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut codes = Vec::new();
     for _ in 0..6 {
-        codes.push(refused_code(&fed.query("SELECT COUNT(*) FROM experience").await));
+        codes.push(refused_code(
+            &fed.query("SELECT COUNT(*) FROM experience").await,
+        ));
     }
-    assert!(codes.iter().any(|c| c.as_deref() == Some("CXF-P003")), "{codes:?}");
+    assert!(
+        codes.iter().any(|c| c.as_deref() == Some("CXF-P003")),
+        "{codes:?}"
+    );
     fed.fed.shutdown().await;
 }
 
@@ -142,7 +170,9 @@ async fn node_keeps_answering_good_queries_under_a_flood() {
     // Meanwhile the SSA analyst's queries keep being answered.
     let mut answered = 0;
     for _ in 0..10 {
-        let r = fed.query("SELECT channel, AVG(trust) FROM experience GROUP BY channel ORDER BY channel").await;
+        let r = fed
+            .query("SELECT channel, AVG(trust) FROM experience GROUP BY channel ORDER BY channel")
+            .await;
         assert!(r.is_ok(), "good query failed during flood: {r:?}");
         answered += 1;
     }
@@ -174,7 +204,10 @@ async fn differencing_attack_recovers_one_person_under_k_anonymity_alone() {
         .collect()
         .await
         .unwrap();
-    let top = cxfed::output::rows(&top).unwrap()[0][0].as_str().unwrap().to_string();
+    let top = cxfed::output::rows(&top).unwrap()[0][0]
+        .as_str()
+        .unwrap()
+        .to_string();
     let target = pooled
         .sql(&format!(
             "SELECT state, age_band, channel, journey_stage, service, COUNT(*) AS n, SUM(trust) AS t \
@@ -190,7 +223,10 @@ async fn differencing_attack_recovers_one_person_under_k_anonymity_alone() {
     let rows = cxfed::output::rows(&target).unwrap();
     let t = &rows[0];
     let s = |v: &Value| v.as_str().unwrap().replace('\'', "''");
-    let base = format!("agency = 'SSA' AND trust IS NOT NULL AND state = '{}'", s(&t[0]));
+    let base = format!(
+        "agency = 'SSA' AND trust IS NOT NULL AND state = '{}'",
+        s(&t[0])
+    );
     let isolate = format!(
         "age_band = '{}' AND channel = '{}' AND journey_stage = '{}' AND service = '{}'",
         s(&t[1]),
@@ -199,7 +235,8 @@ async fn differencing_attack_recovers_one_person_under_k_anonymity_alone() {
         s(&t[4])
     );
     let q1 = format!("SELECT COUNT(*), SUM(trust) FROM experience WHERE {base}");
-    let q2 = format!("SELECT COUNT(*), SUM(trust) FROM experience WHERE {base} AND NOT ({isolate})");
+    let q2 =
+        format!("SELECT COUNT(*), SUM(trust) FROM experience WHERE {base} AND NOT ({isolate})");
     let a = fed.query(&q1).await.unwrap();
     let b = fed.query(&q2).await.unwrap();
     assert_eq!(a.rows.len(), 1, "the state must pass k");
@@ -207,6 +244,10 @@ async fn differencing_attack_recovers_one_person_under_k_anonymity_alone() {
     let n = a.rows[0][0].as_i64().unwrap() - b.rows[0][0].as_i64().unwrap();
     let trust = a.rows[0][1].as_i64().unwrap() - b.rows[0][1].as_i64().unwrap();
     assert_eq!(n, t[5].as_i64().unwrap());
-    assert_eq!(trust, t[6].as_i64().unwrap(), "the difference reveals the person's trust answers");
+    assert_eq!(
+        trust,
+        t[6].as_i64().unwrap(),
+        "the difference reveals the person's trust answers"
+    );
     fed.fed.shutdown().await;
 }

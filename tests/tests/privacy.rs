@@ -8,7 +8,10 @@ use cxfed::policy::DpSettings;
 use cxfed_e2e::Fed;
 
 fn settings(budget: f64) -> DpSettings {
-    DpSettings { budget_epsilon: budget, ..DpSettings::DEFAULT }
+    DpSettings {
+        budget_epsilon: budget,
+        ..DpSettings::DEFAULT
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,7 +20,11 @@ async fn dp_answers_are_noisy_but_close_and_carry_intervals() {
     let sql = "SELECT agency, COUNT(*) AS n, AVG(trust) AS t FROM experience GROUP BY agency ORDER BY agency";
     let got = fed.query(sql).await.unwrap();
     assert_eq!(got.privacy, "dp");
-    assert!(got.nodes.iter().all(|n| n.epsilon == Some(1.0)), "{:?}", got.nodes);
+    assert!(
+        got.nodes.iter().all(|n| n.epsilon == Some(1.0)),
+        "{:?}",
+        got.nodes
+    );
     assert_eq!(got.ci95.len(), got.rows.len());
     // The truth, from the pooled data (R = G = 1: one row per person and group counts).
     let pooled = fed.pooled();
@@ -35,17 +42,29 @@ async fn dp_answers_are_noisy_but_close_and_carry_intervals() {
         let n = row[1].as_i64().unwrap() as f64;
         let persons = t[1].as_i64().unwrap() as f64;
         let ci_n = got.ci95[r][1].expect("count interval");
-        assert!(ci_n > 0.0 && (n - persons).abs() <= 5.0 * ci_n, "count {n} vs {persons} ± {ci_n}");
+        assert!(
+            ci_n > 0.0 && (n - persons).abs() <= 5.0 * ci_n,
+            "count {n} vs {persons} ± {ci_n}"
+        );
         let avg = row[2].as_f64().unwrap();
         let ci_t = got.ci95[r][2].expect("avg interval");
         // Bounding keeps one answer per person, so compare loosely with the row average.
-        assert!((avg - t[2].as_f64().unwrap()).abs() < 0.25, "avg {avg} vs {}", t[2]);
+        assert!(
+            (avg - t[2].as_f64().unwrap()).abs() < 0.25,
+            "avg {avg} vs {}",
+            t[2]
+        );
         assert!(ci_t > 0.0 && ci_t < 0.2, "avg interval {ci_t}");
         assert_eq!(got.ci95[r][0], None, "group keys are not noised");
     }
     // Unbounded arguments are refused in DP mode.
-    let r = fed.query("SELECT SUM(date_part('year', response_date)) FROM experience").await;
-    assert!(matches!(&r, Err(QueryFailure::Refused(b)) if b.code == "CXF-Q019"), "{r:?}");
+    let r = fed
+        .query("SELECT SUM(date_part('year', response_date)) FROM experience")
+        .await;
+    assert!(
+        matches!(&r, Err(QueryFailure::Refused(b)) if b.code == "CXF-Q019"),
+        "{r:?}"
+    );
     fed.fed.shutdown().await;
 }
 
@@ -57,17 +76,41 @@ async fn budget_runs_out_survives_a_crash_and_is_reported_to_stewards() {
         fed.query(sql).await.unwrap();
     }
     let r = fed.query(sql).await;
-    let Err(QueryFailure::Refused(body)) = r else { panic!("fourth query must be refused: {r:?}") };
+    let Err(QueryFailure::Refused(body)) = r else {
+        panic!("fourth query must be refused: {r:?}")
+    };
     assert_eq!(body.code, "CXF-P007", "{body:?}");
-    assert!(body.message.contains("0.000 of 3"), "the refusal says what is left: {}", body.message);
+    assert!(
+        body.message.contains("0.000 of 3"),
+        "the refusal says what is left: {}",
+        body.message
+    );
     let steward = fed.client("SSA", "steward");
-    let b: cxfed_protocol::wire::BudgetResponse =
-        steward.get(format!("{}/v1/budget", fed.fed.url(0))).send().await.unwrap().json().await.unwrap();
+    let b: cxfed_protocol::wire::BudgetResponse = steward
+        .get(format!("{}/v1/budget", fed.fed.url(0)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(b.mode, "dp");
-    let ssa = b.analysts.iter().find(|a| a.analyst.contains("/SSA/analyst/")).unwrap();
-    assert!((ssa.used - 3.0).abs() < 1e-9 && ssa.remaining < 1e-9, "{ssa:?}");
+    let ssa = b
+        .analysts
+        .iter()
+        .find(|a| a.analyst.contains("/SSA/analyst/"))
+        .unwrap();
+    assert!(
+        (ssa.used - 3.0).abs() < 1e-9 && ssa.remaining < 1e-9,
+        "{ssa:?}"
+    );
     // Analysts may not read the ledger.
-    let resp = fed.analyst.get(format!("{}/v1/budget", fed.fed.url(0))).send().await.unwrap();
+    let resp = fed
+        .analyst
+        .get(format!("{}/v1/budget", fed.fed.url(0)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 403);
     // Kill SSA's node as if the process died, restart it on the same data: spent stays spent.
     let ssa_node = fed.fed.nodes.remove(0);
@@ -76,8 +119,16 @@ async fn budget_runs_out_survives_a_crash_and_is_reported_to_stewards() {
     config.listen = "127.0.0.1:0".parse().unwrap();
     let restarted = cxfed::server::start(config, None).await.unwrap();
     let url = format!("https://127.0.0.1:{}", restarted.addr.port());
-    let r = cxfed::cli::send_query(&fed.analyst, &url, &cxfed_protocol::wire::QueryRequest::new(sql)).await;
-    assert!(matches!(&r, Err(QueryFailure::Refused(b)) if b.code == "CXF-P007"), "{r:?}");
+    let r = cxfed::cli::send_query(
+        &fed.analyst,
+        &url,
+        &cxfed_protocol::wire::QueryRequest::new(sql),
+    )
+    .await;
+    assert!(
+        matches!(&r, Err(QueryFailure::Refused(b)) if b.code == "CXF-P007"),
+        "{r:?}"
+    );
     // Another analyst still has budget.
     let cms = fed.client("CMS", "analyst");
     let r = cxfed::cli::send_query(&cms, &url, &cxfed_protocol::wire::QueryRequest::new(sql)).await;
@@ -92,17 +143,26 @@ async fn budget_runs_out_survives_a_crash_and_is_reported_to_stewards() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn differencing_attack_fails_under_differential_privacy() {
     let fed = Fed::start_dp(600, settings(10.0)).await;
-    let q1 = "SELECT COUNT(*), SUM(trust) FROM experience WHERE agency = 'SSA' AND trust IS NOT NULL";
+    let q1 =
+        "SELECT COUNT(*), SUM(trust) FROM experience WHERE agency = 'SSA' AND trust IS NOT NULL";
     let q2 = "SELECT COUNT(*), SUM(trust) FROM experience WHERE agency = 'SSA' AND trust IS NOT NULL AND NOT (age_band = '65_74' AND channel = 'phone' AND journey_stage = 'apply')";
     let mut diffs = Vec::new();
     let mut refused = false;
     for _ in 0..20 {
         match (fed.query(q1).await, fed.query(q2).await) {
             (Ok(a), Ok(b)) => {
-                let v = |r: &cxfed_protocol::wire::QueryResponse| r.rows.first().map(|row| row[1].as_f64().unwrap_or(0.0)).unwrap_or(0.0);
+                let v = |r: &cxfed_protocol::wire::QueryResponse| {
+                    r.rows
+                        .first()
+                        .map(|row| row[1].as_f64().unwrap_or(0.0))
+                        .unwrap_or(0.0)
+                };
                 diffs.push(v(&a) - v(&b));
                 let ci = a.ci95[0][1].unwrap();
-                assert!(ci > 5.0, "a single sum's interval ({ci}) must dwarf one person's 1–5 answer");
+                assert!(
+                    ci > 5.0,
+                    "a single sum's interval ({ci}) must dwarf one person's 1–5 answer"
+                );
             }
             _ => {
                 refused = true;
