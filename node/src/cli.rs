@@ -299,8 +299,16 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 people,
                 seed,
             };
+            let agency = opts.agency.clone();
             let summary = crate::synth::write(&opts, &out).map_err(|e| e.to_string())?;
-            println!("{summary:?} → {}", out.display());
+            println!(
+                "{agency}: {} people → {} cases in {}, {} survey responses in {}",
+                summary.people,
+                summary.operational_rows,
+                summary.operational_path.display(),
+                summary.experience_rows,
+                summary.experience_path.display()
+            );
             Ok(())
         }
         Command::Ingest {
@@ -314,7 +322,7 @@ async fn dispatch(command: Command) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-            println!("{report:?}");
+            println!("added {} rows to {} as {}", report.rows, report.table.name(), report.path.display());
             Ok(())
         }
         Command::Serve { config } => {
