@@ -28,6 +28,25 @@ pub fn http_client(tls: &TlsFiles, timeout: Duration) -> Result<reqwest::Client,
         .map_err(TlsError::HttpClient)
 }
 
+/// A client for talking to the `node` of `agency` in `federation`: its server certificate must
+/// carry exactly that identity, not merely chain to the CA.
+pub fn peer_client(
+    tls: &TlsFiles,
+    federation: &str,
+    agency: &str,
+    timeout: Duration,
+) -> Result<reqwest::Client, TlsError> {
+    let config = tls::node_client_config(tls, federation, Some(agency))?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .https_only(true)
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build()
+        .map_err(TlsError::HttpClient)
+}
+
 /// Like [`http_client`] but presenting no client certificate (trusting the CA in `ca`): every
 /// node refuses it during the handshake. For probes and for tests of that refusal.
 pub fn http_client_without_identity(

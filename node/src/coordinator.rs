@@ -182,8 +182,13 @@ async fn ask_peer(
         analyst: analyst.into(),
         epsilon: req.epsilon,
     };
-    let resp = node
-        .client
+    let client = node.peer_clients.get(&peer.agency).ok_or_else(|| {
+        (
+            NodeState::Error,
+            format!("no client for peer {}", peer.agency),
+        )
+    })?;
+    let resp = client
         .post(&url)
         .json(&body)
         .send()

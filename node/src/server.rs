@@ -49,8 +49,9 @@ pub struct Node {
     pub config: NodeConfig,
     /// DataFusion over its Parquet files.
     pub ctx: SessionContext,
-    /// mTLS client for talking to peers.
-    pub client: reqwest::Client,
+    /// mTLS clients for talking to each peer (by agency), each accepting only that peer's
+    /// node certificate.
+    pub peer_clients: std::collections::HashMap<String, reqwest::Client>,
     /// Its query log.
     pub audit: AuditLog,
     /// The steward's policy in force (replaced on reload).
@@ -151,13 +152,18 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
     let ctx = crate::engine::node_context(&config.data_dir, config.policy.memory_limit_bytes)
         .map_err(|e| data_err(&e))?;
     let audit = AuditLog::open(&config.data_dir).map_err(|e| data_err(&e))?;
-    let client = crate::client::http_client(&config.tls, config.timeout)?;
+    let mut peer_clients = std::collections::HashMap::new();
+    for p in &config.peers {
+        let client =
+            crate::client::peer_client(&config.tls, &config.federation, &p.agency, config.timeout)?;
+        peer_clients.insert(p.agency.clone(), client);
+    }
     let policy = RwLock::new(Arc::new(config.policy.clone()));
     let ledger = Ledger::open(&config.data_dir).map_err(|e| data_err(&e))?;
     Ok(Node {
         config,
         ctx,
-        client,
+        peer_clients,
         audit,
         policy,
         limiter: RateLimiter::default(),

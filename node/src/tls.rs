@@ -1034,3 +1034,106 @@ mod tests {
         );
     }
 }
+
+/// Verifies a node's server certificate: the chain and name via webpki, then that its SPIFFE
+/// identity is a `node` of `federation` and, when given, of `agency` — so a coordinator only
+/// ever sends a query to the agency it meant to.
+#[derive(Debug)]
+pub struct NodeServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    federation: String,
+    agency: Option<String>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for NodeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let wrong = match identity::from_certificate_der(end_entity) {
+            Err(e) => Some(format!("no usable identity: {e}")),
+            Ok(id) if id.role() != Role::Node => Some(format!("{id} is not a node")),
+            Ok(id) if id.federation() != self.federation => {
+                Some(format!("{id} is not of federation {}", self.federation))
+            }
+            Ok(id) if self.agency.as_deref().is_some_and(|a| a != id.agency()) => Some(format!(
+                "{id} is not the node of {}",
+                self.agency.as_deref().unwrap_or("")
+            )),
+            Ok(_) => None,
+        };
+        match wrong {
+            None => Ok(verified),
+            Some(reason) => {
+                tracing::warn!(server = ?server_name, %reason, "refused server certificate");
+                Err(CertificateError::ApplicationVerificationFailure.into())
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Like [`client_config`], but the server must be the `node` of `agency` (any node when
+/// `None`) in `federation`.
+pub fn node_client_config(
+    files: &TlsFiles,
+    federation: &str,
+    agency: Option<&str>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let roots = Arc::new(load_roots(&files.ca)?);
+    let chain = load_certs(&files.cert)?;
+    let private_key = load_key(&files.key)?;
+    own_identity_of(&files.cert, &chain)?;
+    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| TlsError::BadCa {
+            path: files.ca.clone(),
+            reason: e.to_string(),
+        })?;
+    let verifier = NodeServerVerifier {
+        inner,
+        federation: federation.to_string(),
+        agency: agency.map(String::from),
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(chain, private_key)
+        .map_err(|e| key_error(e, &files.cert, &files.key))?;
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}

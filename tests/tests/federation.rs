@@ -559,3 +559,30 @@ fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_refuses_a_peer_presenting_another_agencys_certificate() {
+    let mut fed = Fed::start_with(200, Duration::from_secs(5)).await;
+    // Restart SSA with its peers' URLs swapped: "CMS" now points at OPM's node and vice versa.
+    let ssa = fed.fed.nodes.remove(0);
+    let mut config = ssa.node.config.clone();
+    ssa.shutdown().await;
+    let urls: Vec<String> = config.peers.iter().map(|p| p.url.clone()).collect();
+    config.peers[0].url = urls[1].clone();
+    config.peers[1].url = urls[0].clone();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let node = cxfed::server::start(config, None).await.unwrap();
+    let url = format!("https://127.0.0.1:{}", node.addr.port());
+    let req = cxfed_protocol::wire::QueryRequest::new("SELECT COUNT(*) FROM experience")
+        .require_all(false);
+    let resp = cxfed::cli::send_query(&fed.analyst, &url, &req)
+        .await
+        .unwrap();
+    for agency in ["CMS", "OPM"] {
+        let n = resp.nodes.iter().find(|n| n.agency == agency).unwrap();
+        assert_eq!(n.status, NodeState::Unreachable, "{n:?}");
+    }
+    assert!(!resp.complete);
+    node.shutdown().await;
+    fed.fed.shutdown().await;
+}
