@@ -322,7 +322,12 @@ async fn dispatch(command: Command) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-            println!("added {} rows to {} as {}", report.rows, report.table.name(), report.path.display());
+            println!(
+                "added {} rows to {} as {}",
+                report.rows,
+                report.table.name(),
+                report.path.display()
+            );
             Ok(())
         }
         Command::Serve { config } => {
