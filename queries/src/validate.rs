@@ -234,7 +234,7 @@ fn parse_one(state: &SessionState, sql: &str) -> Result<DFStatement, QueryError>
         .and_then(|mut p| p.parse_statements())
         .map_err(|e| {
             let msg = e.to_string();
-            let rule = if msg.contains("ecursion limit") {
+            let rule = if msg.contains("ecursion limit") || msg.contains("RecursionLimit") {
                 Rule::QueryTooLarge
             } else {
                 Rule::SyntaxError
@@ -275,7 +275,21 @@ fn parse_one(state: &SessionState, sql: &str) -> Result<DFStatement, QueryError>
         .pop_front()
         .ok_or_else(|| QueryError::Internal("no statement".into()))?;
     match &statement {
-        DFStatement::Statement(s) if matches!(**s, Statement::Query(_)) => Ok(statement),
+        DFStatement::Statement(s) if matches!(**s, Statement::Query(_)) => {
+            if let Statement::Query(q) = &**s
+                && has_set_operation(&q.body)
+            {
+                return Err(Rejection::new(
+                    Rule::SetOperationNotAllowed,
+                    "UNION, INTERSECT and EXCEPT are not allowed",
+                )
+                .at_word(sql, "union")
+                .at_word(sql, "intersect")
+                .at_word(sql, "except")
+                .into());
+            }
+            Ok(statement)
+        }
         DFStatement::Statement(s) => {
             let word = s
                 .to_string()
@@ -291,6 +305,17 @@ fn parse_one(state: &SessionState, sql: &str) -> Result<DFStatement, QueryError>
             .into())
         }
         _ => Err(Rejection::new(Rule::NotAQuery, "only SELECT queries are accepted").into()),
+    }
+}
+
+/// Whether a query body combines results with UNION / INTERSECT / EXCEPT (checked on the AST:
+/// the planner turns some of them into joins and DISTINCTs that would be refused less clearly).
+fn has_set_operation(body: &datafusion::sql::sqlparser::ast::SetExpr) -> bool {
+    use datafusion::sql::sqlparser::ast::SetExpr;
+    match body {
+        SetExpr::SetOperation { .. } => true,
+        SetExpr::Query(q) => has_set_operation(&q.body),
+        _ => false,
     }
 }
 
@@ -496,6 +521,19 @@ fn collect_below(
                     matches!((l, r), (Expr::Column(a), Expr::Column(b))
                         if a.name == schema::JOIN_KEY && b.name == schema::JOIN_KEY && a.relation != b.relation)
                 });
+            let other_identifier = keys
+                .iter()
+                .flat_map(|(l, r)| [l, r])
+                .chain(j.filter.iter().collect::<Vec<_>>().iter())
+                .find_map(|e| match e {
+                    Expr::Column(c) if is_identifier(c) && c.name != schema::JOIN_KEY => {
+                        Some(c.name.clone())
+                    }
+                    _ => None,
+                });
+            if let Some(name) = other_identifier {
+                return Err(identifier_rejection(sql, &name));
+            }
             if j.join_type != JoinType::Inner || !on_case_id || left == right {
                 return Err(Rejection::new(
                     Rule::JoinNotAllowed,

@@ -101,30 +101,38 @@ impl Fed {
 
     /// One DataFusion session over the union of every agency's Parquet files.
     pub fn pooled(&self) -> SessionContext {
-        let ctx = SessionContext::new();
-        // Same function names as the nodes (VARIANCE is an alias cxfed adds).
-        cxfed_queries::context::register_functions(&ctx);
-        for table in Table::ALL {
-            let urls = AGENCIES
-                .iter()
-                .map(|a| {
-                    let dir = std::fs::canonicalize(self.data_dir(a).join(table.name())).unwrap();
-                    ListingTableUrl::parse(format!("{}/", dir.display())).unwrap()
-                })
-                .collect();
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-                .with_file_extension(".parquet");
-            let config = ListingTableConfig::new_with_multi_paths(urls)
-                .with_listing_options(options)
-                .with_schema(table.arrow_schema());
-            ctx.register_table(
-                table.name(),
-                Arc::new(ListingTable::try_new(config).unwrap()),
-            )
-            .unwrap();
-        }
-        ctx
+        pooled_context(self.dir.path())
     }
+}
+
+/// One DataFusion session over the union of every agency's Parquet files under `dir/data`.
+pub fn pooled_context(dir: &std::path::Path) -> SessionContext {
+    let ctx = SessionContext::new();
+    // Same function names as the nodes (VARIANCE is an alias cxfed adds).
+    cxfed_queries::context::register_functions(&ctx);
+    for table in Table::ALL {
+        let urls = AGENCIES
+            .iter()
+            .map(|a| {
+                let d = std::fs::canonicalize(
+                    dir.join("data").join(a.to_lowercase()).join(table.name()),
+                )
+                .unwrap();
+                ListingTableUrl::parse(format!("{}/", d.display())).unwrap()
+            })
+            .collect();
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .with_schema(table.arrow_schema());
+        ctx.register_table(
+            table.name(),
+            Arc::new(ListingTable::try_new(config).unwrap()),
+        )
+        .unwrap();
+    }
+    ctx
 }
 
 /// A query given by parts, so that the pooled reference can apply the same suppression.

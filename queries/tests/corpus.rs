@@ -1,0 +1,100 @@
+//! The hostile-query corpus (`corpus/refused.sql`) and the allowed corpus (`corpus/allowed.sql`)
+//! against the validator: every refused query with exactly its rule code, every allowed query
+//! approved and its partial plan built (k-only and DP).
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use cxfed_queries::context::planning_context;
+use cxfed_queries::privacy::DpParams;
+use cxfed_queries::validate::{QueryError, approve};
+
+/// Parses a corpus file into (expected code, SQL) blocks.
+pub fn blocks(text: &str) -> Vec<(Option<String>, String)> {
+    let mut out = Vec::new();
+    let mut code = None;
+    let mut sql = Vec::new();
+    for line in text.lines() {
+        if let Some(c) = line.strip_prefix("-- expect: ") {
+            code = Some(c.trim().to_string());
+        } else if line == ";;" {
+            out.push((code.take(), sql.join("\n")));
+            sql.clear();
+        } else if sql.is_empty() && line.starts_with("-- ") {
+            continue;
+        } else if !(sql.is_empty() && line.is_empty()) {
+            sql.push(line);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn every_refused_query_is_refused_with_its_rule() {
+    let cases = blocks(include_str!("corpus/refused.sql"));
+    assert!(cases.len() >= 200, "{} refused cases", cases.len());
+    let ctx = planning_context().unwrap();
+    let mut wrong = Vec::new();
+    for (code, sql) in &cases {
+        let code = code.as_deref().unwrap();
+        match approve(&ctx.state(), sql).await {
+            Ok(_) => wrong.push(format!("ACCEPTED (expected {code}): {sql}")),
+            Err(QueryError::Rejected(r)) => {
+                if r.rule.code() != code {
+                    wrong.push(format!(
+                        "{} (expected {code}): {sql} — {}",
+                        r.rule.code(),
+                        r.reason
+                    ));
+                } else if code == "CXF-Q012" && r.position.is_none() {
+                    wrong.push(format!("no position for identifier refusal: {sql}"));
+                }
+            }
+            Err(e) => wrong.push(format!("INTERNAL {e}: {sql}")),
+        }
+    }
+    let shown: Vec<String> = wrong
+        .iter()
+        .map(|w| w.chars().take(300).collect())
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} mismatched:\n{}",
+        wrong.len(),
+        cases.len(),
+        shown.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn every_allowed_query_is_approved_and_has_partial_plans() {
+    let cases = blocks(include_str!("corpus/allowed.sql"));
+    assert!(cases.len() >= 100, "{} allowed cases", cases.len());
+    let ctx = planning_context().unwrap();
+    let dp = DpParams {
+        epsilon: 1.0,
+        delta: 1e-6,
+        max_groups_per_person: 1,
+        max_rows_per_person: 1,
+        k: 10,
+    };
+    let mut wrong = Vec::new();
+    for (_, sql) in &cases {
+        match approve(&ctx.state(), sql).await {
+            Ok(q) => {
+                if let Err(e) = q.partial_plan() {
+                    wrong.push(format!("partial plan failed ({e}): {sql}"));
+                }
+                if let Err(e) = q.dp_partial(&dp) {
+                    wrong.push(format!("dp plan failed ({e}): {sql}"));
+                }
+            }
+            Err(e) => wrong.push(format!("REFUSED {e}: {sql}")),
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} failed:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong.join("\n")
+    );
+}
