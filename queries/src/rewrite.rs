@@ -378,6 +378,12 @@ impl ApprovedQuery {
 
         // 2. Federation k.
         let (kept, suppressed_groups) = suppress(&merged, k)?;
+        let min_released_persons = kept
+            .iter()
+            .filter_map(|b| b.column_by_name(PERSONS)?.as_any().downcast_ref::<Int64Array>().cloned())
+            .filter_map(|a| arrow::compute::min(&a))
+            .min()
+            .map(|m| u64::try_from(m).unwrap_or(0));
 
         // 3. Final values under the original aggregate's names (and their noise intervals),
         //    then the query's upper plan, carrying the intervals along.
@@ -457,6 +463,7 @@ impl ApprovedQuery {
             suppressed_groups,
             ci95,
             dp,
+            min_released_persons,
         })
     }
 }
@@ -600,6 +607,8 @@ pub struct Merged {
     pub ci95: Vec<Vec<Option<f64>>>,
     /// Whether any node added noise.
     pub dp: bool,
+    /// The smallest (summed) person count among the groups released; never below `k`.
+    pub min_released_persons: Option<u64>,
 }
 
 /// Keeps the rows whose [`PERSONS`] count is at least `k`; returns them and how many were
