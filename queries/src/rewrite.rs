@@ -380,7 +380,12 @@ impl ApprovedQuery {
         let (kept, suppressed_groups) = suppress(&merged, k)?;
         let min_released_persons = kept
             .iter()
-            .filter_map(|b| b.column_by_name(PERSONS)?.as_any().downcast_ref::<Int64Array>().cloned())
+            .filter_map(|b| {
+                b.column_by_name(PERSONS)?
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .cloned()
+            })
             .filter_map(|a| arrow::compute::min(&a))
             .min()
             .map(|m| u64::try_from(m).unwrap_or(0));
