@@ -1,16 +1,52 @@
-//! The node's append-only query log: one JSON line per request that reached a query endpoint,
-//! accepted or refused, in `<data_dir>/audit.jsonl`. Each line is written whole and synced
-//! before the answer leaves the node.
+//! The node's tamper-evident query log, `<data_dir>/audit.jsonl`: one JSON line per request
+//! that reached an endpoint (refusals included), hash-chained, with Ed25519-signed checkpoints.
+//!
+//! # Format
+//! Every line is a JSON object whose last member is `"hash"`:
+//!
+//! ```text
+//! {"seq":7,"time":"…","node":"SSA","kind":"request",…,"prev_hash":"<hex>","hash":"<hex>"}
+//! ```
+//!
+//! `hash` is the SHA-256 of the line's own bytes with `,"hash":"…"` removed (so `{…}` exactly as
+//! written), and `prev_hash` is the previous line's `hash` (64 zeros for seq 1). A `checkpoint`
+//! line carries an Ed25519 signature by the node's audit key over
+//! `cxfed-audit-checkpoint-v1\n<node>\n<seq>\n<time>\n<prev_hash>`, which fixes every line
+//! before it. Checkpoints are written every `checkpoint_every` entries, at shutdown, and before
+//! every export to an auditor, so an exported log always ends with one.
+//!
+//! Each line is written whole with one `write` and synced before the answer leaves the node. A
+//! torn last line (crash mid-write) is cut off on the next start and a `repair` line records how
+//! many bytes were dropped. A log whose complete lines do not verify is not appended to: the
+//! node refuses to start and says where the log breaks.
+//!
+//! The key pair lives next to the log: `audit-signing.key` (PKCS#8, hex, mode 0600) and
+//! `audit-signing.pub` (`ed25519:<hex>`), which the steward gives to auditors.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use cxfed_protocol::signing::{RequestSignature, hex, unhex};
+use cxfed_protocol::wire::NodeState;
+
 /// File name of the log inside the data directory.
 pub const AUDIT_FILE: &str = "audit.jsonl";
+/// The node's audit signing key (PKCS#8, hex).
+pub const KEY_FILE: &str = "audit-signing.key";
+/// The public half, for auditors.
+pub const PUBLIC_KEY_FILE: &str = "audit-signing.pub";
+/// `prev_hash` of the first entry.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// Default number of entries between signed checkpoints.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 100;
+
+const HASH_PREFIX: &[u8] = b",\"hash\":\"";
+const HASH_SUFFIX_LEN: usize = HASH_PREFIX.len() + 64 + 2;
 
 /// What the node decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,35 +60,107 @@ pub enum Decision {
     Failed,
 }
 
-/// One log entry.
+/// What a line records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A request to an endpoint.
+    #[default]
+    Request,
+    /// A signed checkpoint over every line before it.
+    Checkpoint,
+    /// A torn last line was cut off at start-up.
+    Repair,
+}
+
+/// One node a coordinator sent a query to, and what came back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fanout {
+    /// The node's agency.
+    pub agency: String,
+    /// What it did.
+    pub status: NodeState,
+    /// SHA-256 (hex) of the partial it sent, when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// One log line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Entry {
     /// 1-based position in this node's log.
     pub seq: u64,
     /// RFC 3339 UTC time.
     pub time: String,
+    /// The agency of the node that wrote the log.
+    pub node: String,
+    /// What the line records.
+    #[serde(default)]
+    pub kind: Kind,
     /// Query id (coordinator-assigned for partials).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub query_id: String,
     /// Endpoint, e.g. `/v1/partial`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub endpoint: String,
     /// The TLS peer's verified identity.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub peer: String,
-    /// The analyst the request is for.
+    /// The analyst the request is for (verified from their signature when it holds).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub analyst: String,
-    /// The SQL (null when none was sent).
+    /// The SQL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sql: Option<String>,
-    /// Decision.
-    pub decision: Decision,
+    /// ε the analyst asked for, as signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_epsilon: Option<f64>,
+    /// The analyst's `require_all`, as signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_all: Option<bool>,
+    /// The analyst's signature, exactly as received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestSignature>,
+    /// Decision (requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
     /// Rule or error code when refused or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
     /// Groups that left this node.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub groups_released: u64,
     /// Groups withheld by this node.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub groups_withheld: u64,
+    /// ε charged to the analyst on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon_spent: Option<f64>,
+    /// SHA-256 (hex) of the bytes that left the node in the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// For a coordinated query: every node asked and the digest of what each returned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fanout: Vec<Fanout>,
+    /// Bytes of a torn line cut off (repair lines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_bytes: Option<u64>,
+    /// Ed25519 signature, hex (checkpoint lines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// Hash of the previous line.
+    pub prev_hash: String,
+    /// Hash of this line (see the module docs).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hash: String,
 }
 
-/// What the caller fills in; `seq` and `time` are the log's.
-#[derive(Debug, Clone)]
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// What the caller fills in for a request line; the log adds sequence, time, node and hashes.
+#[derive(Debug, Clone, Default)]
 pub struct Record {
     /// Query id.
     pub query_id: String,
@@ -64,95 +172,395 @@ pub struct Record {
     pub analyst: String,
     /// SQL.
     pub sql: Option<String>,
+    /// ε asked for.
+    pub requested_epsilon: Option<f64>,
+    /// `require_all` as signed (only with a signature).
+    pub require_all: Option<bool>,
+    /// The analyst's signature.
+    pub request: Option<RequestSignature>,
     /// Decision.
-    pub decision: Decision,
+    pub decision: Option<Decision>,
     /// Code.
     pub code: Option<String>,
     /// Groups released.
     pub groups_released: u64,
     /// Groups withheld.
     pub groups_withheld: u64,
+    /// ε charged.
+    pub epsilon_spent: Option<f64>,
+    /// Digest of what left.
+    pub digest: Option<String>,
+    /// Fan-out of a coordinated query.
+    pub fanout: Vec<Fanout>,
+}
+
+/// SHA-256 of `bytes`, hex.
+pub fn digest(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+/// The message a checkpoint signs.
+pub fn checkpoint_message(node: &str, seq: u64, time: &str, prev_hash: &str) -> Vec<u8> {
+    format!("cxfed-audit-checkpoint-v1\n{node}\n{seq}\n{time}\n{prev_hash}").into_bytes()
+}
+
+/// Checks one line's own hash and parses it. The error says what is wrong.
+pub fn parse_line(line: &[u8]) -> Result<Entry, String> {
+    let n = line.len();
+    let framed = n > HASH_SUFFIX_LEN
+        && line[n - HASH_SUFFIX_LEN..].starts_with(HASH_PREFIX)
+        && line.ends_with(b"\"}");
+    if !framed {
+        return Err("not a log line (no trailing \"hash\")".into());
+    }
+    let mut body = line[..n - HASH_SUFFIX_LEN].to_vec();
+    body.push(b'}');
+    let claimed = &line[n - 66..n - 2];
+    let entry: Entry = serde_json::from_slice(line).map_err(|e| format!("unreadable JSON: {e}"))?;
+    if digest(&body).as_bytes() != claimed {
+        return Err("its hash does not match its content (the entry was edited)".into());
+    }
+    Ok(entry)
+}
+
+/// Serializes `entry` (whose `hash` is ignored) into a line with its hash, and the hash.
+fn seal(entry: &Entry) -> std::io::Result<(Vec<u8>, String)> {
+    let mut e = entry.clone();
+    e.hash.clear();
+    let body = serde_json::to_vec(&e).map_err(std::io::Error::other)?;
+    let hash = digest(&body);
+    let mut line = body[..body.len() - 1].to_vec();
+    line.extend_from_slice(HASH_PREFIX);
+    line.extend_from_slice(hash.as_bytes());
+    line.extend_from_slice(b"\"}\n");
+    Ok((line, hash))
+}
+
+/// A node's audit public key, as in `audit-signing.pub` (`ed25519:<hex>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey(pub Vec<u8>);
+
+impl PublicKey {
+    /// Parses `ed25519:<64 hex digits>` (surrounding whitespace ignored).
+    pub fn parse(text: &str) -> Result<PublicKey, String> {
+        let t = text.trim();
+        let hex_part = t
+            .strip_prefix("ed25519:")
+            .ok_or_else(|| "expected ed25519:<64 hex digits>".to_string())?;
+        match unhex(hex_part) {
+            Some(b) if b.len() == 32 => Ok(PublicKey(b)),
+            _ => Err("expected ed25519:<64 hex digits>".into()),
+        }
+    }
+
+    /// Whether `signature` (hex) signs `message`.
+    pub fn verifies(&self, message: &[u8], signature: &str) -> bool {
+        unhex(signature).is_some_and(|s| {
+            UnparsedPublicKey::new(&ED25519, &self.0)
+                .verify(message, &s)
+                .is_ok()
+        })
+    }
+}
+
+impl std::fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ed25519:{}", hex(&self.0))
+    }
+}
+
+struct State {
+    file: File,
+    seq: u64,
+    last_hash: String,
+    last_kind: Kind,
+    since_checkpoint: u64,
 }
 
 /// The open log.
-#[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
-    inner: Mutex<(File, u64)>,
+    node: String,
+    key: Ed25519KeyPair,
+    checkpoint_every: u64,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Reading or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The existing log does not verify; the node will not append to it.
+    #[error(
+        "{path}: line {line} (after seq {after}): {reason}; the node will not append to a log \
+         it cannot verify — run `cxfed audit verify` on it and move it aside"
+    )]
+    Broken {
+        /// The log.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The last good seq.
+        after: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The signing key file is unusable.
+    #[error("{path}: not a PKCS#8 Ed25519 key in hex")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+    },
 }
 
 impl AuditLog {
-    /// Opens (or creates) the log in `data_dir`, continuing its sequence. A torn last line
-    /// (from a crash mid-write) is cut off.
-    pub fn open(data_dir: &Path) -> std::io::Result<AuditLog> {
-        std::fs::create_dir_all(data_dir)?;
+    /// Opens (or creates) the log of `node` in `data_dir` and its signing key, checks the whole
+    /// chain, cuts a torn last line (recording a `repair` line), and calls `seen` with every
+    /// entry (used to remember nonces across restarts).
+    pub fn open(
+        data_dir: &Path,
+        node: &str,
+        checkpoint_every: u64,
+        mut seen: impl FnMut(&Entry),
+    ) -> Result<AuditLog, OpenError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| OpenError::Io { path, source }
+        };
+        std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+        let key = load_or_create_key(data_dir)?;
         let path = data_dir.join(AUDIT_FILE);
-        let mut seq = 0;
-        let mut good_len = 0u64;
+        let mut bytes = Vec::new();
         if path.exists() {
-            let reader = BufReader::new(File::open(&path)?);
-            for line in reader.split(b'\n') {
-                let line = line?;
-                match serde_json::from_slice::<Entry>(&line) {
-                    Ok(e) => {
-                        seq = e.seq;
-                        good_len += line.len() as u64 + 1;
-                    }
-                    Err(_) => break,
-                }
-            }
-            let file = OpenOptions::new().write(true).open(&path)?;
-            if file.metadata()?.len() != good_len {
-                tracing::warn!(path = %path.display(), kept_bytes = good_len, "audit log had a torn tail; truncated");
-                file.set_len(good_len)?;
-                file.sync_all()?;
-            }
+            File::open(&path)
+                .and_then(|mut f| f.read_to_end(&mut bytes))
+                .map_err(io(&path))?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        Ok(AuditLog {
-            path,
-            inner: Mutex::new((file, seq)),
-        })
+        let mut seq = 0;
+        let mut last_hash = GENESIS.to_string();
+        let mut last_kind = Kind::Checkpoint;
+        let mut since_checkpoint = 0;
+        let mut good_len = 0usize;
+        for (i, line) in bytes.split_inclusive(|b| *b == b'\n').enumerate() {
+            if !line.ends_with(b"\n") {
+                break; // torn: cut below
+            }
+            let broken = |reason: String| OpenError::Broken {
+                path: path.clone(),
+                line: i + 1,
+                after: seq,
+                reason,
+            };
+            let e = parse_line(&line[..line.len() - 1]).map_err(broken)?;
+            if e.seq != seq + 1 || e.prev_hash != last_hash {
+                return Err(broken(format!(
+                    "seq {} does not follow seq {seq} in the chain",
+                    e.seq
+                )));
+            }
+            seen(&e);
+            seq = e.seq;
+            last_hash = e.hash.clone();
+            last_kind = e.kind;
+            since_checkpoint = if e.kind == Kind::Checkpoint {
+                0
+            } else {
+                since_checkpoint + 1
+            };
+            good_len += line.len();
+        }
+        let torn = bytes.len() - good_len;
+        if torn > 0 {
+            tracing::warn!(path = %path.display(), dropped_bytes = torn, "audit log had a torn last line; cutting it off");
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            f.set_len(good_len as u64).map_err(io(&path))?;
+            f.sync_all().map_err(io(&path))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let log = AuditLog {
+            path: path.clone(),
+            node: node.to_owned(),
+            key,
+            checkpoint_every: checkpoint_every.max(1),
+            state: Mutex::new(State {
+                file,
+                seq,
+                last_hash,
+                last_kind,
+                since_checkpoint,
+            }),
+        };
+        if torn > 0 {
+            let mut state = log.state.try_lock().map_err(|e| OpenError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })?;
+            let entry = Entry {
+                kind: Kind::Repair,
+                dropped_bytes: Some(torn as u64),
+                ..Entry::default()
+            };
+            log.write(&mut state, entry).map_err(io(&path))?;
+        }
+        Ok(log)
     }
 
-    /// Appends one entry and syncs it to disk.
+    /// The public key auditors verify checkpoints with.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.key.public_key().as_ref().to_vec())
+    }
+
+    /// Appends one request line and syncs it (and a checkpoint when one is due).
     pub async fn append(&self, record: Record) -> std::io::Result<Entry> {
-        let mut guard = self.inner.lock().await;
-        let (file, seq) = &mut *guard;
+        let mut state = self.state.lock().await;
         let entry = Entry {
-            seq: *seq + 1,
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            kind: Kind::Request,
             query_id: record.query_id,
             endpoint: record.endpoint.to_string(),
             peer: record.peer,
             analyst: record.analyst,
             sql: record.sql,
+            requested_epsilon: record.requested_epsilon,
+            require_all: record.require_all,
+            request: record.request,
             decision: record.decision,
             code: record.code,
             groups_released: record.groups_released,
             groups_withheld: record.groups_withheld,
+            epsilon_spent: record.epsilon_spent,
+            digest: record.digest,
+            fanout: record.fanout,
+            ..Entry::default()
         };
-        let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        file.write_all(&line)?;
-        file.sync_data()?;
-        *seq += 1;
-        Ok(entry)
+        let written = self.write(&mut state, entry)?;
+        if state.since_checkpoint >= self.checkpoint_every {
+            self.write_checkpoint(&mut state)?;
+        }
+        Ok(written)
     }
 
-    /// Entries with `seq > since`.
-    pub async fn read_since(&self, since: u64) -> std::io::Result<Vec<Entry>> {
-        let _guard = self.inner.lock().await;
-        let reader = BufReader::new(File::open(&self.path)?);
+    /// Writes a signed checkpoint unless the last line already is one.
+    pub async fn checkpoint(&self) -> std::io::Result<()> {
+        let mut state = self.state.lock().await;
+        if state.last_kind != Kind::Checkpoint {
+            self.write_checkpoint(&mut state)?;
+        }
+        Ok(())
+    }
+
+    /// Every line with `seq > since`, ending with a fresh signed checkpoint, exactly as on disk.
+    pub async fn export_since(&self, since: u64) -> std::io::Result<Vec<u8>> {
+        let mut state = self.state.lock().await;
+        if state.last_kind != Kind::Checkpoint {
+            self.write_checkpoint(&mut state)?;
+        }
+        let mut bytes = Vec::new();
+        File::open(&self.path)?.read_to_end(&mut bytes)?;
         let mut out = Vec::new();
-        for line in reader.lines() {
-            let e: Entry = serde_json::from_str(&line?).map_err(std::io::Error::other)?;
-            if e.seq > since {
-                out.push(e);
+        for line in bytes.split_inclusive(|b| *b == b'\n') {
+            let seq = parse_line(line.strip_suffix(b"\n").unwrap_or(line))
+                .map_err(std::io::Error::other)?
+                .seq;
+            if seq > since {
+                out.extend_from_slice(line);
             }
         }
         Ok(out)
     }
+
+    fn write_checkpoint(&self, state: &mut State) -> std::io::Result<Entry> {
+        let mut entry = Entry {
+            kind: Kind::Checkpoint,
+            seq: state.seq + 1,
+            time: now(),
+            ..Entry::default()
+        };
+        let message = checkpoint_message(&self.node, entry.seq, &entry.time, &state.last_hash);
+        entry.signature = Some(hex(self.key.sign(&message).as_ref()));
+        self.write(state, entry)
+    }
+
+    fn write(&self, state: &mut State, mut entry: Entry) -> std::io::Result<Entry> {
+        entry.seq = state.seq + 1;
+        if entry.time.is_empty() {
+            entry.time = now();
+        }
+        entry.node = self.node.clone();
+        entry.prev_hash = state.last_hash.clone();
+        let (line, hash) = seal(&entry)?;
+        state.file.write_all(&line)?;
+        state.file.sync_data()?;
+        entry.hash = hash;
+        state.seq = entry.seq;
+        state.last_hash = entry.hash.clone();
+        state.last_kind = entry.kind;
+        state.since_checkpoint = if entry.kind == Kind::Checkpoint {
+            0
+        } else {
+            state.since_checkpoint + 1
+        };
+        Ok(entry)
+    }
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Loads `audit-signing.key` from `data_dir`, creating it (and `audit-signing.pub`) if absent.
+fn load_or_create_key(data_dir: &Path) -> Result<Ed25519KeyPair, OpenError> {
+    let path = data_dir.join(KEY_FILE);
+    let io = |source| OpenError::Io {
+        path: path.clone(),
+        source,
+    };
+    let key = if path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(io)?;
+        let der = unhex(text.trim()).ok_or_else(|| OpenError::Key { path: path.clone() })?;
+        Ed25519KeyPair::from_pkcs8(&der).map_err(|_| OpenError::Key { path: path.clone() })?
+    } else {
+        let rng = ring::rand::SystemRandom::new();
+        let der = Ed25519KeyPair::generate_pkcs8(&rng)
+            .map_err(|_| io(std::io::Error::other("random number generator failed")))?;
+        crate::storage::write_atomic(&path, format!("{}\n", hex(der.as_ref())).as_bytes(), true)
+            .map_err(io)?;
+        Ed25519KeyPair::from_pkcs8(der.as_ref())
+            .map_err(|_| OpenError::Key { path: path.clone() })?
+    };
+    let public = data_dir.join(PUBLIC_KEY_FILE);
+    let text = format!("{}\n", PublicKey(key.public_key().as_ref().to_vec()));
+    if std::fs::read_to_string(&public).ok().as_deref() != Some(text.as_str()) {
+        crate::storage::write_atomic(&public, text.as_bytes(), false).map_err(|source| {
+            OpenError::Io {
+                path: public.clone(),
+                source,
+            }
+        })?;
+    }
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -166,34 +574,85 @@ mod tests {
             peer: "spiffe://f/SSA/node/n".into(),
             analyst: "spiffe://f/SSA/analyst/a".into(),
             sql: Some("SELECT count(*) FROM experience".into()),
-            decision: Decision::Executed,
-            code: None,
+            decision: Some(Decision::Executed),
             groups_released: 1,
-            groups_withheld: 0,
+            ..Record::default()
         }
     }
 
+    fn lines(dir: &Path) -> Vec<Entry> {
+        std::fs::read(dir.join(AUDIT_FILE))
+            .expect("read")
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| parse_line(l).expect("line verifies"))
+            .collect()
+    }
+
     #[tokio::test]
-    async fn continues_sequence_and_cuts_torn_tail() {
+    async fn chains_checkpoints_and_repairs_a_torn_tail() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = AuditLog::open(dir.path()).expect("open");
+        let log = AuditLog::open(dir.path(), "SSA", 2, |_| {}).expect("open");
         log.append(record("a")).await.expect("append");
-        log.append(record("b")).await.expect("append");
+        log.append(record("b")).await.expect("append"); // checkpoint due after 2
+        let key = log.public_key();
         drop(log);
+        let all = lines(dir.path());
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].prev_hash, GENESIS);
+        assert_eq!(all[1].prev_hash, all[0].hash);
+        assert_eq!(all[2].kind, Kind::Checkpoint);
+        let cp = &all[2];
+        let msg = checkpoint_message("SSA", cp.seq, &cp.time, &cp.prev_hash);
+        assert!(key.verifies(&msg, cp.signature.as_deref().expect("signed")));
+        assert!(!key.verifies(b"other", cp.signature.as_deref().expect("signed")));
+
         let mut f = OpenOptions::new()
             .append(true)
             .open(dir.path().join(AUDIT_FILE))
             .expect("open");
-        f.write_all(b"{\"seq\":3,\"ti").expect("torn write");
+        f.write_all(b"{\"seq\":4,\"ti").expect("torn write");
         drop(f);
-        let log = AuditLog::open(dir.path()).expect("reopen");
+        let mut count = 0;
+        let log = AuditLog::open(dir.path(), "SSA", 2, |_| count += 1).expect("reopen");
+        assert_eq!(count, 3);
+        assert_eq!(log.public_key(), key, "the key persists");
         let e = log.append(record("c")).await.expect("append");
-        assert_eq!(e.seq, 3);
-        let all = log.read_since(0).await.expect("read");
+        assert_eq!(e.seq, 5);
+        let all = lines(dir.path());
+        assert_eq!(all[3].kind, Kind::Repair);
+        assert_eq!(all[3].dropped_bytes, Some(12));
+        let export = log.export_since(3).await.expect("export");
+        let exported: Vec<Entry> = export
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| parse_line(l).expect("verifies"))
+            .collect();
         assert_eq!(
-            all.iter().map(|e| e.query_id.as_str()).collect::<Vec<_>>(),
-            ["a", "b", "c"]
+            exported.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [4, 5, 6]
         );
-        assert_eq!(log.read_since(2).await.expect("read").len(), 1);
+        assert_eq!(exported[2].kind, Kind::Checkpoint);
+    }
+
+    #[tokio::test]
+    async fn refuses_to_append_to_an_edited_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = AuditLog::open(dir.path(), "SSA", 100, |_| {}).expect("open");
+        log.append(record("a")).await.expect("append");
+        drop(log);
+        let path = dir.path().join(AUDIT_FILE);
+        let text = std::fs::read_to_string(&path).expect("read");
+        std::fs::write(&path, text.replace("count(*)", "count(1)")).expect("edit");
+        let err = AuditLog::open(dir.path(), "SSA", 100, |_| {}).expect_err("refused");
+        assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn public_key_text_round_trips() {
+        let k = PublicKey(vec![7; 32]);
+        assert_eq!(PublicKey::parse(&format!(" {k}\n")), Ok(k));
+        assert!(PublicKey::parse("ed25519:abcd").is_err());
+        assert!(PublicKey::parse("rsa:00").is_err());
     }
 }

@@ -20,10 +20,9 @@
 //! never logged.
 
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use cxfed_protocol::identity::{self, Part};
@@ -482,39 +481,12 @@ fn create_dir(dir: &Path) -> Result<(), CertError> {
     })
 }
 
-/// Writes `contents` to `path` through a temporary file in the same directory and a rename;
-/// `private` files are created with mode 0600 (never readable by others, even briefly).
+/// [`crate::storage::write_atomic`] with this module's error.
 fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Result<(), CertError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("cert");
-    let mut tag = [0u8; 8];
-    SystemRandom::new()
-        .fill(&mut tag)
-        .map_err(|_| CertError::Random)?;
-    let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = dir.join(format!(".{file_name}.{tag}.tmp"));
-
-    let mut options = OpenOptions::new();
-    options
-        .write(true)
-        .create_new(true)
-        .mode(if private { 0o600 } else { 0o644 });
-    let written = options.open(&tmp).and_then(|mut file| {
-        file.write_all(contents)?;
-        file.sync_all()
-    });
-    if let Err(source) = written.and_then(|()| fs::rename(&tmp, path)) {
-        let _ = fs::remove_file(&tmp);
-        return Err(CertError::Io {
-            path: path.to_owned(),
-            source,
-        });
-    }
-    // Make the rename durable; failing to sync a directory is not worth failing the run for.
-    if let Ok(dir) = fs::File::open(dir) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
+    crate::storage::write_atomic(path, contents, private).map_err(|source| CertError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use cxfed_protocol::wire::{ErrorBody, QueryRequest, QueryResponse};
 use cxfed_queries::schema::Table;
 
+use crate::client::AnalystClient;
 use crate::output::Format;
 use crate::tls::TlsFiles;
 
@@ -109,6 +110,9 @@ pub enum Command {
         /// The SQL.
         sql: String,
     },
+    /// Audit logs: fetch them from nodes, verify them, reconcile them across nodes.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// A local three-agency federation on synthetic data: certificates, data, nodes, queries.
     Demo {
         /// Keep everything in this directory instead of a temporary one.
@@ -120,6 +124,49 @@ pub enum Command {
         /// People per agency.
         #[arg(long, default_value_t = 20_000)]
         people: usize,
+    },
+}
+
+/// `cxfed audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Fetch nodes' audit logs (auditor certificate). Each ends with a fresh signed checkpoint.
+    Fetch {
+        /// A node, e.g. https://127.0.0.1:7001 (repeat for several).
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+        /// Your certificate files.
+        #[command(flatten)]
+        tls: TlsArgs,
+        /// Only entries after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Output file (one node), or directory (several nodes, or an existing directory):
+        /// one `<agency>.jsonl` per node.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Verify one log: every hash, the chain, every checkpoint signature, a signed end. Exit 0
+    /// only for a clean log; otherwise names the first bad sequence number.
+    Verify {
+        /// The log file (fetched, or a node's audit.jsonl).
+        file: PathBuf,
+        /// The node's audit public key: its `audit-signing.pub` file, or `ed25519:<hex>`.
+        #[arg(long)]
+        key: String,
+        /// The log was fetched with `--since N`.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Federation CA: also re-check every logged analyst signature.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// Reconcile several nodes' logs (every `*.jsonl` in DIR): every query a coordinator fanned
+    /// out must be in the log of each node it reached, with matching digests. Exit 0 only when
+    /// everything matches.
+    Reconcile {
+        /// Directory of fetched logs.
+        dir: PathBuf,
     },
 }
 
@@ -221,16 +268,22 @@ fn describe(b: &ErrorBody) -> String {
     s
 }
 
-/// Posts a query to `node` and returns the merged answer.
+/// Signs `req` as the analyst (fresh nonce, now), posts it to `node` and returns the merged
+/// answer.
 pub async fn send_query(
-    client: &reqwest::Client,
+    client: &AnalystClient,
     node: &str,
     req: &QueryRequest,
 ) -> Result<QueryResponse, QueryFailure> {
     let url = format!("{}/v1/query", node.trim_end_matches('/'));
+    let req = req
+        .clone()
+        .sign(&client.signer)
+        .map_err(|e| QueryFailure::Transport(format!("signing the request: {e}")))?;
     let resp = client
+        .http
         .post(&url)
-        .json(req)
+        .json(&req)
         .send()
         .await
         .map_err(|e| QueryFailure::Transport(format!("{url}: {}", error_chain(&e))))?;
@@ -345,7 +398,7 @@ async fn dispatch(command: Command) -> Result<(), String> {
             timeout,
             sql,
         } => {
-            let client = crate::client::http_client(&tls.into(), Duration::from_secs(timeout))
+            let client = AnalystClient::new(&tls.into(), Duration::from_secs(timeout))
                 .map_err(|e| e.to_string())?;
             let req = QueryRequest::new(sql)
                 .require_all(!allow_partial)
@@ -413,10 +466,125 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 }
             }
         }
+        Command::Audit(cmd) => audit(cmd).await,
         Command::Demo { dir, serve, people } => {
             crate::demo::run(crate::demo::DemoOptions { dir, serve, people })
                 .await
                 .map_err(|e| e.to_string())
+        }
+    }
+}
+
+async fn audit(cmd: AuditCommand) -> Result<(), String> {
+    match cmd {
+        AuditCommand::Fetch {
+            nodes,
+            tls,
+            since,
+            out,
+        } => {
+            let client = crate::client::http_client(&tls.into(), Duration::from_secs(300))
+                .map_err(|e| e.to_string())?;
+            let into_dir = nodes.len() > 1 || out.is_dir();
+            if into_dir {
+                std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            }
+            for node in &nodes {
+                let url = format!("{}/v1/audit?since={since}", node.trim_end_matches('/'));
+                let resp = client
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
+                let status = resp.status();
+                let bytes = resp.bytes().await.map_err(|e| format!("{url}: {e}"))?;
+                if !status.is_success() {
+                    return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                        Ok(b) => format!("{url}: {}", describe(&b)),
+                        Err(_) => format!("{url}: HTTP {status}"),
+                    });
+                }
+                let last = bytes
+                    .split(|b| *b == b'\n')
+                    .rfind(|l| !l.is_empty())
+                    .and_then(|l| crate::audit::parse_line(l).ok())
+                    .ok_or_else(|| format!("{url}: the node sent no log lines"))?;
+                let path = if into_dir {
+                    out.join(format!("{}.jsonl", last.node.to_lowercase()))
+                } else {
+                    out.clone()
+                };
+                crate::storage::write_atomic(&path, &bytes, false)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                println!(
+                    "fetched {} seq {}..={} to {}",
+                    last.node,
+                    since + 1,
+                    last.seq,
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+        AuditCommand::Verify {
+            file,
+            key,
+            since,
+            ca,
+        } => {
+            let key_text = if key.starts_with("ed25519:") {
+                key.clone()
+            } else {
+                std::fs::read_to_string(&key).map_err(|e| format!("{key}: {e}"))?
+            };
+            let key =
+                crate::audit::PublicKey::parse(&key_text).map_err(|e| format!("{key}: {e}"))?;
+            let bytes = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let checker = match &ca {
+                Some(ca) => crate::auditor::checker_for(&bytes, ca)?,
+                None => None,
+            };
+            match crate::auditor::verify(&bytes, &key, since, checker.as_ref()) {
+                Ok(v) => {
+                    println!(
+                        "{}: clean — node {}, seq {}..={}, {} signed checkpoints, last at {}{}",
+                        file.display(),
+                        v.node,
+                        v.first_seq,
+                        v.last_seq,
+                        v.checkpoints,
+                        v.head_time,
+                        if ca.is_some() {
+                            format!(", {} analyst signatures re-checked", v.signatures_checked)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    Ok(())
+                }
+                Err(p) => Err(format!(
+                    "{}: TAMPERED — first bad entry {p}",
+                    file.display()
+                )),
+            }
+        }
+        AuditCommand::Reconcile { dir } => {
+            let r = crate::auditor::reconcile_dir(&dir)?;
+            println!(
+                "{} nodes ({}), {} coordinated queries, {} node answers matched",
+                r.nodes.len(),
+                r.nodes.join(", "),
+                r.queries,
+                r.matched
+            );
+            for m in &r.mismatches {
+                println!("MISMATCH {m}");
+            }
+            if r.mismatches.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{} mismatch(es)", r.mismatches.len()))
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cxfed_protocol::Identity;
+use cxfed_protocol::signing::Signer;
 
 use crate::tls::{self, TlsError, TlsFiles};
 
@@ -62,6 +63,47 @@ pub fn http_client_without_identity(
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .build()
         .map_err(TlsError::HttpClient)
+}
+
+/// An analyst's client: the mTLS connection and the key that signs every request.
+#[derive(Debug, Clone)]
+pub struct AnalystClient {
+    /// The mTLS HTTP client.
+    pub http: reqwest::Client,
+    /// Signs each request with the analyst's certificate key.
+    pub signer: std::sync::Arc<Signer>,
+}
+
+impl AnalystClient {
+    /// A client and signer from the analyst's certificate files.
+    pub fn new(tls: &TlsFiles, timeout: Duration) -> Result<AnalystClient, TlsError> {
+        Ok(AnalystClient {
+            http: http_client(tls, timeout)?,
+            signer: std::sync::Arc::new(signer(tls)?),
+        })
+    }
+}
+
+/// The request signer made of the key and certificate in `tls` (the key must be PKCS#8, as
+/// `cxfed certs dev` writes it).
+pub fn signer(tls: &TlsFiles) -> Result<Signer, TlsError> {
+    let chain = tls::load_certs(&tls.cert)?;
+    let leaf = chain.first().ok_or_else(|| TlsError::NoCertificate {
+        path: tls.cert.clone(),
+    })?;
+    let key = tls::load_key(&tls.key)?;
+    let rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8) = key else {
+        return Err(TlsError::BadKey {
+            path: tls.key.clone(),
+            reason: "request signing needs a PKCS#8 key (BEGIN PRIVATE KEY); convert it with \
+                     `openssl pkcs8 -topk8 -nocrypt`"
+                .into(),
+        });
+    };
+    Signer::new(pkcs8.secret_pkcs8_der(), leaf.to_vec()).map_err(|e| TlsError::BadKey {
+        path: tls.key.clone(),
+        reason: e.to_string(),
+    })
 }
 
 /// The identity in our own certificate (the leaf of the PEM file at `cert_path`).

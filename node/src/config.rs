@@ -31,6 +31,9 @@
 //!
 //! [policy]                        # the steward's policy, see crate::policy
 //! hidden_dimensions = ["state"]
+//!
+//! [audit]
+//! checkpoint_every = 100          # entries between signed audit checkpoints
 //! ```
 
 use std::net::SocketAddr;
@@ -68,6 +71,8 @@ pub struct NodeConfig {
     pub policy: Policy,
     /// The file this configuration was read from, for reloading.
     pub source: Option<PathBuf>,
+    /// Audit log entries between signed checkpoints.
+    pub audit_checkpoint_every: u64,
 }
 
 /// Another node of the federation.
@@ -96,6 +101,14 @@ struct RawConfig {
     query: RawQuery,
     #[serde(default)]
     policy: PolicyConfig,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    checkpoint_every: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -256,6 +269,16 @@ impl NodeConfig {
                 "must be between 1 and 3600".into(),
             ));
         }
+        let checkpoint_every = raw
+            .audit
+            .checkpoint_every
+            .unwrap_or(crate::audit::DEFAULT_CHECKPOINT_EVERY);
+        if !(1..=1_000_000).contains(&checkpoint_every) {
+            return Err(invalid(
+                "audit.checkpoint_every",
+                "must be between 1 and 1000000".into(),
+            ));
+        }
         let mut seen = vec![raw.agency.clone()];
         for (i, p) in raw.peers.iter().enumerate() {
             if seen.contains(&p.agency) {
@@ -296,6 +319,7 @@ impl NodeConfig {
             peers: raw.peers,
             k,
             timeout: Duration::from_secs(timeout_secs),
+            audit_checkpoint_every: checkpoint_every,
         })
     }
 
@@ -335,6 +359,10 @@ impl NodeConfig {
             p.rate_limit_per_minute,
             p.query_timeout.as_secs(),
             p.memory_limit_bytes / (1024 * 1024),
+        ));
+        s.push_str(&format!(
+            "\n[audit]\ncheckpoint_every = {}\n",
+            self.audit_checkpoint_every
         ));
         for p in &self.peers {
             s.push_str(&format!(

@@ -15,19 +15,24 @@ use cxfed_protocol::wire::{
 use cxfed_queries::rewrite::Partial;
 use cxfed_queries::validate::{QueryError, approve};
 
+use crate::audit::Fanout;
 use crate::config::Peer;
 use crate::partial::{DecodedPartial, PartialError, decode};
+use crate::requests::Received;
 use crate::server::{ApiError, Node};
 
 /// Largest partial a peer may send, in bytes.
 pub const MAX_PARTIAL_BYTES: usize = 256 * 1024 * 1024;
 
-/// Answers an analyst's query across the federation.
+/// Answers an analyst's query (its signature already checked here) across the federation,
+/// forwarding the signature to every peer. `fanout` receives every node asked, what it did and
+/// the digest of the partial it returned, for the audit log, whether or not the query succeeds.
 pub async fn query(
     node: &Node,
     analyst: &Identity,
     query_id: &str,
     req: &QueryRequest,
+    fanout: &mut Vec<Fanout>,
 ) -> Result<QueryResponse, ApiError> {
     let started = Instant::now();
     // Refuse here before bothering any peer; every node checks again anyway.
@@ -47,10 +52,14 @@ pub async fn query(
         let r = node
             .answer_partial(
                 &format!("{} (coordinator)", node.config.agency),
-                &analyst_uri,
+                analyst,
                 query_id,
-                &req.sql,
-                req.epsilon,
+                Received {
+                    signature: req.signature.as_ref(),
+                    sql: &req.sql,
+                    epsilon: req.epsilon,
+                    require_all: req.require_all,
+                },
             )
             .await;
         let r = r.map_err(|e| {
@@ -62,7 +71,12 @@ pub async fn query(
             local_refusal = Some(e);
             shown
         });
-        let r = r.and_then(|out| decode(&out.ipc).map_err(|e| (NodeState::Error, e)));
+        let r = r.and_then(|out| {
+            let digest = crate::audit::digest(&out.ipc);
+            decode(&out.ipc)
+                .map(|p| (p, digest))
+                .map_err(|e| (NodeState::Error, e))
+        });
         (node.config.agency.clone(), r)
     };
     let remote = node.config.peers.iter().map(|p| async {
@@ -77,6 +91,11 @@ pub async fn query(
     let mut partials = Vec::new();
     let mut node_suppressed = 0;
     for (agency, result) in std::iter::once(local).chain(remote) {
+        let digest = match &result {
+            Ok((_, d)) => Some(d.clone()),
+            Err(_) => None,
+        };
+        let result = result.map(|(p, _)| p);
         // Peers are untrusted: a partial must have exactly the shape this query implies.
         let checked = result.and_then(|p| {
             let meta = p.meta.clone().ok_or((
@@ -89,6 +108,14 @@ pub async fn query(
                     .map_err(|e| (NodeState::Error, e))?;
             }
             Ok((p, meta))
+        });
+        fanout.push(Fanout {
+            agency: agency.clone(),
+            status: match &checked {
+                Ok(_) => NodeState::Ok,
+                Err((state, _)) => *state,
+            },
+            digest,
         });
         match checked {
             Ok((p, meta)) => {
@@ -166,14 +193,15 @@ pub async fn query(
     })
 }
 
-/// Sends the analyst's SQL to one peer and decodes its partial.
+/// Sends the analyst's signed request to one peer and decodes its partial; also returns the
+/// SHA-256 of the bytes received.
 async fn ask_peer(
     node: &Node,
     peer: &Peer,
     query_id: &str,
     analyst: &str,
     req: &QueryRequest,
-) -> Result<DecodedPartial, (NodeState, String)> {
+) -> Result<(DecodedPartial, String), (NodeState, String)> {
     let url = format!("{}/v1/partial", peer.url.trim_end_matches('/'));
     let body = PartialRequest {
         protocol: PROTOCOL_VERSION,
@@ -181,6 +209,8 @@ async fn ask_peer(
         sql: req.sql.clone(),
         analyst: analyst.into(),
         epsilon: req.epsilon,
+        require_all: req.require_all,
+        signature: req.signature.clone(),
     };
     let client = node.peer_clients.get(&peer.agency).ok_or_else(|| {
         (
@@ -215,7 +245,10 @@ async fn ask_peer(
         return Err((NodeState::Error, "partial is over the size limit".into()));
     }
     if status.is_success() && is_arrow {
-        return decode(&bytes).map_err(|e| (NodeState::Error, e));
+        let digest = crate::audit::digest(&bytes);
+        return decode(&bytes)
+            .map(|p| (p, digest))
+            .map_err(|e| (NodeState::Error, e));
     }
     let state = if [
         reqwest::StatusCode::BAD_REQUEST,

@@ -191,6 +191,7 @@ pub async fn start_federation_with(
             peers,
             k,
             timeout,
+            audit_checkpoint_every: crate::audit::DEFAULT_CHECKPOINT_EVERY,
         };
         // Written and read back, so the node watches its own file like `cxfed serve` does.
         let path = dir.join(format!("{lower}.toml"));
@@ -264,7 +265,8 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     );
 
     let analyst = fed.tls("SSA", "analyst");
-    let client = crate::client::http_client(&analyst, Duration::from_secs(120)).map_err(err)?;
+    let client =
+        crate::client::AnalystClient::new(&analyst, Duration::from_secs(120)).map_err(err)?;
     let coordinator = fed.url(0);
     for (title, sql) in QUERIES {
         println!("── {title}\n{}\n", indent(sql));
@@ -289,6 +291,8 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
         Err(e) => return Err(err(e)),
     }
 
+    audit_federation(&fed, &dir).await?;
+
     if opts.serve {
         let c = fed.tls("SSA", "analyst");
         println!("The federation keeps running (Ctrl-C to stop). Query it as the SSA analyst:\n");
@@ -310,6 +314,56 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     }
     fed.shutdown().await;
     println!("demo finished in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Fetches every node's audit log as the SSA auditor, verifies each against the node's audit
+/// key, and reconciles them; prints what an auditor would see.
+async fn audit_federation(fed: &LocalFederation, dir: &Path) -> Result<(), DemoError> {
+    println!("── Audit: every node's log fetched by the SSA auditor, verified and reconciled\n");
+    let auditor = crate::client::http_client(&fed.tls("SSA", "auditor"), Duration::from_secs(60))
+        .map_err(err)?;
+    let out = dir.join("audit");
+    std::fs::create_dir_all(&out).map_err(err)?;
+    for (i, agency) in AGENCIES.iter().enumerate() {
+        let lower = agency.to_lowercase();
+        let bytes = auditor
+            .get(format!("{}/v1/audit", fed.url(i)))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(err)?
+            .bytes()
+            .await
+            .map_err(err)?;
+        let key_file = dir
+            .join("data")
+            .join(&lower)
+            .join(crate::audit::PUBLIC_KEY_FILE);
+        let key = std::fs::read_to_string(&key_file)
+            .map_err(err)
+            .and_then(|t| crate::audit::PublicKey::parse(&t).map_err(err))?;
+        let path = out.join(format!("{lower}.jsonl"));
+        crate::storage::write_atomic(&path, &bytes, false).map_err(err)?;
+        match crate::auditor::verify(&bytes, &key, 0, None) {
+            Ok(v) => println!(
+                "  {agency:<4} log verifies: seq 1..={}, {} signed checkpoint(s)",
+                v.last_seq, v.checkpoints
+            ),
+            Err(p) => return Err(DemoError(format!("{agency}'s audit log: {p}"))),
+        }
+    }
+    let r = crate::auditor::reconcile_dir(&out).map_err(DemoError)?;
+    println!(
+        "  reconciled: {} coordinated queries, {} node answers matched, {} mismatches (logs in {})\n",
+        r.queries,
+        r.matched,
+        r.mismatches.len(),
+        out.display()
+    );
+    if let Some(m) = r.mismatches.first() {
+        return Err(DemoError(format!("audit reconciliation: {m}")));
+    }
     Ok(())
 }
 

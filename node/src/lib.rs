@@ -14,7 +14,9 @@
 //! - [`partial`]: what a node runs for a coordinator: re-validate, execute, suppress, encode.
 //! - [`coordinator`]: fan-out to every node, merge, final suppression.
 //! - [`policy`]: the steward's policy (who may ask, hidden dimensions, k floor, limits).
-//! - [`audit`]: the append-only query log.
+//! - [`audit`]: the hash-chained, signed query log a node writes.
+//! - [`auditor`]: what an auditor does with fetched logs: verify, reconcile.
+//! - [`requests`]: checking analysts' signed requests (signature, chain, freshness, replay).
 //! - [`ledger`]: the per-analyst privacy-budget ledger.
 //! - [`server`]: the axum HTTPS server and its routes.
 //! - [`output`]: table / JSON / CSV rendering of results.
@@ -22,6 +24,7 @@
 //! - [`cli`]: command-line parsing and dispatch.
 
 pub mod audit;
+pub mod auditor;
 pub mod certs;
 pub mod cli;
 pub mod client;
@@ -34,6 +37,7 @@ pub mod ledger;
 pub mod output;
 pub mod partial;
 pub mod policy;
+pub mod requests;
 pub mod server;
 pub mod storage;
 pub mod synth;

@@ -42,6 +42,7 @@ use crate::config::NodeConfig;
 use crate::ledger::Ledger;
 use crate::partial::{PartialError, PartialOutput};
 use crate::policy::{Policy, PolicyRefusal, RateLimiter};
+use crate::requests::{Received, RequestChecker, SignatureRefusal};
 
 /// Everything a running node shares between requests.
 pub struct Node {
@@ -60,6 +61,8 @@ pub struct Node {
     limiter: RateLimiter,
     /// Per-analyst privacy budgets.
     pub ledger: Ledger,
+    /// Checks analysts' request signatures and remembers their nonces.
+    pub requests: RequestChecker,
 }
 
 impl std::fmt::Debug for Node {
@@ -109,13 +112,17 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
-    /// Stops accepting, lets requests in flight finish (up to 5 s), and waits.
+    /// Stops accepting, lets requests in flight finish (up to 5 s), waits, and closes the
+    /// audit log with a signed checkpoint.
     pub async fn shutdown(self) {
         if let Some(r) = &self.reload {
             r.abort();
         }
         self.handle.graceful_shutdown(Some(Duration::from_secs(5)));
         let _ = self.task.await;
+        if let Err(e) = self.node.audit.checkpoint().await {
+            tracing::error!(error = %e, "could not write the closing audit checkpoint");
+        }
     }
 
     /// Stops at once, dropping connections in flight (as if the process died).
@@ -151,7 +158,19 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
     };
     let ctx = crate::engine::node_context(&config.data_dir, config.policy.memory_limit_bytes)
         .map_err(|e| data_err(&e))?;
-    let audit = AuditLog::open(&config.data_dir).map_err(|e| data_err(&e))?;
+    let requests = RequestChecker::new(&config.tls.ca, &config.federation)?;
+    // Nonces already answered stay answered across a restart.
+    let audit = AuditLog::open(
+        &config.data_dir,
+        &config.agency,
+        config.audit_checkpoint_every,
+        |e| {
+            if let Some(r) = &e.request {
+                requests.remember(&r.nonce, r.issued_at);
+            }
+        },
+    )
+    .map_err(|e| data_err(&e))?;
     let mut peer_clients = std::collections::HashMap::new();
     for p in &config.peers {
         let client =
@@ -168,6 +187,7 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
         policy,
         limiter: RateLimiter::default(),
         ledger,
+        requests,
     })
 }
 
@@ -308,6 +328,8 @@ pub enum ApiError {
     Policy(PolicyRefusal, Option<String>),
     /// The caller's certificate is not allowed here.
     Forbidden(String),
+    /// The request is not provably the analyst's (unsigned, forged, altered, stale, replayed).
+    Unsigned(SignatureRefusal, Option<String>),
     /// The request body is malformed.
     BadRequest(String),
     /// Some nodes failed and the analyst required all.
@@ -347,6 +369,13 @@ impl IntoResponse for ApiError {
                 },
             ),
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, body("CXF-A403", "forbidden", m)),
+            ApiError::Unsigned(r, query_id) => (
+                StatusCode::UNAUTHORIZED,
+                ErrorBody {
+                    query_id,
+                    ..body(SignatureRefusal::CODE, r.kind, r.message)
+                },
+            ),
             ApiError::BadRequest(m) => {
                 (StatusCode::BAD_REQUEST, body("CXF-A400", "bad-request", m))
             }
@@ -468,20 +497,33 @@ impl Node {
             Some(reason) => {
                 warn!(peer = %id, endpoint, %reason, "refused caller");
                 self.record(Record {
-                    query_id: String::new(),
                     endpoint,
                     peer: id.to_string(),
-                    analyst: String::new(),
-                    sql: None,
-                    decision: Decision::Refused,
+                    decision: Some(Decision::Refused),
                     code: Some("CXF-A403".into()),
-                    groups_released: 0,
-                    groups_withheld: 0,
+                    ..Record::default()
                 })
                 .await?;
                 Err(ApiError::Forbidden(reason))
             }
         }
+    }
+
+    /// Logs that `who` read `endpoint` (reads that touch no data: schema, explain, budget).
+    async fn record_access(
+        &self,
+        endpoint: &'static str,
+        who: &Identity,
+        sql: Option<String>,
+    ) -> Result<(), ApiError> {
+        self.record(Record {
+            endpoint,
+            peer: who.to_string(),
+            sql,
+            decision: Some(Decision::Executed),
+            ..Record::default()
+        })
+        .await
     }
 
     /// Appends to the audit log; a log that cannot be written stops the answer.
@@ -512,50 +554,112 @@ impl Node {
             .check(&format!("{what}:{analyst}"), policy.rate_limit_per_minute)
     }
 
-    /// Runs this node's part of a query under its own policy and audits it, whoever asked.
+    /// Checks an analyst's signature on a request as this node received it; a refusal is
+    /// logged and audited with what was claimed.
+    pub async fn check_signature(
+        &self,
+        endpoint: &'static str,
+        peer: &str,
+        query_id: &str,
+        claimed_analyst: &str,
+        req: Received<'_>,
+    ) -> Result<Identity, ApiError> {
+        let checked = self
+            .requests
+            .check(req, cxfed_protocol::signing::unix_now())
+            .and_then(|id| {
+                if claimed_analyst.is_empty() || claimed_analyst == id.to_string() {
+                    Ok(id)
+                } else {
+                    Err(SignatureRefusal {
+                        kind: "bad-signature",
+                        message: format!(
+                            "the request names {claimed_analyst} but is signed by {id}"
+                        ),
+                    })
+                }
+            });
+        match checked {
+            Ok(id) => Ok(id),
+            Err(refusal) => {
+                warn!(query_id, peer, kind = refusal.kind, reason = %refusal.message, "refused request signature");
+                self.record(Record {
+                    query_id: query_id.to_string(),
+                    endpoint,
+                    peer: peer.to_string(),
+                    analyst: claimed_analyst.to_string(),
+                    sql: Some(req.sql.to_string()),
+                    requested_epsilon: req.epsilon,
+                    require_all: Some(req.require_all),
+                    request: req.signature.cloned(),
+                    decision: Some(Decision::Refused),
+                    code: Some(SignatureRefusal::CODE.into()),
+                    ..Record::default()
+                })
+                .await?;
+                Err(ApiError::Unsigned(refusal, Some(query_id.to_string())))
+            }
+        }
+    }
+
+    /// Runs this node's part of a query for a verified analyst under its own policy, and
+    /// audits it with the analyst's signature and the digest of what leaves.
     pub async fn answer_partial(
         &self,
         peer: &str,
-        analyst: &str,
+        analyst: &Identity,
         query_id: &str,
-        sql: &str,
-        requested_epsilon: Option<f64>,
+        req: Received<'_>,
     ) -> Result<PartialOutput, PartialError> {
+        let analyst = analyst.to_string();
         let charge = crate::partial::Charge {
             ledger: &self.ledger,
-            analyst,
+            analyst: &analyst,
             query_id,
-            requested_epsilon,
+            requested_epsilon: req.epsilon,
         };
-        let result = match self.admit(analyst, "partial") {
+        let result = match self.admit(&analyst, "partial") {
             Err(refusal) => Err(PartialError::Policy(refusal)),
             Ok(()) => {
-                crate::partial::run(&self.ctx, &self.config.agency, &self.policy(), sql, charge)
-                    .await
+                crate::partial::run(
+                    &self.ctx,
+                    &self.config.agency,
+                    &self.policy(),
+                    req.sql,
+                    charge,
+                )
+                .await
             }
         };
-        let (decision, code, released, withheld) = match &result {
-            Ok(out) => (Decision::Executed, None, out.groups, out.suppressed_groups),
+        let (decision, code) = match &result {
+            Ok(_) => (Decision::Executed, None),
             Err(PartialError::Query(QueryError::Rejected(r))) => {
-                (Decision::Refused, Some(r.rule.code().to_string()), 0, 0)
+                (Decision::Refused, Some(r.rule.code().to_string()))
             }
-            Err(PartialError::Policy(p)) => (Decision::Refused, Some(p.code.to_string()), 0, 0),
-            Err(_) => (Decision::Failed, Some("CXF-A500".to_string()), 0, 0),
+            Err(PartialError::Policy(p)) => (Decision::Refused, Some(p.code.to_string())),
+            Err(_) => (Decision::Failed, Some("CXF-A500".to_string())),
         };
         if let Err(e) = &result {
             warn!(query_id, peer, code = ?code, error = %e, "partial not answered");
         }
+        let out = result.as_ref().ok();
         self.audit
             .append(Record {
                 query_id: query_id.to_string(),
                 endpoint: "/v1/partial",
                 peer: peer.to_string(),
-                analyst: analyst.to_string(),
-                sql: Some(sql.to_string()),
-                decision,
+                analyst,
+                sql: Some(req.sql.to_string()),
+                requested_epsilon: req.epsilon,
+                require_all: Some(req.require_all),
+                request: req.signature.cloned(),
+                decision: Some(decision),
                 code,
-                groups_released: released,
-                groups_withheld: withheld,
+                groups_released: out.map_or(0, |o| o.groups),
+                groups_withheld: out.map_or(0, |o| o.suppressed_groups),
+                epsilon_spent: out.and_then(|o| o.epsilon),
+                digest: out.map(|o| crate::audit::digest(&o.ipc)),
+                fanout: vec![],
             })
             .await
             .map_err(|e| QueryError::Internal(format!("audit log: {e}")))?;
@@ -568,12 +672,28 @@ async fn query(
     Extension(tls): Extension<Arc<TlsInfo>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let analyst = node.authorize(&tls, "/v1/query", &[Role::Analyst]).await?;
+    let peer = node.authorize(&tls, "/v1/query", &[Role::Analyst]).await?;
     let query_id = new_query_id();
-    let span = tracing::info_span!("query", query_id = %query_id, analyst = %analyst);
+    let span = tracing::info_span!("query", query_id = %query_id, analyst = %peer);
     async move {
         let req: QueryRequest = parse_json(&body)?;
-        let result = crate::coordinator::query(&node, &analyst, &query_id, &req).await;
+        let received = Received {
+            signature: req.signature.as_ref(),
+            sql: &req.sql,
+            epsilon: req.epsilon,
+            require_all: req.require_all,
+        };
+        // The analyst on the TLS connection must be the one who signed.
+        node.check_signature(
+            "/v1/query",
+            &peer.to_string(),
+            &query_id,
+            &peer.to_string(),
+            received,
+        )
+        .await?;
+        let mut fanout = Vec::new();
+        let result = crate::coordinator::query(&node, &peer, &query_id, &req, &mut fanout).await;
         let (decision, code) = match &result {
             Ok(_) => (Decision::Executed, None),
             Err(ApiError::Rejected(r, _)) => (Decision::Refused, Some(r.rule.code().to_string())),
@@ -581,25 +701,41 @@ async fn query(
             Err(ApiError::NodesFailed(..)) => (Decision::Failed, Some("CXF-A502".to_string())),
             Err(_) => (Decision::Failed, Some("CXF-A500".to_string())),
         };
+        let answer = match &result {
+            Ok(resp) => {
+                Some(serde_json::to_vec(resp).map_err(|e| ApiError::Internal(e.to_string()))?)
+            }
+            Err(_) => None,
+        };
         node.record(Record {
             query_id: query_id.clone(),
             endpoint: "/v1/query",
-            peer: analyst.to_string(),
-            analyst: analyst.to_string(),
+            peer: peer.to_string(),
+            analyst: peer.to_string(),
             sql: Some(req.sql.clone()),
-            decision,
+            requested_epsilon: req.epsilon,
+            require_all: Some(req.require_all),
+            request: req.signature.clone(),
+            decision: Some(decision),
             code: code.clone(),
             groups_released: result.as_ref().map(|r| r.rows.len() as u64).unwrap_or(0),
             groups_withheld: result.as_ref().map(|r| r.suppressed_groups).unwrap_or(0),
+            epsilon_spent: None,
+            digest: answer.as_deref().map(crate::audit::digest),
+            fanout,
         })
         .await?;
         info!(decision = ?decision, code = ?code, "query answered");
-        let resp = result.map_err(|e| match e {
+        result.map_err(|e| match e {
             ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(query_id.clone())),
             ApiError::Policy(p, _) => ApiError::Policy(p, Some(query_id.clone())),
             other => other,
         })?;
-        let mut response = axum::Json(resp).into_response();
+        let mut response = (
+            [(header::CONTENT_TYPE, "application/json")],
+            answer.unwrap_or_default(),
+        )
+            .into_response();
         if let Ok(v) = HeaderValue::from_str(&query_id) {
             response.headers_mut().insert(HEADER_QUERY_ID, v);
         }
@@ -623,22 +759,33 @@ async fn partial(
         )));
     }
     let span = tracing::info_span!("partial", query_id = %req.query_id, peer = %peer);
-    let out = node
-        .answer_partial(
-            &peer.to_string(),
-            &req.analyst,
-            &req.query_id,
-            &req.sql,
-            req.epsilon,
-        )
-        .instrument(span)
-        .await
-        .map_err(|e| match ApiError::from(e) {
-            ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(req.query_id.clone())),
-            ApiError::Policy(p, _) => ApiError::Policy(p, Some(req.query_id.clone())),
-            other => other,
-        })?;
-    Ok(([(header::CONTENT_TYPE, ARROW_STREAM)], out.ipc).into_response())
+    let received = Received {
+        signature: req.signature.as_ref(),
+        sql: &req.sql,
+        epsilon: req.epsilon,
+        require_all: req.require_all,
+    };
+    async {
+        let analyst = node
+            .check_signature(
+                "/v1/partial",
+                &peer.to_string(),
+                &req.query_id,
+                &req.analyst,
+                received,
+            )
+            .await?;
+        node.answer_partial(&peer.to_string(), &analyst, &req.query_id, received)
+            .await
+            .map_err(|e| match ApiError::from(e) {
+                ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(req.query_id.clone())),
+                ApiError::Policy(p, _) => ApiError::Policy(p, Some(req.query_id.clone())),
+                other => other,
+            })
+    }
+    .instrument(span)
+    .await
+    .map(|out| ([(header::CONTENT_TYPE, ARROW_STREAM)], out.ipc).into_response())
 }
 
 async fn explain(
@@ -646,9 +793,12 @@ async fn explain(
     Extension(tls): Extension<Arc<TlsInfo>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    node.authorize(&tls, "/v1/explain", &[Role::Analyst, Role::Steward])
+    let who = node
+        .authorize(&tls, "/v1/explain", &[Role::Analyst, Role::Steward])
         .await?;
     let req: QueryRequest = parse_json(&body)?;
+    node.record_access("/v1/explain", &who, Some(req.sql.clone()))
+        .await?;
     let policy = node.policy();
     let dp = policy.dp.as_ref().map(|d| d.params(policy.k, None));
     let mut explanation = cxfed_queries::explain::explain_with(
@@ -680,7 +830,8 @@ async fn budget(
     State(node): State<Arc<Node>>,
     Extension(tls): Extension<Arc<TlsInfo>>,
 ) -> Result<Response, ApiError> {
-    node.authorize(&tls, "/v1/budget", &[Role::Steward]).await?;
+    let who = node.authorize(&tls, "/v1/budget", &[Role::Steward]).await?;
+    node.record_access("/v1/budget", &who, None).await?;
     let policy = node.policy();
     let (mode, eps, budget, period, analysts) = match &policy.dp {
         None => ("k-only", None, None, None, vec![]),
@@ -737,12 +888,14 @@ async fn schema(
     State(node): State<Arc<Node>>,
     Extension(tls): Extension<Arc<TlsInfo>>,
 ) -> Result<Response, ApiError> {
-    node.authorize(
-        &tls,
-        "/v1/schema",
-        &[Role::Node, Role::Analyst, Role::Steward, Role::Auditor],
-    )
-    .await?;
+    let who = node
+        .authorize(
+            &tls,
+            "/v1/schema",
+            &[Role::Node, Role::Analyst, Role::Steward, Role::Auditor],
+        )
+        .await?;
+    node.record_access("/v1/schema", &who, None).await?;
     let mut tables = Vec::new();
     for t in Table::ALL {
         let rows = crate::engine::row_count(&node.ctx, t)
@@ -794,15 +947,25 @@ async fn audit(
     Extension(tls): Extension<Arc<TlsInfo>>,
     params: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    node.authorize(&tls, "/v1/audit", &[Role::Auditor]).await?;
+    let auditor = node.authorize(&tls, "/v1/audit", &[Role::Auditor]).await?;
     let Query(params) = params.map_err(|e| ApiError::BadRequest(format!("since: {e}")))?;
-    let entries = node
+    node.record(Record {
+        endpoint: "/v1/audit",
+        peer: auditor.to_string(),
+        decision: Some(Decision::Executed),
+        ..Record::default()
+    })
+    .await?;
+    let lines = node
         .audit
-        .read_since(params.since)
+        .export_since(params.since)
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(axum::Json(entries).into_response())
+        .map_err(|e| ApiError::Internal(format!("audit log: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, AUDIT_MEDIA_TYPE)], lines).into_response())
 }
+
+/// Media type of `GET /v1/audit`: the log's lines exactly as on disk.
+pub const AUDIT_MEDIA_TYPE: &str = "application/x-ndjson";
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("request body: {e}")))

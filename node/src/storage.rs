@@ -19,6 +19,44 @@ use cxfed_queries::schema::Table;
 /// The file extension of a table's data files.
 pub const DATA_FILE_EXTENSION: &str = "parquet";
 
+/// Writes `contents` to `path` through a temporary file in the same directory, synced, then a
+/// rename: readers see the old file or the new one, never half of one. `private` files are
+/// created with mode 0600 (never readable by others, even briefly).
+pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let mut tag = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut tag)
+        .map_err(|_| io::Error::other("random number generator failed"))?;
+    let tmp = dir.join(format!(
+        ".{file_name}.{}.tmp",
+        cxfed_protocol::signing::hex(&tag)
+    ));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_all()
+        });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // Make the rename durable; failing to sync a directory is not worth failing for.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
 /// The directory that holds the Parquet files of `table`: `<data_dir>/<table name>`.
 pub fn table_dir(data_dir: &Path, table: Table) -> PathBuf {
     data_dir.join(table.name())

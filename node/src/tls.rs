@@ -481,7 +481,7 @@ fn read_pem(path: &Path) -> Result<Vec<(SectionKind, Vec<u8>)>, TlsError> {
 }
 
 /// The CA file as a root store (every certificate in it is a trust anchor).
-fn load_roots(ca: &Path) -> Result<RootCertStore, TlsError> {
+pub fn load_roots(ca: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(ca)? {
         roots.add(cert).map_err(|e| TlsError::BadCa {

@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::signing::{RequestSignature, SignatureError, Signer};
+
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -41,6 +43,10 @@ pub struct QueryRequest {
     /// ε to spend on each node (at most each node's `epsilon_per_query`; default: that).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
+    /// The analyst's signature over this request (see [`crate::signing`]). Nodes refuse
+    /// unsigned queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<RequestSignature>,
 }
 
 /// What one node did with a federated query.
@@ -110,6 +116,7 @@ impl QueryRequest {
             sql: sql.into(),
             require_all: true,
             epsilon: None,
+            signature: None,
         }
     }
 
@@ -123,6 +130,12 @@ impl QueryRequest {
     pub fn epsilon(mut self, epsilon: Option<f64>) -> Self {
         self.epsilon = epsilon;
         self
+    }
+
+    /// Signs the request as `signer` (fresh nonce, now).
+    pub fn sign(mut self, signer: &Signer) -> Result<Self, SignatureError> {
+        self.signature = Some(signer.sign(&self.sql, self.epsilon, self.require_all)?);
+        Ok(self)
     }
 }
 
@@ -143,11 +156,17 @@ pub struct PartialRequest {
     pub query_id: String,
     /// The analyst's SQL.
     pub sql: String,
-    /// The analyst identity the coordinator vouches for (logged; not yet proof).
+    /// The analyst identity the coordinator names (must be the signature's).
     pub analyst: String,
     /// ε the analyst asked to spend (each node spends at most its own maximum).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
+    /// The analyst's `require_all`, as signed.
+    #[serde(default = "default_true")]
+    pub require_all: bool,
+    /// The analyst's signature, forwarded unchanged. Nodes refuse partials without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<RequestSignature>,
 }
 
 /// Error body of every non-2xx response.

@@ -17,6 +17,7 @@ use datafusion::prelude::SessionContext;
 use serde_json::Value;
 
 use cxfed::cli::{QueryFailure, send_query};
+use cxfed::client::AnalystClient;
 use cxfed::demo::{LocalFederation, start_federation};
 use cxfed_protocol::wire::{QueryRequest, QueryResponse};
 use cxfed_queries::schema::Table;
@@ -33,7 +34,7 @@ pub const K: u64 = 10;
 pub struct Fed {
     pub dir: tempfile::TempDir,
     pub fed: LocalFederation,
-    pub analyst: reqwest::Client,
+    pub analyst: AnalystClient,
 }
 
 impl Fed {
@@ -47,8 +48,7 @@ impl Fed {
             .await
             .unwrap();
         let analyst =
-            cxfed::client::http_client(&fed.tls("SSA", "analyst"), Duration::from_secs(60))
-                .unwrap();
+            AnalystClient::new(&fed.tls("SSA", "analyst"), Duration::from_secs(60)).unwrap();
         Fed { dir, fed, analyst }
     }
 
@@ -66,8 +66,7 @@ impl Fed {
         .await
         .unwrap();
         let analyst =
-            cxfed::client::http_client(&fed.tls("SSA", "analyst"), Duration::from_secs(60))
-                .unwrap();
+            AnalystClient::new(&fed.tls("SSA", "analyst"), Duration::from_secs(60)).unwrap();
         Fed { dir, fed, analyst }
     }
 
@@ -90,9 +89,46 @@ impl Fed {
         self.query_at(0, sql, true).await
     }
 
+    /// An analyst client (mTLS + request signing) of `agency`.
+    pub fn analyst_of(&self, agency: &str) -> AnalystClient {
+        AnalystClient::new(&self.fed.tls(agency, "analyst"), Duration::from_secs(60)).unwrap()
+    }
+
+    /// What a coordinator forwards for the SSA analyst's `sql` (see [`signed_partial`]).
+    pub fn signed_partial(
+        &self,
+        query_id: &str,
+        sql: &str,
+        epsilon: Option<f64>,
+    ) -> cxfed_protocol::wire::PartialRequest {
+        signed_partial(&self.analyst, query_id, sql, epsilon)
+    }
+
     /// A client holding `role`'s certificate of `agency`.
     pub fn client(&self, agency: &str, role: &str) -> reqwest::Client {
         cxfed::client::http_client(&self.fed.tls(agency, role), Duration::from_secs(30)).unwrap()
+    }
+
+    /// Node `i`'s audit log as the SSA auditor fetches it (each line's hash checked).
+    pub async fn audit_log(&self, i: usize) -> Vec<cxfed::audit::Entry> {
+        let bytes = self.audit_bytes(i).await;
+        bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| cxfed::audit::parse_line(l).unwrap())
+            .collect()
+    }
+
+    /// Node `i`'s audit log bytes as `GET /v1/audit` sends them to the SSA auditor.
+    pub async fn audit_bytes(&self, i: usize) -> Vec<u8> {
+        let resp = self
+            .client("SSA", "auditor")
+            .get(format!("{}/v1/audit", self.fed.url(i)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap().to_vec()
     }
 
     pub fn data_dir(&self, agency: &str) -> std::path::PathBuf {
@@ -102,6 +138,26 @@ impl Fed {
     /// One DataFusion session over the union of every agency's Parquet files.
     pub fn pooled(&self) -> SessionContext {
         pooled_context(self.dir.path())
+    }
+}
+
+/// What a coordinator forwards for `analyst`'s `sql`: a partial request carrying their fresh
+/// signature.
+pub fn signed_partial(
+    analyst: &AnalystClient,
+    query_id: &str,
+    sql: &str,
+    epsilon: Option<f64>,
+) -> cxfed_protocol::wire::PartialRequest {
+    let signature = analyst.signer.sign(sql, epsilon, true).unwrap();
+    cxfed_protocol::wire::PartialRequest {
+        protocol: cxfed_protocol::wire::PROTOCOL_VERSION,
+        query_id: query_id.into(),
+        sql: sql.into(),
+        analyst: analyst.signer.identity().to_string(),
+        epsilon,
+        require_all: true,
+        signature: Some(signature),
     }
 }
 

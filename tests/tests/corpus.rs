@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use cxfed::cli::{QueryFailure, send_query};
-use cxfed_e2e::{AGENCIES, assert_rows_match, pooled_context};
-use cxfed_protocol::wire::{ErrorBody, PartialRequest, QueryRequest};
+use cxfed_e2e::{AGENCIES, assert_rows_match, pooled_context, signed_partial};
+use cxfed_protocol::wire::{ErrorBody, QueryRequest};
 
 fn blocks(text: &str) -> Vec<(Option<String>, String)> {
     let mut out = Vec::new();
@@ -36,10 +36,11 @@ async fn corpora_hold_at_coordinator_and_node() {
         .await
         .unwrap();
     // Spread the corpus over three analysts so the default rate limit (120/min) is not the test.
-    let analysts: Vec<reqwest::Client> = AGENCIES
+    let analysts: Vec<cxfed::client::AnalystClient> = AGENCIES
         .iter()
         .map(|a| {
-            cxfed::client::http_client(&fed.tls(a, "analyst"), Duration::from_secs(60)).unwrap()
+            cxfed::client::AnalystClient::new(&fed.tls(a, "analyst"), Duration::from_secs(60))
+                .unwrap()
         })
         .collect();
     let hostile =
@@ -65,17 +66,8 @@ async fn corpora_hold_at_coordinator_and_node() {
                 other.map(|_| "answer")
             )),
         }
-        let req = PartialRequest {
-            protocol: 1,
-            query_id: format!("hostile-{i}"),
-            sql: sql.clone(),
-            analyst: format!(
-                "spiffe://cx-demo/{}/analyst/{}-analyst",
-                AGENCIES[who],
-                AGENCIES[who].to_lowercase()
-            ),
-            ..Default::default()
-        };
+        // A coordinator forwarding the analyst's signed (but hostile) query.
+        let req = signed_partial(&analysts[who], &format!("hostile-{i}"), sql, None);
         let resp = hostile.post(&node).json(&req).send().await.unwrap();
         let status = resp.status();
         let body: Result<ErrorBody, _> = resp.json().await;

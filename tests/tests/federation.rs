@@ -223,13 +223,7 @@ async fn refuses_hostile_queries_at_coordinator_and_node() {
             }
             other => panic!("{sql}: expected refusal {code}, got {other:?}"),
         }
-        let req = PartialRequest {
-            protocol: 1,
-            query_id: "hostile".into(),
-            sql: sql.to_string(),
-            analyst: "spiffe://cx-demo/SSA/analyst/ssa-analyst".into(),
-            ..Default::default()
-        };
+        let req = fed.signed_partial("hostile", sql, None);
         let resp = hostile.post(&partial_url).json(&req).send().await.unwrap();
         assert_eq!(resp.status(), 400, "{sql}: node must refuse");
         let body: cxfed_protocol::wire::ErrorBody = resp.json().await.unwrap();
@@ -237,18 +231,10 @@ async fn refuses_hostile_queries_at_coordinator_and_node() {
     }
     // The node is still serving, and every refusal is in its audit log.
     assert!(fed.query("SELECT COUNT(*) FROM experience").await.is_ok());
-    let auditor = fed.client("SSA", "auditor");
-    let entries: Vec<serde_json::Value> = auditor
-        .get(format!("{}/v1/audit", fed.fed.url(0)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let entries = fed.audit_log(0).await;
     let refused = entries
         .iter()
-        .filter(|e| e["decision"] == "refused" && e["query_id"] == "hostile")
+        .filter(|e| e.decision == Some(cxfed::audit::Decision::Refused) && e.query_id == "hostile")
         .count();
     assert_eq!(refused, REFUSED.len());
     fed.fed.shutdown().await;
@@ -467,7 +453,8 @@ async fn slow_node_times_out() {
     config.listen = "127.0.0.1:0".parse().unwrap();
     let node = cxfed::server::start(config, None).await.unwrap();
     let client =
-        cxfed::client::http_client(&fed.tls("SSA", "analyst"), Duration::from_secs(30)).unwrap();
+        cxfed::client::AnalystClient::new(&fed.tls("SSA", "analyst"), Duration::from_secs(30))
+            .unwrap();
     let url = format!("https://127.0.0.1:{}", node.addr.port());
     let started = std::time::Instant::now();
     let req = cxfed_protocol::wire::QueryRequest::new("SELECT COUNT(*) FROM experience")

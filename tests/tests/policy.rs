@@ -148,7 +148,7 @@ async fn steward_policy_is_enforced_by_each_node_and_reloads_live() {
 async fn node_keeps_answering_good_queries_under_a_flood() {
     let fed = Fed::start_with(600, Duration::from_secs(20)).await;
     let url = fed.fed.url(0);
-    let attacker = fed.client("CMS", "analyst");
+    let attacker = fed.analyst_of("CMS");
     let bad = [
         "SELECT * FROM experience",
         "SELECT person_id, COUNT(*) FROM experience GROUP BY person_id",

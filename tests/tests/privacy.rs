@@ -107,6 +107,7 @@ async fn budget_runs_out_survives_a_crash_and_is_reported_to_stewards() {
     // Analysts may not read the ledger.
     let resp = fed
         .analyst
+        .http
         .get(format!("{}/v1/budget", fed.fed.url(0)))
         .send()
         .await
@@ -130,7 +131,7 @@ async fn budget_runs_out_survives_a_crash_and_is_reported_to_stewards() {
         "{r:?}"
     );
     // Another analyst still has budget.
-    let cms = fed.client("CMS", "analyst");
+    let cms = fed.analyst_of("CMS");
     let r = cxfed::cli::send_query(&cms, &url, &cxfed_protocol::wire::QueryRequest::new(sql)).await;
     assert!(r.is_ok(), "{r:?}");
     restarted.shutdown().await;
