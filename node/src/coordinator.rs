@@ -12,6 +12,7 @@ use cxfed_protocol::wire::{
     ARROW_STREAM, ErrorBody, NodeState, NodeStatus, PROTOCOL_VERSION, PartialRequest, QueryRequest,
     QueryResponse,
 };
+use cxfed_queries::dp::Z95;
 use cxfed_queries::rewrite::Partial;
 use cxfed_queries::validate::{QueryError, approve};
 
@@ -188,6 +189,15 @@ pub async fn query(
             "dp".into()
         } else {
             "k-only".into()
+        },
+        noise_sd: if merged.dp {
+            merged
+                .ci95
+                .iter()
+                .map(|row| row.iter().map(|c| c.map(|x| x / Z95)).collect())
+                .collect()
+        } else {
+            vec![]
         },
         ci95: if merged.dp { merged.ci95 } else { vec![] },
     })

@@ -264,6 +264,7 @@ mod tests {
             complete: true,
             privacy: "k-only".into(),
             ci95: vec![],
+            noise_sd: vec![],
         };
         let t = render(&resp, Format::Table);
         assert!(

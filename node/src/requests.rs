@@ -90,8 +90,12 @@ impl RequestChecker {
         })
     }
 
-    /// Records a nonce accepted before (e.g. read back from the audit log after a restart).
+    /// Records a nonce accepted before (e.g. read back from the audit log after a restart);
+    /// nonces too old to be accepted again are not kept.
     pub fn remember(&self, nonce: &str, issued_at: i64) {
+        if issued_at < signing::unix_now() - 2 * FRESHNESS_SECS {
+            return;
+        }
         self.seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -568,7 +568,7 @@ impl Node {
             .requests
             .check(req, cxfed_protocol::signing::unix_now())
             .and_then(|id| {
-                if claimed_analyst.is_empty() || claimed_analyst == id.to_string() {
+                if claimed_analyst == id.to_string() {
                     Ok(id)
                 } else {
                     Err(SignatureRefusal {

@@ -107,6 +107,10 @@ pub struct QueryResponse {
     /// the value is exact or no interval is derived). Empty when no node added noise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ci95: Vec<Vec<Option<f64>>>,
+    /// Per row and column, the standard deviation of the noise in the value (`ci95` / 1.96);
+    /// same shape and nulls as `ci95`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub noise_sd: Vec<Vec<Option<f64>>>,
 }
 
 impl QueryRequest {

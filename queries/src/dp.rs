@@ -131,8 +131,11 @@ pub fn variance(b: f64) -> f64 {
 /// normal approximation (1.96 σ). For a single Laplace it is slightly narrower than exact
 /// (b·ln 20 ≈ 3.0 b vs 1.96·√2 b ≈ 2.77 b); the report says "approximate".
 pub fn ci95(var: f64) -> f64 {
-    1.96 * var.max(0.0).sqrt()
+    Z95 * var.max(0.0).sqrt()
 }
+
+/// The normal quantile of a two-sided 95% interval.
+pub const Z95: f64 = 1.96;
 
 /// Threshold τ for DP partition selection: a group whose true distinct-person count is 1 is
 /// released (noisy count ≥ τ) with probability at most δ, given Laplace noise of scale `b` on

@@ -246,7 +246,7 @@ impl ApprovedQuery {
             .collect();
         for i in 0..self.kinds.len() {
             fields.push(Field::new(part_name(i, 'n'), DataType::Int64, true));
-            for p in ['s', 'q', 'v', 'w'] {
+            for p in ['s', 'q', 'v', 'w', 'u'] {
                 fields.push(Field::new(part_name(i, p), DataType::Float64, true));
             }
         }
@@ -256,7 +256,9 @@ impl ApprovedQuery {
     }
 
     /// Rewrites one node's checked partial into the canonical schema: s = s'/F + c·n,
-    /// q = q'/F² + 2c·s'/F + c²·n, and the noise variances of n (`v`) and s (`w`).
+    /// q = q'/F² + 2c·s'/F + c²·n, and the noise variances of n (`v`) and of the *centred*
+    /// sums s'/F (`w`) and q'/F² (`u`) — independent draws, unlike s and q, whose noises share
+    /// the count's through the centre.
     fn normalize(
         &self,
         batch: &RecordBatch,
@@ -311,12 +313,14 @@ impl ApprovedQuery {
                 })
                 .collect();
             let vn = var_of(&part_name(i, 'n'));
-            let vs = var_of(&part_name(i, 's')) / (f * f) + c * c * vn;
+            let vs = var_of(&part_name(i, 's')) / (f * f);
+            let vq = var_of(&part_name(i, 'q')) / f.powi(4);
             columns.push(Arc::new(n));
             columns.push(Arc::new(s));
             columns.push(Arc::new(q));
             columns.push(Arc::new(Float64Array::from(vec![vn; rows])));
             columns.push(Arc::new(Float64Array::from(vec![vs; rows])));
+            columns.push(Arc::new(Float64Array::from(vec![vq; rows])));
         }
         columns.push(Arc::new(int(PERSONS)?));
         columns.push(Arc::new(Float64Array::from(vec![var_of(PERSONS); rows])));
@@ -419,7 +423,11 @@ impl ApprovedQuery {
         }
         let ci_cols: Vec<Expr> = (0..self.kinds.len()).map(|i| col(ci_name(i))).collect();
         for (i, kind) in self.kinds.iter().enumerate() {
-            finals.push(interval(*kind, i)?.alias(ci_name(i)));
+            // Nodes centre each argument on the middle of its bounds (see `privacy`).
+            let center = self
+                .argument_bounds(i)
+                .map_or(0.0, |(lo, hi)| (lo + hi) / 2.0);
+            finals.push(interval(*kind, i, center)?.alias(ci_name(i)));
         }
         let mut plan = LogicalPlanBuilder::from(scan).project(finals)?.build()?;
         let mut top_projection: Option<Vec<Expr>> = None;
@@ -433,7 +441,7 @@ impl ApprovedQuery {
         }
         let out_fields = self.plan.schema().fields().len();
         let names = self.aggregate_names();
-        let ci_of: Vec<Option<usize>> = match &top_projection {
+        let ci_of: Vec<Option<(usize, f64)>> = match &top_projection {
             Some(exprs) => exprs.iter().map(|e| aggregate_index(e, &names)).collect(),
             None => vec![None; out_fields],
         };
@@ -451,12 +459,12 @@ impl ApprovedQuery {
                 let row = ci_of
                     .iter()
                     .map(|i| {
-                        let i = (*i)?;
+                        let (i, factor) = (*i)?;
                         let a = b
                             .column(out_fields + i)
                             .as_any()
                             .downcast_ref::<Float64Array>()?;
-                        (top_projection.is_some() && a.is_valid(r)).then(|| a.value(r))
+                        (top_projection.is_some() && a.is_valid(r)).then(|| a.value(r) * factor)
                     })
                     .collect();
                 ci95.push(row);
@@ -481,15 +489,45 @@ fn ci_name(i: usize) -> String {
 }
 
 /// Which aggregate an output expression shows (through aliases, casts and ROUND/ABS).
-fn aggregate_index(e: &Expr, names: &[String]) -> Option<usize> {
+/// Which aggregate an output expression reports, and by what factor its noise is scaled: the
+/// aggregate itself, renamed, cast or rounded (factor 1), shifted by a constant (1), or
+/// multiplied or divided by a constant. Anything else (e.g. a ratio of two aggregates) has no
+/// derived interval.
+fn aggregate_index(e: &Expr, names: &[String]) -> Option<(usize, f64)> {
+    let constant = |e: &Expr| match e {
+        Expr::Literal(v, _) => match v.cast_to(&DataType::Float64).ok()? {
+            ScalarValue::Float64(Some(x)) if x.is_finite() => Some(x),
+            _ => None,
+        },
+        _ => None,
+    };
     match e {
         Expr::Alias(a) => aggregate_index(&a.expr, names),
         Expr::Cast(c) => aggregate_index(&c.expr, names),
         Expr::TryCast(c) => aggregate_index(&c.expr, names),
+        Expr::Negative(x) => aggregate_index(x, names),
         Expr::ScalarFunction(f) if f.func.name() == "round" => {
             f.args.first().and_then(|a| aggregate_index(a, names))
         }
-        Expr::Column(c) => names.iter().position(|n| *n == c.name),
+        Expr::BinaryExpr(b) => {
+            use datafusion::logical_expr::Operator;
+            let (agg, k, agg_left) = match (
+                aggregate_index(&b.left, names),
+                aggregate_index(&b.right, names),
+            ) {
+                (Some(a), None) => (a, constant(&b.right)?, true),
+                (None, Some(a)) => (a, constant(&b.left)?, false),
+                _ => return None,
+            };
+            let (i, factor) = agg;
+            match b.op {
+                Operator::Plus | Operator::Minus => Some((i, factor)),
+                Operator::Multiply => Some((i, factor * k.abs())),
+                Operator::Divide if agg_left && k != 0.0 => Some((i, factor / k.abs())),
+                _ => None,
+            }
+        }
+        Expr::Column(c) => names.iter().position(|n| *n == c.name).map(|i| (i, 1.0)),
         _ => None,
     }
 }
@@ -577,26 +615,62 @@ fn final_value(
     })
 }
 
-/// Half-width of the 95% noise interval of aggregate `i` (NULL when exact or not derived).
-fn interval(kind: AggKind, i: usize) -> datafusion::error::Result<Expr> {
-    let nf = || cast(col(part_name(i, 'n')), DataType::Float64);
-    let (s, vn, vs) = (
-        || col(part_name(i, 's')),
-        || col(part_name(i, 'v')),
-        || col(part_name(i, 'w')),
-    );
+/// Half-width of the 95% noise interval of aggregate `i` (NULL when exact), by the delta
+/// method in the centred sums s_c = s − c·n and q_c = Σ(x − c)², whose noises are independent of
+/// each other and of n's.
+fn interval(kind: AggKind, i: usize, c: f64) -> datafusion::error::Result<Expr> {
+    let n = || cast(col(part_name(i, 'n')), DataType::Float64);
+    let s = || col(part_name(i, 's'));
+    let (vn, ws) = (|| col(part_name(i, 'v')), || col(part_name(i, 'w')));
+    let sc = || s() - lit(c) * n();
     let var = match kind {
         AggKind::Count | AggKind::CountPersons => vn(),
-        AggKind::Sum => vs(),
-        // Delta method for s/n.
+        AggKind::Sum => ws() + lit(c * c) * vn(),
+        // avg = c + s_c/n.
         AggKind::Avg => when(
-            nf().gt(lit(0.0)),
-            vs() / (nf() * nf()) + s() * s() * vn() / (nf() * nf() * nf() * nf()),
+            n().gt(lit(0.0)),
+            ws() / (n() * n()) + sc() * sc() * vn() / (n() * n() * n() * n()),
         )
         .end()?,
-        AggKind::Variance { .. } | AggKind::Stddev { .. } => lit(ScalarValue::Float64(None)),
+        AggKind::Variance { population } => spread_noise_variance(i, population, c)?,
+        // SD = √V: Var(SD) ≈ Var(V) / 4V.
+        AggKind::Stddev { population } => {
+            let v = final_value(AggKind::Variance { population }, i, None)?;
+            when(
+                v.clone().gt(lit(0.0)),
+                spread_noise_variance(i, population, c)? / (lit(4.0) * v),
+            )
+            .end()?
+        }
     };
-    when(var.clone().gt(lit(0.0)), lit(1.96) * sqrt(var)).end()
+    when(var.clone().gt(lit(0.0)), lit(crate::dp::Z95) * sqrt(var)).end()
+}
+
+/// Noise variance of the variance estimate V = ss/d, ss = q_c − s_c²/n, d = n − 1 (or n for
+/// the population variance), by the delta method from the noise variances of n, s_c and q_c.
+fn spread_noise_variance(i: usize, population: bool, c: f64) -> datafusion::error::Result<Expr> {
+    let n = || cast(col(part_name(i, 'n')), DataType::Float64);
+    let s = || col(part_name(i, 's'));
+    let q = || col(part_name(i, 'q'));
+    let (vn, ws, uq) = (
+        || col(part_name(i, 'v')),
+        || col(part_name(i, 'w')),
+        || col(part_name(i, 'u')),
+    );
+    let sc = || s() - lit(c) * n();
+    let qc = || q() - lit(2.0 * c) * s() + lit(c * c) * n();
+    let ss = || qc() - sc() * sc() / n();
+    let d = || if population { n() } else { n() - lit(1.0) };
+    // ∂V/∂q_c = 1/d, ∂V/∂s_c = −2 s_c/(n d), ∂V/∂n = (s_c²/n²)/d − ss/d².
+    let dq = || lit(1.0) / d();
+    let ds = || lit(-2.0) * sc() / (n() * d());
+    let dn = || (sc() * sc() / (n() * n())) / d() - ss() / (d() * d());
+    let min_n = if population { 0.0 } else { 1.0 };
+    when(
+        n().gt(lit(min_n)),
+        dq() * dq() * uq() + ds() * ds() * ws() + dn() * dn() * vn(),
+    )
+    .end()
 }
 
 /// The merged answer of a federated query.

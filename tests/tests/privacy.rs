@@ -26,6 +26,13 @@ async fn dp_answers_are_noisy_but_close_and_carry_intervals() {
         got.nodes
     );
     assert_eq!(got.ci95.len(), got.rows.len());
+    for (ci, sd) in got.ci95.iter().flatten().zip(got.noise_sd.iter().flatten()) {
+        let (ci, sd) = (ci.unwrap_or(0.0), sd.unwrap_or(0.0));
+        assert!(
+            (ci / 1.96 - sd).abs() <= 1e-12 * ci,
+            "noise_sd is the interval's σ"
+        );
+    }
     // The truth, from the pooled data (R = G = 1: one row per person and group counts).
     let pooled = fed.pooled();
     let truth = pooled
