@@ -54,6 +54,19 @@ pub enum Command {
         /// The file (.csv or .parquet).
         file: PathBuf,
     },
+    /// Import survey responses from another system (validated, atomic).
+    #[command(subcommand)]
+    Import(ImportCommand),
+    /// Upgrade a data directory written by an older cxfed to the current schema (a node does
+    /// this itself when it starts).
+    Migrate {
+        /// The node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Reports computed as federated queries.
+    #[command(subcommand)]
+    Report(ReportCommand),
     /// Run a node.
     Serve {
         /// The node's configuration file.
@@ -124,6 +137,69 @@ pub enum Command {
         /// People per agency.
         #[arg(long, default_value_t = 20_000)]
         people: usize,
+    },
+}
+
+/// `cxfed import ...`.
+#[derive(Debug, Subcommand)]
+pub enum ImportCommand {
+    /// A GSA Touchpoints "CX Data Collection" response export (FY2024+ A-11 form). External ids
+    /// are pseudonymized with the node's secret key; free-text comments are never stored.
+    Touchpoints {
+        /// The node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Agency code, e.g. SSA.
+        #[arg(long)]
+        agency: String,
+        /// The service the survey was about.
+        #[arg(long)]
+        service: String,
+        /// Channel code (website, phone, in_person, ...).
+        #[arg(long)]
+        channel: String,
+        /// Priority Life Experience code.
+        #[arg(long)]
+        life_experience: String,
+        /// Journey stage code.
+        #[arg(long)]
+        journey_stage: String,
+        /// How question_1 was asked.
+        #[arg(long, value_enum, default_value_t = crate::touchpoints::Question1::Thumbs)]
+        question_1: crate::touchpoints::Question1,
+        /// Response date for every row when the export has no created_at column.
+        #[arg(long)]
+        response_date: Option<String>,
+        /// The export (CSV).
+        file: PathBuf,
+    },
+}
+
+/// `cxfed report ...`.
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// The A-11 Section 280 quarterly CX data in GSA's published HISP layout (CSV), for one
+    /// federal fiscal quarter (FY N starts October 1 of N-1), as an analyst.
+    #[command(name = "a11-quarterly")]
+    A11Quarterly {
+        /// Fiscal year, e.g. 2026.
+        #[arg(long)]
+        fiscal_year: i32,
+        /// Fiscal quarter, 1-4 (Q1 = October-December).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=4))]
+        quarter: u8,
+        /// The node to ask, e.g. https://127.0.0.1:7001.
+        #[arg(long)]
+        node: String,
+        /// Your certificate files (analyst).
+        #[command(flatten)]
+        tls: TlsArgs,
+        /// ε each of the report's two queries spends per node (default: each node's maximum).
+        #[arg(long)]
+        epsilon: Option<f64>,
+        /// Write the CSV here (atomically) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -467,6 +543,75 @@ async fn dispatch(command: Command) -> Result<(), String> {
             }
         }
         Command::Audit(cmd) => audit(cmd).await,
+        Command::Import(ImportCommand::Touchpoints {
+            data_dir,
+            agency,
+            service,
+            channel,
+            life_experience,
+            journey_stage,
+            question_1,
+            response_date,
+            file,
+        }) => {
+            let opts = crate::touchpoints::ImportOptions {
+                agency,
+                service,
+                channel,
+                life_experience,
+                journey_stage,
+                question_1,
+                response_date,
+            };
+            let r =
+                crate::touchpoints::import(&data_dir, &file, &opts).map_err(|e| e.to_string())?;
+            println!(
+                "added {} Touchpoints responses to experience as {}; {} free-text comment(s) not stored",
+                r.ingest.rows,
+                r.ingest.path.display(),
+                r.comments_dropped
+            );
+            Ok(())
+        }
+        Command::Migrate { data_dir } => {
+            let m = crate::storage::migrate(&data_dir).map_err(|e| e.to_string())?;
+            println!(
+                "{}: schema version {} -> {}; {} file(s), {} row(s) rewritten",
+                data_dir.display(),
+                m.from,
+                cxfed_queries::schema::SCHEMA_VERSION,
+                m.files,
+                m.rows
+            );
+            Ok(())
+        }
+        Command::Report(ReportCommand::A11Quarterly {
+            fiscal_year,
+            quarter,
+            node,
+            tls,
+            epsilon,
+            out,
+        }) => {
+            let client = AnalystClient::new(&tls.into(), Duration::from_secs(300))
+                .map_err(|e| e.to_string())?;
+            let csv = crate::report::a11_quarterly(&client, &node, fiscal_year, quarter, epsilon)
+                .await
+                .map_err(|e| e.to_string())?;
+            match out {
+                Some(path) => {
+                    crate::storage::write_atomic(&path, csv.as_bytes(), false)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    eprintln!(
+                        "wrote {} rows to {}",
+                        csv.lines().count().saturating_sub(1),
+                        path.display()
+                    );
+                }
+                None => print!("{csv}"),
+            }
+            Ok(())
+        }
         Command::Demo { dir, serve, people } => {
             crate::demo::run(crate::demo::DemoOptions { dir, serve, people })
                 .await

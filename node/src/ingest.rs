@@ -172,18 +172,38 @@ pub fn ingest(
     file: &Path,
     progress: bool,
 ) -> Result<IngestReport, IngestError> {
-    let (rows, path) = run(table, file, Some(data_dir), progress)?;
+    crate::storage::migrate(data_dir)?;
+    let (rows, path) = run(table, file, Target::DataDir(data_dir), progress)?;
     let path = path.ok_or_else(|| IngestError::Io {
         path: file.to_path_buf(),
         source: io::Error::other("no output file was written"),
     })?;
+    crate::storage::mark_version(data_dir).map_err(io_err(data_dir))?;
     tracing::info!(table = table.name(), rows, path = %path.display(), "ingested");
     Ok(IngestReport { table, rows, path })
 }
 
 /// Checks `file` exactly as [`ingest`] would, without writing anything. Returns the row count.
 pub fn validate(table: Table, file: &Path) -> Result<u64, IngestError> {
-    run(table, file, None, false).map(|(rows, _)| rows)
+    run(table, file, Target::Check, false).map(|(rows, _)| rows)
+}
+
+/// Rewrites a data file of an older schema version in the current one, in place and atomically
+/// (temp file + rename over it): every row validated again, new columns derived or set to their
+/// value for older rows. Returns the row count.
+pub fn upgrade_file(table: Table, file: &Path) -> Result<u64, IngestError> {
+    run(table, file, Target::Replace(file), false).map(|(rows, _)| rows)
+}
+
+/// Where validated rows go.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    /// Nowhere: only check.
+    Check,
+    /// A new file in this data directory.
+    DataDir(&'a Path),
+    /// Over this file.
+    Replace(&'a Path),
 }
 
 /// Whether `file` is read as Parquet (its extension is `parquet`, any case); otherwise CSV.
@@ -195,7 +215,7 @@ pub fn is_parquet_input(file: &Path) -> bool {
 fn run(
     table: Table,
     file: &Path,
-    data_dir: Option<&Path>,
+    data_dir: Target<'_>,
     progress: bool,
 ) -> Result<(u64, Option<PathBuf>), IngestError> {
     let input = File::open(file).map_err(io_err(file))?;
@@ -275,12 +295,25 @@ enum Problem<'a> {
         other: &'static str,
         other_value: i32,
     },
+    Derived {
+        value: i64,
+        expected: i64,
+        source: &'static str,
+    },
 }
 
 impl Problem<'_> {
     fn describe(&self, name: &str, out: &mut String) {
         let _ = match *self {
             Problem::Required => write!(out, "{name}: required value is empty"),
+            Problem::Derived {
+                value,
+                expected,
+                source,
+            } => write!(
+                out,
+                "{name}: {value} does not match {source} (which gives {expected})"
+            ),
             Problem::NotUtf8 => write!(out, "{name}: value is not valid UTF-8"),
             Problem::TooLong(n) => write!(
                 out,
@@ -809,6 +842,12 @@ impl Output {
         }
         let name = unique_name();
         out.final_path = table_dir.join(format!("{name}.{}", storage::DATA_FILE_EXTENSION));
+        out.open_temp(&name, schema)?;
+        Ok(out)
+    }
+
+    fn open_temp(&mut self, name: &str, schema: SchemaRef) -> Result<(), IngestError> {
+        let table_dir = self.table_dir.clone();
         let prefix = format!(".{name}.");
         let temp = tempfile::Builder::new()
             .prefix(&prefix)
@@ -817,7 +856,7 @@ impl Output {
             .map_err(io_err(&table_dir))?;
         let temp_path = temp.path().to_path_buf();
         let file = temp.as_file().try_clone().map_err(io_err(&temp_path))?;
-        out.temp = Some(temp);
+        self.temp = Some(temp);
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(
                 ZstdLevel::try_new(1).map_err(pq_err(&temp_path))?,
@@ -826,7 +865,21 @@ impl Output {
             .set_created_by(format!("cxfed {}", env!("CARGO_PKG_VERSION")))
             .build();
         let writer = ArrowWriter::try_new(file, schema, Some(props)).map_err(pq_err(&temp_path))?;
-        out.writer = Some(writer);
+        self.writer = Some(writer);
+        Ok(())
+    }
+
+    /// An output whose temp file is in `table_dir` (which exists); the caller sets `final_path`.
+    fn create_in(table_dir: &Path, schema: SchemaRef) -> Result<Output, IngestError> {
+        let mut out = Output {
+            writer: None,
+            temp: None,
+            final_path: PathBuf::new(),
+            table_dir: table_dir.to_path_buf(),
+            created: Vec::new(),
+            committed: false,
+        };
+        out.open_temp(&unique_name(), schema)?;
         Ok(out)
     }
 
@@ -909,6 +962,10 @@ fn unique_name() -> String {
 
 struct Sink {
     specs: Vec<Spec>,
+    /// Whether the input has each schema column (older files lack the newer ones).
+    present: Vec<bool>,
+    /// For derived columns, the index of their source date column.
+    derive_src: Vec<Option<usize>>,
     schema: SchemaRef,
     builders: Vec<ColBuilder>,
     /// Dates of the current row, for cross-column checks.
@@ -932,6 +989,11 @@ impl Sink {
             .collect();
         Sink {
             specs: cols.iter().map(Spec::new).collect(),
+            present: vec![true; cols.len()],
+            derive_src: cols
+                .iter()
+                .map(|c| c.derived.and_then(|d| index(d.source())))
+                .collect(),
             schema: table.arrow_schema(),
             builders: cols.iter().map(|c| ColBuilder::new(c.ty)).collect(),
             dates: vec![None; cols.len()],
@@ -944,9 +1006,18 @@ impl Sink {
         }
     }
 
-    fn open_output(&mut self, data_dir: Option<&Path>, table: Table) -> Result<(), IngestError> {
-        if let Some(dir) = data_dir {
-            self.out = Some(Output::create(dir, table, self.schema.clone())?);
+    fn open_output(&mut self, target: Target<'_>, table: Table) -> Result<(), IngestError> {
+        match target {
+            Target::Check => {}
+            Target::DataDir(dir) => {
+                self.out = Some(Output::create(dir, table, self.schema.clone())?);
+            }
+            Target::Replace(file) => {
+                let table_dir = file.parent().unwrap_or(Path::new("."));
+                let mut out = Output::create_in(table_dir, self.schema.clone())?;
+                out.final_path = file.to_path_buf();
+                self.out = Some(out);
+            }
         }
         Ok(())
     }
@@ -960,7 +1031,41 @@ impl Sink {
         mut value: impl FnMut(usize) -> Value<'a>,
     ) -> Result<(), IngestError> {
         for (i, spec) in self.specs.iter().enumerate() {
-            match self.builders[i].push(spec, value(i)) {
+            let mut v = value(i);
+            if !self.present[i]
+                && let Some(a) = spec.col.absent
+            {
+                v = Value::Text(a.as_bytes());
+            }
+            if let (Some(d), Some(src)) = (spec.col.derived, self.derive_src[i]) {
+                let expected = self.dates[src].map(|day| d.value(day));
+                // Absent or left empty: derived.
+                if !self.present[i] || matches!(v, Value::Null) {
+                    match expected {
+                        Some(x) => v = Value::Int(x),
+                        // The date was bad and is reported already.
+                        None => {
+                            self.builders[i].append_null();
+                            self.dates[i] = None;
+                            continue;
+                        }
+                    }
+                } else if let Some(x) = expected
+                    && let Ok(given) = int_value(spec, v)
+                    && given != x
+                {
+                    self.builders[i].append_null();
+                    self.dates[i] = None;
+                    let p = Problem::Derived {
+                        value: given,
+                        expected: x,
+                        source: d.source(),
+                    };
+                    self.errors.add(line, columns[i], spec.col.name, p);
+                    continue;
+                }
+            }
+            match self.builders[i].push(spec, v) {
                 Ok(d) => self.dates[i] = d,
                 Err(p) => {
                     self.builders[i].append_null();
@@ -1065,7 +1170,7 @@ fn ingest_csv(
     table: Table,
     file: &Path,
     input: File,
-    data_dir: Option<&Path>,
+    data_dir: Target<'_>,
     bar: Option<&ProgressBar>,
 ) -> Result<(u64, Option<PathBuf>), IngestError> {
     let reader: Box<dyn Read> = match bar {
@@ -1080,8 +1185,6 @@ fn ingest_csv(
             inner: reader,
             quotes: 0,
         });
-    let cols = table.columns();
-    let ncols = cols.len();
 
     // Header.
     let mut record = csv::ByteRecord::new();
@@ -1091,7 +1194,7 @@ fn ingest_csv(
     let mut errors = Errors::new(false);
     if !has_header {
         errors.add_message(1, 1, || {
-            let names: Vec<&str> = cols.iter().map(|c| c.name).collect();
+            let names: Vec<&str> = table.columns().iter().map(|c| c.name).collect();
             format!(
                 "the file is empty; expected the header line {}",
                 names.join(",")
@@ -1112,13 +1215,17 @@ fn ingest_csv(
             String::from_utf8_lossy(f).into_owned()
         })
         .collect();
-    check_header(table, &header, header_line, &mut errors);
+    let cols = check_header(table, &header, header_line, &mut errors);
     errors.into_result(file)?;
+    let ncols = cols.len();
 
     // Rows.
     let mut sink = Sink::new(table, file, true);
+    for p in &mut sink.present[ncols..] {
+        *p = false;
+    }
     sink.open_output(data_dir, table)?;
-    let columns: Vec<usize> = (1..=ncols).collect();
+    let columns: Vec<usize> = (1..=table.columns().len()).collect();
     let mut last: Option<(u64, usize, bool)> = None; // (line, fields, had errors)
     loop {
         match csv.read_byte_record(&mut record) {
@@ -1147,13 +1254,9 @@ fn ingest_csv(
             }
         } else {
             let rec = &record;
-            sink.push_row(line, &columns, |i| {
-                let f = &rec[i];
-                if f.is_empty() {
-                    Value::Null
-                } else {
-                    Value::Text(f)
-                }
+            sink.push_row(line, &columns, |i| match rec.get(i) {
+                Some(f) if !f.is_empty() => Value::Text(f),
+                _ => Value::Null,
             })?;
         }
         last = Some((line, record.len(), sink.errors.total > before));
@@ -1172,12 +1275,28 @@ fn ingest_csv(
     sink.finish()
 }
 
-/// Reports header problems: unexpected, duplicate, missing or out-of-order columns.
-fn check_header(table: Table, header: &[String], line: u64, errors: &mut Errors) {
-    let cols = table.columns();
-    if header.len() == cols.len() && header.iter().zip(cols).all(|(h, c)| h == c.name) {
-        return;
+/// The columns of the schema version whose header this is (the current one, or an older one
+/// for files written before columns were added); otherwise reports unexpected, duplicate,
+/// missing or out-of-order columns against the current header.
+fn check_header(
+    table: Table,
+    header: &[String],
+    line: u64,
+    errors: &mut Errors,
+) -> &'static [Column] {
+    for version in (1..=cxfed_queries::schema::SCHEMA_VERSION).rev() {
+        let of = table.columns_of_version(version);
+        if header.len() == of.len() && header.iter().zip(of).all(|(h, c)| h == c.name) {
+            return of;
+        }
     }
+    // Report against the version the header looks like: the newest one of its known columns.
+    let version = header
+        .iter()
+        .filter_map(|h| table.column(h).map(|c| c.since))
+        .max()
+        .unwrap_or(1);
+    let cols = table.columns_of_version(version);
     let mut found: Vec<(usize, String)> = Vec::new();
     let mut seen: Vec<&str> = Vec::new();
     for (i, h) in header.iter().enumerate() {
@@ -1230,6 +1349,7 @@ fn check_header(table: Table, header: &[String], line: u64, errors: &mut Errors)
             }
         });
     }
+    cols
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1380,7 +1500,7 @@ fn ingest_parquet(
     table: Table,
     file: &Path,
     input: File,
-    data_dir: Option<&Path>,
+    data_dir: Target<'_>,
     bar: Option<&ProgressBar>,
 ) -> Result<(u64, Option<PathBuf>), IngestError> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(input).map_err(pq_err(file))?;
@@ -1393,7 +1513,7 @@ fn ingest_parquet(
     // Schema: every column present (any order), no others, types readable.
     let cols = table.columns();
     let mut errors = Errors::new(true);
-    let mut mapping: Vec<(usize, SrcKind)> = Vec::with_capacity(cols.len());
+    let mut mapping: Vec<Option<(usize, SrcKind)>> = Vec::with_capacity(cols.len());
     for (i, f) in source.fields().iter().enumerate() {
         let name = f.name();
         if table.column(name).is_none() {
@@ -1409,11 +1529,13 @@ fn ingest_parquet(
     }
     for (j, c) in cols.iter().enumerate() {
         match source.fields().iter().position(|f| f.name() == c.name) {
+            // Files written before the column existed.
+            None if c.since > 1 => mapping.push(None),
             None => errors.add_message(0, j + 1, || format!("schema: missing column `{}`", c.name)),
             Some(k) => {
                 let dt = source.field(k).data_type();
                 match source_kind(c.ty, dt) {
-                    Some(kind) => mapping.push((k, kind)),
+                    Some(kind) => mapping.push(Some((k, kind))),
                     None => errors.add_message(0, k + 1, || {
                         format!(
                             "schema: {}: type {dt} cannot be read as {}",
@@ -1433,18 +1555,29 @@ fn ingest_parquet(
         .build()
         .map_err(pq_err(file))?;
     let mut sink = Sink::new(table, file, false);
+    for (p, m) in sink.present.iter_mut().zip(&mapping) {
+        *p = m.is_some();
+    }
     sink.open_output(data_dir, table)?;
-    let columns: Vec<usize> = mapping.iter().map(|(k, _)| k + 1).collect();
+    let columns: Vec<usize> = mapping
+        .iter()
+        .map(|m| m.map_or(0, |(k, _)| k + 1))
+        .collect();
     let mut row: u64 = 0;
     for batch in reader {
         let batch = batch.map_err(arrow_err(file))?;
         let srcs = mapping
             .iter()
-            .map(|&(k, kind)| convert(kind, batch.column(k), file))
-            .collect::<Result<Vec<Src>, IngestError>>()?;
+            .map(|m| {
+                m.map(|(k, kind)| convert(kind, batch.column(k), file))
+                    .transpose()
+            })
+            .collect::<Result<Vec<Option<Src>>, IngestError>>()?;
         for r in 0..batch.num_rows() {
             row += 1;
-            sink.push_row(row, &columns, |i| srcs[i].value(r))?;
+            sink.push_row(row, &columns, |i| {
+                srcs[i].as_ref().map_or(Value::Null, |s| s.value(r))
+            })?;
         }
         if let Some(bar) = bar {
             bar.inc(batch.num_rows() as u64);
@@ -1549,8 +1682,9 @@ mod tests {
             storage::data_files(&data, Table::Operational).expect("list"),
             vec![report.path]
         );
-        // No temp file left behind.
-        assert_eq!(list_all(&data).len(), 2);
+        // No temp file left behind; the directory records its schema version.
+        assert_eq!(list_all(&data).len(), 3);
+        assert_eq!(storage::schema_version(&data).expect("version"), 2);
     }
 
     #[test]
@@ -1609,8 +1743,9 @@ mod tests {
     #[test]
     fn value_errors() {
         let tmp = tempfile::tempdir().expect("tempdir");
+        // A CSV in the version-1 layout (still accepted; new columns derived or defaulted).
         let header = Table::Experience
-            .columns()
+            .columns_of_version(1)
             .iter()
             .map(|c| c.name)
             .collect::<Vec<_>>()
@@ -1850,8 +1985,9 @@ mod tests {
     fn parquet_values_are_validated() {
         use arrow::datatypes::{Field, Schema};
         let tmp = tempfile::tempdir().expect("tempdir");
-        // Pandas-style: scores as float64 with NaN-as-null, an int64 out of range.
-        let cols = Table::Experience.columns();
+        // Pandas-style: scores as float64 with NaN-as-null, an int64 out of range; written
+        // before schema version 2 (the newer columns absent: derived or defaulted).
+        let cols = Table::Experience.columns_of_version(1);
         let fields: Vec<Field> = cols
             .iter()
             .map(|c| match c.ty {

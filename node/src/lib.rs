@@ -9,7 +9,9 @@
 //! - [`client`]: the mTLS HTTP client used by the CLI and by coordinators.
 //! - [`synth`]: calibrated synthetic A-11 CX data (`cxfed synth`).
 //! - [`ingest`]: CSV/Parquet validation and atomic Parquet writes (`cxfed ingest`).
-//! - [`storage`]: the data directory layout.
+//! - [`touchpoints`]: GSA Touchpoints response exports in, pseudonymized (`cxfed import touchpoints`).
+//! - [`report`]: the A-11 quarterly report as federated queries (`cxfed report a11-quarterly`).
+//! - [`storage`]: the data directory layout, schema versions and migration.
 //! - [`engine`]: the node's DataFusion session over its Parquet files.
 //! - [`partial`]: what a node runs for a coordinator: re-validate, execute, suppress, encode.
 //! - [`coordinator`]: fan-out to every node, merge, final suppression.
@@ -37,8 +39,10 @@ pub mod ledger;
 pub mod output;
 pub mod partial;
 pub mod policy;
+pub mod report;
 pub mod requests;
 pub mod server;
 pub mod storage;
 pub mod synth;
 pub mod tls;
+pub mod touchpoints;

@@ -156,6 +156,15 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
         path: config.data_dir.display().to_string(),
         message: e.to_string(),
     };
+    let migrated = crate::storage::migrate(&config.data_dir).map_err(|e| data_err(&e))?;
+    if migrated.files > 0 {
+        info!(
+            files = migrated.files,
+            rows = migrated.rows,
+            from = migrated.from,
+            "upgraded the data directory to the current schema"
+        );
+    }
     let ctx = crate::engine::node_context(&config.data_dir, config.policy.memory_limit_bytes)
         .map_err(|e| data_err(&e))?;
     let requests = RequestChecker::new(&config.tls.ca, &config.federation)?;

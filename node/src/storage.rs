@@ -7,7 +7,9 @@
 //!   operational/  <unix_nanos>-<random hex>.parquet ...
 //! ```
 //! Each table is the union of the `*.parquet` files in its directory, every one written in the
-//! exact [`Table::arrow_schema`]. Files are only ever added, each one atomically (see
+//! exact [`Table::arrow_schema`]. `SCHEMA_VERSION` holds the schema version the directory is in
+//! (absent: version 1, written before versions were recorded); [`migrate`] upgrades older
+//! directories file by file. Files are only ever added, each one atomically (see
 //! [`crate::ingest`]): a file being written is named `.<name>.tmp` (hidden, and not ending in
 //! `.parquet`), so a reader that lists `*.parquet` never sees a half-written file.
 
@@ -15,6 +17,112 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use cxfed_queries::schema::Table;
+
+/// The file recording the schema version of a data directory.
+pub const VERSION_FILE: &str = "SCHEMA_VERSION";
+
+/// What [`migrate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Migration {
+    /// The version the directory was in.
+    pub from: u32,
+    /// Files rewritten.
+    pub files: usize,
+    /// Rows in them.
+    pub rows: u64,
+}
+
+/// The schema version of `data_dir` (1 when it has data but no version file).
+pub fn schema_version(data_dir: &Path) -> io::Result<u32> {
+    match std::fs::read_to_string(data_dir.join(VERSION_FILE)) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            io::Error::other(format!(
+                "{}: not a schema version: {:?}",
+                data_dir.join(VERSION_FILE).display(),
+                text.trim()
+            ))
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(1),
+        Err(e) => Err(e),
+    }
+}
+
+/// Brings `data_dir` to the current schema version: every data file with fewer columns than
+/// the current schema is validated and rewritten in place (atomically, one file at a time, so
+/// an interrupted migration resumes where it stopped), then the version file is written. A
+/// directory of a newer version is refused. A missing directory is left alone.
+pub fn migrate(data_dir: &Path) -> Result<Migration, crate::ingest::IngestError> {
+    use cxfed_queries::schema::SCHEMA_VERSION;
+    let io = |e: io::Error| crate::ingest::IngestError::Io {
+        path: data_dir.to_path_buf(),
+        source: e,
+    };
+    if !data_dir.exists() {
+        return Ok(Migration {
+            from: SCHEMA_VERSION,
+            ..Migration::default()
+        });
+    }
+    let from = schema_version(data_dir).map_err(io)?;
+    let mut done = Migration {
+        from,
+        ..Migration::default()
+    };
+    if from > SCHEMA_VERSION {
+        return Err(io(io::Error::other(format!(
+            "the data directory is in schema version {from}, written by a newer cxfed; this one \
+             reads version {SCHEMA_VERSION}"
+        ))));
+    }
+    if from == SCHEMA_VERSION {
+        return Ok(done);
+    }
+    let mut any = false;
+    for table in Table::ALL {
+        let want = table.columns().len();
+        for file in data_files(data_dir, table).map_err(io)? {
+            any = true;
+            let columns = parquet_columns(&file).map_err(io)?;
+            if columns < want {
+                done.rows += crate::ingest::upgrade_file(table, &file)?;
+                done.files += 1;
+                tracing::info!(file = %file.display(), from, to = SCHEMA_VERSION, "upgraded data file");
+            }
+        }
+    }
+    // A directory without data has no version yet (ingest marks it when it adds a file).
+    if any {
+        mark_version(data_dir).map_err(io)?;
+    }
+    Ok(done)
+}
+
+/// Records that `data_dir` is in the current schema version.
+pub fn mark_version(data_dir: &Path) -> io::Result<()> {
+    let text = format!("{}\n", cxfed_queries::schema::SCHEMA_VERSION);
+    if std::fs::read_to_string(data_dir.join(VERSION_FILE))
+        .ok()
+        .as_deref()
+        == Some(&text)
+    {
+        return Ok(());
+    }
+    write_atomic(&data_dir.join(VERSION_FILE), text.as_bytes(), false)
+}
+
+fn parquet_columns(file: &Path) -> io::Result<usize> {
+    let f = std::fs::File::open(file)?;
+    let reader = datafusion::parquet::file::reader::SerializedFileReader::new(f)
+        .map_err(io::Error::other)?;
+    use datafusion::parquet::file::reader::FileReader;
+    Ok(reader
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .root_schema()
+        .get_fields()
+        .len())
+}
 
 /// The file extension of a table's data files.
 pub const DATA_FILE_EXTENSION: &str = "parquet";

@@ -490,7 +490,12 @@ mod tests {
             Arc::clone(&score),
             score,
         ];
-        let batch = RecordBatch::try_new(Table::Experience.arrow_schema(), columns).expect("batch");
+        let batch = Table::Experience
+            .complete_v1_batch(
+                &RecordBatch::try_new(Table::Experience.arrow_schema_of_version(1), columns)
+                    .expect("batch"),
+            )
+            .expect("complete");
         let ctx = SessionContext::new();
         crate::context::register_functions(&ctx);
         ctx.register_table(

@@ -726,7 +726,7 @@ mod tests {
 
     /// A small deterministic `experience` table for shard `s` (persons prefixed per shard).
     fn experience(s: usize, rows: usize) -> RecordBatch {
-        let schema = Table::Experience.arrow_schema();
+        let schema = Table::Experience.arrow_schema_of_version(1);
         let text = |f: &dyn Fn(usize) -> String| -> ArrayRef {
             Arc::new(StringArray::from(
                 (0..rows).map(|i| Some(f(i))).collect::<Vec<_>>(),
@@ -769,11 +769,13 @@ mod tests {
             score(5),
             score(6),
         ];
-        RecordBatch::try_new(schema, columns).expect("batch")
+        Table::Experience
+            .complete_v1_batch(&RecordBatch::try_new(schema, columns).expect("batch"))
+            .expect("complete")
     }
 
     fn operational(s: usize, rows: usize) -> RecordBatch {
-        let schema = Table::Operational.arrow_schema();
+        let schema = Table::Operational.arrow_schema_of_version(1);
         let e = experience(s, rows);
         let pick = |name: &str| Arc::clone(e.column(e.schema().index_of(name).expect("column")));
         let columns: Vec<ArrayRef> = vec![
@@ -816,7 +818,9 @@ mod tests {
                     .collect::<Vec<_>>(),
             )),
         ];
-        RecordBatch::try_new(schema, columns).expect("batch")
+        Table::Operational
+            .complete_v1_batch(&RecordBatch::try_new(schema, columns).expect("batch"))
+            .expect("complete")
     }
 
     fn context(shards: &[usize]) -> SessionContext {

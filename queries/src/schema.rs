@@ -6,7 +6,12 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 /// Version of the schema below. Bump it when a column or vocabulary changes.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// - 1: the legacy A-11 items, dimensions, operational facts.
+/// - 2: adds federal fiscal year and quarter (derived from the table's date), the survey format,
+///   the FY2024+ thumbs-up trust answer and its "what went well / what didn't" driver flags.
+///   Columns are only ever appended, so a version-1 file is a prefix of version 2.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The two tables every node holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,10 +52,59 @@ impl Table {
         self.columns().iter().find(|c| c.name == name)
     }
 
+    /// The columns a file or CSV of schema `version` has (a prefix of [`Table::columns`]).
+    pub fn columns_of_version(self, version: u32) -> &'static [Column] {
+        let cols = self.columns();
+        let n = cols.iter().take_while(|c| c.since <= version).count();
+        &cols[..n]
+    }
+
+    /// Completes a batch of version-1 columns (in order) with the columns added since: derived
+    /// ones computed, the rest set to their value for older rows or null. For building rows in
+    /// memory (tests, tools); files on disk are upgraded, with validation, by the node.
+    pub fn complete_v1_batch(
+        self,
+        batch: &arrow::array::RecordBatch,
+    ) -> Result<arrow::array::RecordBatch, arrow::error::ArrowError> {
+        use arrow::array::{
+            Array, ArrayRef, Date32Array, Int8Array, Int32Array, StringArray, new_null_array,
+        };
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        for c in &self.columns()[columns.len().min(self.columns().len())..] {
+            let rows = batch.num_rows();
+            let array: ArrayRef = match (c.derived, c.absent) {
+                (Some(d), _) => {
+                    let src = batch
+                        .column_by_name(d.source())
+                        .and_then(|a| a.as_any().downcast_ref::<Date32Array>().cloned())
+                        .ok_or_else(|| {
+                            arrow::error::ArrowError::SchemaError(format!("{} missing", d.source()))
+                        })?;
+                    let values = (0..rows).map(|r| src.is_valid(r).then(|| d.value(src.value(r))));
+                    match c.ty {
+                        ColumnType::Int8 => {
+                            Arc::new(Int8Array::from_iter(values.map(|v| v.map(|x| x as i8))))
+                        }
+                        _ => Arc::new(Int32Array::from_iter(values.map(|v| v.map(|x| x as i32)))),
+                    }
+                }
+                (None, Some(text)) => Arc::new(StringArray::from(vec![Some(text); rows])),
+                (None, None) => new_null_array(&c.ty.data_type(), rows),
+            };
+            columns.push(array);
+        }
+        arrow::array::RecordBatch::try_new(self.arrow_schema(), columns)
+    }
+
     /// The Arrow schema every node stores and every query is planned against.
     pub fn arrow_schema(self) -> SchemaRef {
+        self.arrow_schema_of_version(SCHEMA_VERSION)
+    }
+
+    /// The Arrow schema of files written in schema `version`.
+    pub fn arrow_schema_of_version(self, version: u32) -> SchemaRef {
         let fields: Vec<Field> = self
-            .columns()
+            .columns_of_version(version)
             .iter()
             .map(|c| Field::new(c.name, c.ty.data_type(), !c.required))
             .collect();
@@ -127,6 +181,59 @@ pub struct Column {
     pub required: bool,
     /// Allowed values.
     pub domain: Domain,
+    /// The schema version that added the column.
+    pub since: u32,
+    /// How the value follows from other columns, if it does.
+    pub derived: Option<Derived>,
+    /// The value of a column added after version 1 in rows written without it (`None`: null).
+    pub absent: Option<&'static str>,
+}
+
+/// A column computed from another one; input that has it must agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Derived {
+    /// Federal fiscal year of the named date column (FY N runs Oct 1 N−1 .. Sep 30 N).
+    FiscalYear(&'static str),
+    /// Federal fiscal quarter (1–4; Q1 = Oct–Dec) of the named date column.
+    FiscalQuarter(&'static str),
+}
+
+impl Derived {
+    /// The value for a date given as days since 1970-01-01.
+    pub fn value(self, days: i32) -> i64 {
+        let (y, m) = year_month(days);
+        match self {
+            Derived::FiscalYear(_) => {
+                if m >= 10 {
+                    y + 1
+                } else {
+                    y
+                }
+            }
+            Derived::FiscalQuarter(_) => i64::from((m + 2) % 12 / 3 + 1),
+        }
+    }
+
+    /// The date column it is computed from.
+    pub fn source(self) -> &'static str {
+        match self {
+            Derived::FiscalYear(c) | Derived::FiscalQuarter(c) => c,
+        }
+    }
+}
+
+/// Civil year and month (1–12) of a day count since 1970-01-01 (proleptic Gregorian).
+fn year_month(days: i32) -> (i64, u32) {
+    // Howard Hinnant's civil_from_days.
+    let z = i64::from(days) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m)
 }
 
 const fn col(
@@ -142,7 +249,26 @@ const fn col(
         kind,
         required,
         domain,
+        since: 1,
+        derived: None,
+        absent: None,
     }
+}
+
+/// A column added in version 2.
+const fn v2(mut c: Column) -> Column {
+    c.since = 2;
+    c
+}
+
+const fn derived(mut c: Column, d: Derived) -> Column {
+    c.derived = Some(d);
+    c
+}
+
+const fn absent_as(mut c: Column, value: &'static str) -> Column {
+    c.absent = Some(value);
+    c
 }
 
 /// Priority Life Experiences.
@@ -186,6 +312,21 @@ pub const STATES: &[&str] = &[
 pub const AGE_BANDS: &[&str] = &["under_25", "25_44", "45_61", "62_64", "65_74", "75_plus"];
 /// Case outcomes.
 pub const OUTCOMES: &[&str] = &["approved", "denied", "pending", "withdrawn"];
+
+/// Survey formats: the legacy seven-item A-11 form, and the FY2024+ form (one trust item, then
+/// "what went well / what didn't" driver checklists).
+pub const SURVEY_FORMATS: &[&str] = &["a11_legacy", "a11_2024"];
+
+/// The drivers of the FY2024+ form's checklists, in schema order.
+pub const DRIVERS: &[&str] = &[
+    "effectiveness",
+    "ease",
+    "efficiency",
+    "transparency",
+    "humanity",
+    "employee",
+    "other",
+];
 
 /// The seven legacy A-11 Section 280 items, in schema order.
 pub const SCORES: &[&str] = &[
@@ -247,7 +388,75 @@ static EXPERIENCE: &[Column] = &[
     col("efficiency", T::Int8, K::Measure, false, SCORE),
     col("transparency", T::Int8, K::Measure, false, SCORE),
     col("employee_helpfulness", T::Int8, K::Measure, false, SCORE),
+    v2(derived(
+        col("fiscal_year", T::Int32, K::Dimension, true, FISCAL_YEAR),
+        Derived::FiscalYear("response_date"),
+    )),
+    v2(derived(
+        col(
+            "fiscal_quarter",
+            T::Int8,
+            K::Dimension,
+            true,
+            D::Range(1, 4),
+        ),
+        Derived::FiscalQuarter("response_date"),
+    )),
+    v2(absent_as(
+        col(
+            "survey_format",
+            T::Text,
+            K::Dimension,
+            true,
+            D::Vocabulary(SURVEY_FORMATS),
+        ),
+        "a11_legacy",
+    )),
+    v2(col("trust_thumbs_up", T::Int8, K::Measure, false, FLAG)),
+    v2(col(
+        "positive_effectiveness",
+        T::Int8,
+        K::Measure,
+        false,
+        FLAG,
+    )),
+    v2(col("positive_ease", T::Int8, K::Measure, false, FLAG)),
+    v2(col("positive_efficiency", T::Int8, K::Measure, false, FLAG)),
+    v2(col(
+        "positive_transparency",
+        T::Int8,
+        K::Measure,
+        false,
+        FLAG,
+    )),
+    v2(col("positive_humanity", T::Int8, K::Measure, false, FLAG)),
+    v2(col("positive_employee", T::Int8, K::Measure, false, FLAG)),
+    v2(col("positive_other", T::Int8, K::Measure, false, FLAG)),
+    v2(col(
+        "negative_effectiveness",
+        T::Int8,
+        K::Measure,
+        false,
+        FLAG,
+    )),
+    v2(col("negative_ease", T::Int8, K::Measure, false, FLAG)),
+    v2(col("negative_efficiency", T::Int8, K::Measure, false, FLAG)),
+    v2(col(
+        "negative_transparency",
+        T::Int8,
+        K::Measure,
+        false,
+        FLAG,
+    )),
+    v2(col("negative_humanity", T::Int8, K::Measure, false, FLAG)),
+    v2(col("negative_employee", T::Int8, K::Measure, false, FLAG)),
+    v2(col("negative_other", T::Int8, K::Measure, false, FLAG)),
 ];
+
+/// A checklist flag or thumbs answer: 1 = yes/up, 0 = no/down.
+const FLAG: Domain = D::Range(0, 1);
+/// Fiscal years a row may fall in.
+const FISCAL_YEAR: Domain = D::Range(1901, 2200);
 
 static OPERATIONAL: &[Column] = &[
     col("case_id", T::Text, K::Identifier, true, D::FreeText),
@@ -314,6 +523,20 @@ static OPERATIONAL: &[Column] = &[
         true,
         D::Vocabulary(OUTCOMES),
     ),
+    v2(derived(
+        col("fiscal_year", T::Int32, K::Dimension, true, FISCAL_YEAR),
+        Derived::FiscalYear("opened_date"),
+    )),
+    v2(derived(
+        col(
+            "fiscal_quarter",
+            T::Int8,
+            K::Dimension,
+            true,
+            D::Range(1, 4),
+        ),
+        Derived::FiscalQuarter("opened_date"),
+    )),
 ];
 
 /// The column that identifies a person (the privacy unit).
@@ -360,6 +583,66 @@ mod tests {
             Table::Experience.column("person_id").map(|c| c.kind),
             Some(Kind::Identifier)
         );
+    }
+
+    #[test]
+    fn fiscal_year_and_quarter_start_in_october() {
+        let day = |y: i64, m: u32, d: u32| {
+            // days since 1970-01-01, by counting (test-only, small range)
+            let mut n = 0i64;
+            for yy in 1970..y {
+                n += if (yy % 4 == 0 && yy % 100 != 0) || yy % 400 == 0 {
+                    366
+                } else {
+                    365
+                };
+            }
+            let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+            let months = [
+                31,
+                if leap { 29 } else { 28 },
+                31,
+                30,
+                31,
+                30,
+                31,
+                31,
+                30,
+                31,
+                30,
+                31,
+            ];
+            n += months[..(m - 1) as usize].iter().sum::<i64>() + i64::from(d) - 1;
+            n as i32
+        };
+        let fy = Derived::FiscalYear("d");
+        let fq = Derived::FiscalQuarter("d");
+        for (y, m, d, want_fy, want_q) in [
+            (2025, 9, 30, 2025, 4),
+            (2025, 10, 1, 2026, 1),
+            (2025, 12, 31, 2026, 1),
+            (2026, 1, 1, 2026, 2),
+            (2026, 3, 31, 2026, 2),
+            (2026, 4, 1, 2026, 3),
+            (2026, 7, 1, 2026, 4),
+            (2024, 2, 29, 2024, 2),
+        ] {
+            let days = day(y, m, d);
+            assert_eq!(
+                (fy.value(days), fq.value(days)),
+                (want_fy, want_q),
+                "{y}-{m}-{d}"
+            );
+        }
+    }
+
+    #[test]
+    fn version_one_is_a_prefix() {
+        assert_eq!(Table::Experience.columns_of_version(1).len(), 18);
+        assert_eq!(Table::Operational.columns_of_version(1).len(), 16);
+        for t in Table::ALL {
+            assert_eq!(t.columns_of_version(SCHEMA_VERSION), t.columns());
+        }
     }
 
     #[test]

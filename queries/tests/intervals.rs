@@ -47,7 +47,11 @@ fn context() -> SessionContext {
         Arc::new(Date32Array::from(vec![Some(20_000); PEOPLE])),
     ];
     columns.extend(std::iter::repeat_n(score, 7));
-    let batch = RecordBatch::try_new(Table::Experience.arrow_schema(), columns).unwrap();
+    let batch = Table::Experience
+        .complete_v1_batch(
+            &RecordBatch::try_new(Table::Experience.arrow_schema_of_version(1), columns).unwrap(),
+        )
+        .unwrap();
     let ctx = SessionContext::new();
     cxfed_queries::context::register_functions(&ctx);
     ctx.register_table(

@@ -90,8 +90,16 @@ fn shard(s: usize, rows: usize) -> (RecordBatch, RecordBatch) {
     )));
     o.push(text(&|i| schema::OUTCOMES[i % 4].to_string()));
     (
-        RecordBatch::try_new(Table::Experience.arrow_schema(), e).unwrap(),
-        RecordBatch::try_new(Table::Operational.arrow_schema(), o).unwrap(),
+        Table::Experience
+            .complete_v1_batch(
+                &RecordBatch::try_new(Table::Experience.arrow_schema_of_version(1), e).unwrap(),
+            )
+            .unwrap(),
+        Table::Operational
+            .complete_v1_batch(
+                &RecordBatch::try_new(Table::Operational.arrow_schema_of_version(1), o).unwrap(),
+            )
+            .unwrap(),
     )
 }
 

@@ -1,0 +1,379 @@
+//! `cxfed import touchpoints`: GSA Touchpoints "CX Data Collection" response exports (the
+//! FY2024+ A-11 form) into the `experience` table.
+//!
+//! Read from the export: `external_id`, `question_1` (thumbs: `0`/`1`; or a 1–5 trust score with
+//! `--question-1 five-point`), the fourteen `positive_*` / `negative_*` driver flags (`0`, `1`,
+//! `null` or empty) and `created_at` (ISO 8601; or `--response-date`). Every other column is
+//! ignored, and `question_4` — free text — is **never stored**: only counted.
+//!
+//! `external_id` is pseudonymized with HMAC-SHA256 under a per-node secret key
+//! (`<data_dir>/pseudonym.key`, made on first import, mode 0600): the same respondent gets the
+//! same `person_id` in every import on this node, and nobody without the key can link it back.
+//! The rows are validated (FILE:LINE:COLUMN errors against the export) and then added through
+//! [`crate::ingest`], atomically: a file with any bad row adds nothing.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use cxfed_queries::schema::{DRIVERS, Domain, Table};
+use ring::hmac;
+
+use crate::ingest::{IngestError, IngestReport, RowError};
+
+/// The per-node pseudonymization key, inside the data directory.
+pub const KEY_FILE: &str = "pseudonym.key";
+
+/// How `question_1` was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Question1 {
+    /// Thumbs up (`1`) or down (`0`): stored as `trust_thumbs_up`.
+    Thumbs,
+    /// A 1–5 agreement score: stored as `trust`.
+    FivePoint,
+}
+
+/// What every imported row shares.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    /// The agency (its code).
+    pub agency: String,
+    /// The service the survey was about.
+    pub service: String,
+    /// Channel code.
+    pub channel: String,
+    /// Priority Life Experience code.
+    pub life_experience: String,
+    /// Journey stage code.
+    pub journey_stage: String,
+    /// How `question_1` was asked.
+    pub question_1: Question1,
+    /// The response date when the export has no `created_at`.
+    pub response_date: Option<String>,
+}
+
+/// What an import did.
+#[derive(Debug, Clone)]
+pub struct ImportReport {
+    /// The rows added.
+    pub ingest: IngestReport,
+    /// Free-text answers (`question_4`) present in the file and not stored.
+    pub comments_dropped: u64,
+}
+
+/// Imports `file` into `data_dir`. On any error nothing is written.
+pub fn import(
+    data_dir: &Path,
+    file: &Path,
+    opts: &ImportOptions,
+) -> Result<ImportReport, IngestError> {
+    check_options(opts, file)?;
+    let invalid = |errors: Vec<RowError>| IngestError::Invalid {
+        file: file.to_path_buf(),
+        total: errors.len() as u64,
+        errors,
+    };
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| IngestError::Io { path, source }
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_path(file)
+        .map_err(|e| csv_error(file, e))?;
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| csv_error(file, e))?
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').to_string())
+        .collect();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let mut errors = Vec::new();
+    let mut need = |name: &str| {
+        let c = col(name);
+        if c.is_none() {
+            errors.push(RowError {
+                line: 1,
+                column: header.len() + 1,
+                reason: format!("missing column `{name}` of the Touchpoints CX response export"),
+            });
+        }
+        c
+    };
+    let external = need("external_id");
+    let q1 = need("question_1");
+    let flags: Vec<Option<usize>> = ["positive", "negative"]
+        .iter()
+        .flat_map(|side| DRIVERS.iter().map(move |d| format!("{side}_{d}")))
+        .map(|name| need(&name))
+        .collect();
+    let created = col("created_at");
+    if created.is_none() && opts.response_date.is_none() {
+        errors.push(RowError {
+            line: 1,
+            column: header.len() + 1,
+            reason: "no `created_at` column: pass --response-date YYYY-MM-DD".into(),
+        });
+    }
+    let comments = col("question_4");
+    if !errors.is_empty() {
+        return Err(invalid(errors));
+    }
+    let key = load_or_create_key(data_dir).map_err(io(data_dir))?;
+
+    // Rows, as an experience CSV in the current layout.
+    let mut out = Vec::new();
+    let columns: Vec<&str> = Table::Experience.columns().iter().map(|c| c.name).collect();
+    out.extend_from_slice(columns.join(",").as_bytes());
+    out.push(b'\n');
+    let mut comments_dropped = 0;
+    let mut rows = 0u64;
+    for record in reader.records() {
+        let record = record.map_err(|e| csv_error(file, e))?;
+        let line = record.position().map_or(0, |p| p.line());
+        let field = |c: Option<usize>| c.and_then(|c| record.get(c)).unwrap_or("").trim();
+        let mut bad = |c: Option<usize>, reason: String| {
+            errors.push(RowError {
+                line,
+                column: c.map_or(0, |c| c + 1),
+                reason,
+            })
+        };
+        rows += 1;
+        if comments.is_some_and(|c| record.get(c).is_some_and(|t| !t.trim().is_empty())) {
+            comments_dropped += 1;
+        }
+        let id = field(external);
+        if id.is_empty() {
+            bad(external, "external_id: required value is empty".into());
+        }
+        let date = match created {
+            Some(c) => {
+                let v = field(Some(c));
+                match v
+                    .get(..10)
+                    .filter(|d| crate::ingest::parse_date(d.as_bytes()).is_ok())
+                {
+                    Some(d) => d.to_string(),
+                    None => {
+                        bad(
+                            Some(c),
+                            format!("created_at: {v:?} is not an ISO 8601 date or time"),
+                        );
+                        continue;
+                    }
+                }
+            }
+            None => opts.response_date.clone().unwrap_or_default(),
+        };
+        let answer = field(q1);
+        let (trust, thumbs) = match (opts.question_1, answer) {
+            (Question1::Thumbs, "0" | "1") => ("", answer),
+            (Question1::FivePoint, "1" | "2" | "3" | "4" | "5") => (answer, ""),
+            (Question1::Thumbs, _) => {
+                bad(
+                    q1,
+                    format!("question_1: {answer:?} is not a thumbs answer (0 or 1)"),
+                );
+                continue;
+            }
+            (Question1::FivePoint, _) => {
+                bad(
+                    q1,
+                    format!("question_1: {answer:?} is not a score from 1 to 5"),
+                );
+                continue;
+            }
+        };
+        let mut flag_values = Vec::with_capacity(flags.len());
+        for &f in &flags {
+            match field(f) {
+                v @ ("0" | "1") => flag_values.push(v),
+                "" | "null" => flag_values.push(""),
+                v => {
+                    let name = f.and_then(|c| header.get(c)).map_or("flag", |h| h.as_str());
+                    bad(f, format!("{name}: {v:?} is not 0, 1 or null"));
+                }
+            }
+        }
+        if id.is_empty() || flag_values.len() != flags.len() {
+            continue;
+        }
+        let person = pseudonym(&key, "person", &[id]);
+        let case = pseudonym(&key, "case", &[id, &date]);
+        let response = pseudonym(&key, "response", &[id, &date, &line.to_string()]);
+        let a = &opts.agency;
+        let mut row: Vec<String> = vec![
+            format!("{a}-R-{response}"),
+            format!("{a}-P-{person}"),
+            format!("{a}-TP-{case}"),
+            a.clone(),
+            csv_field(&opts.service),
+            opts.life_experience.clone(),
+            opts.journey_stage.clone(),
+            opts.channel.clone(),
+            String::new(), // state
+            String::new(), // age band
+            date,
+            trust.to_string(),
+        ];
+        row.extend(std::iter::repeat_n(String::new(), 6)); // the other legacy items
+        row.extend([String::new(), String::new()]); // fiscal year and quarter: derived
+        row.push("a11_2024".into());
+        row.push(thumbs.to_string());
+        row.extend(flag_values.iter().map(|v| v.to_string()));
+        debug_assert_eq!(row.len(), columns.len());
+        out.extend_from_slice(row.join(",").as_bytes());
+        out.push(b'\n');
+    }
+    if !errors.is_empty() {
+        return Err(invalid(errors));
+    }
+    if rows == 0 {
+        return Err(invalid(vec![RowError {
+            line: 2,
+            column: 1,
+            reason: "the export has no responses".into(),
+        }]));
+    }
+    let mut temp = tempfile::Builder::new()
+        .prefix(".cxfed-touchpoints-")
+        .suffix(".csv")
+        .tempfile()
+        .map_err(io(file))?;
+    temp.write_all(&out).map_err(io(temp.path()))?;
+    temp.flush().map_err(io(temp.path()))?;
+    let ingest = crate::ingest::ingest(data_dir, Table::Experience, temp.path(), false)
+        .map_err(|e| rename_file(e, file))?;
+    Ok(ImportReport {
+        ingest,
+        comments_dropped,
+    })
+}
+
+/// Checks the command-line values every row gets against the schema, before reading the file.
+fn check_options(opts: &ImportOptions, file: &Path) -> Result<(), IngestError> {
+    let mut errors = Vec::new();
+    let mut check = |column: &str, value: &str| {
+        let Some(c) = Table::Experience.column(column) else {
+            return;
+        };
+        let ok = match c.domain {
+            Domain::Vocabulary(list) => list.contains(&value),
+            Domain::Agency => crate::ingest::is_agency_code(value.as_bytes()),
+            Domain::FreeText => {
+                !value.trim().is_empty()
+                    && value.chars().count() <= 120
+                    && !value.chars().any(char::is_control)
+            }
+            _ => true,
+        };
+        if !ok {
+            let allowed = match c.domain {
+                Domain::Vocabulary(list) => format!(" (one of: {})", list.join(", ")),
+                _ => String::new(),
+            };
+            errors.push(RowError {
+                line: 0,
+                column: 0,
+                reason: format!(
+                    "--{}: {value:?} is not allowed{allowed}",
+                    column.replace('_', "-")
+                ),
+            });
+        }
+    };
+    check("agency", &opts.agency);
+    check("service", &opts.service);
+    check("channel", &opts.channel);
+    check("life_experience", &opts.life_experience);
+    check("journey_stage", &opts.journey_stage);
+    if let Some(d) = &opts.response_date
+        && crate::ingest::parse_date(d.as_bytes()).is_err()
+    {
+        errors.push(RowError {
+            line: 0,
+            column: 0,
+            reason: format!("--response-date: {d:?} is not a date (YYYY-MM-DD)"),
+        });
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(IngestError::Invalid {
+            file: file.to_path_buf(),
+            total: errors.len() as u64,
+            errors,
+        })
+    }
+}
+
+/// A field for the generated CSV: quoted when it holds a comma or quote.
+fn csv_field(v: &str) -> String {
+    if v.contains([',', '"']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_string()
+    }
+}
+
+/// Errors from ingesting the generated rows name the export, not the temporary file.
+fn rename_file(e: IngestError, file: &Path) -> IngestError {
+    match e {
+        IngestError::Invalid { errors, total, .. } => IngestError::Invalid {
+            file: file.to_path_buf(),
+            errors,
+            total,
+        },
+        other => other,
+    }
+}
+
+fn csv_error(file: &Path, e: csv::Error) -> IngestError {
+    let line = e.position().map_or(0, |p| p.line());
+    IngestError::Invalid {
+        file: file.to_path_buf(),
+        errors: vec![RowError {
+            line,
+            column: 1,
+            reason: format!("malformed CSV: {e}"),
+        }],
+        total: 1,
+    }
+}
+
+/// 16 hex digits of HMAC-SHA256(key, purpose ‖ 0 ‖ parts joined by 0).
+fn pseudonym(key: &hmac::Key, purpose: &str, parts: &[&str]) -> String {
+    let mut ctx = hmac::Context::with_key(key);
+    ctx.update(purpose.as_bytes());
+    for p in parts {
+        ctx.update(&[0]);
+        ctx.update(p.as_bytes());
+    }
+    cxfed_protocol::signing::hex(&ctx.sign().as_ref()[..8])
+}
+
+/// The node's pseudonymization key, made (32 random bytes, mode 0600) on first use.
+fn load_or_create_key(data_dir: &Path) -> std::io::Result<hmac::Key> {
+    let path: PathBuf = data_dir.join(KEY_FILE);
+    let bytes = match std::fs::read_to_string(&path) {
+        Ok(text) => cxfed_protocol::signing::unhex(text.trim())
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| {
+                std::io::Error::other(format!("{}: not a 32-byte hex key", path.display()))
+            })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut b = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+                .map_err(|_| std::io::Error::other("random number generator failed"))?;
+            std::fs::create_dir_all(data_dir)?;
+            crate::storage::write_atomic(
+                &path,
+                format!("{}\n", cxfed_protocol::signing::hex(&b)).as_bytes(),
+                true,
+            )?;
+            b.to_vec()
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(hmac::Key::new(hmac::HMAC_SHA256, &bytes))
+}
