@@ -110,8 +110,8 @@ pub async fn run(
     let batches = match tokio::time::timeout(policy.query_timeout, execute).await {
         Err(_) => {
             return Err(PolicyRefusal::timeout(format!(
-                "the query ran longer than this node's limit of {} s",
-                policy.query_timeout.as_secs()
+                "the query ran longer than this node's limit of {:?}",
+                policy.query_timeout
             ))
             .into());
         }

@@ -251,3 +251,57 @@ async fn differencing_attack_recovers_one_person_under_k_anonymity_alone() {
     );
     fed.fed.shutdown().await;
 }
+
+/// The per-query limits: a node whose time limit is shorter than a query refuses it with
+/// CXF-P005, a node whose memory pool is too small for a query refuses it with CXF-P006, and
+/// both keep answering what fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_and_memory_limits_refuse_with_their_codes() {
+    let mut fed = Fed::start_with(3_000, Duration::from_secs(20)).await;
+    let heavy = "SELECT e.state, e.age_band, e.channel, o.outcome, COUNT(DISTINCT e.person_id) AS people, \
+                 STDDEV(o.processing_days) AS sd FROM experience e JOIN operational o ON e.case_id = o.case_id \
+                 GROUP BY e.state, e.age_band, e.channel, o.outcome";
+    let light = "SELECT COUNT(*) FROM experience";
+
+    // Time: the steward's limit (live policy) is shorter than the query takes.
+    let node = &fed.fed.nodes[0].node;
+    let mut policy = (*node.policy()).clone();
+    policy.query_timeout = Duration::from_micros(1);
+    node.set_policy(policy);
+    let r = fed.query(heavy).await;
+    let Err(QueryFailure::Refused(b)) = &r else {
+        panic!("{r:?}")
+    };
+    let ssa = b.nodes.iter().find(|n| n.agency == "SSA").unwrap();
+    assert_eq!(ssa.status, NodeState::Refused);
+    assert!(
+        ssa.error.as_deref().unwrap().starts_with("CXF-P005"),
+        "{ssa:?}"
+    );
+
+    // Memory: restart node 0 with a 64 KiB pool (the pool is sized at start).
+    let first = fed.fed.nodes.remove(0);
+    let mut config = first.node.config.clone();
+    first.shutdown().await;
+    config.policy.memory_limit_bytes = 64 * 1024;
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let small = cxfed::server::start(config, None).await.unwrap();
+    let url = format!("https://127.0.0.1:{}", small.addr.port());
+    let ask = |sql: &str| cxfed_protocol::wire::QueryRequest::new(sql).require_all(false);
+    let r = cxfed::cli::send_query(&fed.analyst, &url, &ask(heavy))
+        .await
+        .unwrap();
+    let ssa = r.nodes.iter().find(|n| n.agency == "SSA").unwrap();
+    assert!(!r.complete);
+    assert_eq!(ssa.status, NodeState::Refused);
+    assert!(
+        ssa.error.as_deref().unwrap().starts_with("CXF-P006"),
+        "{ssa:?}"
+    );
+    let r = cxfed::cli::send_query(&fed.analyst, &url, &ask(light))
+        .await
+        .unwrap();
+    assert!(r.rows[0][0].as_i64().unwrap() > 0);
+    small.shutdown().await;
+    fed.fed.shutdown().await;
+}
