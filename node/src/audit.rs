@@ -223,6 +223,22 @@ pub fn parse_line(line: &[u8]) -> Result<Entry, String> {
     Ok(entry)
 }
 
+/// The exact line a checkpoint with these signed fields must be: checkpoints carry nothing
+/// else, so no unsigned field can be added to one (the last line of a log has no successor
+/// whose chain would reveal an edit).
+pub fn canonical_checkpoint(e: &Entry) -> std::io::Result<Vec<u8>> {
+    let bare = Entry {
+        seq: e.seq,
+        time: e.time.clone(),
+        node: e.node.clone(),
+        kind: Kind::Checkpoint,
+        signature: e.signature.clone(),
+        prev_hash: e.prev_hash.clone(),
+        ..Entry::default()
+    };
+    seal(&bare).map(|(line, _)| line)
+}
+
 /// Serializes `entry` (whose `hash` is ignored) into a line with its hash, and the hash.
 fn seal(entry: &Entry) -> std::io::Result<(Vec<u8>, String)> {
     let mut e = entry.clone();

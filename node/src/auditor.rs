@@ -137,6 +137,14 @@ pub fn verify(
                     "checkpoint signature is not valid for this node's key (forged or altered)",
                 ));
             }
+            let canonical = crate::audit::canonical_checkpoint(&e)
+                .map_err(|err| problem(e.seq, err.to_string()))?;
+            if canonical.strip_suffix(b"\n") != Some(line) {
+                return Err(problem(
+                    e.seq,
+                    "checkpoint line carries fields a checkpoint does not have (altered)",
+                ));
+            }
             checkpoints += 1;
             last_checkpoint = Some(e.clone());
         }

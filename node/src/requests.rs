@@ -152,7 +152,8 @@ impl RequestChecker {
         let Some(sig) = req.signature else {
             return Err(SignatureRefusal::new("unsigned-request", "not signed"));
         };
-        if (now - sig.issued_at).abs() > FRESHNESS_SECS {
+        let skew = now.checked_sub(sig.issued_at).map(i64::unsigned_abs);
+        if skew.is_none_or(|d| d > FRESHNESS_SECS as u64) {
             return Err(SignatureRefusal::new(
                 "stale-request",
                 format!(

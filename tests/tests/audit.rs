@@ -115,6 +115,17 @@ async fn verify_catches_every_kind_of_tampering() {
     let torn = &bytes[..bytes.len() - 10];
     assert_eq!(seq_of_first_problem(torn, &key), ls.len() as u64);
 
+    // An unsigned field slipped into the final checkpoint, re-hashed.
+    let mut padded = ls.clone();
+    let last = padded.len() - 1;
+    let text = String::from_utf8(padded[last].clone()).unwrap();
+    padded[last] = reseal(
+        text.replacen("\"kind\"", "\"sql\":\"DROP\",\"kind\"", 1)
+            .as_bytes(),
+    );
+    let p = verify(&join(&padded), &key, 0, None).unwrap_err();
+    assert_eq!(p.seq, ls.len() as u64, "{p}");
+
     // A checkpoint signed by another key, and the wrong key for a clean log.
     let other = key_of(&fed, "CMS");
     let p = verify(&bytes, &other, 0, None).unwrap_err();
