@@ -13,6 +13,8 @@
 //!   TableScan | experience JOIN operational ON case_id
 //! ```
 
+use datafusion::arrow::datatypes::DataType;
+use datafusion::logical_expr::ExprSchemable;
 use std::fmt;
 
 use datafusion::common::tree_node::TreeNode;
@@ -427,6 +429,7 @@ fn check(sql: &str, plan: LogicalPlan) -> Result<ApprovedQuery, QueryError> {
     let mut kinds = Vec::with_capacity(aggregate.aggr_expr.len());
     for a in &aggregate.aggr_expr {
         kinds.push(check_aggregate(sql, a)?);
+        check_filter_type(sql, a, aggregate.input.schema())?;
     }
 
     let person = aggregate
@@ -632,6 +635,33 @@ fn is_count_persons(af: &AggregateFunction) -> bool {
         && af.params.distinct
         && af.params.args.len() == 1
         && matches!(&af.params.args[0], Expr::Column(c) if c.name == schema::PERSON_ID)
+}
+
+/// An aggregate's `FILTER (WHERE ...)` must be a condition. DataFusion plans a non-boolean one
+/// (e.g. `FILTER (WHERE 'phone')`) and only fails when it runs; refuse it here, with its place.
+fn check_filter_type(
+    sql: &str,
+    e: &Expr,
+    input: &datafusion::common::DFSchema,
+) -> Result<(), Rejection> {
+    let Expr::AggregateFunction(af) = strip_alias(e) else {
+        return Ok(());
+    };
+    let Some(f) = &af.params.filter else {
+        return Ok(());
+    };
+    match f.get_type(input) {
+        Ok(DataType::Boolean | DataType::Null) => Ok(()),
+        Ok(other) => Err(Rejection::new(
+            Rule::PlanError,
+            format!("FILTER (WHERE {f}) is of type {other}; it must be a true/false condition"),
+        )
+        .at_word(sql, "filter")),
+        Err(err) => Err(
+            Rejection::new(Rule::PlanError, format!("FILTER (WHERE {f}): {err}"))
+                .at_word(sql, "filter"),
+        ),
+    }
 }
 
 fn check_aggregate_identifiers(sql: &str, e: &Expr) -> Result<(), Rejection> {
