@@ -17,7 +17,7 @@ import duckdb
 import opendp.prelude as dp
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release" / "cxfed"
+BIN = Path(os.environ.get("CXFED_BIN", str(Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "cxfed")))
 SQL = ("SELECT life_experience, journey_stage, channel, AVG(trust) AS t FROM experience "
        "GROUP BY life_experience, journey_stage, channel")
 
