@@ -633,14 +633,20 @@ fn interval(kind: AggKind, i: usize, c: f64) -> datafusion::error::Result<Expr> 
         )
         .end()?,
         AggKind::Variance { population } => spread_noise_variance(i, population, c)?,
-        // SD = √V: Var(SD) ≈ Var(V) / 4V.
+        // SD = √V, with V's interval ±h carried through the square root: the wider side,
+        // max(√(V+h) − √V, √V − √(V−h)), which is the delta method's h/2√V for large V and
+        // stays defined (√h) when the noisy V was clamped to 0.
         AggKind::Stddev { population } => {
             let v = final_value(AggKind::Variance { population }, i, None)?;
-            when(
-                v.clone().gt(lit(0.0)),
-                spread_noise_variance(i, population, c)? / (lit(4.0) * v),
-            )
-            .end()?
+            let h = lit(crate::dp::Z95) * sqrt(spread_noise_variance(i, population, c)?);
+            let up = sqrt(v.clone() + h.clone()) - sqrt(v.clone());
+            let below = v.clone() - h;
+            let down = sqrt(v.clone())
+                - sqrt(when(below.clone().gt(lit(0.0)), below).otherwise(lit(0.0))?);
+            let half = when(up.clone().gt(down.clone()), up).otherwise(down)?;
+            // Expressed as a variance so the common 1.96·√var below gives `half`.
+            let sd = half / lit(crate::dp::Z95);
+            when(v.is_not_null(), sd.clone() * sd).end()?
         }
     };
     when(var.clone().gt(lit(0.0)), lit(crate::dp::Z95) * sqrt(var)).end()
