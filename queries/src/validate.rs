@@ -241,9 +241,16 @@ fn parse_one(state: &SessionState, sql: &str) -> Result<DFStatement, QueryError>
             } else {
                 Rule::SyntaxError
             };
+            let reason = if rule == Rule::QueryTooLarge {
+                "the query is too deeply nested or too ambiguous to parse within the parser's \
+                 recursion and backtracking limits"
+                    .to_string()
+            } else {
+                first_line(&strip_prefix(&msg))
+            };
             Rejection {
                 rule,
-                reason: first_line(&strip_prefix(&msg)),
+                reason,
                 position: position_in_message(&msg),
             }
         })?;

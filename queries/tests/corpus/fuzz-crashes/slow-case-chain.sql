@@ -1,0 +1,1 @@
+SELECT case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-case	-
