@@ -507,6 +507,24 @@ impl AuditLog {
         Ok(out)
     }
 
+    /// The newest `limit` query and partial requests, newest first (read-only: no checkpoint).
+    pub async fn recent_requests(&self, limit: usize) -> std::io::Result<Vec<Entry>> {
+        let _state = self.state.lock().await;
+        let mut bytes = Vec::new();
+        File::open(&self.path)?.read_to_end(&mut bytes)?;
+        let mut out = Vec::new();
+        for line in bytes.split(|b| *b == b'\n').rev().filter(|l| !l.is_empty()) {
+            let e = parse_line(line).map_err(std::io::Error::other)?;
+            if e.endpoint == "/v1/query" || e.endpoint == "/v1/partial" {
+                out.push(e);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn write_checkpoint(&self, state: &mut State) -> std::io::Result<Entry> {
         let mut entry = Entry {
             kind: Kind::Checkpoint,

@@ -126,6 +126,28 @@ pub enum Command {
     /// Audit logs: fetch them from nodes, verify them, reconcile them across nodes.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// A web console for your role (analyst, steward or auditor) on loopback: it holds your
+    /// certificate and talks to nodes over mTLS, so the browser needs none. Open the URL it prints.
+    Console {
+        /// A node, e.g. https://127.0.0.1:7001; the first coordinates queries (repeat for an
+        /// auditor's view of several nodes).
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+        /// Your certificate files.
+        #[command(flatten)]
+        tls: TlsArgs,
+        /// Where to listen (loopback only, unless --listen-public).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Allow a non-loopback --listen address (anyone who can reach it and has the URL acts
+        /// as you).
+        #[arg(long)]
+        listen_public: bool,
+        /// An agency's audit public key for the auditor page, AGENCY=FILE (repeatable), e.g.
+        /// SSA=data/ssa/audit-signing.pub.
+        #[arg(long = "audit-key", value_parser = parse_audit_key)]
+        audit_keys: Vec<(String, PathBuf)>,
+    },
     /// A local three-agency federation on synthetic data: certificates, data, nodes, queries.
     Demo {
         /// Keep everything in this directory instead of a temporary one.
@@ -299,6 +321,17 @@ impl From<TlsArgs> for TlsFiles {
             cert: a.cert,
             key: a.key,
         }
+    }
+}
+
+fn parse_audit_key(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((agency, path)) if !agency.is_empty() && !path.is_empty() => {
+            Ok((agency.to_uppercase(), PathBuf::from(path)))
+        }
+        _ => Err(format!(
+            "{s:?}: expected AGENCY=FILE, e.g. SSA=audit-signing.pub"
+        )),
     }
 }
 
@@ -610,6 +643,31 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 }
                 None => print!("{csv}"),
             }
+            Ok(())
+        }
+        Command::Console {
+            nodes,
+            tls,
+            listen,
+            listen_public,
+            audit_keys,
+        } => {
+            let console = crate::console::start(crate::console::ConsoleOptions {
+                nodes,
+                tls: tls.into(),
+                listen,
+                listen_public,
+                audit_keys,
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            println!(
+                "cxfed console ({}) at {}\nopen it in your browser; Ctrl-C to stop",
+                console.role.as_str(),
+                console.url
+            );
+            shutdown_signal().await;
+            console.shutdown().await;
             Ok(())
         }
         Command::Demo { dir, serve, people } => {

@@ -294,6 +294,12 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     audit_federation(&fed, &dir).await?;
 
     if opts.serve {
+        let consoles = start_consoles(&fed, &dir).await?;
+        println!("Web consoles (open a URL in a browser on this machine):");
+        for c in &consoles {
+            println!("  {:<8} {}", c.role.as_str(), c.url);
+        }
+        println!();
         let c = fed.tls("SSA", "analyst");
         println!("The federation keeps running (Ctrl-C to stop). Query it as the SSA analyst:\n");
         println!(
@@ -311,10 +317,53 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
                 .join(", ")
         );
         crate::cli::shutdown_signal().await;
+        for c in consoles {
+            c.shutdown().await;
+        }
     }
     fed.shutdown().await;
     println!("demo finished in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// One console per role of SSA's people: the analyst and the steward talk to SSA's node, the
+/// auditor to every node, with every node's audit key.
+pub async fn start_consoles(
+    fed: &LocalFederation,
+    dir: &Path,
+) -> Result<Vec<crate::console::RunningConsole>, DemoError> {
+    let mut out = Vec::new();
+    for role in ["analyst", "steward", "auditor"] {
+        let auditor = role == "auditor";
+        let nodes = if auditor {
+            (0..fed.nodes.len()).map(|i| fed.url(i)).collect()
+        } else {
+            vec![fed.url(0)]
+        };
+        let audit_keys = if auditor {
+            AGENCIES
+                .iter()
+                .map(|a| {
+                    let key = dir.join("data").join(a.to_lowercase());
+                    (a.to_string(), key.join(crate::audit::PUBLIC_KEY_FILE))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        out.push(
+            crate::console::start(crate::console::ConsoleOptions {
+                nodes,
+                tls: fed.tls("SSA", role),
+                listen: ([127, 0, 0, 1], 0).into(),
+                listen_public: false,
+                audit_keys,
+            })
+            .await
+            .map_err(err)?,
+        );
+    }
+    Ok(out)
 }
 
 /// Fetches every node's audit log as the SSA auditor, verifies each against the node's audit

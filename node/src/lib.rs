@@ -21,6 +21,7 @@
 //! - [`requests`]: checking analysts' signed requests (signature, chain, freshness, replay).
 //! - [`ledger`]: the per-analyst privacy-budget ledger.
 //! - [`server`]: the axum HTTPS server and its routes.
+//! - [`console`]: the local web console for analysts, stewards and auditors (`cxfed console`).
 //! - [`output`]: table / JSON / CSV rendering of results.
 //! - [`demo`]: the self-contained three-agency demo.
 //! - [`cli`]: command-line parsing and dispatch.
@@ -31,6 +32,7 @@ pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod coordinator;
 pub mod demo;
 pub mod engine;

@@ -10,6 +10,8 @@
 //! | `GET /v1/health`    | any           | liveness                                 |
 //! | `GET /v1/audit`     | auditor       | this node's query log (`?since=SEQ`)     |
 //! | `GET /v1/budget`    | steward       | privacy budget used and left per analyst |
+//! | `GET /v1/policy`    | steward       | the policy in force                      |
+//! | `GET /v1/activity`  | steward       | recent requests this node answered       |
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -324,6 +326,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/audit", get(audit))
         .route("/v1/budget", get(budget))
+        .route("/v1/policy", get(policy))
+        .route("/v1/activity", get(activity))
         .fallback(|| async { ApiError::NotFound })
         .with_state(node)
 }
@@ -873,6 +877,79 @@ async fn budget(
     .into_response())
 }
 
+async fn policy(
+    State(node): State<Arc<Node>>,
+    Extension(tls): Extension<Arc<TlsInfo>>,
+) -> Result<Response, ApiError> {
+    let who = node.authorize(&tls, "/v1/policy", &[Role::Steward]).await?;
+    node.record_access("/v1/policy", &who, None).await?;
+    let p = node.policy();
+    Ok(axum::Json(serde_json::json!({
+        "agency": node.config.agency,
+        "allowed_agencies": p.allowed_agencies,
+        "hidden_dimensions": p.hidden_dimensions,
+        "k": p.k,
+        "max_groups": p.max_groups,
+        "rate_limit_per_minute": p.rate_limit_per_minute,
+        "query_timeout_secs": p.query_timeout.as_secs_f64(),
+        "memory_limit_mb": p.memory_limit_bytes / (1024 * 1024),
+        "privacy": match &p.dp {
+            None => serde_json::json!({"mode": "k-only"}),
+            Some(d) => serde_json::json!({
+                "mode": "dp",
+                "epsilon_per_query": d.epsilon_per_query,
+                "delta": d.delta,
+                "budget_epsilon": d.budget_epsilon,
+                "budget_period_days": d.budget_period.as_secs() / 86_400,
+                "max_groups_per_person": d.max_groups_per_person,
+                "max_rows_per_person": d.max_rows_per_person,
+            }),
+        },
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct ActivityParams {
+    #[serde(default = "default_activity")]
+    limit: usize,
+}
+
+fn default_activity() -> usize {
+    50
+}
+
+/// A steward's view of what this node was asked: the newest query and partial requests, with
+/// their decisions (the full, verifiable log is the auditor's `/v1/audit`).
+async fn activity(
+    State(node): State<Arc<Node>>,
+    Extension(tls): Extension<Arc<TlsInfo>>,
+    params: Result<Query<ActivityParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let who = node
+        .authorize(&tls, "/v1/activity", &[Role::Steward])
+        .await?;
+    let Query(params) = params.map_err(|e| ApiError::BadRequest(format!("limit: {e}")))?;
+    node.record_access("/v1/activity", &who, None).await?;
+    let entries = node
+        .audit
+        .recent_requests(params.limit.min(1000))
+        .await
+        .map_err(|e| ApiError::Internal(format!("audit log: {e}")))?;
+    let rows: Vec<serde_json::Value> = entries
+        .into_iter()
+        .map(|e| {
+            serde_json::json!({
+                "seq": e.seq, "time": e.time, "query_id": e.query_id, "endpoint": e.endpoint,
+                "analyst": e.analyst, "peer": e.peer, "sql": e.sql, "decision": e.decision,
+                "code": e.code, "groups_released": e.groups_released,
+                "groups_withheld": e.groups_withheld, "epsilon_spent": e.epsilon_spent,
+            })
+        })
+        .collect();
+    Ok(axum::Json(rows).into_response())
+}
+
 async fn health(
     State(node): State<Arc<Node>>,
     Extension(tls): Extension<Arc<TlsInfo>>,
@@ -935,6 +1012,7 @@ async fn schema(
         tables.push(SchemaTable {
             name: t.name().into(),
             rows,
+            last_ingest: crate::storage::last_ingest(&node.config.data_dir, t),
             columns,
         });
     }

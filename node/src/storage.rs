@@ -124,6 +124,19 @@ fn parquet_columns(file: &Path) -> io::Result<usize> {
         .len())
 }
 
+/// When the newest data file of `table` was written (RFC 3339, UTC), if there is one.
+pub fn last_ingest(data_dir: &Path, table: Table) -> Option<String> {
+    let newest = data_files(data_dir, table)
+        .ok()?
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .max()?;
+    Some(
+        chrono::DateTime::<chrono::Utc>::from(newest)
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
+}
+
 /// The file extension of a table's data files.
 pub const DATA_FILE_EXTENSION: &str = "parquet";
 

@@ -265,6 +265,9 @@ pub struct SchemaTable {
     pub name: String,
     /// Rows this node holds.
     pub rows: u64,
+    /// When data was last added (RFC 3339, UTC), if ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ingest: Option<String>,
     /// Columns.
     pub columns: Vec<SchemaColumn>,
 }

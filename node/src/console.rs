@@ -1,0 +1,582 @@
+//! `cxfed console`: a local web console for analysts, stewards and auditors.
+//!
+//! Like `kubectl proxy`, it runs on the user's own machine, holds the user's certificate and key,
+//! and talks to nodes over mTLS, so no browser ever needs a client certificate. The pages adapt
+//! to the role in the certificate (a node certificate is refused: it is not a person's). The
+//! console has no privileges of its own: every request goes to a node with the user's identity,
+//! and the node decides, as it would for the CLI.
+//!
+//! The browser side is guarded against other pages and other users of the machine:
+//! - it listens on loopback unless told `--listen-public`;
+//! - it prints one URL with a random token; opening it trades the token for an `HttpOnly`,
+//!   `SameSite=Strict` cookie, and every `/api/*` call needs that cookie;
+//! - requests whose `Host` is not the console's own address (DNS rebinding) or whose `Origin`
+//!   is another site are refused;
+//! - a strict Content-Security-Policy: the embedded assets only, no inline script, no other
+//!   origin, no framing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use cxfed_protocol::wire::{ErrorBody, QueryRequest};
+use cxfed_protocol::{Identity, Role};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::audit::{Entry, PublicKey};
+use crate::cli::{QueryFailure, send_query};
+use crate::client::AnalystClient;
+use crate::tls::{TlsError, TlsFiles};
+
+const INDEX_HTML: &str = include_str!("console/index.html");
+const APP_JS: &str = include_str!("console/app.js");
+const APP_CSS: &str = include_str!("console/app.css");
+const COOKIE: &str = "cxfed_console";
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+                   connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
+/// Audit entries per node sent to the page (the whole log is still verified).
+const AUDIT_ENTRIES_SHOWN: usize = 2000;
+
+/// How to run a console.
+#[derive(Debug, Clone)]
+pub struct ConsoleOptions {
+    /// Nodes to talk to; the first coordinates queries.
+    pub nodes: Vec<String>,
+    /// The user's certificate files.
+    pub tls: TlsFiles,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Allow a non-loopback `listen` address.
+    pub listen_public: bool,
+    /// Audit public keys by agency, for the auditor page.
+    pub audit_keys: Vec<(String, PathBuf)>,
+}
+
+/// Why a console could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// A non-loopback address without `--listen-public`.
+    #[error(
+        "--listen {0}: not a loopback address; the console holds your key and would serve anyone \
+         who can reach it. Pass --listen-public to do it anyway"
+    )]
+    NotLoopback(SocketAddr),
+    /// No `--node`.
+    #[error("--node: give at least one node URL")]
+    NoNode,
+    /// A node URL that is not https.
+    #[error("--node {0}: must be an https:// URL")]
+    BadNode(String),
+    /// Certificate files.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A node's certificate.
+    #[error(
+        "--cert: {0} is a node identity; open the console with an analyst, steward or auditor certificate"
+    )]
+    NodeRole(String),
+    /// An audit key.
+    #[error("--audit-key {path}: {reason}")]
+    AuditKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No randomness for the login token.
+    #[error("the operating system's random generator failed")]
+    Random,
+    /// Binding the listener.
+    #[error("--listen {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A console serving in the background.
+#[derive(Debug)]
+pub struct RunningConsole {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// The role of its user.
+    pub role: Role,
+    /// The URL to open (carries the one-time login token).
+    pub url: String,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningConsole {
+    /// Stops serving.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(());
+        let _ = self.task.await;
+    }
+}
+
+struct Console {
+    token: String,
+    identity: Identity,
+    nodes: Vec<String>,
+    client: AnalystClient,
+    ca: PathBuf,
+    keys: BTreeMap<String, PublicKey>,
+    hosts: Vec<String>,
+    listen_public: bool,
+}
+
+/// Checks the options, binds and starts serving.
+pub async fn start(opts: ConsoleOptions) -> Result<RunningConsole, ConsoleError> {
+    if !opts.listen.ip().is_loopback() && !opts.listen_public {
+        return Err(ConsoleError::NotLoopback(opts.listen));
+    }
+    if opts.nodes.is_empty() {
+        return Err(ConsoleError::NoNode);
+    }
+    if let Some(bad) = opts.nodes.iter().find(|n| !n.starts_with("https://")) {
+        return Err(ConsoleError::BadNode(bad.clone()));
+    }
+    let identity = crate::client::own_identity(&opts.tls.cert)?;
+    if identity.role() == Role::Node {
+        return Err(ConsoleError::NodeRole(identity.to_string()));
+    }
+    let mut keys = BTreeMap::new();
+    for (agency, path) in &opts.audit_keys {
+        let text = std::fs::read_to_string(path).map_err(|e| ConsoleError::AuditKey {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let key = PublicKey::parse(&text).map_err(|reason| ConsoleError::AuditKey {
+            path: path.clone(),
+            reason,
+        })?;
+        keys.insert(agency.to_uppercase(), key);
+    }
+    let client = AnalystClient::new(&opts.tls, Duration::from_secs(300))?;
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| ConsoleError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ConsoleError::Bind {
+        addr: opts.listen,
+        source,
+    })?;
+    let token = new_token()?;
+    let mut hosts = vec![addr.to_string(), format!("localhost:{}", addr.port())];
+    if addr.ip().is_unspecified() {
+        hosts.clear();
+    }
+    let role = identity.role();
+    let console = Arc::new(Console {
+        token: token.clone(),
+        identity,
+        nodes: opts
+            .nodes
+            .iter()
+            .map(|n| n.trim_end_matches('/').into())
+            .collect(),
+        client,
+        ca: opts.tls.ca.clone(),
+        keys,
+        hosts,
+        listen_public: opts.listen_public,
+    });
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let app = router(console);
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = rx.await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "console stopped");
+        }
+    });
+    tracing::info!(%addr, role = role.as_str(), "console listening");
+    Ok(RunningConsole {
+        addr,
+        role,
+        url: format!("http://{addr}/?token={token}"),
+        shutdown: tx,
+        task,
+    })
+}
+
+fn new_token() -> Result<String, ConsoleError> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| ConsoleError::Random)?;
+    Ok(cxfed_protocol::signing::hex(&bytes))
+}
+
+fn router(console: Arc<Console>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/app.js", get(|| asset("text/javascript", APP_JS)))
+        .route("/app.css", get(|| asset("text/css", APP_CSS)))
+        .route("/api/whoami", get(whoami))
+        .route("/api/examples", get(examples))
+        .route("/api/node/{index}/{what}", get(node_get))
+        .route("/api/query", post(query))
+        .route("/api/explain", post(explain))
+        .route("/api/audit", get(audit))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
+        .layer(middleware::from_fn_with_state(console.clone(), guard))
+        .with_state(console)
+}
+
+fn same(a: &str, b: &str) -> bool {
+    let (da, db) = (
+        ring::digest::digest(&ring::digest::SHA256, a.as_bytes()),
+        ring::digest::digest(&ring::digest::SHA256, b.as_bytes()),
+    );
+    da.as_ref() == db.as_ref()
+}
+
+fn has_session(console: &Console, headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .any(|(name, value)| name == COOKIE && same(value, &console.token))
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    tracing::warn!(
+        status = status.as_u16(),
+        reason = message,
+        "console refused a request"
+    );
+    (status, message.to_string()).into_response()
+}
+
+/// Host and Origin checks everywhere, the session cookie on `/api/*`, and security headers on
+/// every answer.
+async fn guard(State(console): State<Arc<Console>>, req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let mut resp = if !console.listen_public && !console.hosts.iter().any(|h| h == host) {
+        refuse(StatusCode::FORBIDDEN, "unexpected Host header")
+    } else if headers
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .is_some_and(|o| o.strip_prefix("http://") != Some(host))
+    {
+        refuse(StatusCode::FORBIDDEN, "cross-origin request")
+    } else if req.uri().path().starts_with("/api/") && !has_session(&console, headers) {
+        refuse(
+            StatusCode::UNAUTHORIZED,
+            "no console session: open the URL `cxfed console` printed",
+        )
+    } else {
+        next.run(req).await
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+#[derive(Debug, Deserialize)]
+struct IndexParams {
+    token: Option<String>,
+}
+
+/// The page; with `?token=`, trades the token for the session cookie and redirects to `/` so
+/// the token leaves the address bar and history.
+async fn index(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    Query(params): Query<IndexParams>,
+) -> Response {
+    if let Some(token) = params.token {
+        if !same(&token, &console.token) {
+            return refuse(StatusCode::UNAUTHORIZED, "wrong console token");
+        }
+        let cookie = format!(
+            "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
+            console.token
+        );
+        return (
+            StatusCode::SEE_OTHER,
+            [
+                (header::SET_COOKIE, cookie),
+                (header::LOCATION, "/".to_string()),
+            ],
+        )
+            .into_response();
+    }
+    if !has_session(&console, &headers) {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "no console session: open the URL `cxfed console` printed",
+        );
+    }
+    asset("text/html; charset=utf-8", INDEX_HTML).await
+}
+
+async fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+async fn whoami(State(console): State<Arc<Console>>) -> Response {
+    let id = &console.identity;
+    axum::Json(json!({
+        "identity": id.to_string(),
+        "federation": id.federation(),
+        "agency": id.agency(),
+        "role": id.role().as_str(),
+        "name": id.name(),
+        "nodes": console.nodes,
+        "audit_keys": console.keys.keys().collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+async fn examples() -> Response {
+    let mut list: Vec<Value> = crate::demo::QUERIES
+        .iter()
+        .map(|(title, sql)| json!({"title": title, "sql": sql}))
+        .collect();
+    list.push(json!({"title": crate::demo::REFUSED.0, "sql": crate::demo::REFUSED.1}));
+    axum::Json(list).into_response()
+}
+
+/// JSON from a node, or a transport error as `502` with a message.
+async fn node_json(
+    req: reqwest::RequestBuilder,
+    url: &str,
+) -> Result<(StatusCode, Bytes), Response> {
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| transport(format!("{url}: {e}")))?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| transport(format!("{url}: {e}")))?;
+    Ok((status, bytes))
+}
+
+fn transport(message: String) -> Response {
+    tracing::warn!(error = %message, "console could not reach a node");
+    (
+        StatusCode::BAD_GATEWAY,
+        axum::Json(json!({"code": "CXF-C502", "kind": "unreachable", "message": message})),
+    )
+        .into_response()
+}
+
+fn json_bytes(status: StatusCode, bytes: Bytes) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct ActivityParams {
+    limit: Option<u32>,
+}
+
+/// A read-only node endpoint, passed through: the node checks the role.
+async fn node_get(
+    State(console): State<Arc<Console>>,
+    Path((index, what)): Path<(usize, String)>,
+    Query(params): Query<ActivityParams>,
+) -> Response {
+    let Some(node) = console.nodes.get(index) else {
+        return refuse(StatusCode::NOT_FOUND, "no such node");
+    };
+    let path = match what.as_str() {
+        "schema" | "health" | "budget" | "policy" => format!("/v1/{what}"),
+        "activity" => format!("/v1/activity?limit={}", params.limit.unwrap_or(50)),
+        _ => return refuse(StatusCode::NOT_FOUND, "no such node endpoint"),
+    };
+    let url = format!("{node}{path}");
+    match node_json(console.client.http.get(&url), &url).await {
+        Ok((status, bytes)) => json_bytes(status, bytes),
+        Err(r) => r,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryForm {
+    sql: String,
+    #[serde(default)]
+    epsilon: Option<f64>,
+    #[serde(default)]
+    allow_partial: bool,
+}
+
+/// Runs a query at the first node, signed with the user's key. A refusal comes back with the
+/// node's explanation of it.
+async fn query(State(console): State<Arc<Console>>, body: Bytes) -> Response {
+    let form: QueryForm = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, &format!("request body: {e}")),
+    };
+    let req = QueryRequest::new(form.sql.clone())
+        .require_all(!form.allow_partial)
+        .epsilon(form.epsilon);
+    match send_query(&console.client, &console.nodes[0], &req).await {
+        Ok(resp) => axum::Json(json!({"ok": true, "result": resp})).into_response(),
+        Err(QueryFailure::Refused(body)) => {
+            let explain = explanation(&console, &form.sql).await.ok();
+            axum::Json(json!({"ok": false, "error": body, "explain": explain})).into_response()
+        }
+        Err(QueryFailure::Transport(message)) => axum::Json(json!({
+            "ok": false,
+            "error": ErrorBody {
+                code: "CXF-C502".into(),
+                kind: "unreachable".into(),
+                message,
+                line: None,
+                column: None,
+                query_id: None,
+                nodes: Vec::new(),
+            },
+        }))
+        .into_response(),
+    }
+}
+
+async fn explanation(console: &Console, sql: &str) -> Result<Value, Response> {
+    let url = format!("{}/v1/explain", console.nodes[0]);
+    let req = console.client.http.post(&url).json(&QueryRequest::new(sql));
+    let (status, bytes) = node_json(req, &url).await?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| transport(format!("{url}: unreadable answer: {e}")))?;
+    if status.is_success() {
+        Ok(v)
+    } else {
+        Err((status, axum::Json(v)).into_response())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExplainForm {
+    sql: String,
+}
+
+async fn explain(State(console): State<Arc<Console>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<ExplainForm>(&body) {
+        Ok(f) => match explanation(&console, &f.sql).await {
+            Ok(v) => axum::Json(v).into_response(),
+            Err(r) => r,
+        },
+        Err(e) => refuse(StatusCode::BAD_REQUEST, &format!("request body: {e}")),
+    }
+}
+
+/// Fetches every node's log, verifies each (chain, checkpoint signatures with the key given for
+/// its agency, analyst signatures against the CA), and reconciles them.
+async fn audit(State(console): State<Arc<Console>>) -> Response {
+    let mut nodes = Vec::new();
+    let mut logs: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+    for node in &console.nodes {
+        let url = format!("{node}/v1/audit");
+        let (status, bytes) = match node_json(console.client.http.get(&url), &url).await {
+            Ok(x) => x,
+            Err(_) => {
+                nodes.push(json!({"url": node, "error": format!("{url}: unreachable")}));
+                continue;
+            }
+        };
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| format!("{} {}", b.code, b.message))
+                .unwrap_or_else(|_| format!("HTTP {status}"));
+            nodes.push(json!({"url": node, "error": message}));
+            continue;
+        }
+        nodes.push(verify_log(&console, node, &bytes, &mut logs));
+    }
+    let r = crate::auditor::reconcile(&logs);
+    axum::Json(json!({
+        "nodes": nodes,
+        "reconciliation": {
+            "nodes": r.nodes,
+            "queries": r.queries,
+            "matched": r.matched,
+            "mismatches": r.mismatches.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+        },
+    }))
+    .into_response()
+}
+
+fn verify_log(
+    console: &Console,
+    url: &str,
+    bytes: &[u8],
+    logs: &mut BTreeMap<String, Vec<Entry>>,
+) -> Value {
+    let mut entries = Vec::new();
+    for (i, line) in bytes
+        .split(|b| *b == b'\n')
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty())
+    {
+        match crate::audit::parse_line(line) {
+            Ok(e) => entries.push(e),
+            Err(m) => return json!({"url": url, "error": format!("line {}: {m}", i + 1)}),
+        }
+    }
+    let agency = entries.first().map(|e| e.node.clone()).unwrap_or_default();
+    let check = match console.keys.get(&agency) {
+        None => json!({"status": "unverified", "message": format!(
+            "no audit key for {agency}: start the console with --audit-key {agency}=FILE")}),
+        Some(key) => {
+            let checker = crate::auditor::checker_for(bytes, &console.ca)
+                .ok()
+                .flatten();
+            match crate::auditor::verify(bytes, key, 0, checker.as_ref()) {
+                Ok(v) => {
+                    json!({"status": "clean", "first_seq": v.first_seq, "last_seq": v.last_seq,
+                    "checkpoints": v.checkpoints, "head_time": v.head_time,
+                    "signatures_checked": v.signatures_checked})
+                }
+                Err(p) => json!({"status": "tampered", "seq": p.seq, "message": p.message}),
+            }
+        }
+    };
+    let total = entries.len();
+    let shown: Vec<&Entry> = entries.iter().rev().take(AUDIT_ENTRIES_SHOWN).collect();
+    let out =
+        json!({"url": url, "agency": agency, "check": check, "total": total, "entries": shown});
+    logs.insert(agency, entries);
+    out
+}

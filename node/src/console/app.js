@@ -1,0 +1,501 @@
+// cxfed console: one page per role (analyst, steward, auditor), talking only to the local
+// console server (/api/*), which talks to nodes over mTLS with the user's certificate.
+// Everything a node or a log says is put on the page as text, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SVG = "http://www.w3.org/2000/svg";
+const PALETTE = ["#005ea2", "#d54309", "#00a91c", "#8168b3", "#936f38", "#e52207", "#0d7ea2", "#4d8055"];
+
+/** Builds an element: el("td", {class: "num"}, "3.2", child, ...). */
+function el(tag, attrs, ...children) {
+  const e = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v !== undefined && v !== null && v !== false) e.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+async function api(path, body) {
+  const init = body === undefined ? {} : {
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+  };
+  const r = await fetch("/api/" + path, init);
+  const text = await r.text();
+  let json = null;
+  try { json = JSON.parse(text); } catch (_) { /* not JSON */ }
+  if (!r.ok) {
+    const msg = json && json.message ? `${json.code || r.status} ${json.message}` : `${r.status} ${text}`;
+    throw new Error(msg);
+  }
+  return json;
+}
+
+function fmt(v, digits) {
+  if (v === null || v === undefined) return "—";
+  if (typeof v === "number") {
+    if (Number.isInteger(v)) return v.toLocaleString("en-US");
+    if (v !== 0 && Math.abs(v) < 0.001) return v.toExponential(1);
+    return v.toLocaleString("en-US", {maximumFractionDigits: digits ?? 3});
+  }
+  return String(v);
+}
+
+function table(node, headers, rows, numeric) {
+  node.replaceChildren(
+    el("thead", {}, el("tr", {}, headers.map((h) => el("th", {scope: "col"}, h)))),
+    el("tbody", {}, rows.map((r) => el("tr", {}, r.map((c, i) =>
+      c instanceof Node ? el("td", {}, c) : el("td", {class: numeric && numeric[i] ? "num" : null}, fmt(c)))))),
+  );
+}
+
+const hash = new URLSearchParams(location.hash.slice(1));
+
+// ---------------------------------------------------------------- charts (SVG, no library)
+
+/** Horizontal bars with optional ±interval whiskers. items: [{label, value, ci}] */
+function barChart(items, title, unit) {
+  const W = 760, rowH = 24, left = 260, right = 70, top = 26;
+  const H = top + items.length * rowH + 28;
+  const max = Math.max(1e-9, ...items.map((d) => Math.abs(d.value) + (d.ci || 0)));
+  const x = (v) => left + (W - left - right) * Math.max(0, v) / max;
+  const svg = el("svg:svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img",
+    "aria-label": `${title}: bar chart of ${items.length} groups`});
+  svg.append(el("svg:text", {x: 0, y: 16, "font-weight": 600}, title));
+  for (let t = 0; t <= 4; t++) {
+    const v = max * t / 4, gx = x(v);
+    svg.append(el("svg:line", {class: "grid", x1: gx, x2: gx, y1: top - 4, y2: H - 24}));
+    svg.append(el("svg:text", {x: gx, y: H - 8, "text-anchor": "middle"}, fmt(v, 2)));
+  }
+  items.forEach((d, i) => {
+    const y = top + i * rowH;
+    const label = d.label.length > 38 ? d.label.slice(0, 37) + "…" : d.label;
+    svg.append(el("svg:text", {x: left - 8, y: y + 16, "text-anchor": "end"}, label));
+    const bar = el("svg:rect", {class: "bar" + (d.cls ? " " + d.cls : ""), x: left, y: y + 4,
+      width: Math.max(1, x(d.value) - left), height: rowH - 8});
+    bar.append(el("svg:title", {}, `${d.label}: ${fmt(d.value)}${d.ci ? " ± " + fmt(d.ci) : ""}${unit || ""}`));
+    svg.append(bar);
+    if (d.ci) {
+      const lo = x(d.value - d.ci), hi = x(d.value + d.ci), cy = y + rowH / 2;
+      svg.append(el("svg:line", {class: "err", x1: lo, x2: hi, y1: cy, y2: cy}));
+      svg.append(el("svg:line", {class: "err", x1: lo, x2: lo, y1: cy - 5, y2: cy + 5}));
+      svg.append(el("svg:line", {class: "err", x1: hi, x2: hi, y1: cy - 5, y2: cy + 5}));
+    }
+    svg.append(el("svg:text", {x: Math.max(x(d.value), d.ci ? x(d.value + d.ci) : 0) + 6, y: y + 16},
+      fmt(d.value, 2)));
+  });
+  return svg;
+}
+
+/** Lines over an ordered x (quarters, dates), one per series, with interval whiskers. */
+function lineChart(xs, series, title) {
+  const W = 760, H = 320, left = 60, right = 50, top = 30, bottom = 50;
+  const vals = series.flatMap((s) => s.points.filter((p) => p).flatMap((p) => [p.value - (p.ci || 0), p.value + (p.ci || 0)]));
+  let lo = Math.min(...vals), hi = Math.max(...vals);
+  if (!(hi > lo)) { lo -= 1; hi += 1; }
+  const pad = (hi - lo) * 0.08; lo -= pad; hi += pad;
+  const x = (i) => left + (xs.length === 1 ? (W - left - right) / 2 : (W - left - right) * i / (xs.length - 1));
+  const y = (v) => top + (H - top - bottom) * (1 - (v - lo) / (hi - lo));
+  const svg = el("svg:svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img",
+    "aria-label": `${title}: line chart, ${series.length} series over ${xs.length} points`});
+  svg.append(el("svg:text", {x: 0, y: 16, "font-weight": 600}, title));
+  for (let t = 0; t <= 4; t++) {
+    const v = lo + (hi - lo) * t / 4;
+    svg.append(el("svg:line", {class: "grid", x1: left, x2: W - right, y1: y(v), y2: y(v)}));
+    svg.append(el("svg:text", {x: left - 6, y: y(v) + 4, "text-anchor": "end"}, fmt(v, 2)));
+  }
+  const every = Math.ceil(xs.length / 10);
+  xs.forEach((label, i) => {
+    if (i % every === 0) svg.append(el("svg:text", {x: x(i), y: H - bottom + 18, "text-anchor": "middle"}, label));
+  });
+  series.forEach((s, k) => {
+    const colour = PALETTE[k % PALETTE.length];
+    const pts = s.points.map((p, i) => p && [x(i), y(p.value), p]).filter(Boolean);
+    svg.append(el("svg:polyline", {class: "series", stroke: colour, points: pts.map((p) => p[0] + "," + p[1]).join(" ")}));
+    for (const [px, py, p] of pts) {
+      if (p.ci) svg.append(el("svg:line", {class: "err", x1: px, x2: px, y1: y(p.value - p.ci), y2: y(p.value + p.ci)}));
+      const dot = el("svg:circle", {cx: px, cy: py, r: 4, fill: colour});
+      dot.append(el("svg:title", {}, `${s.name} ${p.x}: ${fmt(p.value)}${p.ci ? " ± " + fmt(p.ci) : ""}`));
+      svg.append(dot);
+    }
+  });
+  const legend = el("div", {class: "legend"}, series.map((s, k) => {
+    const sw = el("span", {class: "swatch"});
+    sw.style.background = PALETTE[k % PALETTE.length];
+    return el("span", {}, sw, s.name);
+  }));
+  return el("div", {}, svg, legend);
+}
+
+// ---------------------------------------------------------------- analyst
+
+let last = null; // {result, measures, dims}
+
+function isTime(name, values) {
+  return /quarter|date|month|year|week/i.test(name) ||
+    values.every((v) => typeof v === "string" && /^\d{4}-\d{2}(-\d{2})?/.test(v));
+}
+
+function drawChart() {
+  const fig = $("chart");
+  const {result, dims} = last;
+  const m = Number($("measure").value);
+  if (Number.isNaN(m)) { fig.replaceChildren(el("p", {class: "muted"}, "No numeric column to chart.")); return; }
+  const name = result.columns[m];
+  const ci = (r) => (result.ci95[r] || [])[m] ?? null;
+  const rows = result.rows.map((row, r) => ({row, r})).filter(({row}) => typeof row[m] === "number");
+  const time = dims.find((d) => isTime(result.columns[d], rows.map(({row}) => row[d])));
+  if (time !== undefined && rows.length > 1) {
+    const others = dims.filter((d) => d !== time);
+    const xs = [...new Set(rows.map(({row}) => String(row[time]).slice(0, 10)))].sort();
+    const byName = new Map();
+    for (const {row, r} of rows) {
+      const s = others.map((d) => fmt(row[d])).join(" · ") || name;
+      if (!byName.has(s)) byName.set(s, new Array(xs.length).fill(null));
+      const x = String(row[time]).slice(0, 10);
+      byName.get(s)[xs.indexOf(x)] = {x, value: row[m], ci: ci(r)};
+    }
+    const series = [...byName].slice(0, PALETTE.length).map(([n, points]) => ({name: n, points}));
+    fig.replaceChildren(lineChart(xs, series, `${name} by ${result.columns[time]}`));
+  } else {
+    const items = rows.slice(0, 40).map(({row, r}) => ({
+      label: dims.map((d) => fmt(row[d])).join(" · ") || name, value: row[m], ci: ci(r),
+    }));
+    fig.replaceChildren(barChart(items, `${name}${dims.length ? " by " + dims.map((d) => result.columns[d]).join(" × ") : ""}`));
+  }
+  const n = (result.ci95 || []).some((r) => r && r[m] != null);
+  fig.append(el("figcaption", {class: "muted"}, n
+    ? "Whiskers: 95% interval of the differential-privacy noise."
+    : "Values are exact (no noise interval for this column)."));
+}
+
+function toCsv(result) {
+  const q = (v) => {
+    const s = v === null || v === undefined ? "" : String(v);
+    return /[",\n\r]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+  };
+  const withCi = (result.ci95 || []).length > 0;
+  const head = result.columns.flatMap((c, i) =>
+    withCi && result.ci95.some((r) => r && r[i] != null) ? [c, c + "_ci95"] : [c]);
+  const lines = [head.map(q).join(",")];
+  result.rows.forEach((row, r) => {
+    lines.push(row.flatMap((v, i) => withCi && result.ci95.some((x) => x && x[i] != null)
+      ? [v, (result.ci95[r] || [])[i]] : [v]).map(q).join(","));
+  });
+  return lines.join("\r\n") + "\r\n";
+}
+
+function showResult(result) {
+  const dims = [], measures = [];
+  result.columns.forEach((c, i) => {
+    const vals = result.rows.map((r) => r[i]).filter((v) => v !== null);
+    (vals.length && vals.every((v) => typeof v === "number") ? measures : dims).push(i);
+  });
+  last = {result, dims, measures};
+  $("nodes").replaceChildren(...result.nodes.map((n) => el("li", {class: n.status},
+    el("strong", {}, n.agency), ` ${n.status}`,
+    n.status === "ok" ? ` · ${fmt(n.groups)} groups` : "",
+    n.epsilon != null ? ` · ε ${fmt(n.epsilon)}` : "",
+    n.error ? ` · ${n.error}` : "")));
+  $("measure").replaceChildren(...measures.map((i) => el("option", {value: i}, result.columns[i])));
+  const prefer = measures.find((i) => /avg|mean|share|trust|satisf/i.test(result.columns[i]));
+  if (prefer !== undefined) $("measure").value = String(prefer);
+  const numeric = result.columns.map((_, i) => measures.includes(i));
+  const rows = result.rows.map((row, r) => row.map((v, i) => {
+    const ci = (result.ci95[r] || [])[i];
+    return ci != null ? el("span", {}, fmt(v), el("span", {class: "pm"}, ` ± ${fmt(ci, 3)}`)) : v;
+  }));
+  table($("rows"), result.columns, rows, numeric);
+  for (const td of $("rows").querySelectorAll("tbody td")) {
+    if (numeric[td.cellIndex]) td.classList.add("num");
+  }
+  const url = URL.createObjectURL(new Blob([toCsv(result)], {type: "text/csv"}));
+  $("csv").href = url;
+  drawChart();
+  $("result").hidden = false;
+  $("status").textContent = `${result.rows.length} rows from ${result.nodes.length} nodes · privacy ${result.privacy}` +
+    (result.suppressed_groups ? ` · ${result.suppressed_groups} groups withheld` : "") +
+    ` · query ${result.query_id}` + (result.complete ? "" : " · PARTIAL: not every node contributed");
+}
+
+function explainText(e) {
+  if (!e) return "";
+  if (e.status === "refused") {
+    return `REFUSED ${e.code} ${e.rule}` + (e.line ? ` at line ${e.line}, column ${e.column}` : "") + `\n${e.reason}`;
+  }
+  return `Accepted. Output columns: ${e.columns.join(", ")}\n\nValidated plan:\n${e.plan}\n\n` +
+    `Partial plan each node runs:\n${e.partial_plan}\n\nMerge:\n${e.merge.map((m) => "  " + m).join("\n")}\n\n` +
+    `Privacy:\n${e.privacy.map((m) => "  " + m).join("\n")}`;
+}
+
+function showRefusal(error, explain) {
+  const box = $("refusal");
+  box.replaceChildren(
+    el("p", {}, el("span", {class: "code"}, error.code), ` ${error.kind}: ${error.message}`),
+    ...[
+      error.line ? el("p", {}, `At SQL line ${error.line}, column ${error.column}.`) : null,
+      error.nodes && error.nodes.length ? el("ul", {class: "nodes"}, error.nodes.map((n) =>
+        el("li", {class: n.status}, el("strong", {}, n.agency), ` ${n.status}`, n.error ? ` — ${n.error}` : ""))) : null,
+      error.query_id ? el("p", {class: "muted"}, `query ${error.query_id}`) : null,
+    ].filter(Boolean),
+  );
+  box.hidden = false;
+  if (explain) {
+    $("explain-out").textContent = explainText(explain);
+    $("explain-box").hidden = false;
+  }
+}
+
+async function runQuery() {
+  const sql = $("sql").value.trim();
+  if (!sql) { $("status").textContent = "Type a query first."; $("sql").focus(); return; }
+  const eps = $("epsilon").value.trim();
+  $("run").disabled = true;
+  $("refusal").hidden = true; $("result").hidden = true; $("explain-box").hidden = true;
+  $("status").textContent = "Running on every node…";
+  const t = performance.now();
+  try {
+    const r = await api("query", {sql, epsilon: eps ? Number(eps) : null, allow_partial: $("partial").checked});
+    if (r.ok) {
+      showResult(r.result);
+      $("status").textContent += ` · ${Math.round(performance.now() - t)} ms`;
+    } else {
+      $("status").textContent = "Refused.";
+      showRefusal(r.error, r.explain);
+    }
+  } catch (e) {
+    $("status").textContent = "";
+    showRefusal({code: "console", kind: "error", message: e.message}, null);
+  } finally {
+    $("run").disabled = false;
+  }
+}
+
+async function runExplain() {
+  $("status").textContent = "Explaining…";
+  try {
+    const e = await api("explain", {sql: $("sql").value});
+    $("explain-out").textContent = explainText(e);
+    $("explain-box").hidden = false;
+    $("status").textContent = e.status === "refused" ? `Would be refused: ${e.code}` : "The query passes every rule.";
+  } catch (e) {
+    $("status").textContent = e.message;
+  }
+}
+
+function showSchema(schema) {
+  $("schema").replaceChildren(el("p", {class: "muted"}, `schema version ${schema.version}`),
+    ...schema.tables.map((t) => el("div", {},
+      el("h3", {}, t.name),
+      el("ul", {}, t.columns.map((c) => el("li", {},
+        el("code", {}, c.name), el("span", {class: "kind " + c.kind}, c.kind),
+        el("div", {class: "muted"}, c.type + (c.domain ? " · " + c.domain : "")))))))
+  );
+}
+
+async function analyst(who) {
+  $("analyst").hidden = false;
+  const [examples, schema] = await Promise.all([api("examples"), api("node/0/schema").catch((e) => e)]);
+  if (schema instanceof Error) $("schema").replaceChildren(el("p", {class: "bad"}, schema.message));
+  else showSchema(schema);
+  $("example").replaceChildren(el("option", {value: ""}, "— choose an example —"),
+    ...examples.map((x, i) => el("option", {value: i}, x.title)));
+  $("example").addEventListener("change", () => {
+    const x = examples[Number($("example").value)];
+    if (x) $("sql").value = x.sql;
+  });
+  $("run").addEventListener("click", runQuery);
+  $("explain").addEventListener("click", runExplain);
+  $("measure").addEventListener("change", drawChart);
+  $("sql").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); runQuery(); }
+  });
+  if (hash.has("example")) {
+    $("example").value = hash.get("example");
+    $("example").dispatchEvent(new Event("change"));
+  }
+  if (hash.has("sql")) $("sql").value = hash.get("sql");
+  if (hash.has("run")) await runQuery();
+}
+
+// ---------------------------------------------------------------- steward
+
+async function stewardLoad() {
+  const i = $("steward-node").value || "0";
+  $("steward-status").textContent = "Loading…";
+  const [schema, policy, budget, activity] = await Promise.all(
+    ["schema", "policy", "budget", "activity?limit=100"].map((p) => api(`node/${i}/${p}`).catch((e) => e)));
+  const problems = [schema, policy, budget, activity].filter((x) => x instanceof Error).map((e) => e.message);
+  if (!(schema instanceof Error)) {
+    table($("tables"), ["Table", "Rows", "Last ingest (UTC)"],
+      schema.tables.map((t) => [t.name, t.rows, t.last_ingest ? t.last_ingest.replace("T", " ").replace("Z", "") : "never"]),
+      [false, true, false]);
+  }
+  if (!(policy instanceof Error)) {
+    const p = policy, d = policy.privacy;
+    const items = [
+      ["Agency", p.agency],
+      ["Analysts allowed from", p.allowed_agencies && p.allowed_agencies.length ? p.allowed_agencies.join(", ") : "every agency in the federation"],
+      ["Hidden dimensions", p.hidden_dimensions.length ? p.hidden_dimensions.join(", ") : "none"],
+      ["k (minimum people per group)", p.k],
+      ["Maximum groups per query", p.max_groups],
+      ["Rate limit", `${p.rate_limit_per_minute} queries per analyst per minute`],
+      ["Query time limit", `${p.query_timeout_secs} s`],
+      ["Query memory limit", `${p.memory_limit_mb} MiB`],
+      ["Privacy mode", d.mode === "dp" ? "differential privacy" : "k-anonymity only"],
+    ];
+    if (d.mode === "dp") {
+      items.push(["ε per query", d.epsilon_per_query], ["δ", d.delta],
+        ["Budget per analyst", `ε ${d.budget_epsilon} per ${d.budget_period_days} days`],
+        ["Contribution bounds", `${d.max_groups_per_person} groups, ${d.max_rows_per_person} rows per person per query`]);
+    }
+    $("policy").replaceChildren(...items.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, fmt(v))]));
+  }
+  if (!(budget instanceof Error)) {
+    if (budget.mode !== "dp") {
+      $("budget-chart").replaceChildren(el("p", {class: "muted"}, "This node runs k-only: no privacy budget is spent."));
+    } else if (!budget.analysts.length) {
+      $("budget-chart").replaceChildren(el("p", {class: "muted"}, "No analyst has spent budget in this period."));
+    } else {
+      const items = budget.analysts.flatMap((a) => [
+        {label: `${a.analyst.split("/").slice(-3).join("/")} used`, value: a.used},
+        {label: "left", value: a.remaining, cls: "left"},
+      ]);
+      $("budget-chart").replaceChildren(barChart(items, `ε used and left of ${budget.budget_epsilon} per ${budget.period_days} days`));
+    }
+    table($("budget"), ["Analyst", "Queries", "ε used", "ε left"],
+      budget.analysts.map((a) => [a.analyst, a.queries, a.used, a.remaining]), [false, true, true, true]);
+  }
+  if (!(activity instanceof Error)) {
+    table($("activity"), ["Seq", "Time (UTC)", "Endpoint", "Analyst", "Decision", "Code", "Groups out", "Withheld", "ε", "SQL"],
+      activity.map((e) => [e.seq, e.time.replace("T", " ").replace("Z", ""), e.endpoint, e.analyst || e.peer,
+        decisionCell(e.decision), e.code, e.groups_released, e.groups_withheld, e.epsilon_spent, e.sql || ""]),
+      [true, false, false, false, false, false, true, true, true, false]);
+    for (const td of $("activity").querySelectorAll("tbody td:last-child")) td.classList.add("sql");
+  }
+  $("steward-status").textContent = problems.length ? problems.join(" · ") :
+    `Node ${i} · ${activity.length} recent requests`;
+}
+
+function decisionCell(d) {
+  return el("span", {class: d === "executed" ? "good" : d === "refused" ? "bad" : null}, d || "—");
+}
+
+async function steward(who) {
+  $("steward").hidden = false;
+  $("steward-node").replaceChildren(...who.nodes.map((n, i) => el("option", {value: i}, n)));
+  $("steward-node").addEventListener("change", stewardLoad);
+  $("steward-refresh").addEventListener("click", stewardLoad);
+  await stewardLoad();
+}
+
+// ---------------------------------------------------------------- auditor
+
+let audit = null;
+
+function options(select, values, all) {
+  const keep = select.value;
+  select.replaceChildren(el("option", {value: ""}, all), ...values.map((v) => el("option", {value: v}, v)));
+  if (values.includes(keep)) select.value = keep;
+}
+
+function drawLog() {
+  if (!audit) return;
+  const f = {node: $("f-node").value, analyst: $("f-analyst").value, decision: $("f-decision").value,
+    from: $("f-from").value, to: $("f-to").value};
+  const rows = [];
+  for (const n of audit.nodes) {
+    if (!n.entries || (f.node && n.agency !== f.node)) continue;
+    for (const e of n.entries) {
+      const who = e.analyst || e.peer || "";
+      const t = (e.time || "").slice(0, 16);
+      if (f.analyst && who !== f.analyst) continue;
+      if (f.decision && (e.decision || e.kind) !== f.decision) continue;
+      if (f.from && t < f.from) continue;
+      if (f.to && t > f.to) continue;
+      rows.push(e);
+    }
+  }
+  rows.sort((a, b) => (b.time || "").localeCompare(a.time || "") || a.node.localeCompare(b.node));
+  $("log-count").textContent = `${rows.length} ${rows.length === 1 ? "entry" : "entries"} shown`;
+  table($("log"), ["Node", "Seq", "Time (UTC)", "Kind", "Endpoint", "Analyst / peer", "Decision", "Code", "Released", "Withheld", "ε", "SQL", "Query id"],
+    rows.slice(0, 1000).map((e) => [e.node, e.seq, (e.time || "").replace("T", " ").replace("Z", ""), e.kind, e.endpoint || "",
+      e.analyst || e.peer || "", decisionCell(e.decision), e.code, e.groups_released, e.groups_withheld, e.epsilon_spent,
+      e.sql || "", e.query_id ? e.query_id.slice(0, 12) : null]),
+    [false, true, false, false, false, false, false, false, true, true, true, false, false]);
+  for (const td of $("log").querySelectorAll("tbody td:nth-child(12)")) td.classList.add("sql");
+}
+
+async function auditLoad() {
+  $("audit-refresh").disabled = true;
+  $("audit-status").textContent = "Fetching every node's log and verifying it…";
+  try {
+    audit = await api("audit");
+  } catch (e) {
+    $("audit-status").textContent = e.message;
+    $("audit-refresh").disabled = false;
+    return;
+  }
+  $("checks").replaceChildren(...audit.nodes.map((n) => {
+    if (n.error) return el("li", {class: "error"}, el("strong", {}, n.url), ` could not be read: ${n.error}`);
+    const c = n.check;
+    const text = c.status === "clean"
+      ? `chain verified: seq ${c.first_seq}–${c.last_seq}, ${c.checkpoints} signed checkpoints, ${c.signatures_checked} analyst signatures re-checked`
+      : c.status === "tampered" ? `TAMPERED: first bad entry seq ${c.seq}: ${c.message}` : c.message;
+    return el("li", {class: c.status}, el("strong", {}, n.agency), ` ${text} (${fmt(n.total)} entries)`);
+  }));
+  const r = audit.reconciliation;
+  $("reconciliation").replaceChildren(
+    el("p", {class: r.mismatches.length ? "bad" : "good"},
+      `${r.nodes.length} nodes (${r.nodes.join(", ")}), ${r.queries} coordinated queries, ${r.matched} node answers matched, ${r.mismatches.length} mismatches`),
+    ...(r.mismatches.length ? [el("ul", {}, r.mismatches.map((m) => el("li", {}, m)))] : []));
+  const entries = audit.nodes.flatMap((n) => n.entries || []);
+  options($("f-node"), audit.nodes.filter((n) => n.agency).map((n) => n.agency), "all nodes");
+  options($("f-analyst"), [...new Set(entries.map((e) => e.analyst || e.peer).filter(Boolean))].sort(), "everyone");
+  options($("f-decision"), [...new Set(entries.map((e) => e.decision || e.kind).filter(Boolean))].sort(), "any");
+  for (const k of ["node", "analyst", "decision", "from", "to"]) {
+    if (hash.has(k)) $("f-" + k).value = hash.get(k);
+  }
+  drawLog();
+  $("audit-status").textContent = `Fetched ${audit.nodes.length} logs.`;
+  $("audit-refresh").disabled = false;
+}
+
+async function auditor() {
+  $("auditor").hidden = false;
+  $("filters").addEventListener("input", drawLog);
+  $("filters").addEventListener("submit", (e) => e.preventDefault());
+  $("audit-refresh").addEventListener("click", auditLoad);
+  await auditLoad();
+}
+
+// ---------------------------------------------------------------- start
+
+async function start() {
+  let who;
+  try {
+    who = await api("whoami");
+  } catch (e) {
+    $("who").textContent = "";
+    $("fatal").textContent = `The console could not start: ${e.message}`;
+    $("fatal").hidden = false;
+    return;
+  }
+  const titles = {analyst: "Analyst", steward: "Data steward", auditor: "Auditor"};
+  $("role-title").textContent = "· " + (titles[who.role] || who.role);
+  document.title = `cxfed · ${titles[who.role] || who.role} · ${who.agency}`;
+  $("who").textContent = `${who.identity} · nodes: ${who.nodes.join(", ")}`;
+  try {
+    if (who.role === "analyst") await analyst(who);
+    else if (who.role === "steward") await steward(who);
+    else if (who.role === "auditor") await auditor(who);
+  } finally {
+    document.body.dataset.ready = "true";
+  }
+}
+
+start();
