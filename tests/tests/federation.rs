@@ -163,7 +163,7 @@ const REFUSED: &[(&str, &str)] = &[
     ),
     (
         "SELECT COUNT(*) FROM experience WHERE case_id IN (SELECT case_id FROM operational)",
-        "CXF-Q012",
+        "CXF-Q007",
     ),
     (
         "SELECT COUNT(*) FROM experience UNION ALL SELECT COUNT(*) FROM operational",

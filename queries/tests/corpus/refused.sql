@@ -209,8 +209,11 @@ SELECT COUNT(*) FROM experience e JOIN operational o ON e.case_id = o.case_id GR
 -- expect: CXF-Q012
 SELECT COUNT(*) FROM experience e JOIN operational o ON e.person_id = o.person_id
 ;;
--- expect: CXF-Q012
+-- expect: CXF-Q007
 SELECT COUNT(*) FROM experience WHERE case_id IN (SELECT case_id FROM operational)
+;;
+-- expect: CXF-Q007
+SELECT COUNT(*) FROM experience WHERE trust > (SELECT FROM experience)
 ;;
 -- expect: CXF-Q012
 SELECT COUNT(*) FROM experience WHERE person_id = person_id
