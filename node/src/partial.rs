@@ -12,7 +12,7 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::context::SessionContext;
 
 use cxfed_protocol::wire::{META_AGENCY, META_PARTIAL, META_SUPPRESSED};
-use cxfed_queries::dp::RandomSource;
+use cxfed_queries::dp::{RandomFailure, RandomSource};
 use cxfed_queries::rewrite::PartialMeta;
 use cxfed_queries::rewrite::suppress;
 use cxfed_queries::validate::{QueryError, approve};
@@ -127,14 +127,7 @@ pub async fn run(
     let (kept, suppressed_groups) = match &dp {
         None => suppress(&batches, policy.k)?,
         Some(dp) => {
-            let mut rng = OsRandom::default();
-            let noisy = dp.add_noise(&batches, &mut rng)?;
-            if rng.failed {
-                return Err(QueryError::Internal(
-                    "the operating system's random generator failed".into(),
-                )
-                .into());
-            }
+            let noisy = dp.add_noise(&batches, &mut OsRandom::default())?;
             // How many groups fell below the DP threshold is not itself protected: not reported.
             (noisy, 0)
         }
@@ -160,29 +153,25 @@ pub async fn run(
     })
 }
 
-/// The OS CSPRNG (ring's `SystemRandom`) as a noise source; records failure instead of
-/// panicking so the caller can refuse to release anything.
+/// The OS CSPRNG (ring's `SystemRandom`) as a noise source. A failure stops the sampler at
+/// once, and the caller releases nothing.
 struct OsRandom {
     rng: SystemRandom,
-    failed: bool,
 }
 
 impl Default for OsRandom {
     fn default() -> Self {
         OsRandom {
             rng: SystemRandom::new(),
-            failed: false,
         }
     }
 }
 
 impl RandomSource for OsRandom {
-    fn next_u64(&mut self) -> u64 {
+    fn next_u64(&mut self) -> Result<u64, RandomFailure> {
         let mut b = [0u8; 8];
-        if self.rng.fill(&mut b).is_err() {
-            self.failed = true;
-        }
-        u64::from_le_bytes(b)
+        self.rng.fill(&mut b).map_err(|_| RandomFailure)?;
+        Ok(u64::from_le_bytes(b))
     }
 }
 

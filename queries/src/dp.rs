@@ -7,77 +7,106 @@
 //! Randomness comes from a [`RandomSource`]: nodes use the OS CSPRNG (`ring::rand::SystemRandom`
 //! in the node crate); tests use a seeded generator.
 
+/// The random source failed: nothing may be released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the random number generator failed")]
+pub struct RandomFailure;
+
 /// A source of uniform random bits.
 pub trait RandomSource {
-    /// A uniform `u64`.
-    fn next_u64(&mut self) -> u64;
+    /// A uniform `u64`, or [`RandomFailure`] when the source cannot produce one (the caller
+    /// must then release nothing; a failed source never yields stand-in values).
+    fn next_u64(&mut self) -> Result<u64, RandomFailure>;
 }
 
 /// A uniform integer in `0..n` (n > 0), without modulo bias (rejection sampling).
-pub fn uniform_below(rng: &mut dyn RandomSource, n: u64) -> u64 {
+pub fn uniform_below(rng: &mut dyn RandomSource, n: u64) -> Result<u64, RandomFailure> {
     debug_assert!(n > 0);
+    Ok(uniform_below_wide(rng, u128::from(n))? as u64)
+}
+
+/// A uniform integer in `0..n` (n > 0) for `n` up to 2^128 − 1, by rejection: exact for every
+/// `n`, so Bernoulli trials with large denominators are never rounded.
+fn uniform_below_wide(rng: &mut dyn RandomSource, n: u128) -> Result<u128, RandomFailure> {
+    debug_assert!(n > 0);
+    let draw = |rng: &mut dyn RandomSource| -> Result<u128, RandomFailure> {
+        if n <= u128::from(u64::MAX) + 1 {
+            Ok(u128::from(rng.next_u64()?))
+        } else {
+            Ok(u128::from(rng.next_u64()?) << 64 | u128::from(rng.next_u64()?))
+        }
+    };
+    // Values are drawn uniformly from 0..=max (max = 2^64 − 1 or 2^128 − 1); keep those below
+    // the largest multiple of n, i.e. x ≤ max − ((max + 1) mod n).
     if n.is_power_of_two() {
-        return rng.next_u64() & (n - 1);
+        return Ok(draw(rng)? & (n - 1));
     }
-    let zone = u64::MAX - (u64::MAX % n) - 1;
+    let max = if n <= u128::from(u64::MAX) + 1 {
+        u128::from(u64::MAX)
+    } else {
+        u128::MAX
+    };
+    let rem = (max % n + 1) % n;
     loop {
-        let x = rng.next_u64();
-        if x <= zone {
-            return x % n;
+        let x = draw(rng)?;
+        if x <= max - rem {
+            return Ok(x % n);
         }
     }
 }
 
 /// Bernoulli(num/den), exactly.
-fn bernoulli(rng: &mut dyn RandomSource, num: u64, den: u64) -> bool {
-    uniform_below(rng, den) < num
+fn bernoulli(rng: &mut dyn RandomSource, num: u128, den: u128) -> Result<bool, RandomFailure> {
+    Ok(uniform_below_wide(rng, den)? < num)
 }
 
 /// Bernoulli(exp(-num/den)), exactly (CKS20 Algorithm 1).
-fn bernoulli_exp(rng: &mut dyn RandomSource, num: u64, den: u64) -> bool {
+fn bernoulli_exp(rng: &mut dyn RandomSource, num: u64, den: u64) -> Result<bool, RandomFailure> {
     if num <= den {
-        // γ = num/den ∈ [0, 1]
-        let mut k: u64 = 1;
+        // γ = num/den ∈ [0, 1]: K is the first k with Bernoulli(γ/k) false; return K odd.
+        let mut k: u128 = 1;
         loop {
-            // Bernoulli(γ / k)
-            if !bernoulli(rng, num, den.saturating_mul(k)) {
-                return k % 2 == 1;
+            // den·k < 2^128 for any k reachable: P(K > k) = γ^k / k!.
+            if !bernoulli(rng, u128::from(num), u128::from(den) * k)? {
+                return Ok(k % 2 == 1);
             }
             k += 1;
         }
     }
     for _ in 0..num / den {
-        if !bernoulli_exp(rng, 1, 1) {
-            return false;
+        if !bernoulli_exp(rng, 1, 1)? {
+            return Ok(false);
         }
     }
     bernoulli_exp(rng, num % den, den)
 }
 
 /// A draw from the discrete Laplace distribution with scale `t/s` (t, s ≥ 1):
-/// P(X = x) ∝ exp(−|x|·s/t) (CKS20 Algorithm 2).
-pub fn discrete_laplace(rng: &mut dyn RandomSource, t: u64, s: u64) -> i64 {
+/// P(X = x) ∝ exp(−|x|·s/t) (CKS20 Algorithm 2). Arithmetic is in 128 bits, so nothing
+/// saturates; a magnitude beyond `i64` (probability below 2^-60 at any scale cxfed uses) is
+/// clamped to `i64::MAX`.
+pub fn discrete_laplace(rng: &mut dyn RandomSource, t: u64, s: u64) -> Result<i64, RandomFailure> {
     assert!(
         t >= 1 && s >= 1,
         "discrete Laplace needs a positive rational scale"
     );
     loop {
-        let u = uniform_below(rng, t);
-        if !bernoulli_exp(rng, u, t) {
+        let u = uniform_below(rng, t)?;
+        if !bernoulli_exp(rng, u, t)? {
             continue;
         }
-        let mut v: u64 = 0;
-        while bernoulli_exp(rng, 1, 1) {
+        let mut v: u128 = 0;
+        while bernoulli_exp(rng, 1, 1)? {
             v += 1;
         }
-        let x = u + t.saturating_mul(v);
-        let y = x / s;
-        let negative = bernoulli(rng, 1, 2);
+        let x = u128::from(u) + u128::from(t) * v;
+        let y = x / u128::from(s);
+        let negative = bernoulli(rng, 1, 2)?;
         if negative && y == 0 {
             continue;
         }
         let y = i64::try_from(y).unwrap_or(i64::MAX);
-        return if negative { -y } else { y };
+        return Ok(if negative { -y } else { y });
     }
 }
 
@@ -113,7 +142,7 @@ impl Scale {
     }
 
     /// Draws noise at this scale.
-    pub fn sample(self, rng: &mut dyn RandomSource) -> i64 {
+    pub fn sample(self, rng: &mut dyn RandomSource) -> Result<i64, RandomFailure> {
         discrete_laplace(rng, self.t, self.s)
     }
 }
@@ -137,12 +166,16 @@ pub fn ci95(var: f64) -> f64 {
 /// The normal quantile of a two-sided 95% interval.
 pub const Z95: f64 = 1.96;
 
-/// Threshold τ for DP partition selection: a group whose true distinct-person count is 1 is
-/// released (noisy count ≥ τ) with probability at most δ, given Laplace noise of scale `b` on
-/// the count: τ = 1 + b·ln(1/(2δ)). Never below `k`.
-pub fn partition_threshold(b: f64, delta: f64, k: u64) -> f64 {
-    let tau = 1.0 + b * (1.0 / (2.0 * delta)).ln();
-    tau.max(k as f64)
+/// Threshold τ for DP partition selection. A person contributes to at most `g` groups; a group
+/// made by them alone (true distinct-person count 1) must be released (noisy count ≥ τ) with
+/// probability at most δ/g, so that all of them together stay within δ. The noise on the count
+/// is discrete Laplace of scale `b` (P(X ≥ z) = p^z/(1 + p), p = e^(−1/b)), so τ = 1 + z for
+/// the least integer z with g·p^z/(1 + p) ≤ δ. Never below `k`.
+pub fn partition_threshold(b: f64, delta: f64, k: u64, g: u64) -> f64 {
+    let p = (-1.0 / b).exp();
+    let g = g.max(1) as f64;
+    let z = (b * (g / (delta * (1.0 + p))).ln()).ceil().max(0.0);
+    (1.0 + z).max(k as f64)
 }
 
 /// A deterministic generator for tests and simulations (SplitMix64). Not for real noise.
@@ -150,12 +183,12 @@ pub fn partition_threshold(b: f64, delta: f64, k: u64) -> f64 {
 pub struct SplitMix64(pub u64);
 
 impl RandomSource for SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    fn next_u64(&mut self) -> Result<u64, RandomFailure> {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        Ok(z ^ (z >> 31))
     }
 }
 
@@ -165,7 +198,9 @@ mod tests {
 
     fn draws(t: u64, s: u64, n: usize, seed: u64) -> Vec<i64> {
         let mut rng = SplitMix64(seed);
-        (0..n).map(|_| discrete_laplace(&mut rng, t, s)).collect()
+        (0..n)
+            .map(|_| discrete_laplace(&mut rng, t, s).expect("rng"))
+            .collect()
     }
 
     #[test]
@@ -209,12 +244,55 @@ mod tests {
         assert!((pos / neg - 1.0).abs() < 0.03);
     }
 
+    /// A source that fails after `n` draws.
+    struct Failing(u64);
+    impl RandomSource for Failing {
+        fn next_u64(&mut self) -> Result<u64, RandomFailure> {
+            if self.0 == 0 {
+                return Err(RandomFailure);
+            }
+            self.0 -= 1;
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn a_failing_random_source_stops_the_sampler_instead_of_looping() {
+        // All-zero bits would make Bernoulli(exp(-1)) loop forever; a failure must surface.
+        for n in [0, 1, 5, 100] {
+            assert_eq!(discrete_laplace(&mut Failing(n), 3, 1), Err(RandomFailure));
+        }
+    }
+
+    #[test]
+    fn wide_uniform_is_exact_beyond_64_bits() {
+        let mut rng = SplitMix64(9);
+        let n: u128 = (1u128 << 64) * 3;
+        let mut thirds = [0u32; 3];
+        for _ in 0..30_000 {
+            let x = uniform_below_wide(&mut rng, n).expect("rng");
+            assert!(x < n);
+            thirds[(x >> 64) as usize] += 1;
+        }
+        assert!(
+            thirds.iter().all(|&c| (9_500..10_500).contains(&c)),
+            "{thirds:?}"
+        );
+        // Huge scales no longer saturate: the draw is still symmetric around 0.
+        let big = 1u64 << 60;
+        let xs: Vec<i64> = (0..2_000)
+            .map(|_| discrete_laplace(&mut rng, big, 1).expect("rng"))
+            .collect();
+        let pos = xs.iter().filter(|&&x| x > 0).count();
+        assert!((800..1200).contains(&pos), "{pos}");
+    }
+
     #[test]
     fn uniform_below_is_unbiased() {
         let mut rng = SplitMix64(1);
         let mut counts = [0u32; 6];
         for _ in 0..60_000 {
-            counts[uniform_below(&mut rng, 6) as usize] += 1;
+            counts[uniform_below(&mut rng, 6).expect("rng") as usize] += 1;
         }
         assert!(
             counts.iter().all(|&c| (9_500..10_500).contains(&c)),
@@ -235,19 +313,33 @@ mod tests {
     fn threshold_bounds_the_release_of_a_single_person() {
         let b = 2.0;
         let delta = 1e-5;
-        let tau = partition_threshold(b, delta, 1);
+        let tau = partition_threshold(b, delta, 1, 1);
         // P(1 + noise ≥ τ) ≤ δ, checked by simulation at a larger δ where it is measurable.
         let delta_big = 0.01;
-        let tau_big = partition_threshold(b, delta_big, 1);
         let mut rng = SplitMix64(3);
-        let n = 200_000;
-        let released = (0..n)
-            .filter(|_| 1.0 + Scale { t: 2, s: 1 }.sample(&mut rng) as f64 >= tau_big)
-            .count();
+        let n = 400_000;
+        for g in [1u64, 4] {
+            let tau_big = partition_threshold(b, delta_big, 1, g);
+            let released = (0..n)
+                .filter(|_| {
+                    1.0 + Scale { t: 2, s: 1 }.sample(&mut rng).expect("rng") as f64 >= tau_big
+                })
+                .count() as f64
+                / n as f64;
+            // Exact: P(X ≥ τ − 1) = p^(τ−1)/(1+p) ≤ δ/g, and not far below it (τ is the least).
+            assert!(released <= delta_big / g as f64 * 1.1, "g={g}: {released}");
+            let p = (-1.0f64 / b).exp();
+            let looser = p.powf(tau_big - 2.0) / (1.0 + p);
+            assert!(
+                looser > delta_big / g as f64,
+                "g={g}: τ is not the least threshold"
+            );
+        }
+        assert!(tau > partition_threshold(b, delta_big, 1, 1));
         assert!(
-            (released as f64 / n as f64) <= delta_big * 1.2,
-            "{released}"
+            partition_threshold(b, delta, 1, 10) > tau,
+            "more groups per person, higher τ"
         );
-        assert!(tau > tau_big && partition_threshold(b, delta, 50) == 50.0);
+        assert_eq!(partition_threshold(b, delta, 50, 1), 50.0);
     }
 }

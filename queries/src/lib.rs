@@ -26,3 +26,6 @@ pub mod rewrite;
 pub mod rules;
 pub mod schema;
 pub mod validate;
+
+#[cfg(test)]
+mod testdata;

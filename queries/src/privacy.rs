@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BooleanArray, Int64Array, RecordBatch};
+use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch};
 use arrow::compute::filter_record_batch;
 use datafusion::functions::math::expr_fn::random;
 use datafusion::functions_aggregate::{count::count_udaf, sum::sum_udaf};
@@ -171,10 +171,124 @@ pub fn bounds(e: &Expr) -> Option<(f64, f64)> {
             ("coalesce", args) => args
                 .iter()
                 .try_fold(None, |acc, a| Some(union(acc, Some(bounds(a)?))))?,
+            ("greatest" | "least", args) if !args.is_empty() => {
+                let all: Option<Vec<(f64, f64)>> = args.iter().map(bounds).collect();
+                let all = all?;
+                let pick = |f: fn(f64, f64) -> f64, xs: &mut dyn Iterator<Item = f64>| xs.reduce(f);
+                if f.func.name() == "greatest" {
+                    Some((
+                        pick(f64::max, &mut all.iter().map(|b| b.0))?,
+                        pick(f64::max, &mut all.iter().map(|b| b.1))?,
+                    ))
+                } else {
+                    Some((
+                        pick(f64::min, &mut all.iter().map(|b| b.0))?,
+                        pick(f64::min, &mut all.iter().map(|b| b.1))?,
+                    ))
+                }
+            }
             _ => None,
         },
         _ => None,
     }
+}
+
+/// Largest per-person bound on a sum of squares, R·h² (and on a sum, R·h), in fixed-point
+/// units: with it no partial sum overflows `i64` for fewer than 2^32 people in a group (a row's
+/// square is at most 2^31, a group's sum at most 2^32 · 2^31).
+pub const MAX_PERSON_BOUND: u64 = 1 << 31;
+
+/// The fixed-point factor F for an argument and its half-range h = ⌈(hi − lo)/2 · F⌉: F = 1 for
+/// integer-typed arguments with integral bounds and centre, else the largest of 1000, 100, 10,
+/// 1 for which one person's bound (R·h for sums, R·h² for spreads) stays within
+/// [`MAX_PERSON_BOUND`]. An error says why no factor fits.
+fn fixed_point(
+    arg: &Expr,
+    schema: &datafusion::common::DFSchema,
+    (lo, hi): (f64, f64),
+    r: u64,
+    spread: bool,
+) -> Result<(f64, u64), String> {
+    let center = (lo + hi) / 2.0;
+    let integral = integer_valued(arg, schema)
+        && lo.fract() == 0.0
+        && hi.fract() == 0.0
+        && center.fract() == 0.0;
+    let candidates: &[f64] = if integral {
+        &[1.0]
+    } else {
+        &[FIXED_POINT, 100.0, 10.0, 1.0]
+    };
+    for &factor in candidates {
+        let half = ((hi - lo) / 2.0 * factor).ceil().max(1.0);
+        if !half.is_finite() || half > MAX_PERSON_BOUND as f64 {
+            continue;
+        }
+        let half = half as u64;
+        let bound = if spread {
+            half.checked_mul(half).and_then(|x| x.checked_mul(r))
+        } else {
+            half.checked_mul(r)
+        };
+        if bound.is_some_and(|b| b <= MAX_PERSON_BOUND) {
+            return Ok((factor, half));
+        }
+    }
+    Err(format!(
+        "too wide a range for exact noise (one person's {} would exceed 2^31); narrow it, e.g. by dividing by a constant",
+        if spread { "sum of squares" } else { "sum" }
+    ))
+}
+
+/// Whether `e` only takes integer values (an integer or boolean column or literal, or casts,
+/// sums, products, negations, CASE branches and whole-number roundings of such), even when
+/// its type is a float (AVG's argument is cast to DOUBLE).
+fn integer_valued(e: &Expr, schema: &datafusion::common::DFSchema) -> bool {
+    use datafusion::logical_expr::ExprSchemable;
+    let int_type = |t: &arrow::datatypes::DataType| {
+        t.is_integer() || *t == arrow::datatypes::DataType::Boolean
+    };
+    match e {
+        Expr::Alias(a) => integer_valued(&a.expr, schema),
+        Expr::Column(_) => e.get_type(schema).is_ok_and(|t| int_type(&t)),
+        Expr::Literal(v, _) => int_type(&v.data_type()),
+        Expr::Cast(Cast { expr, .. }) | Expr::TryCast(TryCast { expr, .. }) => {
+            integer_valued(expr, schema)
+        }
+        Expr::Negative(x) => integer_valued(x, schema),
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            matches!(op, Operator::Plus | Operator::Minus | Operator::Multiply)
+                && integer_valued(left, schema)
+                && integer_valued(right, schema)
+        }
+        Expr::Case(Case {
+            when_then_expr,
+            else_expr,
+            ..
+        }) => {
+            when_then_expr
+                .iter()
+                .all(|(_, t)| integer_valued(t, schema))
+                && else_expr.as_ref().is_none_or(|x| integer_valued(x, schema))
+        }
+        Expr::ScalarFunction(f) => match (f.func.name(), f.args.as_slice()) {
+            ("floor" | "ceil" | "round" | "trunc", [_]) => true,
+            ("abs" | "greatest" | "least" | "coalesce", args) => {
+                args.iter().all(|a| integer_valued(a, schema))
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// The product of `factors`, or an internal error if it overflows (it cannot with the bounds
+/// [`fixed_point`] enforces and the configured limits on G and R).
+fn checked(factors: &[u64]) -> Result<u64, QueryError> {
+    factors
+        .iter()
+        .try_fold(1u64, |acc, &f| acc.checked_mul(f))
+        .ok_or_else(|| QueryError::Internal(format!("sensitivity {factors:?} overflows")))
 }
 
 /// The per-person bound of a statistic, and its name.
@@ -232,7 +346,7 @@ impl ApprovedQuery {
             group_aggs.push(sum(col(&n)).alias(n.clone()));
             stats.push(Stat {
                 name: n.clone(),
-                sensitivity: g * n_cap,
+                sensitivity: checked(&[g, n_cap])?,
             });
             if matches!(kind, AggKind::Count | AggKind::CountPersons) {
                 encodings.push(Encoding {
@@ -252,9 +366,20 @@ impl ApprovedQuery {
                 .at_word(&self.sql, af.func.name())
             })?;
             let center = (lo + hi) / 2.0;
-            let integral = lo.fract() == 0.0 && hi.fract() == 0.0 && center.fract() == 0.0;
-            let factor = if integral { 1.0 } else { FIXED_POINT };
-            let half = ((hi - lo) / 2.0 * factor).ceil().max(1.0) as u64;
+            let spread = matches!(kind, AggKind::Variance { .. } | AggKind::Stddev { .. });
+            let (factor, half) =
+                fixed_point(&arg, self.aggregate.input.schema(), (lo, hi), r, spread).map_err(
+                    |why| {
+                        Rejection::new(
+                    Rule::UnboundedArgument,
+                    format!(
+                        "in differential-privacy mode the argument of {} spans {lo}..{hi}, {why}",
+                        af.func.name()
+                    ),
+                )
+                .at_word(&self.sql, af.func.name())
+                    },
+                )?;
             encodings.push(Encoding {
                 center,
                 scale: factor,
@@ -263,7 +388,9 @@ impl ApprovedQuery {
                 Box::new(arg),
                 arrow::datatypes::DataType::Float64,
             ));
-            let v = Expr::Cast(Cast::new(
+            // TRY_CAST: a NaN (never expected from bounded arithmetic) becomes NULL and so adds
+            // nothing, rather than failing the query on one row's value.
+            let v = Expr::TryCast(TryCast::new(
                 Box::new(datafusion::functions::math::expr_fn::round(vec![
                     (clamp(x, lit_f64(lo), lit_f64(hi))? - lit_f64(center)) * lit_f64(factor),
                 ])),
@@ -278,7 +405,7 @@ impl ApprovedQuery {
             group_aggs.push(sum(col(&s)).alias(s.clone()));
             stats.push(Stat {
                 name: s,
-                sensitivity: g * r * half,
+                sensitivity: checked(&[g, r, half])?,
             });
             if matches!(kind, AggKind::Variance { .. } | AggKind::Stddev { .. }) {
                 let q = format!("__a{i}_q");
@@ -293,7 +420,7 @@ impl ApprovedQuery {
                 group_aggs.push(sum(col(&q)).alias(q.clone()));
                 stats.push(Stat {
                     name: q,
-                    sensitivity: g * r * half * half,
+                    sensitivity: checked(&[g, r, half, half])?,
                 });
             }
         }
@@ -332,7 +459,7 @@ impl ApprovedQuery {
         let m = stats.len() as u64;
         let mut scales = BTreeMap::new();
         for s in &stats {
-            let scale = Scale::for_epsilon(s.sensitivity.saturating_mul(m), params.epsilon)
+            let scale = Scale::for_epsilon(checked(&[s.sensitivity, m])?, params.epsilon)
                 .ok_or_else(|| {
                     QueryError::Internal(format!(
                         "cannot calibrate noise for ε = {}",
@@ -341,7 +468,7 @@ impl ApprovedQuery {
                 })?;
             scales.insert(s.name.clone(), scale);
         }
-        let threshold = partition_threshold(scales[PERSONS].value(), params.delta, params.k);
+        let threshold = partition_threshold(scales[PERSONS].value(), params.delta, params.k, g);
         let meta = PartialMeta {
             dp: true,
             epsilon: Some(params.epsilon),
@@ -382,9 +509,17 @@ impl DpPartial {
                     .ok_or_else(|| {
                         QueryError::Internal(format!("{} is not Int64", field.name()))
                     })?;
-                let noisy: Int64Array = (0..values.len())
-                    .map(|r| Some(values.value(r).saturating_add(scale.sample(rng))))
-                    .collect();
+                let mut noisy = Vec::with_capacity(values.len());
+                for r in 0..values.len() {
+                    if values.is_null(r) {
+                        return Err(QueryError::Internal(format!("{} is null", field.name())));
+                    }
+                    let noise = scale
+                        .sample(rng)
+                        .map_err(|e| QueryError::Internal(e.to_string()))?;
+                    noisy.push(Some(values.value(r).saturating_add(noise)));
+                }
+                let noisy = Int64Array::from(noisy);
                 if field.name() == PERSONS {
                     for (r, k) in keep.iter_mut().enumerate() {
                         *k = noisy.value(r) as f64 >= self.threshold;

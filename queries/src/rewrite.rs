@@ -494,13 +494,18 @@ fn ci_name(i: usize) -> String {
 /// multiplied or divided by a constant. Anything else (e.g. a ratio of two aggregates) has no
 /// derived interval.
 fn aggregate_index(e: &Expr, names: &[String]) -> Option<(usize, f64)> {
-    let constant = |e: &Expr| match e {
-        Expr::Literal(v, _) => match v.cast_to(&DataType::Float64).ok()? {
-            ScalarValue::Float64(Some(x)) if x.is_finite() => Some(x),
+    fn constant(e: &Expr) -> Option<f64> {
+        match e {
+            Expr::Literal(v, _) => match v.cast_to(&DataType::Float64).ok()? {
+                ScalarValue::Float64(Some(x)) if x.is_finite() => Some(x),
+                _ => None,
+            },
+            // The analyzer casts literals to the other operand's type.
+            Expr::Cast(c) => constant(&c.expr),
+            Expr::TryCast(c) => constant(&c.expr),
             _ => None,
-        },
-        _ => None,
-    };
+        }
+    }
     match e {
         Expr::Alias(a) => aggregate_index(&a.expr, names),
         Expr::Cast(c) => aggregate_index(&c.expr, names),

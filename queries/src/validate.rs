@@ -17,10 +17,13 @@ use datafusion::arrow::datatypes::DataType;
 use datafusion::logical_expr::ExprSchemable;
 use std::fmt;
 
-use datafusion::common::tree_node::TreeNode;
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, DataFusionError};
 use datafusion::execution::context::{SQLOptions, SessionState};
 use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::expr_rewriter::NamePreserver;
 use datafusion::logical_expr::{Aggregate, Expr, JoinType, LogicalPlan, Operator};
 use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::Statement;
@@ -234,7 +237,8 @@ pub async fn approve(state: &SessionState, sql: &str) -> Result<ApprovedQuery, Q
         .with_allow_statements(false)
         .verify_plan(&plan)
         .map_err(|e| Rejection::new(Rule::NotAQuery, first_line(&e.to_string())))?;
-    check(sql, plan)
+    let checked = check(sql, plan)?;
+    harden(state, checked)
 }
 
 /// Refuses, before DataFusion plans anything, the nesting cxfed never accepts: subqueries in
@@ -455,21 +459,7 @@ fn quoted_name(msg: &str) -> Option<String> {
 
 /// Checks a planned query; see the module docs for the shape it must have.
 fn check(sql: &str, plan: LogicalPlan) -> Result<ApprovedQuery, QueryError> {
-    let mut upper = Vec::new();
-    let mut node = &plan;
-    let aggregate = loop {
-        match node {
-            LogicalPlan::Projection(_)
-            | LogicalPlan::Filter(_)
-            | LogicalPlan::Sort(_)
-            | LogicalPlan::Limit(_) => {
-                upper.push(node.clone());
-                node = node.inputs()[0];
-            }
-            LogicalPlan::Aggregate(a) => break a.clone(),
-            other => return Err(shape_rejection(sql, other, false).into()),
-        }
-    };
+    let (upper, aggregate) = split(&plan).map_err(|other| shape_rejection(sql, other, false))?;
 
     // Identifiers first: whatever else is wrong, a query that touches an identifier is refused
     // for that.
@@ -487,9 +477,14 @@ fn check(sql: &str, plan: LogicalPlan) -> Result<ApprovedQuery, QueryError> {
         check_aggregate_identifiers(sql, a)?;
     }
 
-    for n in upper.iter().chain(below.iter()) {
+    for n in &upper {
         for e in node_expressions(n) {
-            check_expr(sql, &e)?;
+            check_expr(sql, &e, false)?;
+        }
+    }
+    for n in &below {
+        for e in node_expressions(n) {
+            check_expr(sql, &e, true)?;
         }
     }
     for g in &aggregate.group_expr {
@@ -516,6 +511,153 @@ fn check(sql: &str, plan: LogicalPlan) -> Result<ApprovedQuery, QueryError> {
         aggregate,
         kinds,
         person,
+    })
+}
+
+/// The plan nodes above the aggregate (top first) and the aggregate; or the first node that is
+/// neither.
+fn split(plan: &LogicalPlan) -> Result<(Vec<LogicalPlan>, Aggregate), &LogicalPlan> {
+    let mut upper = Vec::new();
+    let mut node = plan;
+    loop {
+        match node {
+            LogicalPlan::Projection(_)
+            | LogicalPlan::Filter(_)
+            | LogicalPlan::Sort(_)
+            | LogicalPlan::Limit(_) => {
+                upper.push(node.clone());
+                node = node.inputs()[0];
+            }
+            LogicalPlan::Aggregate(a) => return Ok((upper, a.clone())),
+            other => return Err(other),
+        }
+    }
+}
+
+/// Makes the approved plan safe to run on hostile input, without changing any answer it gives on
+/// valid data:
+///
+/// - DataFusion's analyzer runs first, so the casts it inserts to reconcile types are visible;
+/// - under the aggregate (where rows are read) every expression becomes *total*: a cast becomes
+///   TRY_CAST, integer division and remainder by 0 give NULL and by −1 cannot overflow, and
+///   integer `abs` cannot overflow. Otherwise one row's value could make a query fail, and
+///   whether a query failed is itself a disclosure (a bit about that row, with no noise);
+/// - `experience JOIN operational ON case_id` also requires the two rows to name the same
+///   person, so a mislinked case can never carry one person's data into another's
+///   contribution bound.
+fn harden(state: &SessionState, q: ApprovedQuery) -> Result<ApprovedQuery, QueryError> {
+    let analyzed = state
+        .analyzer()
+        .execute_and_check(q.plan.clone(), state.config_options(), |_, _| {})
+        .map_err(|e| plan_error(&q.sql, e))?;
+    let (upper, aggregate) = split(&analyzed).map_err(|n| {
+        QueryError::Internal(format!("analyzed plan changed shape at {}", n.display()))
+    })?;
+    let hardened = LogicalPlan::Aggregate(aggregate)
+        .transform_up(harden_node)?
+        .data;
+    let mut plan = hardened.clone();
+    for node in upper.iter().rev() {
+        plan = node.with_new_exprs(node.expressions(), vec![plan])?;
+    }
+    let (upper, aggregate) = split(&plan).map_err(|n| {
+        QueryError::Internal(format!("hardened plan changed shape at {}", n.display()))
+    })?;
+    if plan.schema().as_arrow() != q.plan.schema().as_arrow() {
+        return Err(QueryError::Internal(
+            "hardening changed the query's output schema".into(),
+        ));
+    }
+    Ok(ApprovedQuery {
+        plan,
+        upper,
+        aggregate,
+        ..q
+    })
+}
+
+fn harden_node(node: LogicalPlan) -> datafusion::error::Result<Transformed<LogicalPlan>> {
+    match node {
+        LogicalPlan::Join(j) => {
+            let person = |side: &LogicalPlan| {
+                side.schema()
+                    .qualified_field_with_unqualified_name(schema::PERSON_ID)
+                    .map(|(q, _)| Expr::Column(Column::new(q.cloned(), schema::PERSON_ID)))
+            };
+            let same_person = person(&j.left)?.eq(person(&j.right)?);
+            let filter = Some(match j.filter.clone() {
+                Some(f) => f.and(same_person),
+                None => same_person,
+            });
+            Ok(Transformed::yes(LogicalPlan::Join(
+                datafusion::logical_expr::Join { filter, ..j },
+            )))
+        }
+        LogicalPlan::Filter(_) | LogicalPlan::Aggregate(_) => {
+            let input = Arc::clone(node.inputs()[0].schema());
+            let names = NamePreserver::new(&node);
+            node.map_expressions(|e| {
+                let saved = names.save(&e);
+                let out = e.transform_up(|x| total_expr(x, &input))?;
+                Ok(if out.transformed {
+                    Transformed::yes(saved.restore(out.data))
+                } else {
+                    out
+                })
+            })
+        }
+        other => Ok(Transformed::no(other)),
+    }
+}
+
+/// One step of [`harden`] on an expression (children already rewritten).
+fn total_expr(
+    e: Expr,
+    schema: &datafusion::common::DFSchema,
+) -> datafusion::error::Result<Transformed<Expr>> {
+    use datafusion::logical_expr::{BinaryExpr, Cast, TryCast, when};
+    use datafusion::scalar::ScalarValue;
+    Ok(match e {
+        Expr::Cast(Cast { expr, field }) => {
+            Transformed::yes(Expr::TryCast(TryCast { expr, field }))
+        }
+        Expr::BinaryExpr(BinaryExpr { left, op, right })
+            if matches!(op, Operator::Divide | Operator::Modulo)
+                && left.get_type(schema)?.is_integer()
+                && right.get_type(schema)?.is_integer() =>
+        {
+            let ty = left.get_type(schema)?;
+            let rty = right.get_type(schema)?;
+            let zero = Expr::Literal(ScalarValue::new_zero(&rty)?, None);
+            let minus_one = Expr::Literal(ScalarValue::new_negative_one(&rty)?, None);
+            let guarded = Expr::BinaryExpr(BinaryExpr::new(
+                left.clone(),
+                op,
+                Box::new(datafusion::functions::core::expr_fn::nullif(
+                    *right.clone(),
+                    zero,
+                )),
+            ));
+            // x / −1 = −x (wrapping, as DataFusion's integer arithmetic does); x % −1 = 0.
+            let by_minus_one = match op {
+                Operator::Divide => Expr::Negative(left),
+                _ => Expr::Literal(ScalarValue::new_zero(&ty)?, None),
+            };
+            Transformed::yes(when((*right).eq(minus_one), by_minus_one).otherwise(guarded)?)
+        }
+        Expr::ScalarFunction(f)
+            if f.func.name() == "abs"
+                && f.args.len() == 1
+                && f.args[0].get_type(schema)?.is_integer() =>
+        {
+            // abs(MIN) overflows and fails; greatest(x, −x) is abs(x) elsewhere and MIN there.
+            let x = f.args[0].clone();
+            Transformed::yes(datafusion::functions::core::expr_fn::greatest(vec![
+                x.clone(),
+                Expr::Negative(Box::new(x)),
+            ]))
+        }
+        other => Transformed::no(other),
     })
 }
 
@@ -760,12 +902,21 @@ fn strip_alias(e: &Expr) -> &Expr {
     }
 }
 
-/// Checks every sub-expression against the allow-list.
-fn check_expr(sql: &str, e: &Expr) -> Result<(), Rejection> {
+/// Functions allowed over aggregates but not on rows (under the aggregate): `power` fails on
+/// some values (0 to a negative power), and a failure that depends on one row's value discloses
+/// it.
+pub const AGGREGATE_ONLY_FUNCTIONS: &[&str] = &["power"];
+
+/// Checks every sub-expression against the allow-list. `below` is true for expressions that
+/// see rows (WHERE, aggregate arguments and filters), which must not be able to fail on a
+/// value: no `power`, no casts to DECIMAL (decimal arithmetic overflows and fails), no
+/// INTERVAL arithmetic, literal LIKE patterns and literal ROUND/TRUNC precisions.
+fn check_expr(sql: &str, e: &Expr, below: bool) -> Result<(), Rejection> {
     use datafusion::common::tree_node::TreeNodeRecursion;
     let mut err = None;
     let _ = e.apply(|x| {
-        let r = match x {
+        let r = if below { row_safety(sql, x) } else { Ok(()) };
+        let r = r.and_then(|()| match x {
             Expr::Alias(_)
             | Expr::Column(_)
             | Expr::Literal(..)
@@ -846,7 +997,7 @@ fn check_expr(sql: &str, e: &Expr) -> Result<(), Rejection> {
                 Rule::FunctionNotAllowed,
                 format!("expression {} is not allowed", other.variant_name()),
             )),
-        };
+        });
         match r {
             Ok(()) => Ok(TreeNodeRecursion::Continue),
             Err(rej) => {
@@ -858,6 +1009,68 @@ fn check_expr(sql: &str, e: &Expr) -> Result<(), Rejection> {
     match err {
         Some(r) => Err(r),
         None => Ok(()),
+    }
+}
+
+/// The row-level restrictions of [`check_expr`] for one expression node.
+fn row_safety(sql: &str, x: &Expr) -> Result<(), Rejection> {
+    use datafusion::scalar::ScalarValue;
+    let unsafe_type = |t: &DataType| {
+        matches!(
+            t,
+            DataType::Decimal32(..)
+                | DataType::Decimal64(..)
+                | DataType::Decimal128(..)
+                | DataType::Decimal256(..)
+                | DataType::Interval(_)
+                | DataType::Duration(_)
+        )
+    };
+    match x {
+        Expr::ScalarFunction(f) if AGGREGATE_ONLY_FUNCTIONS.contains(&f.func.name()) => Err(
+            Rejection::new(
+                Rule::FunctionNotAllowed,
+                format!(
+                    "{} may be applied to aggregates (e.g. {}(STDDEV(x), 2)) but not to row values",
+                    f.func.name(),
+                    f.func.name()
+                ),
+            )
+            .at_word(sql, f.func.name()),
+        ),
+        Expr::ScalarFunction(f)
+            if matches!(f.func.name(), "round" | "trunc")
+                && f.args.get(1).is_some_and(|p| !matches!(p, Expr::Literal(..))) =>
+        {
+            Err(Rejection::new(
+                Rule::FunctionNotAllowed,
+                format!("the precision of {} must be a constant", f.func.name()),
+            )
+            .at_word(sql, f.func.name()))
+        }
+        Expr::Cast(c) if unsafe_type(c.field.data_type()) => Err(Rejection::new(
+            Rule::FunctionNotAllowed,
+            format!("casts to {} are not supported; use DOUBLE", c.field.data_type()),
+        )
+        .at_word(sql, "cast")),
+        Expr::TryCast(c) if unsafe_type(c.field.data_type()) => Err(Rejection::new(
+            Rule::FunctionNotAllowed,
+            format!("casts to {} are not supported; use DOUBLE", c.field.data_type()),
+        )
+        .at_word(sql, "try_cast")),
+        Expr::Literal(v, _) if unsafe_type(&v.data_type()) && !matches!(v, ScalarValue::Null) => {
+            Err(Rejection::new(
+                Rule::FunctionNotAllowed,
+                "INTERVAL and DECIMAL values are not supported; compare dates with DATE 'YYYY-MM-DD' literals",
+            )
+            .at_word(sql, "interval"))
+        }
+        Expr::Like(l) if !matches!(*l.pattern, Expr::Literal(..)) => Err(Rejection::new(
+            Rule::FunctionNotAllowed,
+            "the pattern of LIKE must be a constant",
+        )
+        .at_word(sql, "like")),
+        _ => Ok(()),
     }
 }
 
@@ -965,11 +1178,11 @@ fn check_aggregate(sql: &str, e: &Expr) -> Result<AggKind, Rejection> {
     }
     if kind != AggKind::CountPersons {
         for a in &af.params.args {
-            check_expr(sql, a)?;
+            check_expr(sql, a, true)?;
         }
     }
     if let Some(f) = &af.params.filter {
-        check_expr(sql, f)?;
+        check_expr(sql, f, true)?;
     }
     Ok(kind)
 }
@@ -1113,5 +1326,143 @@ mod tests {
             r.position,
             Some(crate::rules::Position { line: 3, column: 7 })
         );
+    }
+
+    /// Runs `sql` as a node would (its k-only partial plan) over `experience` and `operational`.
+    async fn run_partial(
+        ctx: &datafusion::execution::context::SessionContext,
+        sql: &str,
+    ) -> Result<Vec<datafusion::arrow::array::RecordBatch>, String> {
+        let q = approve(&ctx.state(), sql)
+            .await
+            .map_err(|e| format!("refused: {e}"))?;
+        let plan = q.partial_plan().map_err(|e| e.to_string())?;
+        ctx.execute_logical_plan(plan)
+            .await
+            .map_err(|e| e.to_string())?
+            .collect()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn survey(scores: &[&str]) -> datafusion::arrow::array::RecordBatch {
+        use crate::testdata::{all, batch};
+        let n = scores.len();
+        let people: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+        let cases: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+        let people: Vec<&str> = people.iter().map(String::as_str).collect();
+        let cases: Vec<&str> = cases.iter().map(String::as_str).collect();
+        batch(
+            Table::Experience,
+            &[
+                ("person_id", all(&people)),
+                ("case_id", all(&cases)),
+                ("agency", all(&vec!["SSA"; n])),
+                ("service", all(&vec!["Retirement \\"; n])),
+                ("channel", all(&vec!["phone"; n])),
+                ("response_date", all(&vec!["2025-08-01"; n])),
+                ("trust", all(scores)),
+            ],
+        )
+    }
+
+    /// A query that fails on one row's value tells whoever sent it something about that row,
+    /// with no noise and no k: every row-level expression must evaluate on any value.
+    #[tokio::test]
+    async fn row_values_cannot_make_a_query_fail() {
+        let ctx = crate::testdata::context(vec![survey(&["1", "3", "4", "5"])], vec![]);
+        for sql in [
+            // integer division and remainder by zero (trust = 3), and MIN / -1
+            "SELECT COUNT(*) FROM experience WHERE 10 / (trust - 3) > 0",
+            "SELECT COUNT(*) FROM experience WHERE 10 % (trust - 3) = 1",
+            "SELECT SUM(CASE WHEN trust = 3 THEN 1 / (trust - 3) ELSE 0 END) FROM experience",
+            "SELECT COUNT(*) FROM experience WHERE (trust + 9223372036854775804) / -1 > 0",
+            // abs(i64::MIN) overflows (trust = 4 wraps to it)
+            "SELECT COUNT(*) FROM experience WHERE abs(trust + 9223372036854775804) > 0",
+            // casts that fail on some values, explicit and implicit
+            "SELECT COUNT(*) FROM experience WHERE CAST(CASE WHEN trust = 4 THEN 'x' ELSE '1' END AS INT) = 1",
+            "SELECT COUNT(*) FROM experience WHERE CAST(trust * 100 AS TINYINT) > 0",
+            "SELECT COUNT(*) FROM experience WHERE response_date > CASE WHEN trust = 5 THEN 'garbage' ELSE '2020-01-01' END",
+        ] {
+            if let Err(e) = run_partial(&ctx, sql).await {
+                panic!("{sql}: {e}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn row_level_expressions_that_can_fail_are_refused() {
+        for (sql, word) in [
+            (
+                "SELECT COUNT(*) FROM experience WHERE power(trust - 3, -1) > 0",
+                "power",
+            ),
+            ("SELECT AVG(power(trust, 2)) FROM experience", "power"),
+            (
+                "SELECT COUNT(*) FROM experience WHERE CAST(trust AS DECIMAL(3, 1)) > 1",
+                "cast",
+            ),
+            (
+                "SELECT COUNT(*) FROM experience WHERE response_date + INTERVAL '1 day' > DATE '2025-01-01'",
+                "interval",
+            ),
+            (
+                "SELECT COUNT(*) FROM experience WHERE channel LIKE service",
+                "like",
+            ),
+            ("SELECT AVG(round(trust, trust)) FROM experience", "round"),
+        ] {
+            let ctx = planning_context().expect("context");
+            match approve(&ctx.state(), sql).await {
+                Err(QueryError::Rejected(r)) => {
+                    assert_eq!(r.rule, Rule::FunctionNotAllowed, "{sql}: {r}");
+                    assert!(r.position.is_some(), "{sql}: no position ({word})");
+                }
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+        // Over aggregates, where only released values are seen, they stay available.
+        verdict("SELECT agency, power(STDDEV(trust), 2) AS v FROM experience GROUP BY agency")
+            .await
+            .expect("power over an aggregate");
+    }
+
+    #[tokio::test]
+    async fn a_mislinked_case_joins_no_one_else() {
+        use crate::testdata::{all, batch, context};
+        let experience = batch(
+            Table::Experience,
+            &[
+                ("person_id", all(&["p1", "p2"])),
+                ("case_id", all(&["c1", "c2"])),
+                ("channel", all(&["phone", "phone"])),
+                ("trust", all(&["4", "5"])),
+            ],
+        );
+        // c2's transaction names another person (p3): it must not join p2's survey.
+        let operational = batch(
+            Table::Operational,
+            &[
+                ("person_id", all(&["p1", "p3"])),
+                ("case_id", all(&["c1", "c2"])),
+                ("channel", all(&["phone", "phone"])),
+                ("wait_minutes", all(&["10", "50"])),
+            ],
+        );
+        let ctx = context(vec![experience], vec![operational]);
+        let out = run_partial(
+            &ctx,
+            "SELECT COUNT(*) AS n, SUM(o.wait_minutes) AS w FROM experience e JOIN operational o ON e.case_id = o.case_id",
+        )
+        .await
+        .expect("runs");
+        let n = out[0]
+            .column_by_name("__a0_n")
+            .expect("count")
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::Int64Array>()
+            .expect("int")
+            .value(0);
+        assert_eq!(n, 1, "only p1's own case joins");
     }
 }

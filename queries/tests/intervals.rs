@@ -22,7 +22,7 @@ fn context() -> SessionContext {
     let mut rng = SplitMix64(42);
     let mut next = move |m: u64| {
         use cxfed_queries::dp::RandomSource;
-        (rng.next_u64() % m) as i8
+        (rng.next_u64().expect("seeded rng") % m) as i8
     };
     let trust: Vec<Option<i8>> = (0..PEOPLE)
         .map(|i| Some(if i % 3 == 0 { 5 } else { 1 + next(5) }))
