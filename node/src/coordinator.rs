@@ -42,10 +42,12 @@ pub async fn query(
     let approved = approve(&node.ctx.state(), &req.sql).await?;
     node.policy().check_query(&approved)?;
 
-    // In DP mode, a query this node cannot bound is refused before fan-out.
+    // A query this node could not answer in its own mode is refused before fan-out: in DP
+    // mode one it cannot bound, in k-only mode an argument the cell check cannot see through.
     let policy = node.policy();
-    if let Some(dp) = &policy.dp {
-        approved.dp_partial(&dp.params(policy.k, req.epsilon))?;
+    match &policy.dp {
+        Some(dp) => drop(approved.dp_partial(&dp.params(policy.k, req.epsilon))?),
+        None => drop(approved.k_partial()?),
     }
 
     let mut local_refusal = None;
@@ -91,6 +93,7 @@ pub async fn query(
     let mut statuses = Vec::new();
     let mut partials = Vec::new();
     let mut node_suppressed = 0;
+    let mut node_cells = 0;
     for (agency, result) in std::iter::once(local).chain(remote) {
         let digest = match &result {
             Ok((_, d)) => Some(d.clone()),
@@ -122,11 +125,13 @@ pub async fn query(
             Ok((p, meta)) => {
                 let groups = p.batches.iter().map(|b| b.num_rows() as u64).sum();
                 node_suppressed += p.suppressed_groups;
+                node_cells += p.suppressed_cells;
                 statuses.push(NodeStatus {
                     agency,
                     status: NodeState::Ok,
                     error: None,
                     suppressed_groups: p.suppressed_groups,
+                    suppressed_cells: p.suppressed_cells,
                     groups,
                     epsilon: meta.epsilon,
                 });
@@ -183,6 +188,7 @@ pub async fn query(
             .collect(),
         rows,
         suppressed_groups: merged.suppressed_groups + node_suppressed,
+        suppressed_cells: merged.suppressed_cells + node_cells,
         nodes: statuses,
         complete,
         privacy: if merged.dp {

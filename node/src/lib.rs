@@ -14,6 +14,7 @@
 //! - [`storage`]: the data directory layout, schema versions and migration.
 //! - [`engine`]: the node's DataFusion session over its Parquet files.
 //! - [`partial`]: what a node runs for a coordinator: re-validate, execute, suppress, encode.
+//! - [`row_bounds`]: the most rows one person holds per data file, to bound people from row counts.
 //! - [`coordinator`]: fan-out to every node, merge, final suppression.
 //! - [`policy`]: the steward's policy (who may ask, hidden dimensions, k floor, limits).
 //! - [`audit`]: the hash-chained, signed query log a node writes.
@@ -43,6 +44,7 @@ pub mod partial;
 pub mod policy;
 pub mod report;
 pub mod requests;
+pub mod row_bounds;
 pub mod server;
 pub mod storage;
 pub mod synth;

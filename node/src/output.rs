@@ -189,8 +189,16 @@ pub fn render(resp: &QueryResponse, format: Format) -> String {
             } else {
                 String::new()
             };
+            let cells = if resp.suppressed_cells > 0 {
+                format!(
+                    " · {} cell(s) withheld (empty: fewer than k people)",
+                    resp.suppressed_cells
+                )
+            } else {
+                String::new()
+            };
             format!(
-                "{t}\n{} row(s) · {} group(s) suppressed{privacy} · nodes: {}{} · query {}\n",
+                "{t}\n{} row(s) · {} group(s) suppressed{cells}{privacy} · nodes: {}{} · query {}\n",
                 resp.rows.len(),
                 resp.suppressed_groups,
                 nodes.join(", "),
@@ -253,11 +261,13 @@ mod tests {
             columns: vec!["channel".into(), "avg".into()],
             rows: vec![vec![Value::from("phone"), Value::from(3.25)]],
             suppressed_groups: 2,
+            suppressed_cells: 1,
             nodes: vec![NodeStatus {
                 agency: "SSA".into(),
                 status: NodeState::Ok,
                 error: None,
                 suppressed_groups: 0,
+                suppressed_cells: 1,
                 groups: 1,
                 epsilon: None,
             }],
@@ -268,7 +278,10 @@ mod tests {
         };
         let t = render(&resp, Format::Table);
         assert!(
-            t.contains("3.2500") && t.contains("2 group(s) suppressed") && t.contains("SSA ok"),
+            t.contains("3.2500")
+                && t.contains("2 group(s) suppressed")
+                && t.contains("1 cell(s) withheld")
+                && t.contains("SSA ok"),
             "{t}"
         );
         assert_eq!(render(&resp, Format::Csv), "channel,avg\nphone,3.25\n");

@@ -10,8 +10,10 @@ use arrow::datatypes::Schema;
 use arrow::ipc::writer::StreamWriter;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SessionContext;
+use datafusion::logical_expr::LogicalPlan;
 
-use cxfed_protocol::wire::{META_AGENCY, META_PARTIAL, META_SUPPRESSED};
+use cxfed_protocol::wire::{META_AGENCY, META_PARTIAL, META_SUPPRESSED, META_SUPPRESSED_CELLS};
+use cxfed_queries::cells::{lower_bounds, nullable, suppress_cells};
 use cxfed_queries::dp::{RandomFailure, RandomSource};
 use cxfed_queries::rewrite::PartialMeta;
 use cxfed_queries::rewrite::suppress;
@@ -20,6 +22,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::ledger::Ledger;
 use crate::policy::{Policy, PolicyRefusal};
+use crate::row_bounds::RowBounds;
 
 /// A node's answer to a partial request, ready to send.
 #[derive(Debug, Clone)]
@@ -30,6 +33,8 @@ pub struct PartialOutput {
     pub groups: u64,
     /// Groups withheld (below this node's k; 0 in `dp` mode, where the count is not released).
     pub suppressed_groups: u64,
+    /// Cells withheld within released groups (`k-only`: a region with 1 to k − 1 people).
+    pub suppressed_cells: u64,
     /// ε spent (`dp` mode).
     pub epsilon: Option<f64>,
 }
@@ -60,18 +65,57 @@ pub struct Charge<'a> {
 
 /// Validates `sql`, checks it against `policy`, charges the analyst's budget (in `dp` mode),
 /// runs its partial plan on this node's data within the policy's time limit, then suppresses
-/// (`k-only`) or noises and selects (`dp`) groups, and encodes what may leave.
+/// groups and cells (`k-only`) or noises and selects groups (`dp`), and encodes what may leave.
 pub async fn run(
     ctx: &SessionContext,
     agency: &str,
     policy: &Policy,
     sql: &str,
     charge: Charge<'_>,
+    row_bounds: &Arc<RowBounds>,
 ) -> Result<PartialOutput, PartialError> {
     let approved = approve(&ctx.state(), sql).await?;
     policy.check_query(&approved)?;
-    let (plan, dp, meta) = match &policy.dp {
-        None => (approved.partial_plan()?, None, approved.k_only_meta()),
+    let deadline = tokio::time::Instant::now() + policy.query_timeout;
+    let run_plan = |plan: LogicalPlan| execute(ctx, plan, deadline, policy);
+    let (fields, kept, suppressed_groups, suppressed_cells, meta) = match &policy.dp {
+        None => {
+            let kp = approved.k_partial()?;
+            let fields = nullable(&Arc::new(kp.exact.schema().as_arrow().clone()))
+                .fields()
+                .clone();
+            let k = policy.k;
+            // People bounded from row counts when every person's rows are known to be few;
+            // counted exactly when the bound does not decide, or the files changed meanwhile.
+            let mut batches = None;
+            if let Some(snapshot) = row_bounds.snapshot(&approved.tables()) {
+                let rows = run_plan(kp.counting_rows.clone()).await?;
+                if snapshot.still_current() {
+                    batches =
+                        lower_bounds(&rows, &kp.support_columns, snapshot.rows_per_person, k)?;
+                }
+            }
+            let people = if batches.is_some() {
+                "bounded"
+            } else {
+                "exact"
+            };
+            let batches = match batches {
+                Some(b) => b,
+                None => run_plan(kp.exact).await?,
+            };
+            tracing::debug!(people, "k-only partial computed");
+            let (kept, groups_withheld) = suppress(&batches, k)?;
+            let (kept, cells_withheld) =
+                suppress_cells(&kept, &approved.cells(&['n', 's', 'q'])?, k)?;
+            (
+                fields,
+                kept,
+                groups_withheld,
+                cells_withheld,
+                approved.k_only_meta(),
+            )
+        }
         Some(settings) => {
             if let Some(e) = charge.requested_epsilon
                 && !(e > 0.0 && e.is_finite())
@@ -101,41 +145,21 @@ pub async fn run(
                 Ok(_) => {}
                 Err(exhausted) => return Err(PolicyRefusal::budget(exhausted.to_string()).into()),
             }
-            let meta = dp.meta.clone();
-            (dp.plan.clone(), Some(dp), meta)
-        }
-    };
-    let fields = plan.schema().as_arrow().fields().clone();
-    let execute = async { ctx.execute_logical_plan(plan).await?.collect().await };
-    let batches = match tokio::time::timeout(policy.query_timeout, execute).await {
-        Err(_) => {
-            return Err(PolicyRefusal::timeout(format!(
-                "the query ran longer than this node's limit of {:?}",
-                policy.query_timeout
-            ))
-            .into());
-        }
-        Ok(Err(e)) if is_resources_exhausted(&e) => {
-            return Err(PolicyRefusal::memory(
-                "the query needs more memory than this node's pool allows".into(),
-            )
-            .into());
-        }
-        Ok(Err(e)) => return Err(QueryError::from(e).into()),
-        Ok(Ok(b)) => b,
-    };
-    let (kept, suppressed_groups) = match &dp {
-        None => suppress(&batches, policy.k)?,
-        Some(dp) => {
+            let fields = dp.plan.schema().as_arrow().fields().clone();
+            let batches = run_plan(dp.plan.clone()).await?;
             let noisy = dp.add_noise(&batches, &mut OsRandom::default())?;
             // How many groups fell below the DP threshold is not itself protected: not reported.
-            (noisy, 0)
+            (fields, noisy, 0, 0, dp.meta.clone())
         }
     };
     let groups = kept.iter().map(|b| b.num_rows() as u64).sum();
     policy.check_groups(groups)?;
     let metadata = HashMap::from([
         (META_SUPPRESSED.to_string(), suppressed_groups.to_string()),
+        (
+            META_SUPPRESSED_CELLS.to_string(),
+            suppressed_cells.to_string(),
+        ),
         (META_AGENCY.to_string(), agency.to_string()),
         (
             META_PARTIAL.to_string(),
@@ -149,8 +173,32 @@ pub async fn run(
         ipc,
         groups,
         suppressed_groups,
+        suppressed_cells,
         epsilon: meta.epsilon,
     })
+}
+
+/// Runs `plan` before `deadline`, mapping the policy's limits to their refusals.
+async fn execute(
+    ctx: &SessionContext,
+    plan: LogicalPlan,
+    deadline: tokio::time::Instant,
+    policy: &Policy,
+) -> Result<Vec<RecordBatch>, PartialError> {
+    let run = async { ctx.execute_logical_plan(plan).await?.collect().await };
+    match tokio::time::timeout_at(deadline, run).await {
+        Err(_) => Err(PolicyRefusal::timeout(format!(
+            "the query ran longer than this node's limit of {:?}",
+            policy.query_timeout
+        ))
+        .into()),
+        Ok(Err(e)) if is_resources_exhausted(&e) => Err(PolicyRefusal::memory(
+            "the query needs more memory than this node's pool allows".into(),
+        )
+        .into()),
+        Ok(Err(e)) => Err(QueryError::from(e).into()),
+        Ok(Ok(b)) => Ok(b),
+    }
 }
 
 /// The OS CSPRNG (ring's `SystemRandom`) as a noise source. A failure stops the sampler at
@@ -204,6 +252,8 @@ pub struct DecodedPartial {
     pub batches: Vec<RecordBatch>,
     /// What the peer says it withheld.
     pub suppressed_groups: u64,
+    /// Cells the peer says it withheld.
+    pub suppressed_cells: u64,
     /// How the peer encoded and noised its partial.
     pub meta: Option<PartialMeta>,
 }
@@ -218,6 +268,12 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedPartial, String> {
             .parse()
             .map_err(|_| format!("invalid {META_SUPPRESSED} metadata"))?,
         None => return Err(format!("missing {META_SUPPRESSED} metadata")),
+    };
+    let suppressed_cells = match schema.metadata().get(META_SUPPRESSED_CELLS) {
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("invalid {META_SUPPRESSED_CELLS} metadata"))?,
+        None => 0,
     };
     let meta = match schema.metadata().get(META_PARTIAL) {
         Some(m) => Some(
@@ -237,6 +293,7 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedPartial, String> {
     Ok(DecodedPartial {
         batches,
         suppressed_groups,
+        suppressed_cells,
         meta,
     })
 }

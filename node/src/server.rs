@@ -65,6 +65,8 @@ pub struct Node {
     pub ledger: Ledger,
     /// Checks analysts' request signatures and remembers their nonces.
     pub requests: RequestChecker,
+    /// The most rows one person holds in each data file (`k-only` people bounds).
+    pub row_bounds: Arc<crate::row_bounds::RowBounds>,
 }
 
 impl std::fmt::Debug for Node {
@@ -190,7 +192,9 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
     }
     let policy = RwLock::new(Arc::new(config.policy.clone()));
     let ledger = Ledger::open(&config.data_dir).map_err(|e| data_err(&e))?;
+    let row_bounds = crate::row_bounds::RowBounds::new(&config.data_dir);
     Ok(Node {
+        row_bounds,
         config,
         ctx,
         peer_clients,
@@ -640,6 +644,7 @@ impl Node {
                     &self.policy(),
                     req.sql,
                     charge,
+                    &self.row_bounds,
                 )
                 .await
             }

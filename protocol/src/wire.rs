@@ -14,6 +14,8 @@ pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
 /// Arrow schema metadata key: groups the node withheld because they were below its own k.
 pub const META_SUPPRESSED: &str = "cxfed.suppressed_groups";
+/// Arrow schema metadata key: cells a node withheld within the groups it released.
+pub const META_SUPPRESSED_CELLS: &str = "cxfed.suppressed_cells";
 /// Arrow schema metadata key: the partial's encoding and noise scales (JSON).
 pub const META_PARTIAL: &str = "cxfed.partial";
 /// Arrow schema metadata key: the agency of the node that produced the partial.
@@ -62,6 +64,9 @@ pub struct NodeStatus {
     /// Groups this node withheld (below its own k).
     #[serde(default)]
     pub suppressed_groups: u64,
+    /// Cells this node withheld within the groups it returned (`k-only`).
+    #[serde(default)]
+    pub suppressed_cells: u64,
     /// Partial groups this node returned.
     #[serde(default)]
     pub groups: u64,
@@ -96,6 +101,10 @@ pub struct QueryResponse {
     pub rows: Vec<Vec<serde_json::Value>>,
     /// Groups withheld by the coordinator plus groups nodes reported withholding.
     pub suppressed_groups: u64,
+    /// Cells (one aggregate of a released group) withheld because a region of rows it reads
+    /// holds 1 to k − 1 people (`k-only`; NULL in `rows`): by the coordinator plus by nodes.
+    #[serde(default)]
+    pub suppressed_cells: u64,
     /// One entry per node of the federation, this node included.
     pub nodes: Vec<NodeStatus>,
     /// False when some node did not contribute (only with `require_all = false`).

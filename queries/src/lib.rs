@@ -12,12 +12,15 @@
 //! - [`rules`]: refusal codes and positions.
 //! - [`validate`]: SQL → [`ApprovedQuery`] or a [`Rejection`].
 //! - [`rewrite`]: the partial plan and the merge plan.
+//! - [`cells`]: `k-only` per-cell k: the regions of rows each aggregate reads, their people
+//!   counts (exact, or bounded from row counts), and cell suppression.
 //! - [`privacy`]: the differentially private partial plan and its noise.
 //! - [`context`]: a planning context with the CX schema and no data.
 //! - [`dp`]: exact discrete Laplace noise, calibration, partition selection.
 //! - [`explain`]: the plan, partial plan, merge and privacy rules of a query, or its refusal.
 #![forbid(unsafe_code)]
 
+pub mod cells;
 pub mod context;
 pub mod dp;
 pub mod explain;

@@ -27,7 +27,7 @@ use datafusion::functions::math::expr_fn::sqrt;
 use datafusion::functions_aggregate::{count::count_udaf, sum::sum_udaf};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    Aggregate, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, cast, col, lit, when,
+    Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, cast, col, lit, when,
 };
 use datafusion::scalar::ScalarValue;
 use serde::{Deserialize, Serialize};
@@ -37,11 +37,13 @@ use crate::validate::{AggKind, ApprovedQuery, QueryError};
 /// Name of the distinct-person count every partial group carries.
 pub const PERSONS: &str = "__persons";
 
-fn group_name(j: usize) -> String {
+/// Name of group key `j` in partials.
+pub(crate) fn group_name(j: usize) -> String {
     format!("__g{j}")
 }
 
-fn part_name(i: usize, part: char) -> String {
+/// Name of part `part` (`n` count, `s` sum, `q` sum of squares, …) of aggregate `i`.
+pub(crate) fn part_name(i: usize, part: char) -> String {
     format!("__a{i}_{part}")
 }
 
@@ -70,18 +72,17 @@ fn aggregate_parts(e: &Expr) -> Result<&AggregateFunction, QueryError> {
 }
 
 impl ApprovedQuery {
-    /// The plan each node runs on its own data: one row per group with the partial sums and
-    /// counts, and the group's distinct-person count. Never includes HAVING, ORDER BY or LIMIT.
+    /// The plan each `k-only` node runs on its own data (exactly counted): one row per group
+    /// with the partial sums and counts, the people in each region of each aggregate (see
+    /// [`crate::cells`]) and in the group. Never includes HAVING, ORDER BY or LIMIT.
     pub fn partial_plan(&self) -> Result<LogicalPlan, QueryError> {
-        let input = Arc::clone(&self.aggregate.input);
-        let schema = input.schema();
-        let groups: Vec<Expr> = self
-            .aggregate
-            .group_expr
-            .iter()
-            .enumerate()
-            .map(|(j, g)| g.clone().unalias().alias(group_name(j)))
-            .collect();
+        Ok(self.k_partial()?.exact)
+    }
+
+    /// The partial sums and counts of every aggregate, as aggregate expressions named
+    /// `__a{i}_{n,s,q}`.
+    pub(crate) fn part_aggregates(&self) -> Result<Vec<Expr>, QueryError> {
+        let schema = self.aggregate.input.schema();
         let mut aggs = Vec::new();
         for (i, (e, kind)) in self.aggregate.aggr_expr.iter().zip(&self.kinds).enumerate() {
             let af = aggregate_parts(e)?;
@@ -132,10 +133,7 @@ impl ApprovedQuery {
                 }
             }
         }
-        aggs.push(agg(count_udaf(), Expr::Column(self.person.clone()), true, None).alias(PERSONS));
-        Ok(LogicalPlan::Aggregate(Aggregate::try_new(
-            input, groups, aggs,
-        )?))
+        Ok(aggs)
     }
 
     /// The Arrow schema of the partial batches a `k-only` node returns.
@@ -189,6 +187,15 @@ impl ApprovedQuery {
         for i in 0..self.kinds.len() {
             names.extend(self.parts(i).iter().map(|p| part_name(i, *p)));
         }
+        // k-only partials carry the people in each region of each aggregate; DP partials don't.
+        if !meta.dp {
+            names.extend(
+                self.region_names()
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .flatten(),
+            );
+        }
         names.push(PERSONS.to_string());
         let fields = batch_schema.fields();
         if fields.len() != names.len() || fields.iter().zip(&names).any(|(f, n)| f.name() != n) {
@@ -208,7 +215,13 @@ impl ApprovedQuery {
             }
         }
         for f in fields.iter().skip(n_groups) {
-            let ok = if f.name().ends_with("_n") || f.name() == PERSONS {
+            let is_count = f.name().ends_with("_n")
+                || f.name() == PERSONS
+                || f.name()
+                    .rsplit('_')
+                    .next()
+                    .is_some_and(|p| p.starts_with('p'));
+            let ok = if is_count {
                 *f.data_type() == DataType::Int64
             } else {
                 f.data_type().is_numeric()
@@ -249,6 +262,9 @@ impl ApprovedQuery {
             for p in ['s', 'q', 'v', 'w', 'u'] {
                 fields.push(Field::new(part_name(i, p), DataType::Float64, true));
             }
+        }
+        for name in self.region_names()?.into_iter().flatten() {
+            fields.push(Field::new(name, DataType::Int64, true));
         }
         fields.push(Field::new(PERSONS, DataType::Int64, true));
         fields.push(Field::new(PERSONS_VARIANCE, DataType::Float64, true));
@@ -304,12 +320,15 @@ impl ApprovedQuery {
                     0.0
                 }
             };
+            // A NULL count is a cell the node withheld: its sums are NULL too.
             let s: Float64Array = (0..rows)
-                .map(|r| Some(get(&s_raw, r) / f + c * nv(r)))
+                .map(|r| n.is_valid(r).then(|| get(&s_raw, r) / f + c * nv(r)))
                 .collect();
             let q: Float64Array = (0..rows)
                 .map(|r| {
-                    Some(get(&q_raw, r) / (f * f) + 2.0 * c * get(&s_raw, r) / f + c * c * nv(r))
+                    n.is_valid(r).then(|| {
+                        get(&q_raw, r) / (f * f) + 2.0 * c * get(&s_raw, r) / f + c * c * nv(r)
+                    })
                 })
                 .collect();
             let vn = var_of(&part_name(i, 'n'));
@@ -321,6 +340,13 @@ impl ApprovedQuery {
             columns.push(Arc::new(Float64Array::from(vec![vn; rows])));
             columns.push(Arc::new(Float64Array::from(vec![vs; rows])));
             columns.push(Arc::new(Float64Array::from(vec![vq; rows])));
+        }
+        for name in self.region_names()?.into_iter().flatten() {
+            columns.push(if meta.dp {
+                arrow::array::new_null_array(&DataType::Int64, rows)
+            } else {
+                Arc::new(int(&name)?)
+            });
         }
         columns.push(Arc::new(int(PERSONS)?));
         columns.push(Arc::new(Float64Array::from(vec![var_of(PERSONS); rows])));
@@ -380,8 +406,13 @@ impl ApprovedQuery {
         let merged_schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
         let merged = ctx.execute_logical_plan(plan).await?.collect().await?;
 
-        // 2. Federation k.
+        // 2. Federation k, for groups and (k-only: no node noised its numbers) for cells.
         let (kept, suppressed_groups) = suppress(&merged, k)?;
+        let (kept, suppressed_cells) = if dp {
+            (kept, 0)
+        } else {
+            crate::cells::suppress_cells(&kept, &self.cells(&['n', 's', 'q', 'v', 'w', 'u'])?, k)?
+        };
         let min_released_persons = kept
             .iter()
             .filter_map(|b| {
@@ -446,7 +477,8 @@ impl ApprovedQuery {
             None => vec![None; out_fields],
         };
         let full = ctx.execute_logical_plan(plan).await?.collect().await?;
-        let schema: SchemaRef = Arc::new(self.plan.schema().as_arrow().clone());
+        // Nullable: a withheld cell is NULL even where the aggregate never is (COUNT).
+        let schema = crate::cells::nullable(&Arc::new(self.plan.schema().as_arrow().clone()));
         let mut batches = Vec::with_capacity(full.len());
         let mut ci95 = Vec::new();
         for b in &full {
@@ -474,6 +506,7 @@ impl ApprovedQuery {
             schema,
             batches,
             suppressed_groups,
+            suppressed_cells,
             ci95,
             dp,
             min_released_persons,
@@ -693,6 +726,9 @@ pub struct Merged {
     pub batches: Vec<RecordBatch>,
     /// Groups the coordinator withheld (below the federation k).
     pub suppressed_groups: u64,
+    /// Cells (one aggregate of one released group) the coordinator withheld: some region of
+    /// rows it reads holds 1 to k − 1 people across the nodes (`k-only`).
+    pub suppressed_cells: u64,
     /// Per output row and column: half-width of the 95% noise interval, when noised.
     pub ci95: Vec<Vec<Option<f64>>>,
     /// Whether any node added noise.

@@ -50,11 +50,14 @@ pub enum Rule {
     QueryTooLarge,
     /// In differential-privacy mode, an aggregate's argument has no declared bounds.
     UnboundedArgument,
+    /// In `k-only` mode, an aggregate's argument is more than measures, constants, linear
+    /// arithmetic (at most a product of two measures) and one CASE over them.
+    ArgumentNotAllowed,
 }
 
 impl Rule {
     /// Every rule, in code order.
-    pub const ALL: [Rule; 19] = [
+    pub const ALL: [Rule; 20] = [
         Rule::SyntaxError,
         Rule::MultipleStatements,
         Rule::NotAQuery,
@@ -74,6 +77,7 @@ impl Rule {
         Rule::GroupingSetsNotAllowed,
         Rule::QueryTooLarge,
         Rule::UnboundedArgument,
+        Rule::ArgumentNotAllowed,
     ];
 
     /// The stable code, e.g. `CXF-Q012`.
@@ -98,6 +102,7 @@ impl Rule {
             Rule::GroupingSetsNotAllowed => "CXF-Q017",
             Rule::QueryTooLarge => "CXF-Q018",
             Rule::UnboundedArgument => "CXF-Q019",
+            Rule::ArgumentNotAllowed => "CXF-Q020",
         }
     }
 
@@ -123,6 +128,7 @@ impl Rule {
             Rule::GroupingSetsNotAllowed => "grouping-sets-not-allowed",
             Rule::QueryTooLarge => "query-too-large",
             Rule::UnboundedArgument => "unbounded-argument",
+            Rule::ArgumentNotAllowed => "argument-not-allowed",
         }
     }
 

@@ -158,6 +158,21 @@ impl ApprovedQuery {
             .collect()
     }
 
+    /// The tables the query reads (both for the case_id join).
+    pub fn tables(&self) -> Vec<Table> {
+        let mut out = Vec::new();
+        let _ = self.aggregate.input.apply(|node| {
+            if let LogicalPlan::TableScan(scan) = node
+                && let Some(t) = Table::from_name(scan.table_name.table())
+                && !out.contains(&t)
+            {
+                out.push(t);
+            }
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        });
+        out
+    }
+
     /// The kind of each aggregate of the query, in plan order.
     pub fn aggregate_kinds(&self) -> &[AggKind] {
         &self.kinds
@@ -563,7 +578,7 @@ fn harden(state: &SessionState, q: ApprovedQuery) -> Result<ApprovedQuery, Query
     let (upper, aggregate) = split(&plan).map_err(|n| {
         QueryError::Internal(format!("hardened plan changed shape at {}", n.display()))
     })?;
-    if plan.schema().as_arrow() != q.plan.schema().as_arrow() {
+    if plan.schema().as_arrow() != analyzed.schema().as_arrow() {
         return Err(QueryError::Internal(
             "hardening changed the query's output schema".into(),
         ));
@@ -610,6 +625,25 @@ fn harden_node(node: LogicalPlan) -> datafusion::error::Result<Transformed<Logic
     }
 }
 
+/// A literal divisor other than 0 and −1 (the only integer divisors that fail).
+fn is_safe_divisor(e: &Expr) -> bool {
+    match e {
+        Expr::Literal(v, _) => {
+            !v.is_null()
+                && v.cast_to(&DataType::Int64).is_ok_and(|v| {
+                    !matches!(
+                        v,
+                        datafusion::scalar::ScalarValue::Int64(Some(0 | -1))
+                            | datafusion::scalar::ScalarValue::Int64(None)
+                    )
+                })
+        }
+        Expr::Cast(c) => is_safe_divisor(&c.expr),
+        Expr::TryCast(c) => is_safe_divisor(&c.expr),
+        _ => false,
+    }
+}
+
 /// One step of [`harden`] on an expression (children already rewritten).
 fn total_expr(
     e: Expr,
@@ -624,7 +658,8 @@ fn total_expr(
         Expr::BinaryExpr(BinaryExpr { left, op, right })
             if matches!(op, Operator::Divide | Operator::Modulo)
                 && left.get_type(schema)?.is_integer()
-                && right.get_type(schema)?.is_integer() =>
+                && right.get_type(schema)?.is_integer()
+                && !is_safe_divisor(&right) =>
         {
             let ty = left.get_type(schema)?;
             let rty = right.get_type(schema)?;
@@ -1375,7 +1410,7 @@ mod tests {
             // integer division and remainder by zero (trust = 3), and MIN / -1
             "SELECT COUNT(*) FROM experience WHERE 10 / (trust - 3) > 0",
             "SELECT COUNT(*) FROM experience WHERE 10 % (trust - 3) = 1",
-            "SELECT SUM(CASE WHEN trust = 3 THEN 1 / (trust - 3) ELSE 0 END) FROM experience",
+            "SELECT COUNT(*) FROM experience WHERE CASE WHEN trust = 3 THEN 1 / (trust - 3) ELSE 0 END = 0",
             "SELECT COUNT(*) FROM experience WHERE (trust + 9223372036854775804) / -1 > 0",
             // abs(i64::MIN) overflows (trust = 4 wraps to it)
             "SELECT COUNT(*) FROM experience WHERE abs(trust + 9223372036854775804) > 0",

@@ -9,11 +9,15 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::util::display::array_value_to_string;
+use datafusion::common::Column;
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, lit};
 use datafusion::prelude::SessionContext;
+use datafusion::scalar::ScalarValue;
 use serde_json::Value;
 
 use cxfed::cli::{QueryFailure, send_query};
@@ -299,10 +303,12 @@ impl Case {
         }
     }
 
-    /// The pooled answer after the same suppression as the federation: cells (agency × group)
-    /// below `K` persons are dropped as a node would, then groups below `K` as the coordinator
-    /// would. Returns the rows and the number of suppressed groups.
-    pub async fn pooled_answer(&self, ctx: &SessionContext) -> (Vec<Vec<Value>>, u64) {
+    /// The pooled answer after the same suppression as the federation: groups of one agency
+    /// below `K` persons are dropped as a node would, cells of an agency's group whose regions
+    /// hold 1 to K − 1 people are left out of their aggregate as a node would, then groups
+    /// below `K` are dropped as the coordinator would. Returns the rows, the number of
+    /// suppressed groups and the number of cells the nodes withheld.
+    pub async fn pooled_answer(&self, ctx: &SessionContext) -> (Vec<Vec<Value>>, u64, u64) {
         // 1. The cells each node would withhold.
         let keys: Vec<String> = std::iter::once(self.agency.to_string())
             .chain(self.group.iter().map(|g| g.to_string()))
@@ -389,12 +395,209 @@ impl Case {
             None => k_rule,
         });
         let sql = self.compose(self.where_clause(exclude.as_deref()), having);
-        let batches = collect(ctx, &sql).await;
+        let plan = ctx
+            .state()
+            .create_logical_plan(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("pooled reference failed to plan {sql}: {e}"));
+        let (plan, node_cells) = self.withhold_cells(ctx, plan).await;
+        let batches = ctx
+            .execute_logical_plan(plan)
+            .await
+            .unwrap_or_else(|e| panic!("pooled reference failed to plan {sql}: {e}"))
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("pooled reference failed to run {sql}: {e}"));
         (
             cxfed::output::rows(&batches).unwrap(),
             node_suppressed + coordinator_suppressed,
+            node_cells,
         )
     }
+
+    /// Cells each node would withhold (k per cell: every region of rows an aggregate reads —
+    /// its FILTER, a non-NULL value, each branch of a CASE — must hold 0 or ≥ K people at that
+    /// node), excluded from each aggregate of `plan` with an extra FILTER. Implemented here
+    /// independently of `cxfed_queries::cells`, on the pooled plan. Returns the plan and how
+    /// many (node, group, aggregate) cells were withheld.
+    pub async fn withhold_cells(
+        &self,
+        ctx: &SessionContext,
+        plan: LogicalPlan,
+    ) -> (LogicalPlan, u64) {
+        use datafusion::common::tree_node::{Transformed, TreeNode};
+        let mut withheld_total = 0u64;
+        let mut found = None;
+        plan.apply(|n| {
+            if let LogicalPlan::Aggregate(a) = n {
+                found = Some(a.clone());
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .unwrap();
+        let Some(aggregate) = found else {
+            return (plan, 0);
+        };
+        let agency = Expr::Column(Column::from_qualified_name(self.agency));
+        let mut keys = vec![agency];
+        keys.extend(aggregate.group_expr.iter().cloned());
+        let person = Expr::Column(Column::from_qualified_name(self.person));
+        let mut new_aggs = Vec::new();
+        for e in &aggregate.aggr_expr {
+            let Expr::AggregateFunction(af) = e else {
+                new_aggs.push(e.clone());
+                continue;
+            };
+            let filter = af.params.filter.as_deref().cloned();
+            let distinct_persons = af.func.name() == "count" && af.params.distinct;
+            if distinct_persons && filter.is_none() {
+                // The group's own people: ≥ K at every node that kept the group.
+                new_aggs.push(e.clone());
+                continue;
+            }
+            let regions: Vec<Expr> = if distinct_persons {
+                vec![filter.clone().unwrap_or_else(|| lit(true))]
+            } else {
+                let arg = af.params.args.first().cloned().unwrap_or_else(|| lit(1i64));
+                reference_regions(&arg)
+                    .into_iter()
+                    .map(|r| match &filter {
+                        Some(f) => Expr::IsTrue(Box::new(f.clone())).and(r),
+                        None => r,
+                    })
+                    .collect()
+            };
+            let mut small: Vec<Expr> = Vec::new();
+            for region in regions {
+                let count = Expr::AggregateFunction(
+                    datafusion::logical_expr::expr::AggregateFunction::new_udf(
+                        datafusion::functions_aggregate::count::count_udaf(),
+                        vec![person.clone()],
+                        true,
+                        Some(Box::new(region)),
+                        vec![],
+                        None,
+                    ),
+                )
+                .alias("__people");
+                let names: Vec<Expr> = keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| k.clone().alias(format!("__k{i}")))
+                    .collect();
+                let per_node = LogicalPlanBuilder::from(Arc::clone(&aggregate.input))
+                    .aggregate(names, vec![count])
+                    .unwrap()
+                    .build()
+                    .unwrap();
+                let rows = ctx
+                    .execute_logical_plan(per_node)
+                    .await
+                    .unwrap()
+                    .collect()
+                    .await
+                    .unwrap();
+                for b in &rows {
+                    let people = b
+                        .column(keys.len())
+                        .as_any()
+                        .downcast_ref::<arrow::array::Int64Array>()
+                        .unwrap();
+                    for r in 0..b.num_rows() {
+                        let n = people.value(r) as u64;
+                        if n == 0 || n >= K {
+                            continue;
+                        }
+                        let cond = keys
+                            .iter()
+                            .enumerate()
+                            .map(|(c, k)| {
+                                let v = ScalarValue::try_from_array(b.column(c), r).unwrap();
+                                Expr::BinaryExpr(datafusion::logical_expr::BinaryExpr::new(
+                                    Box::new(k.clone()),
+                                    datafusion::logical_expr::Operator::IsNotDistinctFrom,
+                                    Box::new(Expr::Literal(v, None)),
+                                ))
+                            })
+                            .reduce(Expr::and)
+                            .unwrap();
+                        small.push(cond);
+                    }
+                }
+            }
+            if small.is_empty() {
+                new_aggs.push(e.clone());
+                continue;
+            }
+            // The same (node, group) may be small in several regions: one cell.
+            small.sort_by_key(|c| format!("{c}"));
+            small.dedup_by_key(|c| format!("{c}"));
+            withheld_total += small.len() as u64;
+            let keep = Expr::Not(Box::new(small.into_iter().reduce(Expr::or).unwrap()));
+            let keep = Expr::IsTrue(Box::new(keep));
+            let mut af = af.clone();
+            af.params.filter = Some(Box::new(match filter {
+                Some(f) => f.and(keep),
+                None => keep,
+            }));
+            let (_, name) = e.qualified_name();
+            new_aggs.push(Expr::AggregateFunction(af).alias(name));
+        }
+        let new = LogicalPlan::Aggregate(
+            datafusion::logical_expr::Aggregate::try_new(
+                Arc::clone(&aggregate.input),
+                aggregate.group_expr.clone(),
+                new_aggs,
+            )
+            .unwrap(),
+        );
+        let plan = plan
+            .transform_down(|n| {
+                Ok(if matches!(n, LogicalPlan::Aggregate(_)) {
+                    Transformed::new(new.clone(), true, TreeNodeRecursion::Jump)
+                } else {
+                    Transformed::no(n)
+                })
+            })
+            .unwrap()
+            .data;
+        (plan, withheld_total)
+    }
+}
+
+/// The regions of rows an aggregate argument reads: one per non-NULL CASE branch (reached
+/// when the earlier conditions are not true), or the rows where a plain argument is not NULL.
+fn reference_regions(arg: &Expr) -> Vec<Expr> {
+    let mut e = arg;
+    while let Expr::Cast(c) = e {
+        e = &c.expr;
+    }
+    let Expr::Case(case) = e else {
+        return vec![arg.clone().is_not_null()];
+    };
+    let mut out = Vec::new();
+    let mut earlier: Vec<Expr> = Vec::new();
+    let branches = case
+        .when_then_expr
+        .iter()
+        .map(|(w, t)| (Some((**w).clone()), (**t).clone()))
+        .chain(case.else_expr.iter().map(|e| (None, (**e).clone())));
+    for (when, then) in branches {
+        let mut reach: Vec<Expr> = earlier
+            .iter()
+            .map(|c| Expr::IsNotTrue(Box::new(c.clone())))
+            .collect();
+        if let Some(w) = &when {
+            reach.push(Expr::IsTrue(Box::new(w.clone())));
+        }
+        reach.push(then.clone().is_not_null());
+        out.push(reach.into_iter().reduce(Expr::and).unwrap());
+        if let Some(w) = when {
+            earlier.push(w);
+        }
+    }
+    out
 }
 
 /// `a OR b OR ...` as a balanced tree, so hundreds of terms do not nest hundreds deep.

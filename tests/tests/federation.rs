@@ -54,6 +54,7 @@ async fn federated_answers_equal_pooled_answers() {
     let fed = Fed::start().await;
     let pooled = fed.pooled();
     let mut suppressed_total = 0;
+    let mut cells_total = 0;
     for case in CASES {
         let sql = case.sql();
         let got = fed
@@ -67,16 +68,19 @@ async fn federated_answers_equal_pooled_answers() {
             "{sql}: {:?}",
             got.nodes
         );
-        let (want, suppressed) = case.pooled_answer(&pooled).await;
+        let (want, suppressed, cells) = case.pooled_answer(&pooled).await;
         assert_rows_match(&sql, &got.rows, &want);
         assert_eq!(
             got.suppressed_groups, suppressed,
             "{sql}: suppressed groups"
         );
+        assert_eq!(got.suppressed_cells, cells, "{sql}: withheld cells");
         suppressed_total += suppressed;
+        cells_total += cells;
     }
     assert!(CASES.len() >= 20);
     assert!(suppressed_total > 0, "some case must exercise suppression");
+    assert!(cells_total > 0, "some case must exercise cell suppression");
     // Any node can coordinate, with the same answer.
     let sql = CASES[2].sql();
     let a = fed.query_at(0, &sql, true).await.unwrap();
