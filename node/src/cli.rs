@@ -166,7 +166,8 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum ImportCommand {
     /// A GSA Touchpoints "CX Data Collection" response export (FY2024+ A-11 form). External ids
-    /// are pseudonymized with the node's secret key; free-text comments are never stored.
+    /// are pseudonymized with the node's secret key; free-text comments are never stored;
+    /// responses this node already holds (a re-imported or cumulative export) are skipped.
     Touchpoints {
         /// The node's data directory.
         #[arg(long)]
@@ -216,7 +217,8 @@ pub enum ReportCommand {
         /// Your certificate files (analyst).
         #[command(flatten)]
         tls: TlsArgs,
-        /// ε each of the report's two queries spends per node (default: each node's maximum).
+        /// ε each of the report's nine queries (one per question, one for the population)
+        /// spends per node (default: each node's maximum).
         #[arg(long)]
         epsilon: Option<f64>,
         /// Write the CSV here (atomically) instead of standard output.
@@ -598,11 +600,18 @@ async fn dispatch(command: Command) -> Result<(), String> {
             };
             let r =
                 crate::touchpoints::import(&data_dir, &file, &opts).map_err(|e| e.to_string())?;
+            match &r.ingest {
+                Some(i) => print!(
+                    "added {} Touchpoints responses to experience as {}",
+                    i.rows,
+                    i.path.display()
+                ),
+                None => print!("added no Touchpoints responses"),
+            }
             println!(
-                "added {} Touchpoints responses to experience as {}; {} free-text comment(s) not stored",
-                r.ingest.rows,
-                r.ingest.path.display(),
-                r.comments_dropped
+                "; {} already stored on this node and {} repeated in the file skipped; {} \
+                 free-text comment(s) not stored",
+                r.already_stored, r.repeated, r.comments_dropped
             );
             Ok(())
         }

@@ -9,7 +9,12 @@
 //! The browser side is guarded against other pages and other users of the machine:
 //! - it listens on loopback unless told `--listen-public`;
 //! - it prints one URL with a random token; opening it trades the token for an `HttpOnly`,
-//!   `SameSite=Strict` cookie, and every `/api/*` call needs that cookie;
+//!   `SameSite=Strict` cookie named after the console's port (consoles on other ports of the
+//!   same host keep their own), and every `/api/*` call needs that cookie;
+//! - a link may prefill the analyst's editor (`#sql=…` or `#example=N`), but it runs the query
+//!   only with `run=<run key>` ([`run_key`]): a value derived from the token, which the page reads
+//!   from `/api/session` and a page of another origin cannot — a same-site page (another
+//!   localhost port) that navigates here gets the cookie, but cannot spend the user's budget;
 //! - requests whose `Host` is not the console's own address (DNS rebinding) or whose `Origin`
 //!   is another site are refused;
 //! - a strict Content-Security-Policy: the embedded assets only, no inline script, no other
@@ -41,7 +46,10 @@ use crate::tls::{TlsError, TlsFiles};
 const INDEX_HTML: &str = include_str!("console/index.html");
 const APP_JS: &str = include_str!("console/app.js");
 const APP_CSS: &str = include_str!("console/app.css");
-const COOKIE: &str = "cxfed_console";
+/// The session cookie's name, before `_<port>`.
+const COOKIE_PREFIX: &str = "cxfed_console";
+/// What the run key hashes, before the token.
+const RUN_KEY_CONTEXT: &str = "cxfed-console-run\n";
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                    connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
 /// Audit entries per node sent to the page (the whole log is still verified).
@@ -129,6 +137,8 @@ impl RunningConsole {
 
 struct Console {
     token: String,
+    /// `cxfed_console_<port>`: browsers do not keep cookies apart by port.
+    cookie: String,
     identity: Identity,
     nodes: Vec<String>,
     client: AnalystClient,
@@ -165,7 +175,7 @@ pub async fn start(opts: ConsoleOptions) -> Result<RunningConsole, ConsoleError>
         })?;
         keys.insert(agency.to_uppercase(), key);
     }
-    let client = AnalystClient::new(&opts.tls, Duration::from_secs(300))?;
+    let client = console_client(&opts.tls)?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|source| ConsoleError::Bind {
@@ -184,6 +194,7 @@ pub async fn start(opts: ConsoleOptions) -> Result<RunningConsole, ConsoleError>
     let role = identity.role();
     let console = Arc::new(Console {
         token: token.clone(),
+        cookie: cookie_name(addr.port()),
         identity,
         nodes: opts
             .nodes
@@ -216,6 +227,40 @@ pub async fn start(opts: ConsoleOptions) -> Result<RunningConsole, ConsoleError>
     })
 }
 
+/// The mTLS client and request signer; it keeps what each node's certificate says, so the
+/// auditor page knows which node a log came from.
+fn console_client(tls: &TlsFiles) -> Result<AnalystClient, ConsoleError> {
+    let config = tls.client_config()?;
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .https_only(true)
+        .tls_info(true)
+        .timeout(Duration::from_secs(300))
+        .connect_timeout(Duration::from_secs(30))
+        .pool_idle_timeout(crate::client::POOL_IDLE_TIMEOUT)
+        .build()
+        .map_err(TlsError::HttpClient)?;
+    Ok(AnalystClient {
+        http,
+        signer: Arc::new(crate::client::signer(tls)?),
+    })
+}
+
+/// The session cookie's name for a console listening on `port`.
+pub fn cookie_name(port: u16) -> String {
+    format!("{COOKIE_PREFIX}_{port}")
+}
+
+/// The run key of a console whose login token is `token`: lower-case hex of
+/// SHA-256(`"cxfed-console-run\n"` ‖ token). A link `…#sql=…&run=<run key>` runs its query when
+/// opened; any other `run` only fills the editor.
+pub fn run_key(token: &str) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(RUN_KEY_CONTEXT.as_bytes());
+    ctx.update(token.as_bytes());
+    cxfed_protocol::signing::hex(ctx.finish().as_ref())
+}
+
 fn new_token() -> Result<String, ConsoleError> {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 32];
@@ -231,6 +276,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/app.js", get(|| asset("text/javascript", APP_JS)))
         .route("/app.css", get(|| asset("text/css", APP_CSS)))
         .route("/api/whoami", get(whoami))
+        .route("/api/session", get(session))
         .route("/api/examples", get(examples))
         .route("/api/node/{index}/{what}", get(node_get))
         .route("/api/query", post(query))
@@ -256,7 +302,7 @@ fn has_session(console: &Console, headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .any(|(name, value)| name == COOKIE && same(value, &console.token))
+        .any(|(name, value)| name == console.cookie && same(value, &console.token))
 }
 
 fn refuse(status: StatusCode, message: &str) -> Response {
@@ -327,8 +373,8 @@ async fn index(
             return refuse(StatusCode::UNAUTHORIZED, "wrong console token");
         }
         let cookie = format!(
-            "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
-            console.token
+            "{}={}; HttpOnly; SameSite=Strict; Path=/",
+            console.cookie, console.token
         );
         return (
             StatusCode::SEE_OTHER,
@@ -364,6 +410,12 @@ async fn whoami(State(console): State<Arc<Console>>) -> Response {
         "audit_keys": console.keys.keys().collect::<Vec<_>>(),
     }))
     .into_response()
+}
+
+/// What the page needs to know about its session: the run key, which only a page of this
+/// origin can read (the response has no CORS headers, and other origins are refused).
+async fn session(State(console): State<Arc<Console>>) -> Response {
+    axum::Json(json!({"run_key": run_key(&console.token)})).into_response()
 }
 
 async fn examples() -> Response {
@@ -503,16 +555,45 @@ async fn explain(State(console): State<Arc<Console>>, body: Bytes) -> Response {
 }
 
 /// Fetches every node's log, verifies each (chain, checkpoint signatures with the key given for
-/// its agency, analyst signatures against the CA), and reconciles them.
+/// its agency, analyst signatures against the CA), and reconciles them. A log belongs to the
+/// node whose TLS certificate served it — not to whatever agency its lines name.
 async fn audit(State(console): State<Arc<Console>>) -> Response {
+    let checker = crate::requests::RequestChecker::new(&console.ca, console.identity.federation())
+        .map_err(|e| e.to_string());
     let mut nodes = Vec::new();
     let mut logs: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+    let mut fetched_from: BTreeMap<String, String> = BTreeMap::new();
     for node in &console.nodes {
         let url = format!("{node}/v1/audit");
-        let (status, bytes) = match node_json(console.client.http.get(&url), &url).await {
-            Ok(x) => x,
-            Err(_) => {
-                nodes.push(json!({"url": node, "error": format!("{url}: unreachable")}));
+        let fail = |message: String| json!({"url": node, "error": message});
+        let resp = match console.client.http.get(&url).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, %url, "console could not reach a node");
+                nodes.push(fail(format!("{url}: unreachable: {e}")));
+                continue;
+            }
+        };
+        let served_by = match served_by(&resp, console.identity.federation()) {
+            Ok(id) => id,
+            Err(message) => {
+                nodes.push(fail(format!("{url}: {message}")));
+                continue;
+            }
+        };
+        let agency = served_by.agency().to_string();
+        if let Some(first) = fetched_from.get(&agency) {
+            nodes.push(json!({"url": node, "agency": agency, "error": format!(
+                "{url} is {served_by}, whose log was already fetched from {first}: listed twice, \
+                 or two nodes present the same identity")}));
+            continue;
+        }
+        fetched_from.insert(agency.clone(), node.clone());
+        let status = resp.status();
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                nodes.push(fail(format!("{url}: {e}")));
                 continue;
             }
         };
@@ -520,10 +601,20 @@ async fn audit(State(console): State<Arc<Console>>) -> Response {
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|b| format!("{} {}", b.code, b.message))
                 .unwrap_or_else(|_| format!("HTTP {status}"));
-            nodes.push(json!({"url": node, "error": message}));
+            nodes.push(fail(message));
             continue;
         }
-        nodes.push(verify_log(&console, node, &bytes, &mut logs));
+        let (value, entries) = check_log(
+            &served_by,
+            node,
+            &bytes,
+            console.keys.get(&agency),
+            checker.as_ref().map_err(String::as_str),
+        );
+        nodes.push(value);
+        if let Some(entries) = entries {
+            logs.insert(agency, entries);
+        }
     }
     let r = crate::auditor::reconcile(&logs);
     axum::Json(json!({
@@ -538,12 +629,35 @@ async fn audit(State(console): State<Arc<Console>>) -> Response {
     .into_response()
 }
 
-fn verify_log(
-    console: &Console,
+/// The node identity in the TLS certificate that served `resp`.
+fn served_by(resp: &reqwest::Response, federation: &str) -> Result<Identity, String> {
+    let der = resp
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|i| i.peer_certificate())
+        .ok_or("no server certificate to tell which node answered")?;
+    let id = cxfed_protocol::identity::from_certificate_der(der)
+        .map_err(|e| format!("the server certificate has no usable identity: {e}"))?;
+    if id.role() != Role::Node || id.federation() != federation {
+        return Err(format!(
+            "answered by {id}, which is not a node of federation {federation}"
+        ));
+    }
+    Ok(id)
+}
+
+/// Checks one fetched log of the node `served_by`: every line must name that node, then the
+/// chain and checkpoint signatures (with its agency's key) and every analyst signature (with
+/// `checker`). Returns what the page shows and, when every line is that node's, the entries
+/// for reconciliation.
+fn check_log(
+    served_by: &Identity,
     url: &str,
     bytes: &[u8],
-    logs: &mut BTreeMap<String, Vec<Entry>>,
-) -> Value {
+    key: Option<&PublicKey>,
+    checker: Result<&crate::requests::RequestChecker, &str>,
+) -> (Value, Option<Vec<Entry>>) {
+    let agency = served_by.agency();
     let mut entries = Vec::new();
     for (i, line) in bytes
         .split(|b| *b == b'\n')
@@ -552,31 +666,130 @@ fn verify_log(
     {
         match crate::audit::parse_line(line) {
             Ok(e) => entries.push(e),
-            Err(m) => return json!({"url": url, "error": format!("line {}: {m}", i + 1)}),
-        }
-    }
-    let agency = entries.first().map(|e| e.node.clone()).unwrap_or_default();
-    let check = match console.keys.get(&agency) {
-        None => json!({"status": "unverified", "message": format!(
-            "no audit key for {agency}: start the console with --audit-key {agency}=FILE")}),
-        Some(key) => {
-            let checker = crate::auditor::checker_for(bytes, &console.ca)
-                .ok()
-                .flatten();
-            match crate::auditor::verify(bytes, key, 0, checker.as_ref()) {
-                Ok(v) => {
-                    json!({"status": "clean", "first_seq": v.first_seq, "last_seq": v.last_seq,
-                    "checkpoints": v.checkpoints, "head_time": v.head_time,
-                    "signatures_checked": v.signatures_checked})
-                }
-                Err(p) => json!({"status": "tampered", "seq": p.seq, "message": p.message}),
+            Err(m) => {
+                let error = format!("line {}: {m}", i + 1);
+                return (json!({"url": url, "agency": agency, "error": error}), None);
             }
         }
+    }
+    let foreign = entries.iter().find(|e| e.node != agency);
+    let check = if let Some(e) = foreign {
+        json!({"status": "wrong-node", "seq": e.seq, "message": format!(
+            "seq {} names node {:?}, but this log was served by {served_by}: a node passing off \
+             another's log", e.seq, e.node)})
+    } else {
+        match (key, checker) {
+            (None, _) => json!({"status": "unverified", "message": format!(
+                "no audit key for {agency}: start the console with --audit-key {agency}=FILE")}),
+            (Some(key), Ok(checker)) => {
+                match crate::auditor::verify(bytes, key, 0, Some(checker)) {
+                    Ok(v) => json!({"status": "clean", "first_seq": v.first_seq,
+                    "last_seq": v.last_seq, "checkpoints": v.checkpoints,
+                    "head_time": v.head_time, "signatures_checked": v.signatures_checked}),
+                    Err(p) => json!({"status": "tampered", "seq": p.seq, "message": p.message}),
+                }
+            }
+            (Some(key), Err(why)) => match crate::auditor::verify(bytes, key, 0, None) {
+                Ok(v) => json!({"status": "unverified", "message": format!(
+                    "NOT VERIFIED: chain and {} signed checkpoints hold (seq {}–{}), but the \
+                     analyst signatures were not re-checked: {why}",
+                    v.checkpoints, v.first_seq, v.last_seq)}),
+                Err(p) => json!({"status": "tampered", "seq": p.seq, "message": p.message}),
+            },
+        }
     };
+    let reconcile = foreign.is_none();
     let total = entries.len();
     let shown: Vec<&Entry> = entries.iter().rev().take(AUDIT_ENTRIES_SHOWN).collect();
-    let out =
-        json!({"url": url, "agency": agency, "check": check, "total": total, "entries": shown});
-    logs.insert(agency, entries);
-    out
+    let out = json!({"url": url, "agency": agency, "identity": served_by.to_string(),
+        "check": check, "total": total, "entries": shown});
+    (out, reconcile.then_some(entries))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{AuditLog, Decision, Record};
+
+    async fn log_of(dir: &std::path::Path, node: &str) -> (Vec<u8>, PublicKey) {
+        let log = AuditLog::open(dir, node, 100, |_| {}).expect("open");
+        log.append(Record {
+            endpoint: "/v1/schema",
+            peer: "spiffe://cx-demo/SSA/analyst/a".into(),
+            decision: Some(Decision::Executed),
+            ..Record::default()
+        })
+        .await
+        .expect("append");
+        (log.export_since(0).await.expect("export"), log.public_key())
+    }
+
+    fn node(agency: &str) -> Identity {
+        Identity::parse_uri(&format!(
+            "spiffe://cx-demo/{agency}/node/{}-node",
+            agency.to_lowercase()
+        ))
+        .expect("identity")
+    }
+
+    #[tokio::test]
+    async fn flags_a_log_that_names_another_node_than_the_one_that_served_it() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (cms_log, cms_key) = log_of(&tmp.path().join("cms"), "CMS").await;
+        // SSA's node serves CMS's (valid, signed) log; the auditor has both keys.
+        let (v, entries) = check_log(
+            &node("SSA"),
+            "https://ssa",
+            &cms_log,
+            Some(&cms_key),
+            Err("unused"),
+        );
+        assert_eq!(v["check"]["status"], "wrong-node", "{v}");
+        assert_eq!(v["agency"], "SSA");
+        assert!(
+            v["check"]["message"]
+                .as_str()
+                .expect("message")
+                .contains("names node \"CMS\""),
+            "{v}"
+        );
+        assert!(entries.is_none(), "kept out of the reconciliation");
+    }
+
+    #[tokio::test]
+    async fn a_log_whose_signatures_could_not_be_checked_is_not_reported_clean() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (ssa_log, ssa_key) = log_of(&tmp.path().join("ssa"), "SSA").await;
+        let (v, entries) = check_log(
+            &node("SSA"),
+            "https://ssa",
+            &ssa_log,
+            Some(&ssa_key),
+            Err("ca.pem: no certificate"),
+        );
+        assert_eq!(v["check"]["status"], "unverified", "{v}");
+        let message = v["check"]["message"].as_str().expect("message");
+        assert!(
+            message.contains("NOT VERIFIED") && message.contains("ca.pem: no certificate"),
+            "{v}"
+        );
+        assert!(entries.is_some());
+        // Without the node's key: unverified as well.
+        let (v, _) = check_log(&node("SSA"), "https://ssa", &ssa_log, None, Err("x"));
+        assert_eq!(v["check"]["status"], "unverified", "{v}");
+        // Without its closing checkpoint the log is tampered, checker or not.
+        let body = &ssa_log[..ssa_log.len() - 1];
+        let cut = &ssa_log[..body.iter().rposition(|b| *b == b'\n').expect("lines") + 1];
+        let (v, _) = check_log(&node("SSA"), "https://ssa", cut, Some(&ssa_key), Err("x"));
+        assert_eq!(v["check"]["status"], "tampered", "{v}");
+    }
+
+    #[test]
+    fn cookie_names_differ_by_port_and_the_run_key_is_bound_to_the_token() {
+        assert_ne!(cookie_name(8080), cookie_name(8081));
+        assert_eq!(cookie_name(8080), "cxfed_console_8080");
+        assert_ne!(run_key("a"), run_key("b"));
+        assert_eq!(run_key("a").len(), 64);
+        assert_ne!(run_key("a"), "a");
+    }
 }

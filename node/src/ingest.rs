@@ -172,15 +172,74 @@ pub fn ingest(
     file: &Path,
     progress: bool,
 ) -> Result<IngestReport, IngestError> {
-    crate::storage::migrate(data_dir)?;
-    let (rows, path) = run(table, file, Target::DataDir(data_dir), progress)?;
-    let path = path.ok_or_else(|| IngestError::Io {
+    stage(data_dir, table, file, progress)?.commit()
+}
+
+/// Validates `file` as [`ingest`] does and writes its rows to a hidden temporary file in the
+/// table directory, without adding them yet: [`Staged::commit`] does (dropping the [`Staged`]
+/// leaves the data directory as it was). A data directory of an older schema version is only
+/// migrated at commit, after the whole input was found valid.
+pub fn stage(
+    data_dir: &Path,
+    table: Table,
+    file: &Path,
+    progress: bool,
+) -> Result<Staged, IngestError> {
+    crate::storage::refuse_newer(data_dir)?;
+    let (rows, out) = run(table, file, Target::DataDir(data_dir), progress)?;
+    let out = out.ok_or_else(|| IngestError::Io {
         path: file.to_path_buf(),
         source: io::Error::other("no output file was written"),
     })?;
-    crate::storage::mark_version(data_dir).map_err(io_err(data_dir))?;
-    tracing::info!(table = table.name(), rows, path = %path.display(), "ingested");
-    Ok(IngestReport { table, rows, path })
+    Ok(Staged {
+        data_dir: data_dir.to_path_buf(),
+        table,
+        rows,
+        out,
+    })
+}
+
+/// Validated rows written to a hidden temporary file, not yet part of the table (see
+/// [`stage`]).
+pub struct Staged {
+    data_dir: PathBuf,
+    table: Table,
+    rows: u64,
+    out: Output,
+}
+
+impl fmt::Debug for Staged {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Staged")
+            .field("data_dir", &self.data_dir)
+            .field("table", &self.table)
+            .field("rows", &self.rows)
+            .field("final_path", &self.out.final_path)
+            .finish()
+    }
+}
+
+impl Staged {
+    /// The number of rows staged.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Brings the data directory to the current schema version (see
+    /// [`crate::storage::migrate`]) and adds the staged file to the table by a rename.
+    pub fn commit(self) -> Result<IngestReport, IngestError> {
+        let Staged {
+            data_dir,
+            table,
+            rows,
+            out,
+        } = self;
+        crate::storage::migrate(&data_dir)?;
+        let path = out.commit()?;
+        crate::storage::mark_version(&data_dir).map_err(io_err(&data_dir))?;
+        tracing::info!(table = table.name(), rows, path = %path.display(), "ingested");
+        Ok(IngestReport { table, rows, path })
+    }
 }
 
 /// Checks `file` exactly as [`ingest`] would, without writing anything. Returns the row count.
@@ -192,7 +251,11 @@ pub fn validate(table: Table, file: &Path) -> Result<u64, IngestError> {
 /// (temp file + rename over it): every row validated again, new columns derived or set to their
 /// value for older rows. Returns the row count.
 pub fn upgrade_file(table: Table, file: &Path) -> Result<u64, IngestError> {
-    run(table, file, Target::Replace(file), false).map(|(rows, _)| rows)
+    let (rows, out) = run(table, file, Target::Replace(file), false)?;
+    if let Some(out) = out {
+        out.commit()?;
+    }
+    Ok(rows)
 }
 
 /// Where validated rows go.
@@ -217,7 +280,7 @@ fn run(
     file: &Path,
     data_dir: Target<'_>,
     progress: bool,
-) -> Result<(u64, Option<PathBuf>), IngestError> {
+) -> Result<(u64, Option<Output>), IngestError> {
     let input = File::open(file).map_err(io_err(file))?;
     let len = input.metadata().map(|m| m.len()).unwrap_or(0);
     let parquet = is_parquet_input(file);
@@ -1115,18 +1178,15 @@ impl Sink {
         Ok(())
     }
 
-    /// Commits the output if every row was valid; otherwise discards it.
-    fn finish(mut self) -> Result<(u64, Option<PathBuf>), IngestError> {
+    /// The output, written but not committed, if every row was valid; otherwise discards it.
+    fn finish(mut self) -> Result<(u64, Option<Output>), IngestError> {
         self.flush()?;
         let rows = self.rows;
         let out = self.out.take();
         let errors = std::mem::replace(&mut self.errors, Errors::new(false));
         // Dropping `out` (on error) deletes the temp file and the directories we created.
         errors.into_result(&self.file)?;
-        match out {
-            Some(out) => Ok((rows, Some(out.commit()?))),
-            None => Ok((rows, None)),
-        }
+        Ok((rows, out))
     }
 }
 
@@ -1172,7 +1232,7 @@ fn ingest_csv(
     input: File,
     data_dir: Target<'_>,
     bar: Option<&ProgressBar>,
-) -> Result<(u64, Option<PathBuf>), IngestError> {
+) -> Result<(u64, Option<Output>), IngestError> {
     let reader: Box<dyn Read> = match bar {
         Some(bar) => Box::new(bar.wrap_read(input)),
         None => Box::new(input),
@@ -1502,7 +1562,7 @@ fn ingest_parquet(
     input: File,
     data_dir: Target<'_>,
     bar: Option<&ProgressBar>,
-) -> Result<(u64, Option<PathBuf>), IngestError> {
+) -> Result<(u64, Option<Output>), IngestError> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(input).map_err(pq_err(file))?;
     let source = builder.schema().clone();
     let total_rows = u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);

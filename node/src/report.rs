@@ -8,7 +8,8 @@
 //! rather than to every question at once — and `population_size` (cases opened in the quarter)
 //! is one more over `operational`: a report spends nine queries' worth of each node's privacy
 //! budget (`--epsilon` sets how much each). `point_scale` and the respondent counts are computed
-//! from the released counts (post-processing). Every count is what the nodes' policies let out
+//! from the released counts (post-processing). `organization_name` and `service_provider_name`
+//! are the names GSA's published data uses for the agency ([`agency_names`]). Every count is what the nodes' policies let out
 //! — noised (`dp`) or exact for groups of at least k people (`k-only`; smaller groups withheld)
 //! — and the `reflection` column says which, with the noise interval.
 
@@ -76,6 +77,138 @@ const QUESTIONS: [(u32, &str, &str); 7] = [
     (6, "I was treated fairly.", "transparency"),
     (7, "Employees I interacted with were helpful.", "employee"),
 ];
+
+/// The names GSA's published HISP data uses (`organization_name`, `service_provider_name`) for
+/// the usual agency abbreviations: the department (or independent agency) and the service
+/// provider. An abbreviation not listed is used as both.
+const AGENCY_NAMES: &[(&str, &str, &str)] = &[
+    (
+        "SSA",
+        "Social Security Administration",
+        "Social Security Administration",
+    ),
+    (
+        "CMS",
+        "U.S. Department of Health & Human Services",
+        "Centers for Medicare and Medicaid Services",
+    ),
+    (
+        "HHS",
+        "U.S. Department of Health & Human Services",
+        "U.S. Department of Health & Human Services",
+    ),
+    (
+        "OPM",
+        "Office of Personnel Management",
+        "Office of Personnel Management",
+    ),
+    (
+        "IRS",
+        "Internal Revenue Service",
+        "Internal Revenue Service",
+    ),
+    (
+        "VA",
+        "Department of Veterans Affairs",
+        "Department of Veterans Affairs",
+    ),
+    (
+        "VBA",
+        "Department of Veterans Affairs",
+        "Veterans Benefits Administration",
+    ),
+    (
+        "VHA",
+        "Department of Veterans Affairs",
+        "Veterans Health Administration",
+    ),
+    ("DOL", "Department of Labor", "Department of Labor"),
+    (
+        "FEMA",
+        "Department of Homeland Security",
+        "Federal Emergency Management Agency",
+    ),
+    (
+        "TSA",
+        "Department of Homeland Security",
+        "Transportation Security Administration",
+    ),
+    (
+        "CBP",
+        "Department of Homeland Security",
+        "Customs and Border Protection",
+    ),
+    (
+        "DHS",
+        "Department of Homeland Security",
+        "Department of Homeland Security",
+    ),
+    (
+        "USCIS",
+        "U.S. Citizenship and Immigration Services",
+        "Citizenship and Immigration Services",
+    ),
+    (
+        "SBA",
+        "Small Business Administration",
+        "Small Business Administration",
+    ),
+    (
+        "HUD",
+        "Department of Housing and Urban Development",
+        "Housing and Urban Development",
+    ),
+    (
+        "USDA",
+        "Department of Agriculture",
+        "Department of Agriculture",
+    ),
+    (
+        "NRCS",
+        "Department of Agriculture",
+        "Natural Resources Conservation Service",
+    ),
+    ("ED", "Department of Education", "Department of Education"),
+    ("DOS", "Department of State", "Department of State"),
+    (
+        "DOI",
+        "Department of the Interior",
+        "Department of the Interior",
+    ),
+    (
+        "FWS",
+        "Department of the Interior",
+        "Fish and Wildlife Service",
+    ),
+    ("DOC", "Department of Commerce", "Department of Commerce"),
+    (
+        "USPTO",
+        "Department of Commerce",
+        "United States Patent and Trademark Office",
+    ),
+    (
+        "GSA",
+        "General Services Administration",
+        "General Services Administration",
+    ),
+    (
+        "USAID",
+        "United States Agency for International Development",
+        "U.S. Agency for International Development",
+    ),
+    ("DOD", "Department of Defense", "Department of Defense"),
+];
+
+/// `(organization_name, service_provider_name)` for an agency abbreviation, as GSA's published
+/// data names them; the abbreviation itself for both when it is not in the table.
+pub fn agency_names(abbreviation: &str) -> (&str, &str) {
+    AGENCY_NAMES
+        .iter()
+        .find(|(a, _, _)| a.eq_ignore_ascii_case(abbreviation))
+        .map_or((abbreviation, abbreviation), |(_, org, provider)| {
+            (*org, *provider)
+        })
+}
 
 /// Question id of the FY2024+ thumbs-up/down trust item.
 const THUMBS_QUESTION: u32 = 8;
@@ -225,13 +358,14 @@ pub fn render(
                 .and_then(|c| c.get("cases"))
                 .map_or(String::new(), |c| format!("{:.0}", c.value.max(0.0)));
             let show = |c: Option<f64>| c.map_or(String::new(), |c| format!("{c:.0}"));
+            let (organization, provider) = agency_names(&agency);
             let record = vec![
                 fiscal_year.to_string(),
                 quarter.to_string(),
                 String::new(),
-                agency.clone(),
+                organization.to_string(),
                 String::new(),
-                agency.clone(),
+                provider.to_string(),
                 String::new(),
                 String::new(),
                 service.clone(),
@@ -267,6 +401,37 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agencies_are_named_as_in_the_published_data() {
+        assert_eq!(
+            agency_names("CMS"),
+            (
+                "U.S. Department of Health & Human Services",
+                "Centers for Medicare and Medicaid Services"
+            )
+        );
+        assert_eq!(
+            agency_names("SSA"),
+            (
+                "Social Security Administration",
+                "Social Security Administration"
+            )
+        );
+        assert_eq!(
+            agency_names("fema"),
+            (
+                "Department of Homeland Security",
+                "Federal Emergency Management Agency"
+            )
+        );
+        // Not in the table: the abbreviation, for both.
+        assert_eq!(agency_names("NOAA"), ("NOAA", "NOAA"));
+        let mut seen = std::collections::BTreeSet::new();
+        for (a, _, _) in AGENCY_NAMES {
+            assert!(seen.insert(*a), "{a} twice");
+        }
+    }
 
     #[test]
     fn queries_are_accepted_by_the_validator() {

@@ -6,7 +6,7 @@
 //! | `POST /v1/query`    | analyst       | federated query, merged answer (JSON)    |
 //! | `POST /v1/partial`  | node (a peer) | this node's partial aggregates (Arrow)   |
 //! | `POST /v1/explain`  | analyst, steward | plan, partial plan, merge, rules      |
-//! | `GET /v1/schema`    | any           | tables, columns, row counts              |
+//! | `GET /v1/schema`    | any           | tables, columns (row counts: steward)    |
 //! | `GET /v1/health`    | any           | liveness                                 |
 //! | `GET /v1/audit`     | auditor       | this node's query log (`?since=SEQ`)     |
 //! | `GET /v1/budget`    | steward       | privacy budget used and left per analyst |
@@ -987,11 +987,20 @@ async fn schema(
         )
         .await?;
     node.record_access("/v1/schema", &who, None).await?;
+    // Exact row counts and ingest times are not differentially private: for this node's
+    // steward only.
+    let steward = who.role() == Role::Steward && who.agency() == node.config.agency;
     let mut tables = Vec::new();
     for t in Table::ALL {
-        let rows = crate::engine::row_count(&node.ctx, t)
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let rows = if steward {
+            Some(
+                crate::engine::row_count(&node.ctx, t)
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         let columns = t
             .columns()
             .iter()
@@ -1012,12 +1021,20 @@ async fn schema(
                     Domain::Agency => Some("agency abbreviation".into()),
                     Domain::FreeText | Domain::Any => None,
                 },
+                dp_bounds: (c.kind == Kind::Measure)
+                    .then(|| cxfed_queries::schema::dp_bounds(c.name))
+                    .flatten()
+                    .map(|(lo, hi)| [lo, hi]),
             })
             .collect();
         tables.push(SchemaTable {
             name: t.name().into(),
             rows,
-            last_ingest: crate::storage::last_ingest(&node.config.data_dir, t),
+            last_ingest: if steward {
+                crate::storage::last_ingest(&node.config.data_dir, t)
+            } else {
+                None
+            },
             columns,
         });
     }

@@ -63,17 +63,12 @@ pub fn migrate(data_dir: &Path) -> Result<Migration, crate::ingest::IngestError>
             ..Migration::default()
         });
     }
+    refuse_newer(data_dir)?;
     let from = schema_version(data_dir).map_err(io)?;
     let mut done = Migration {
         from,
         ..Migration::default()
     };
-    if from > SCHEMA_VERSION {
-        return Err(io(io::Error::other(format!(
-            "the data directory is in schema version {from}, written by a newer cxfed; this one \
-             reads version {SCHEMA_VERSION}"
-        ))));
-    }
     if from == SCHEMA_VERSION {
         return Ok(done);
     }
@@ -124,17 +119,57 @@ fn parquet_columns(file: &Path) -> io::Result<usize> {
         .len())
 }
 
-/// When the newest data file of `table` was written (RFC 3339, UTC), if there is one.
+/// When the newest data file of `table` was added (RFC 3339, UTC), if there is one: the time in
+/// its name (`<unix_nanos>-<hex>.parquet`, see [`crate::ingest`]), which a migration (a rewrite
+/// in place) or a copy keeps; the modification time only for a file not named that way.
 pub fn last_ingest(data_dir: &Path, table: Table) -> Option<String> {
     let newest = data_files(data_dir, table)
         .ok()?
         .iter()
-        .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .filter_map(|f| {
+            ingest_time(f).or_else(|| {
+                let t = std::fs::metadata(f).and_then(|m| m.modified()).ok()?;
+                Some(chrono::DateTime::<chrono::Utc>::from(t))
+            })
+        })
         .max()?;
-    Some(
-        chrono::DateTime::<chrono::Utc>::from(newest)
-            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-    )
+    Some(newest.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+/// The time in a data file's name `<unix_nanos>-<hex>.parquet`.
+fn ingest_time(file: &Path) -> Option<chrono::DateTime<chrono::Utc>> {
+    let name = file.file_name()?.to_str()?;
+    let (nanos, rest) = name.split_once('-')?;
+    let hex = rest.strip_suffix(&format!(".{DATA_FILE_EXTENSION}"))?;
+    if nanos.is_empty()
+        || !nanos.bytes().all(|b| b.is_ascii_digit())
+        || hex.is_empty()
+        || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return None;
+    }
+    let nanos: i64 = nanos.parse().ok()?;
+    Some(chrono::DateTime::from_timestamp_nanos(nanos))
+}
+
+/// Refuses a data directory written by a newer cxfed (without changing anything).
+pub fn refuse_newer(data_dir: &Path) -> Result<(), crate::ingest::IngestError> {
+    use cxfed_queries::schema::SCHEMA_VERSION;
+    let io = |e: io::Error| crate::ingest::IngestError::Io {
+        path: data_dir.to_path_buf(),
+        source: e,
+    };
+    if !data_dir.exists() {
+        return Ok(());
+    }
+    let version = schema_version(data_dir).map_err(io)?;
+    if version > SCHEMA_VERSION {
+        return Err(io(io::Error::other(format!(
+            "the data directory is in schema version {version}, written by a newer cxfed; this \
+             one reads version {SCHEMA_VERSION}"
+        ))));
+    }
+    Ok(())
 }
 
 /// The file extension of a table's data files.
@@ -234,6 +269,28 @@ mod tests {
         )));
         assert!(!is_data_file(Path::new("/data/experience/.hidden.parquet")));
         assert!(!is_data_file(Path::new("/data/experience/notes.txt")));
+    }
+
+    #[test]
+    fn last_ingest_is_the_time_in_the_file_name_not_its_mtime() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = table_dir(tmp.path(), Table::Experience);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        assert_eq!(last_ingest(tmp.path(), Table::Experience), None);
+        // 2023-11-14T22:13:20Z and 2024-05-01T00:00:00Z; the files themselves are new (as after a
+        // migration rewrote them in place).
+        for name in [
+            "1700000000000000000-00ff.parquet",
+            "1714521600123456789-ab12cd34ef56ab78.parquet",
+        ] {
+            std::fs::write(dir.join(name), b"x").expect("write");
+        }
+        assert_eq!(
+            last_ingest(tmp.path(), Table::Experience).as_deref(),
+            Some("2024-05-01T00:00:00Z")
+        );
+        assert_eq!(ingest_time(&dir.join("notes-1.parquet")), None);
+        assert_eq!(ingest_time(&dir.join("17-.parquet")), None);
     }
 
     #[test]

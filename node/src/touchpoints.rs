@@ -7,11 +7,17 @@
 //! ignored, and `question_4` — free text — is **never stored**: only counted.
 //!
 //! `external_id` is pseudonymized with HMAC-SHA256 under a per-node secret key
-//! (`<data_dir>/pseudonym.key`, made on first import, mode 0600): the same respondent gets the
-//! same `person_id` in every import on this node, and nobody without the key can link it back.
+//! (`<data_dir>/pseudonym.key`, mode 0600, made by the first import that adds rows): the same
+//! respondent gets the same `person_id` in every import on this node, and nobody without the
+//! key can link it back. A response's id is the keyed hash of its `external_id` and
+//! `created_at` (or `--response-date`), so re-importing a cumulative export skips the responses
+//! this node already holds (and a response repeated within the file is added once).
+//!
 //! The rows are validated (FILE:LINE:COLUMN errors against the export) and then added through
-//! [`crate::ingest`], atomically: a file with any bad row adds nothing.
+//! [`crate::ingest`], atomically: a file with any bad row writes nothing — no rows, no key, no
+//! migration of an older data directory.
 
+use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -54,10 +60,23 @@ pub struct ImportOptions {
 /// What an import did.
 #[derive(Debug, Clone)]
 pub struct ImportReport {
-    /// The rows added.
-    pub ingest: IngestReport,
+    /// The rows added; `None` when every response in the file was skipped.
+    pub ingest: Option<IngestReport>,
     /// Free-text answers (`question_4`) present in the file and not stored.
     pub comments_dropped: u64,
+    /// Responses skipped because this node already holds them (an earlier import of the same,
+    /// or of a cumulative, export).
+    pub already_stored: u64,
+    /// Responses skipped because an earlier line of the same file is the same response (same
+    /// `external_id` and `created_at`).
+    pub repeated: u64,
+}
+
+impl ImportReport {
+    /// Rows added.
+    pub fn rows_added(&self) -> u64 {
+        self.ingest.as_ref().map_or(0, |i| i.rows)
+    }
 }
 
 /// Imports `file` into `data_dir`. On any error nothing is written.
@@ -118,13 +137,15 @@ pub fn import(
     if !errors.is_empty() {
         return Err(invalid(errors));
     }
-    let key = load_or_create_key(data_dir).map_err(io(data_dir))?;
+    // The key stays in memory until rows are written: a rejected file leaves no key behind.
+    let key = load_key(data_dir).map_err(io(data_dir))?;
+    let hmac_key = hmac::Key::new(hmac::HMAC_SHA256, key.bytes());
 
-    // Rows, as an experience CSV in the current layout.
-    let mut out = Vec::new();
+    // Rows, as an experience CSV in the current layout, keyed by response id.
     let columns: Vec<&str> = Table::Experience.columns().iter().map(|c| c.name).collect();
-    out.extend_from_slice(columns.join(",").as_bytes());
-    out.push(b'\n');
+    let mut new_rows: Vec<(String, String)> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut repeated = 0u64;
     let mut comments_dropped = 0;
     let mut rows = 0u64;
     for record in reader.records() {
@@ -146,9 +167,12 @@ pub fn import(
         if id.is_empty() {
             bad(external, "external_id: required value is empty".into());
         }
+        // The response's moment as the export gives it (its identity, with the respondent).
+        let mut when = opts.response_date.clone().unwrap_or_default();
         let date = match created {
             Some(c) => {
                 let v = field(Some(c));
+                when = v.to_string();
                 match v
                     .get(..10)
                     .filter(|d| crate::ingest::parse_date(d.as_bytes()).is_ok())
@@ -198,12 +222,19 @@ pub fn import(
         if id.is_empty() || flag_values.len() != flags.len() {
             continue;
         }
-        let person = pseudonym(&key, "person", &[id]);
-        let case = pseudonym(&key, "case", &[id, &date]);
-        let response = pseudonym(&key, "response", &[id, &date, &line.to_string()]);
+        let person = pseudonym(&hmac_key, "person", &[id]);
+        let case = pseudonym(&hmac_key, "case", &[id, &date]);
         let a = &opts.agency;
+        let response = format!(
+            "{a}-R-{}",
+            pseudonym(&hmac_key, "response", &[id, when.as_str()])
+        );
+        if !seen.insert(response.clone()) {
+            repeated += 1;
+            continue;
+        }
         let mut row: Vec<String> = vec![
-            format!("{a}-R-{response}"),
+            response.clone(),
             format!("{a}-P-{person}"),
             format!("{a}-TP-{case}"),
             a.clone(),
@@ -222,8 +253,7 @@ pub fn import(
         row.push(thumbs.to_string());
         row.extend(flag_values.iter().map(|v| v.to_string()));
         debug_assert_eq!(row.len(), columns.len());
-        out.extend_from_slice(row.join(",").as_bytes());
-        out.push(b'\n');
+        new_rows.push((response, row.join(",")));
     }
     if !errors.is_empty() {
         return Err(invalid(errors));
@@ -235,6 +265,30 @@ pub fn import(
             reason: "the export has no responses".into(),
         }]));
     }
+    // Responses this node already holds (with a new key there can be none).
+    let stored = if key.is_new() {
+        HashSet::new()
+    } else {
+        stored_response_ids(data_dir, &seen)?
+    };
+    let already_stored = stored.len() as u64;
+    let mut report = ImportReport {
+        ingest: None,
+        comments_dropped,
+        already_stored,
+        repeated,
+    };
+    new_rows.retain(|(id, _)| !stored.contains(id));
+    if new_rows.is_empty() {
+        return Ok(report);
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(columns.join(",").as_bytes());
+    out.push(b'\n');
+    for (_, row) in &new_rows {
+        out.extend_from_slice(row.as_bytes());
+        out.push(b'\n');
+    }
     let mut temp = tempfile::Builder::new()
         .prefix(".cxfed-touchpoints-")
         .suffix(".csv")
@@ -242,12 +296,57 @@ pub fn import(
         .map_err(io(file))?;
     temp.write_all(&out).map_err(io(temp.path()))?;
     temp.flush().map_err(io(temp.path()))?;
-    let ingest = crate::ingest::ingest(data_dir, Table::Experience, temp.path(), false)
+    // Validated and written aside; the key is saved, then the rows are added by a rename.
+    let staged = crate::ingest::stage(data_dir, Table::Experience, temp.path(), false)
         .map_err(|e| rename_file(e, file))?;
-    Ok(ImportReport {
-        ingest,
-        comments_dropped,
-    })
+    key.persist(data_dir)
+        .map_err(io(&data_dir.join(KEY_FILE)))?;
+    report.ingest = Some(staged.commit().map_err(|e| rename_file(e, file))?);
+    Ok(report)
+}
+
+/// Of `wanted`, the response ids already in this node's `experience` files.
+fn stored_response_ids(
+    data_dir: &Path,
+    wanted: &HashSet<String>,
+) -> Result<HashSet<String>, IngestError> {
+    use arrow::array::{Array, AsArray};
+    use datafusion::parquet::arrow::ProjectionMask;
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut found = HashSet::new();
+    let files = crate::storage::data_files(data_dir, Table::Experience).map_err(|source| {
+        IngestError::Io {
+            path: data_dir.to_path_buf(),
+            source,
+        }
+    })?;
+    for path in files {
+        let pq = |source| IngestError::Parquet {
+            path: path.clone(),
+            source,
+        };
+        let f = std::fs::File::open(&path).map_err(|source| IngestError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(pq)?;
+        let mask = ProjectionMask::columns(builder.parquet_schema(), ["response_id"]);
+        for batch in builder.with_projection(mask).build().map_err(pq)? {
+            let batch = batch.map_err(|source| IngestError::Arrow {
+                path: path.clone(),
+                source,
+            })?;
+            let Some(ids) = batch.column(0).as_string_opt::<i32>() else {
+                continue;
+            };
+            for i in 0..ids.len() {
+                if ids.is_valid(i) && wanted.contains(ids.value(i)) {
+                    found.insert(ids.value(i).to_string());
+                }
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Checks the command-line values every row gets against the schema, before reading the file.
@@ -352,28 +451,63 @@ fn pseudonym(key: &hmac::Key, purpose: &str, parts: &[&str]) -> String {
     cxfed_protocol::signing::hex(&ctx.sign().as_ref()[..8])
 }
 
-/// The node's pseudonymization key, made (32 random bytes, mode 0600) on first use.
-fn load_or_create_key(data_dir: &Path) -> std::io::Result<hmac::Key> {
+/// The node's pseudonymization key: read from the data directory, or made in memory (32 random
+/// bytes) and saved only by [`PseudonymKey::persist`].
+struct PseudonymKey {
+    bytes: Vec<u8>,
+    new: bool,
+}
+
+impl std::fmt::Debug for PseudonymKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PseudonymKey(<redacted>)")
+    }
+}
+
+impl PseudonymKey {
+    fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Whether the key was made by this import (no earlier import wrote rows with it).
+    fn is_new(&self) -> bool {
+        self.new
+    }
+
+    /// Saves a new key atomically, mode 0600 (never readable by others, even briefly).
+    fn persist(&self, data_dir: &Path) -> std::io::Result<()> {
+        if !self.new {
+            return Ok(());
+        }
+        std::fs::create_dir_all(data_dir)?;
+        crate::storage::write_atomic(
+            &data_dir.join(KEY_FILE),
+            format!("{}\n", cxfed_protocol::signing::hex(&self.bytes)).as_bytes(),
+            true,
+        )
+    }
+}
+
+fn load_key(data_dir: &Path) -> std::io::Result<PseudonymKey> {
     let path: PathBuf = data_dir.join(KEY_FILE);
-    let bytes = match std::fs::read_to_string(&path) {
-        Ok(text) => cxfed_protocol::signing::unhex(text.trim())
-            .filter(|b| b.len() == 32)
-            .ok_or_else(|| {
-                std::io::Error::other(format!("{}: not a 32-byte hex key", path.display()))
-            })?,
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let bytes = cxfed_protocol::signing::unhex(text.trim())
+                .filter(|b| b.len() == 32)
+                .ok_or_else(|| {
+                    std::io::Error::other(format!("{}: not a 32-byte hex key", path.display()))
+                })?;
+            Ok(PseudonymKey { bytes, new: false })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut b = [0u8; 32];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
                 .map_err(|_| std::io::Error::other("random number generator failed"))?;
-            std::fs::create_dir_all(data_dir)?;
-            crate::storage::write_atomic(
-                &path,
-                format!("{}\n", cxfed_protocol::signing::hex(&b)).as_bytes(),
-                true,
-            )?;
-            b.to_vec()
+            Ok(PseudonymKey {
+                bytes: b.to_vec(),
+                new: true,
+            })
         }
-        Err(e) => return Err(e),
-    };
-    Ok(hmac::Key::new(hmac::HMAC_SHA256, &bytes))
+        Err(e) => Err(e),
+    }
 }

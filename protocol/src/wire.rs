@@ -251,7 +251,7 @@ pub struct BudgetResponse {
 }
 
 /// One column in `GET /v1/schema`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SchemaColumn {
     /// Column name.
     pub name: String,
@@ -265,16 +265,22 @@ pub struct SchemaColumn {
     /// Allowed values or range, when restricted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// For a measure, the bounds `[low, high]` each value is clamped to before it is aggregated
+    /// under differential privacy (narrower than `domain` for some measures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_bounds: Option<[f64; 2]>,
 }
 
 /// One table in `GET /v1/schema`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SchemaTable {
     /// Table name.
     pub name: String,
-    /// Rows this node holds.
-    pub rows: u64,
-    /// When data was last added (RFC 3339, UTC), if ever.
+    /// Rows this node holds: exact, so only for the node's steward (absent for every other
+    /// role — an exact count is not differentially private).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+    /// When data was last added (RFC 3339, UTC), if ever; only for the node's steward.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_ingest: Option<String>,
     /// Columns.
@@ -282,7 +288,7 @@ pub struct SchemaTable {
 }
 
 /// `GET /v1/schema`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SchemaResponse {
     /// Schema version.
     pub version: u32,

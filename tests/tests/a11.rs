@@ -28,6 +28,13 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+async fn rows_of(
+    ctx: &datafusion::prelude::SessionContext,
+    sql: &str,
+) -> Vec<Vec<serde_json::Value>> {
+    rows(ctx, sql).await
+}
+
 async fn rows(ctx: &datafusion::prelude::SessionContext, sql: &str) -> Vec<Vec<serde_json::Value>> {
     let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
     cxfed::output::rows(&batches).unwrap()
@@ -167,7 +174,14 @@ async fn touchpoints_import_pseudonymizes_and_never_stores_comments() {
     )
     .unwrap();
     let r = cxfed::touchpoints::import(&data, &first, &import_opts()).unwrap();
-    assert_eq!((r.ingest.rows, r.comments_dropped), (3, 2));
+    assert_eq!((r.rows_added(), r.comments_dropped), (3, 2));
+    assert_eq!((r.already_stored, r.repeated), (0, 0));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join(cxfed::touchpoints::KEY_FILE))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the pseudonym key is private");
     let second = tmp.path().join("q2.csv");
     std::fs::write(
         &second,
@@ -254,6 +268,150 @@ async fn touchpoints_import_pseudonymizes_and_never_stores_comments() {
     );
 }
 
+/// Nothing is written when the input is bad: not the pseudonym key, not a table directory, not
+/// a migration of an older data directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_import_or_ingest_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        format!(
+            "{EXPORT_HEADER}\n{}\n{}\n",
+            export_row(1, "TP-dan", "1", "", "2025-10-07T00:00:00Z"),
+            export_row(2, "TP-erin", "maybe", "", "2025-10-08T00:00:00Z"),
+        ),
+    )
+    .unwrap();
+    // A data directory that does not exist yet, and one that exists but is empty.
+    let missing = tmp.path().join("missing");
+    let err = cxfed::touchpoints::import(&missing, &bad, &import_opts()).unwrap_err();
+    assert!(err.to_string().contains("nothing was ingested"), "{err}");
+    assert!(
+        !missing.exists(),
+        "a rejected import created {}",
+        missing.display()
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    cxfed::touchpoints::import(&empty, &bad, &import_opts()).unwrap_err();
+    let left: Vec<_> = std::fs::read_dir(&empty).unwrap().collect();
+    assert!(left.is_empty(), "a rejected import wrote {left:?}");
+    // A bad driver flag alone: still no key.
+    let flag = tmp.path().join("flag.csv");
+    std::fs::write(
+        &flag,
+        format!(
+            "{EXPORT_HEADER}\n{}\n",
+            export_row(1, "TP-dan", "1", "", "2025-10-07T00:00:00Z")
+                .replacen(",1,0,1,", ",1,7,1,", 1)
+        ),
+    )
+    .unwrap();
+    cxfed::touchpoints::import(&empty, &flag, &import_opts()).unwrap_err();
+    assert!(std::fs::read_dir(&empty).unwrap().next().is_none());
+
+    // A version-1 data directory is not migrated by an ingest of a bad file.
+    let data = tmp.path().join("v1");
+    copy_dir(&fixture("v1-data"), &data);
+    let before = all_bytes(&data);
+    let bad_csv = tmp.path().join("bad-experience.csv");
+    let good = std::fs::read_to_string(fixture("v1-experience.csv")).unwrap();
+    let mut lines: Vec<&str> = good.lines().collect();
+    let broken = lines[2].replacen(",SSA,", ",not an agency!,", 1);
+    lines[2] = &broken;
+    std::fs::write(&bad_csv, lines.join("\n") + "\n").unwrap();
+    let err = cxfed::ingest::ingest(&data, Table::Experience, &bad_csv, false).unwrap_err();
+    assert!(err.to_string().contains(":3:"), "{err}");
+    assert_eq!(
+        cxfed::storage::schema_version(&data).unwrap(),
+        1,
+        "not migrated"
+    );
+    assert_eq!(
+        all_bytes(&data),
+        before,
+        "a rejected ingest changed the directory"
+    );
+    let bad_import = cxfed::touchpoints::import(&data, &bad, &import_opts());
+    assert!(bad_import.is_err());
+    assert_eq!(all_bytes(&data), before);
+    assert!(!data.join(cxfed::touchpoints::KEY_FILE).exists());
+    // A good file migrates and adds.
+    let r = cxfed::ingest::ingest(
+        &data,
+        Table::Experience,
+        &fixture("v1-experience.csv"),
+        false,
+    )
+    .unwrap();
+    assert_eq!(r.rows, 25);
+    assert_eq!(cxfed::storage::schema_version(&data).unwrap(), 2);
+}
+
+/// Touchpoints exports are cumulative: importing this quarter's export after last quarter's
+/// adds only the new responses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn touchpoints_reimport_skips_responses_already_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let rows = [
+        export_row(1, "TP-alice", "1", "", "2025-10-07T14:47:14.260Z"),
+        export_row(2, "TP-bob", "0", "", "2025-11-02T09:00:00Z"),
+        export_row(3, "TP-carol", "1", "", "2026-01-15T10:00:00Z"),
+    ];
+    let write = |name: &str, rows: &[String]| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, format!("{EXPORT_HEADER}\n{}\n", rows.join("\n"))).unwrap();
+        p
+    };
+    let q1 = write("q1.csv", &rows[..2]);
+    let r = cxfed::touchpoints::import(&data, &q1, &import_opts()).unwrap();
+    assert_eq!((r.rows_added(), r.already_stored, r.repeated), (2, 0, 0));
+    // The same export again: nothing added, nothing written.
+    let before = all_bytes(&data);
+    let r = cxfed::touchpoints::import(&data, &q1, &import_opts()).unwrap();
+    assert_eq!((r.rows_added(), r.already_stored), (0, 2));
+    assert!(r.ingest.is_none());
+    assert_eq!(all_bytes(&data), before);
+    // The cumulative export, with its rows in another order and other Touchpoints row ids (the
+    // response is identified by respondent and time, not by line or row id), and Alice's next
+    // answer (a new time), and one line repeated.
+    let mut cumulative = vec![
+        rows[2].clone(),
+        rows[1].replacen("2,", "77,", 1),
+        rows[0].clone(),
+        export_row(4, "TP-alice", "0", "", "2026-02-01T00:00:00Z"),
+    ];
+    cumulative.push(rows[2].clone());
+    let q2 = write("q2.csv", &cumulative);
+    let r = cxfed::touchpoints::import(&data, &q2, &import_opts()).unwrap();
+    assert_eq!(
+        (r.rows_added(), r.already_stored, r.repeated),
+        (2, 2, 1),
+        "carol and alice's second answer added; alice's and bob's first skipped; carol once"
+    );
+    let ctx = cxfed::engine::node_context(&data, 64 << 20).unwrap();
+    let got = rows_of(
+        &ctx,
+        "SELECT COUNT(*), COUNT(DISTINCT response_id), COUNT(DISTINCT person_id) FROM experience",
+    )
+    .await;
+    assert_eq!(
+        (got[0][0].as_i64(), got[0][1].as_i64(), got[0][2].as_i64()),
+        (Some(4), Some(4), Some(3))
+    );
+}
+
+/// Service provider names of the test federation's agencies, back to their abbreviations.
+static ABBREVIATIONS: std::sync::LazyLock<BTreeMap<String, &'static str>> =
+    std::sync::LazyLock::new(|| {
+        ["SSA", "CMS", "OPM"]
+            .into_iter()
+            .map(|a| (cxfed::report::agency_names(a).1.to_string(), a))
+            .collect()
+    });
+
 /// (agency, service, channel, question_id) -> the report's count columns.
 type Counts = BTreeMap<RowKey, Vec<Option<f64>>>;
 type RowKey = (String, String, String, String);
@@ -265,11 +423,17 @@ fn parse_report(csv_text: &str) -> (Vec<String>, Counts, BTreeMap<RowKey, f64>) 
     let mut cis = BTreeMap::new();
     for rec in r.records() {
         let rec = rec.unwrap();
+        // Keyed by the service provider's name (the agency's full name, as GSA publishes it).
         let key = (
-            rec[3].to_string(),
+            rec[5].to_string(),
             rec[8].to_string(),
             rec[11].to_string(),
             rec[18].to_string(),
+        );
+        assert_eq!(
+            cxfed::report::agency_names(ABBREVIATIONS[&rec[5]]),
+            (&rec[3], &rec[5]),
+            "{rec:?}"
         );
         let counts = (20..26).map(|i| rec[i].parse().ok()).collect();
         if let Some(ci) = rec[13].rsplit("+/-").next().and_then(|s| s.parse().ok())
@@ -284,7 +448,27 @@ fn parse_report(csv_text: &str) -> (Vec<String>, Counts, BTreeMap<RowKey, f64>) 
 
 /// The same counts from the pooled data, for every group (no suppression).
 async fn truth(fed: &Fed, fy: i32, q: u8) -> Counts {
+    counts_of(fed, fy, q, false).await
+}
+
+/// Per count, how many of its rows belong to a person with more than one response in the
+/// quarter: the only rows a node's contribution bounding (one group, one row per person) can
+/// leave out.
+async fn droppable(fed: &Fed, fy: i32, q: u8) -> Counts {
+    counts_of(fed, fy, q, true).await
+}
+
+async fn counts_of(fed: &Fed, fy: i32, q: u8, only_repeat_respondents: bool) -> Counts {
     let pooled = fed.pooled();
+    let from = if only_repeat_respondents {
+        format!(
+            "experience e JOIN (SELECT person_id AS p FROM experience \
+             WHERE fiscal_year = {fy} AND fiscal_quarter = {q} \
+             GROUP BY person_id HAVING COUNT(*) > 1) r ON e.person_id = r.p"
+        )
+    } else {
+        "experience".to_string()
+    };
     let mut out = Counts::new();
     let items = [
         ("trust", "2"),
@@ -297,7 +481,7 @@ async fn truth(fed: &Fed, fy: i32, q: u8) -> Counts {
     ];
     for (item, qid) in items {
         let sql = format!(
-            "SELECT agency, service, channel, {} FROM experience \
+            "SELECT agency, service, channel, {} FROM {from} \
              WHERE fiscal_year = {fy} AND fiscal_quarter = {q} GROUP BY agency, service, channel",
             (1..=5)
                 .map(|v| format!("COUNT(*) FILTER (WHERE {item} = {v})"))
@@ -307,7 +491,9 @@ async fn truth(fed: &Fed, fy: i32, q: u8) -> Counts {
         );
         for r in rows(&pooled, &sql).await {
             let key = (
-                r[0].as_str().unwrap().to_string(),
+                cxfed::report::agency_names(r[0].as_str().unwrap())
+                    .1
+                    .to_string(),
                 r[1].as_str().unwrap().to_string(),
                 r[2].as_str().unwrap().to_string(),
                 qid.to_string(),
@@ -339,6 +525,26 @@ async fn quarterly_report_has_the_published_layout_and_the_generated_numbers() {
     }
     assert!(got.keys().any(|k| k.3 == "8"), "thumbs rows");
     assert!(csv_text.contains("exact counts"));
+    // Organizations and providers by the names GSA's published data uses.
+    for (org, provider) in [
+        (
+            "U.S. Department of Health & Human Services",
+            "Centers for Medicare and Medicaid Services",
+        ),
+        (
+            "Social Security Administration",
+            "Social Security Administration",
+        ),
+        (
+            "Office of Personnel Management",
+            "Office of Personnel Management",
+        ),
+    ] {
+        assert!(
+            csv_text.contains(&format!(",{org},,{provider},")),
+            "{org} / {provider}"
+        );
+    }
     fed.fed.shutdown().await;
 
     // DP nodes: every count within its stated noise.
@@ -355,28 +561,45 @@ async fn quarterly_report_has_the_published_layout_and_the_generated_numbers() {
         .unwrap();
     let (_, got, cis) = parse_report(&csv_text);
     let want = truth(&fed, 2025, 3).await;
+    let repeat = droppable(&fed, 2025, 3).await;
     assert!(!cis.is_empty() && cis.values().all(|c| *c > 0.0));
-    let (mut within, mut total) = (0, 0);
+    let (mut within, mut total, mut dropped, mut rows) = (0, 0, 0.0, 0.0);
     for (key, counts) in got.iter().filter(|(k, _)| k.3 != "8") {
         let ci = cis[key];
         let truth = want.get(key).unwrap();
-        for (g, t) in counts.iter().zip(truth).take(5) {
-            let (g, t) = (g.unwrap(), t.unwrap());
+        let none = vec![Some(0.0); 6];
+        let repeat = repeat.get(key).unwrap_or(&none);
+        for ((g, t), d) in counts.iter().zip(truth).zip(repeat).take(5) {
+            let (g, t, d) = (g.unwrap(), t.unwrap(), d.unwrap());
             total += 1;
-            // Bounding keeps one response per person, so counts can only be lower.
-            if (g - t).abs() <= ci {
+            (dropped, rows) = (dropped + d, rows + t);
+            // Contribution bounding keeps one group and one response per person: a count can
+            // lose at most the rows of people who answered more than once, never gain. Noise is
+            // discrete Laplace (heavier tails than the normal the 95% interval assumes), and
+            // ~1,000 counts are checked: 6 half-widths (≈ 17 Laplace scales) keep a sound node
+            // from failing by chance.
+            if g >= t - d - ci && g <= t + ci {
                 within += 1;
             }
             assert!(
-                (g - t).abs() <= 3.0 * ci + 0.05 * t,
-                "{key:?}: {g} vs {t} ± {ci}"
+                g <= t + 6.0 * ci && g >= t - d - 6.0 * ci,
+                "{key:?}: {g} vs {t} (of which {d} from repeat respondents) ± {ci}"
             );
         }
     }
     assert!(total > 0);
+    eprintln!(
+        "dp report: {within} of {total} counts within ±ci; {dropped} of {rows} rows from repeat \
+         respondents"
+    );
     assert!(
         within as f64 >= 0.85 * total as f64,
         "{within} of {total} within ±ci"
+    );
+    // The allowance for bounding must not swallow the check: most rows are first responses.
+    assert!(
+        dropped < 0.5 * rows,
+        "{dropped} of {rows} rows from repeat respondents"
     );
     fed.fed.shutdown().await;
 }

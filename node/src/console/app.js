@@ -91,8 +91,9 @@ function barChart(items, title, unit) {
   return svg;
 }
 
-/** Lines over an ordered x (quarters, dates), one per series, with interval whiskers. */
-function lineChart(xs, series, title) {
+/** Lines over an ordered x (quarters, dates), one per series, with interval whiskers; `total`
+ * is how many series there were before only the first few were kept. */
+function lineChart(xs, series, title, total) {
   const W = 760, H = 320, left = 60, right = 50, top = 30, bottom = 50;
   const vals = series.flatMap((s) => s.points.filter((p) => p).flatMap((p) => [p.value - (p.ci || 0), p.value + (p.ci || 0)]));
   let lo = Math.min(...vals), hi = Math.max(...vals);
@@ -101,8 +102,14 @@ function lineChart(xs, series, title) {
   const x = (i) => left + (xs.length === 1 ? (W - left - right) / 2 : (W - left - right) * i / (xs.length - 1));
   const y = (v) => top + (H - top - bottom) * (1 - (v - lo) / (hi - lo));
   const svg = el("svg:svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img",
-    "aria-label": `${title}: line chart, ${series.length} series over ${xs.length} points`});
+    "aria-label": `${title}: line chart, ${series.length} series over ${xs.length} points` +
+      ((total || series.length) > series.length ? ` (${total - series.length} more series not drawn)` : "")});
   svg.append(el("svg:text", {x: 0, y: 16, "font-weight": 600}, title));
+  const dropped = (total || series.length) - series.length;
+  if (dropped > 0) {
+    svg.append(el("svg:text", {class: "note", x: W, y: 16, "text-anchor": "end"},
+      `${series.length} of ${total} series drawn`));
+  }
   for (let t = 0; t <= 4; t++) {
     const v = lo + (hi - lo) * t / 4;
     svg.append(el("svg:line", {class: "grid", x1: left, x2: W - right, y1: y(v), y2: y(v)}));
@@ -128,7 +135,9 @@ function lineChart(xs, series, title) {
     sw.style.background = PALETTE[k % PALETTE.length];
     return el("span", {}, sw, s.name);
   }));
-  return el("div", {}, svg, legend);
+  const note = dropped > 0 ? el("p", {class: "note", id: "series-note"},
+    `Only the first ${series.length} of ${total} series are drawn (${dropped} not shown); the table below has every row.`) : null;
+  return el("div", {}, svg, legend, note);
 }
 
 // ---------------------------------------------------------------- analyst
@@ -146,7 +155,8 @@ function drawChart() {
   const m = Number($("measure").value);
   if (Number.isNaN(m)) { fig.replaceChildren(el("p", {class: "muted"}, "No numeric column to chart.")); return; }
   const name = result.columns[m];
-  const ci = (r) => (result.ci95[r] || [])[m] ?? null;
+  const ci95 = result.ci95 || [];
+  const ci = (r) => (ci95[r] || [])[m] ?? null;
   const rows = result.rows.map((row, r) => ({row, r})).filter(({row}) => typeof row[m] === "number");
   const time = dims.find((d) => isTime(result.columns[d], rows.map(({row}) => row[d])));
   if (time !== undefined && rows.length > 1) {
@@ -160,14 +170,14 @@ function drawChart() {
       byName.get(s)[xs.indexOf(x)] = {x, value: row[m], ci: ci(r)};
     }
     const series = [...byName].slice(0, PALETTE.length).map(([n, points]) => ({name: n, points}));
-    fig.replaceChildren(lineChart(xs, series, `${name} by ${result.columns[time]}`));
+    fig.replaceChildren(lineChart(xs, series, `${name} by ${result.columns[time]}`, byName.size));
   } else {
     const items = rows.slice(0, 40).map(({row, r}) => ({
       label: dims.map((d) => fmt(row[d])).join(" · ") || name, value: row[m], ci: ci(r),
     }));
     fig.replaceChildren(barChart(items, `${name}${dims.length ? " by " + dims.map((d) => result.columns[d]).join(" × ") : ""}`));
   }
-  const n = (result.ci95 || []).some((r) => r && r[m] != null);
+  const n = ci95.some((r) => r && r[m] != null);
   fig.append(el("figcaption", {class: "muted"}, n
     ? "Whiskers: 95% interval of the differential-privacy noise."
     : "Values are exact (no noise interval for this column)."));
@@ -178,18 +188,19 @@ function toCsv(result) {
     const s = v === null || v === undefined ? "" : String(v);
     return /[",\n\r]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
   };
-  const withCi = (result.ci95 || []).length > 0;
-  const head = result.columns.flatMap((c, i) =>
-    withCi && result.ci95.some((r) => r && r[i] != null) ? [c, c + "_ci95"] : [c]);
+  const ci95 = result.ci95 || [];
+  const noisy = result.columns.map((_, i) => ci95.some((r) => r && r[i] != null));
+  const head = result.columns.flatMap((c, i) => noisy[i] ? [c, c + "_ci95"] : [c]);
   const lines = [head.map(q).join(",")];
   result.rows.forEach((row, r) => {
-    lines.push(row.flatMap((v, i) => withCi && result.ci95.some((x) => x && x[i] != null)
-      ? [v, (result.ci95[r] || [])[i]] : [v]).map(q).join(","));
+    lines.push(row.flatMap((v, i) => noisy[i] ? [v, (ci95[r] || [])[i]] : [v]).map(q).join(","));
   });
   return lines.join("\r\n") + "\r\n";
 }
 
-function showResult(result) {
+function showResult(raw) {
+  // A k-only federation sends no intervals at all (the server omits empty `ci95`).
+  const result = {...raw, ci95: raw.ci95 || [], noise_sd: raw.noise_sd || []};
   const dims = [], measures = [];
   result.columns.forEach((c, i) => {
     const vals = result.rows.map((r) => r[i]).filter((v) => v !== null);
@@ -287,13 +298,22 @@ async function runExplain() {
   }
 }
 
+function columnNote(c) {
+  const parts = [c.type];
+  if (c.domain) parts.push(c.kind === "measure" ? `valid ${c.domain}` : c.domain);
+  if (c.dp_bounds) parts.push(`privacy clamp ${fmt(c.dp_bounds[0])}..=${fmt(c.dp_bounds[1])}`);
+  return parts.join(" · ");
+}
+
 function showSchema(schema) {
-  $("schema").replaceChildren(el("p", {class: "muted"}, `schema version ${schema.version}`),
+  $("schema").replaceChildren(el("p", {class: "muted"}, `schema version ${schema.version}. `,
+    "Measures: the range a value must be in to be stored, and the privacy clamp — in dp mode each value is ",
+    "clamped to it before it is summed, so a longer wait counts as the upper bound."),
     ...schema.tables.map((t) => el("div", {},
       el("h3", {}, t.name),
-      el("ul", {}, t.columns.map((c) => el("li", {},
+      el("ul", {}, t.columns.map((c) => el("li", {"data-column": `${t.name}.${c.name}`},
         el("code", {}, c.name), el("span", {class: "kind " + c.kind}, c.kind),
-        el("div", {class: "muted"}, c.type + (c.domain ? " · " + c.domain : "")))))))
+        el("div", {class: "muted"}, columnNote(c)))))))
   );
 }
 
@@ -319,7 +339,18 @@ async function analyst(who) {
     $("example").dispatchEvent(new Event("change"));
   }
   if (hash.has("sql")) $("sql").value = hash.get("sql");
-  if (hash.has("run")) await runQuery();
+  // A link may fill the editor, but runs its query (and spends budget) only with this console's
+  // run key, which only a page of this origin can read: a page of another localhost port can
+  // navigate here with the session cookie, but cannot know it.
+  if (hash.has("run")) {
+    const session = await api("session").catch(() => null);
+    if (session && session.run_key && hash.get("run") === session.run_key) {
+      await runQuery();
+    } else {
+      $("status").textContent = "This link asked to run its query, but it does not carry this console's run key, " +
+        "so nothing was run. Check the SQL, then press Run query.";
+    }
+  }
 }
 
 // ---------------------------------------------------------------- steward
@@ -332,7 +363,7 @@ async function stewardLoad() {
   const problems = [schema, policy, budget, activity].filter((x) => x instanceof Error).map((e) => e.message);
   if (!(schema instanceof Error)) {
     table($("tables"), ["Table", "Rows", "Last ingest (UTC)"],
-      schema.tables.map((t) => [t.name, t.rows, t.last_ingest ? t.last_ingest.replace("T", " ").replace("Z", "") : "never"]),
+      schema.tables.map((t) => [t.name, t.rows ?? "—", t.last_ingest ? t.last_ingest.replace("T", " ").replace("Z", "") : "never"]),
       [false, true, false]);
   }
   if (!(policy instanceof Error)) {
@@ -361,10 +392,10 @@ async function stewardLoad() {
     } else if (!budget.analysts.length) {
       $("budget-chart").replaceChildren(el("p", {class: "muted"}, "No analyst has spent budget in this period."));
     } else {
-      const items = budget.analysts.flatMap((a) => [
-        {label: `${a.analyst.split("/").slice(-3).join("/")} used`, value: a.used},
-        {label: "left", value: a.remaining, cls: "left"},
-      ]);
+      const items = budget.analysts.flatMap((a) => {
+        const name = a.analyst.split("/").slice(-3).join("/");
+        return [{label: `${name} used`, value: a.used}, {label: `${name} left`, value: a.remaining, cls: "left"}];
+      });
       $("budget-chart").replaceChildren(barChart(items, `ε used and left of ${budget.budget_epsilon} per ${budget.period_days} days`));
     }
     table($("budget"), ["Analyst", "Queries", "ε used", "ε left"],
@@ -403,20 +434,30 @@ function options(select, values, all) {
   if (values.includes(keep)) select.value = keep;
 }
 
+/** A `datetime-local` value read as UTC (the fields say so), in ms; `end`: the last ms of the
+ * minute (or second) it names. */
+function utcMillis(v, end) {
+  const m = /^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,3}))?)?$/.exec(v || "");
+  if (!m) return null;
+  const t = Date.UTC(+m[1], +m[2] - 1, +m[3], +m[4], +m[5], +(m[6] || 0), +((m[7] || "0").padEnd(3, "0")));
+  if (!end) return t;
+  return t + (m[7] ? 0 : m[6] ? 999 : 59999);
+}
+
 function drawLog() {
   if (!audit) return;
   const f = {node: $("f-node").value, analyst: $("f-analyst").value, decision: $("f-decision").value,
-    from: $("f-from").value, to: $("f-to").value};
+    from: utcMillis($("f-from").value, false), to: utcMillis($("f-to").value, true)};
   const rows = [];
   for (const n of audit.nodes) {
     if (!n.entries || (f.node && n.agency !== f.node)) continue;
     for (const e of n.entries) {
       const who = e.analyst || e.peer || "";
-      const t = (e.time || "").slice(0, 16);
+      const t = Date.parse(e.time || "");
       if (f.analyst && who !== f.analyst) continue;
       if (f.decision && (e.decision || e.kind) !== f.decision) continue;
-      if (f.from && t < f.from) continue;
-      if (f.to && t > f.to) continue;
+      if (f.from !== null && !(t >= f.from)) continue;
+      if (f.to !== null && !(t <= f.to)) continue;
       rows.push(e);
     }
   }
@@ -445,7 +486,8 @@ async function auditLoad() {
     const c = n.check;
     const text = c.status === "clean"
       ? `chain verified: seq ${c.first_seq}–${c.last_seq}, ${c.checkpoints} signed checkpoints, ${c.signatures_checked} analyst signatures re-checked`
-      : c.status === "tampered" ? `TAMPERED: first bad entry seq ${c.seq}: ${c.message}` : c.message;
+      : c.status === "tampered" ? `TAMPERED: first bad entry seq ${c.seq}: ${c.message}`
+      : c.status === "wrong-node" ? `WRONG NODE: ${c.message}` : c.message;
     return el("li", {class: c.status}, el("strong", {}, n.agency), ` ${text} (${fmt(n.total)} entries)`);
   }));
   const r = audit.reconciliation;
