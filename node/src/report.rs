@@ -317,11 +317,17 @@ pub fn render(
                     .get(&format!("c{v}"))
                     .map(|n| n.value.max(0.0).round())
             };
-            // Thumbs: down is "disagree", up is "agree".
-            let by_option: [Option<f64>; 5] = if qid == THUMBS_QUESTION {
-                [None, count(0), None, count(1), None]
+            // Thumbs: down is "disagree", up is "agree". `options`: which the form asks.
+            let (by_option, options): ([Option<f64>; 5], [bool; 5]) = if qid == THUMBS_QUESTION {
+                (
+                    [None, count(0), None, count(1), None],
+                    [false, true, false, true, false],
+                )
             } else {
-                [count(1), count(2), count(3), count(4), count(5)]
+                (
+                    [count(1), count(2), count(3), count(4), count(5)],
+                    [true; 5],
+                )
             };
             let n: f64 = by_option.iter().flatten().sum();
             if n <= 0.0 {
@@ -340,12 +346,27 @@ pub fn render(
                     eps.join(" ")
                 )
             } else {
-                "cxfed: exact counts; groups of fewer than k people were withheld by the nodes \
-                 (k-anonymity)"
-                    .to_string()
+                let blank = options
+                    .iter()
+                    .zip(&by_option)
+                    .filter(|(asked, c)| **asked && c.is_none())
+                    .count();
+                let mut r = "cxfed: exact counts; groups of fewer than k people were withheld by \
+                             the nodes (k-anonymity)"
+                    .to_string();
+                if blank > 0 {
+                    r.push_str(&format!(
+                        "; {blank} answer count(s) held by 1 to k-1 people left blank, and the \
+                         sample, agree count and mean count only the answers shown"
+                    ));
+                }
+                r
             };
-            let agree = by_option[3].unwrap_or(0.0) + by_option[4].unwrap_or(0.0);
-            let mean = (qid != THUMBS_QUESTION).then(|| {
+            // A total over a blank count would be wrong (and, with the blank, tell it).
+            let withheld = |i: usize| options[i] && by_option[i].is_none();
+            let agree = (!withheld(3) && !withheld(4))
+                .then(|| by_option[3].unwrap_or(0.0) + by_option[4].unwrap_or(0.0));
+            let mean = (qid != THUMBS_QUESTION && !(0..5).any(withheld)).then(|| {
                 by_option
                     .iter()
                     .enumerate()
@@ -385,7 +406,7 @@ pub fn render(
                 show(by_option[2]),
                 show(by_option[3]),
                 show(by_option[4]),
-                format!("{agree:.0}"),
+                agree.map_or(String::new(), |a| format!("{a:.0}")),
                 mean.map_or(String::new(), |m| format!("{m:.2}")),
                 metric.to_string(),
             ];

@@ -89,7 +89,11 @@ pub async fn explain_with(
     };
     let partial = match &dp_partial {
         Some(d) => d.plan.clone(),
-        None => approved.partial_plan()?,
+        None => match approved.partial_plan() {
+            Ok(p) => p,
+            Err(QueryError::Rejected(r)) => return Ok(Explanation::from(&r)),
+            Err(e) => return Err(e),
+        },
     };
     let merge = approved
         .aggregate_kinds()
@@ -142,6 +146,26 @@ pub async fn explain_with(
         privacy.push(format!(
             "every node withholds any group with {PERSONS} (distinct person_id) below its own k (this node: {node_k}) and reports how many it withheld"
         ));
+        for (i, (name, regions)) in approved
+            .aggregate_names()
+            .iter()
+            .zip(approved.cell_regions()?)
+            .enumerate()
+        {
+            let supports = if regions.is_empty() {
+                format!("its own value (__a{i}_n)")
+            } else {
+                regions
+                    .iter()
+                    .enumerate()
+                    .map(|(j, r)| format!("__a{i}_p{j}: people where {r}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            privacy.push(format!(
+                "cell {name} is withheld (NULL) where any of these holds 1 to k − 1 people: {supports}"
+            ));
+        }
     }
     privacy.extend([
         format!("the coordinator releases a merged group only if the nodes' {PERSONS} add up to at least its k ({federation_k})"),

@@ -449,6 +449,11 @@ fn plan_error(sql: &str, e: DataFusionError) -> QueryError {
         Rule::QueryTooLarge
     } else if lower.contains("table") && lower.contains("not found") {
         Rule::TableNotAllowed
+    } else if lower.contains("invalid function") || lower.contains("could not be planned") {
+        // Functions this build does not have (md5, sha256, substr ...) are not allowed either.
+        Rule::FunctionNotAllowed
+    } else if lower.contains("cannot be nested") {
+        Rule::NestedAggregation
     } else {
         Rule::PlanError
     };

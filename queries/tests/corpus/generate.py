@@ -172,6 +172,50 @@ r("CXF-Q014", "SELECT COUNT(*) FROM experience WHERE agency SIMILAR TO 'S.*'")
 r("CXF-Q014", "SELECT agency, AVG(trust) FROM experience WHERE random() < 0.5 GROUP BY agency")
 r("CXF-Q014", "SELECT COUNT(*) FROM experience WHERE now() > response_date")
 
+# Identifiers in expressions, hashes and string functions (CXF-Q012 when the function exists;
+# functions this build lacks are refused as such, CXF-Q014).
+r("CXF-Q012", "SELECT COUNT(*) FROM experience WHERE person_id % 2 = 0")
+r("CXF-Q014", "SELECT COUNT(*) FROM experience GROUP BY md5(person_id)")
+r("CXF-Q014", "SELECT agency, COUNT(*) FROM experience WHERE sha256(person_id) > 'a' GROUP BY agency")
+r("CXF-Q014", "SELECT COUNT(*) FROM experience WHERE digest(case_id, 'sha256') IS NOT NULL")
+r("CXF-Q014", "SELECT COUNT(*) FROM experience WHERE substr(person_id, 1, 3) = 'SSA'")
+r("CXF-Q012", "SELECT COUNT(*) FROM experience WHERE length(response_id) > 10")
+r("CXF-Q012", "SELECT COUNT(*) FROM experience WHERE concat(person_id, '') = 'x'")
+r("CXF-Q012", "SELECT COUNT(*) FROM experience WHERE \"person_id\" = 'x'")
+r("CXF-Q012", "SELECT COUNT(*) FROM experience WHERE PERSON_ID = 'x'")
+r("CXF-Q012", "SELECT COUNT(*) FROM experience WHERE agency = 'SSA' /* harmless */ AND person_id = 'x'")
+# Unicode tricks: a Cyrillic "е" in the table name, a fullwidth letter, a zero-width space.
+r("CXF-Q006", "SELECT COUNT(*) FROM \"\u0435xperience\"")
+r("CXF-Q004", "SELECT COUNT(*) FROM experience WHERE \"person\u200b_id\" = 'x'")
+r("CXF-Q001", "SELECT COUNT(*) FROM experience WHERE trust \uff1e 3")
+# Percentiles and ordered aggregates of raw values (CXF-Q011).
+r("CXF-Q011", "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY wait_minutes) FROM operational")
+r("CXF-Q011", "SELECT approx_percentile_cont(wait_minutes, 0.99) FROM operational")
+# Table functions reading files (CXF-Q006).
+r("CXF-Q006", "SELECT COUNT(*) FROM read_parquet('/etc/passwd')")
+r("CXF-Q006", "SELECT COUNT(*) FROM read_csv('data/ssa/experience.csv')")
+# Aggregates of aggregates (CXF-Q016).
+r("CXF-Q016", "SELECT SUM(COUNT(*)) FROM experience GROUP BY agency")
+r("CXF-Q016", "SELECT AVG(AVG(trust)) FROM experience")
+# Functions (CXF-Q014), and row values that could make a query fail (a failure discloses one bit
+# about the row that caused it).
+r("CXF-Q014", "SELECT COUNT(*) FROM experience WHERE power(trust - 3, -1) > 0")
+r("CXF-Q014", "SELECT COUNT(*) FROM experience WHERE CAST(trust AS DECIMAL(3, 1)) > 1")
+r("CXF-Q014", "SELECT COUNT(*) FROM experience WHERE response_date + INTERVAL '1 day' > DATE '2025-01-01'")
+r("CXF-Q014", "SELECT COUNT(*) FROM experience WHERE channel LIKE service")
+r("CXF-Q014", "SELECT AVG(round(trust, trust)) FROM experience")
+r("CXF-Q014", "SELECT COUNT(*) FROM experience WHERE regexp_like(service, '^Ret')")
+r("CXF-Q014", "SELECT COUNT(*) FROM experience WHERE to_hex(trust) = '5'")
+# k-only: arguments that can single out one value or hide a condition (CXF-Q020; the validator
+# accepts them, a k-only node refuses them).
+r("CXF-Q020", "SELECT ROUND(LN(SUM(EXP(100 * trust))) / 100) FROM experience")
+r("CXF-Q020", "SELECT SUM(trust * date_part('day', response_date)) FROM experience")
+r("CXF-Q020", "SELECT SUM(trust * trust * trust) FROM experience")
+r("CXF-Q020", "SELECT SUM(greatest(wait_minutes - 600, 0, 1)) FROM operational")
+r("CXF-Q020", "SELECT AVG(CASE WHEN trust > 3 THEN CASE WHEN state = 'WY' THEN trust END END) FROM experience")
+r("CXF-Q020", "SELECT SUM(CAST(state = 'WY' AS INT) * trust) FROM experience")
+r("CXF-Q020", "SELECT SUM(sqrt(wait_minutes)) FROM operational")
+
 # Unknown columns (CXF-Q004).
 r("CXF-Q004", "SELECT COUNT(nosuch) FROM experience")
 r("CXF-Q004", "SELECT AVG(wait_minutes) FROM experience")

@@ -693,6 +693,105 @@ SELECT agency, AVG(trust) FROM experience WHERE random() < 0.5 GROUP BY agency
 -- expect: CXF-Q014
 SELECT COUNT(*) FROM experience WHERE now() > response_date
 ;;
+-- expect: CXF-Q012
+SELECT COUNT(*) FROM experience WHERE person_id % 2 = 0
+;;
+-- expect: CXF-Q014
+SELECT COUNT(*) FROM experience GROUP BY md5(person_id)
+;;
+-- expect: CXF-Q014
+SELECT agency, COUNT(*) FROM experience WHERE sha256(person_id) > 'a' GROUP BY agency
+;;
+-- expect: CXF-Q014
+SELECT COUNT(*) FROM experience WHERE digest(case_id, 'sha256') IS NOT NULL
+;;
+-- expect: CXF-Q014
+SELECT COUNT(*) FROM experience WHERE substr(person_id, 1, 3) = 'SSA'
+;;
+-- expect: CXF-Q012
+SELECT COUNT(*) FROM experience WHERE length(response_id) > 10
+;;
+-- expect: CXF-Q012
+SELECT COUNT(*) FROM experience WHERE concat(person_id, '') = 'x'
+;;
+-- expect: CXF-Q012
+SELECT COUNT(*) FROM experience WHERE "person_id" = 'x'
+;;
+-- expect: CXF-Q012
+SELECT COUNT(*) FROM experience WHERE PERSON_ID = 'x'
+;;
+-- expect: CXF-Q012
+SELECT COUNT(*) FROM experience WHERE agency = 'SSA' /* harmless */ AND person_id = 'x'
+;;
+-- expect: CXF-Q006
+SELECT COUNT(*) FROM "еxperience"
+;;
+-- expect: CXF-Q004
+SELECT COUNT(*) FROM experience WHERE "person​_id" = 'x'
+;;
+-- expect: CXF-Q001
+SELECT COUNT(*) FROM experience WHERE trust ＞ 3
+;;
+-- expect: CXF-Q011
+SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY wait_minutes) FROM operational
+;;
+-- expect: CXF-Q011
+SELECT approx_percentile_cont(wait_minutes, 0.99) FROM operational
+;;
+-- expect: CXF-Q006
+SELECT COUNT(*) FROM read_parquet('/etc/passwd')
+;;
+-- expect: CXF-Q006
+SELECT COUNT(*) FROM read_csv('data/ssa/experience.csv')
+;;
+-- expect: CXF-Q016
+SELECT SUM(COUNT(*)) FROM experience GROUP BY agency
+;;
+-- expect: CXF-Q016
+SELECT AVG(AVG(trust)) FROM experience
+;;
+-- expect: CXF-Q014
+SELECT COUNT(*) FROM experience WHERE power(trust - 3, -1) > 0
+;;
+-- expect: CXF-Q014
+SELECT COUNT(*) FROM experience WHERE CAST(trust AS DECIMAL(3, 1)) > 1
+;;
+-- expect: CXF-Q014
+SELECT COUNT(*) FROM experience WHERE response_date + INTERVAL '1 day' > DATE '2025-01-01'
+;;
+-- expect: CXF-Q014
+SELECT COUNT(*) FROM experience WHERE channel LIKE service
+;;
+-- expect: CXF-Q014
+SELECT AVG(round(trust, trust)) FROM experience
+;;
+-- expect: CXF-Q014
+SELECT COUNT(*) FROM experience WHERE regexp_like(service, '^Ret')
+;;
+-- expect: CXF-Q014
+SELECT COUNT(*) FROM experience WHERE to_hex(trust) = '5'
+;;
+-- expect: CXF-Q020
+SELECT ROUND(LN(SUM(EXP(100 * trust))) / 100) FROM experience
+;;
+-- expect: CXF-Q020
+SELECT SUM(trust * date_part('day', response_date)) FROM experience
+;;
+-- expect: CXF-Q020
+SELECT SUM(trust * trust * trust) FROM experience
+;;
+-- expect: CXF-Q020
+SELECT SUM(greatest(wait_minutes - 600, 0, 1)) FROM operational
+;;
+-- expect: CXF-Q020
+SELECT AVG(CASE WHEN trust > 3 THEN CASE WHEN state = 'WY' THEN trust END END) FROM experience
+;;
+-- expect: CXF-Q020
+SELECT SUM(CAST(state = 'WY' AS INT) * trust) FROM experience
+;;
+-- expect: CXF-Q020
+SELECT SUM(sqrt(wait_minutes)) FROM operational
+;;
 -- expect: CXF-Q004
 SELECT COUNT(nosuch) FROM experience
 ;;
