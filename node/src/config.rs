@@ -351,12 +351,13 @@ impl NodeConfig {
         );
         let p = &self.policy;
         s.push_str(&format!(
-            "\n[policy]\nallowed_agencies = {:?}\nhidden_dimensions = {:?}\nmin_k = {}\nmax_groups = {}\nrate_limit_per_minute = {}\nquery_timeout_secs = {}\nmemory_limit_mb = {}\n",
+            "\n[policy]\nallowed_agencies = {:?}\nhidden_dimensions = {:?}\nmin_k = {}\nmax_groups = {}\nrate_limit_per_minute = {}\nmax_in_flight_per_analyst = {}\nquery_timeout_secs = {}\nmemory_limit_mb = {}\n",
             p.allowed_agencies,
             p.hidden_dimensions,
             p.k,
             p.max_groups,
             p.rate_limit_per_minute,
+            p.max_in_flight_per_analyst,
             p.query_timeout.as_secs(),
             p.memory_limit_bytes / (1024 * 1024),
         ));

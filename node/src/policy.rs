@@ -9,6 +9,7 @@
 //! min_k = 20                               # floor for k: max(privacy.k, min_k) is enforced
 //! max_groups = 10000                       # a query whose partial has more groups is refused
 //! rate_limit_per_minute = 120              # queries per analyst per minute (0 = no limit)
+//! max_in_flight_per_analyst = 4            # partials one analyst may run here at once (0 = no limit)
 //! query_timeout_secs = 60                  # per-query execution time limit on this node
 //! memory_limit_mb = 1024                   # DataFusion memory pool (applies at start)
 //! ```
@@ -38,6 +39,8 @@ pub struct PolicyConfig {
     pub max_groups: Option<u64>,
     /// Queries per analyst per minute (0 = unlimited).
     pub rate_limit_per_minute: Option<u32>,
+    /// Partials one analyst may have running on this node at once (0 = unlimited).
+    pub max_in_flight_per_analyst: Option<u32>,
     /// Execution time limit per query, seconds.
     pub query_timeout_secs: Option<u64>,
     /// Memory pool, MiB.
@@ -122,6 +125,8 @@ pub struct Policy {
     pub max_groups: u64,
     /// Queries per analyst per minute (0 = unlimited).
     pub rate_limit_per_minute: u32,
+    /// Partials one analyst may have running here at once (0 = unlimited).
+    pub max_in_flight_per_analyst: u32,
     /// Execution time limit.
     pub query_timeout: Duration,
     /// Memory pool in bytes.
@@ -249,6 +254,7 @@ impl Policy {
             k: k.max(min_k),
             max_groups,
             rate_limit_per_minute: raw.rate_limit_per_minute.unwrap_or(120),
+            max_in_flight_per_analyst: raw.max_in_flight_per_analyst.unwrap_or(4),
             query_timeout: Duration::from_secs(timeout),
             memory_limit_bytes: usize::try_from(memory_mb * 1024 * 1024).unwrap_or(usize::MAX),
             dp: None,
@@ -273,17 +279,23 @@ impl Policy {
         Ok(id)
     }
 
-    /// Checks what the query touches.
+    /// Checks what the query touches. A hidden column hides the columns derived from it and
+    /// the one it is derived from (hiding `response_date` hides `fiscal_quarter`, which tells
+    /// the quarter of the date, and hiding `fiscal_quarter` hides `response_date`, from which
+    /// the quarter can be computed).
     pub fn check_query(&self, q: &ApprovedQuery) -> Result<(), PolicyRefusal> {
         let used = q.referenced_columns();
-        if let Some(d) = self
-            .hidden_dimensions
-            .iter()
-            .find(|d| used.contains(d.as_str()))
-        {
-            return Err(PolicyRefusal::hidden(format!(
-                "this node does not expose {d}"
-            )));
+        for d in &self.hidden_dimensions {
+            if let Some(c) = hidden_closure(d).into_iter().find(|c| used.contains(c)) {
+                let via = if c == *d {
+                    String::new()
+                } else {
+                    format!(" (the query reads {c}, which is derived from or to it)")
+                };
+                return Err(PolicyRefusal::hidden(format!(
+                    "this node does not expose {d}{via}"
+                )));
+            }
         }
         Ok(())
     }
@@ -297,6 +309,68 @@ impl Policy {
             )));
         }
         Ok(())
+    }
+}
+
+/// `column` and every column derived from it or it from (both tables).
+fn hidden_closure(column: &str) -> Vec<String> {
+    let mut out = vec![column.to_string()];
+    for table in cxfed_queries::schema::Table::ALL {
+        for c in table.columns() {
+            let Some(derived) = c.derived else { continue };
+            if derived.source() == column && !out.iter().any(|o| o == c.name) {
+                out.push(c.name.to_string());
+            }
+            if c.name == column && !out.iter().any(|o| o == derived.source()) {
+                out.push(derived.source().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// How many partials each analyst has running on this node.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    running: Mutex<HashMap<String, u32>>,
+}
+
+/// One running partial; dropping it frees the analyst's slot.
+#[derive(Debug)]
+pub struct InFlightGuard<'a> {
+    owner: &'a InFlight,
+    analyst: String,
+}
+
+impl InFlight {
+    /// Takes one of `analyst`'s `limit` slots (0 = unlimited), or refuses (CXF-P003) when all
+    /// are taken: one analyst cannot fill the node's memory pool and CPU with parallel queries
+    /// while others wait.
+    pub fn enter(&self, analyst: &str, limit: u32) -> Result<InFlightGuard<'_>, PolicyRefusal> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let n = running.entry(analyst.to_string()).or_insert(0);
+        if limit > 0 && *n >= limit {
+            return Err(PolicyRefusal::rate(format!(
+                "at most {limit} queries at a time per analyst on this node; wait for one to finish"
+            )));
+        }
+        *n += 1;
+        Ok(InFlightGuard {
+            owner: self,
+            analyst: analyst.to_string(),
+        })
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut running = self.owner.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = running.get_mut(&self.analyst) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                running.remove(&self.analyst);
+            }
+        }
     }
 }
 
@@ -380,6 +454,20 @@ mod tests {
     }
 
     #[test]
+    fn in_flight_limit_is_per_analyst_and_freed_on_drop() {
+        let f = InFlight::default();
+        let a = f.enter("a", 2).expect("1st");
+        let _b = f.enter("a", 2).expect("2nd");
+        assert_eq!(f.enter("a", 2).expect_err("3rd").code, "CXF-P003");
+        let _other = f.enter("b", 2).expect("another analyst");
+        drop(a);
+        let _c = f.enter("a", 2).expect("a slot was freed");
+        let _unlimited: Vec<_> = (0..10)
+            .map(|_| f.enter("c", 0).expect("0 = no limit"))
+            .collect();
+    }
+
+    #[test]
     fn rate_limiter_refuses_over_limit_per_analyst() {
         let r = RateLimiter::default();
         assert!(r.check("a", 2).is_ok());
@@ -410,5 +498,33 @@ mod tests {
             .await
             .expect("approve");
         assert!(p.check_query(&q).is_ok());
+    }
+
+    #[tokio::test]
+    async fn hiding_a_date_hides_what_is_derived_from_it_and_back() {
+        let ctx = cxfed_queries::context::planning_context().expect("ctx");
+        let check = |hidden: &str, sql: &'static str| {
+            let p = policy(PolicyConfig {
+                hidden_dimensions: vec![hidden.into()],
+                ..Default::default()
+            });
+            let ctx = &ctx;
+            async move {
+                let q = cxfed_queries::validate::approve(&ctx.state(), sql)
+                    .await
+                    .expect("approve");
+                p.check_query(&q).map_err(|r| r.code)
+            }
+        };
+        let by_quarter =
+            "SELECT fiscal_year, fiscal_quarter, COUNT(*) FROM experience GROUP BY 1, 2";
+        let by_date =
+            "SELECT date_trunc('quarter', response_date) AS q, COUNT(*) FROM experience GROUP BY 1";
+        assert_eq!(check("response_date", by_quarter).await, Err("CXF-P002"));
+        assert_eq!(check("fiscal_quarter", by_date).await, Err("CXF-P002"));
+        // Columns are hidden by name, in both tables: operational's fiscal quarter comes from
+        // opened_date, and the name is the same.
+        assert_eq!(check("opened_date", by_quarter).await, Err("CXF-P002"));
+        assert_eq!(check("state", by_date).await, Ok(()));
     }
 }

@@ -61,6 +61,8 @@ pub struct Node {
     policy: RwLock<Arc<Policy>>,
     /// Per-analyst rate limits.
     limiter: RateLimiter,
+    /// Per-analyst partials running now.
+    in_flight: crate::policy::InFlight,
     /// Per-analyst privacy budgets.
     pub ledger: Ledger,
     /// Checks analysts' request signatures and remembers their nonces.
@@ -201,6 +203,7 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
         audit,
         policy,
         limiter: RateLimiter::default(),
+        in_flight: crate::policy::InFlight::default(),
         ledger,
         requests,
     })
@@ -302,9 +305,13 @@ async fn watch_config(node: Arc<Node>, path: std::path::PathBuf) {
                         "identity, listen, data_dir, tls, peers and memory_limit_mb changes take effect at restart"
                     );
                 }
-                if *old != new.policy {
-                    info!(k = new.policy.k, hidden = ?new.policy.hidden_dimensions, allowed = ?new.policy.allowed_agencies, "policy reloaded");
-                    node.set_policy(new.policy);
+                // The memory pool is sized at start: the policy in force (and GET /v1/policy)
+                // keeps the limit that is really enforced.
+                let mut policy = new.policy;
+                policy.memory_limit_bytes = old.memory_limit_bytes;
+                if *old != policy {
+                    info!(k = policy.k, hidden = ?policy.hidden_dimensions, allowed = ?policy.allowed_agencies, "policy reloaded");
+                    node.set_policy(policy);
                 }
             }
         }
@@ -635,13 +642,18 @@ impl Node {
             query_id,
             requested_epsilon: req.epsilon,
         };
-        let result = match self.admit(&analyst, "partial") {
+        let policy = self.policy();
+        let slot = self.admit(&analyst, "partial").and_then(|()| {
+            self.in_flight
+                .enter(&analyst, policy.max_in_flight_per_analyst)
+        });
+        let result = match slot {
             Err(refusal) => Err(PartialError::Policy(refusal)),
-            Ok(()) => {
+            Ok(_slot) => {
                 crate::partial::run(
                     &self.ctx,
                     &self.config.agency,
-                    &self.policy(),
+                    &policy,
                     req.sql,
                     charge,
                     &self.row_bounds,
@@ -815,6 +827,23 @@ async fn explain(
         .authorize(&tls, "/v1/explain", &[Role::Analyst, Role::Steward])
         .await?;
     let req: QueryRequest = parse_json(&body)?;
+    // An analyst's explain is held to the same admission as a query: an agency the steward
+    // does not allow cannot probe this node's k and hidden dimensions, nor flood it.
+    if who.role() == Role::Analyst
+        && let Err(refusal) = node.admit(&who.to_string(), "explain")
+    {
+        node.record(Record {
+            endpoint: "/v1/explain",
+            peer: who.to_string(),
+            analyst: who.to_string(),
+            sql: Some(req.sql.clone()),
+            decision: Some(Decision::Refused),
+            code: Some(refusal.code.into()),
+            ..Record::default()
+        })
+        .await?;
+        return Err(refusal.into());
+    }
     node.record_access("/v1/explain", &who, Some(req.sql.clone()))
         .await?;
     let policy = node.policy();
@@ -896,6 +925,7 @@ async fn policy(
         "k": p.k,
         "max_groups": p.max_groups,
         "rate_limit_per_minute": p.rate_limit_per_minute,
+        "max_in_flight_per_analyst": p.max_in_flight_per_analyst,
         "query_timeout_secs": p.query_timeout.as_secs_f64(),
         "memory_limit_mb": p.memory_limit_bytes / (1024 * 1024),
         "privacy": match &p.dp {

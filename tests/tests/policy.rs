@@ -120,11 +120,19 @@ async fn steward_policy_is_enforced_by_each_node_and_reloads_live() {
     // Too many groups.
     set_policy(&fed, 0, "max_groups = 3").await;
     eventually("SSA max groups", || async {
-        refused_code(
-            &fed.query("SELECT channel, COUNT(*) FROM experience GROUP BY channel")
-                .await,
-        )
-        .is_some()
+        match fed
+            .query("SELECT channel, COUNT(*) FROM experience GROUP BY channel")
+            .await
+        {
+            Err(QueryFailure::Refused(b)) => {
+                b.code == "CXF-P004"
+                    || b.nodes.iter().any(|n| {
+                        n.agency == "SSA"
+                            && n.error.as_deref().unwrap_or("").starts_with("CXF-P004")
+                    })
+            }
+            _ => false,
+        }
     })
     .await;
 
@@ -141,18 +149,33 @@ async fn steward_policy_is_enforced_by_each_node_and_reloads_live() {
         codes.iter().any(|c| c.as_deref() == Some("CXF-P003")),
         "{codes:?}"
     );
+    // Another analyst, through the same coordinator, is not held back by SSA's analyst.
+    let cms = fed.analyst_of("CMS");
+    let r = cxfed::cli::send_query(
+        &cms,
+        &fed.fed.url(0),
+        &cxfed_protocol::wire::QueryRequest::new("SELECT COUNT(*) FROM experience"),
+    )
+    .await;
+    assert!(r.is_ok(), "{r:?}");
     fed.fed.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_keeps_answering_good_queries_under_a_flood() {
-    let fed = Fed::start_with(600, Duration::from_secs(20)).await;
+    let fed = Fed::start_with(3_000, Duration::from_secs(60)).await;
+    // No rate limit: the flood must be held by the in-flight limit and the validator alone.
+    for i in 0..3 {
+        set_policy(&fed, i, "rate_limit_per_minute = 0").await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let url = fed.fed.url(0);
     let attacker = fed.analyst_of("CMS");
     let bad = [
         "SELECT * FROM experience",
         "SELECT person_id, COUNT(*) FROM experience GROUP BY person_id",
-        "SELECT COUNT(*) FROM experience e JOIN operational o ON e.case_id = o.case_id GROUP BY e.state, e.channel, e.age_band, e.journey_stage, e.service, o.outcome",
+        // Expensive but allowed: the heaviest join with distinct counts over five dimensions.
+        "SELECT e.state, e.age_band, e.channel, e.service, o.outcome, COUNT(DISTINCT e.person_id), STDDEV(o.processing_days) FROM experience e JOIN operational o ON e.case_id = o.case_id GROUP BY e.state, e.age_band, e.channel, e.service, o.outcome",
         "SELECT COUNT(*) FROM experience WHERE ((((((((((((trust > 1))))))))))))",
         "not sql at all",
     ];
@@ -163,7 +186,17 @@ async fn node_keeps_answering_good_queries_under_a_flood() {
             let sql = bad[i % bad.len()].to_string();
             tokio::spawn(async move {
                 let req = cxfed_protocol::wire::QueryRequest::new(sql);
-                cxfed::cli::send_query(&client, &url, &req).await.is_ok()
+                match cxfed::cli::send_query(&client, &url, &req).await {
+                    Ok(_) => (true, false),
+                    Err(QueryFailure::Refused(b)) => (
+                        false,
+                        b.code == "CXF-P003"
+                            || b.nodes
+                                .iter()
+                                .any(|n| n.error.as_deref().unwrap_or("").starts_with("CXF-P003")),
+                    ),
+                    Err(_) => (false, false),
+                }
             })
         })
         .collect();
@@ -176,15 +209,17 @@ async fn node_keeps_answering_good_queries_under_a_flood() {
         assert!(r.is_ok(), "good query failed during flood: {r:?}");
         answered += 1;
     }
-    let mut flood_ok = 0;
+    let (mut flood_ok, mut held) = (0, 0);
     for f in flood {
-        if f.await.unwrap() {
-            flood_ok += 1;
-        }
+        let (ok, in_flight) = f.await.unwrap();
+        flood_ok += usize::from(ok);
+        held += usize::from(in_flight);
     }
     assert_eq!(answered, 10);
-    // Only the two allowed shapes can succeed, and the rate limit caps even those.
+    // Only the two allowed shapes can succeed, and not all at once: the attacker's parallel
+    // heavy queries beyond its in-flight limit are refused (CXF-P003).
     assert!(flood_ok <= 80, "{flood_ok}");
+    assert!(held > 0, "the in-flight limit never held the flood back");
     fed.fed.shutdown().await;
 }
 
