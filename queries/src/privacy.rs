@@ -697,6 +697,95 @@ mod tests {
         }
     }
 
+    /// G = 2, R = 2: a person in three groups counts in at most two, and in each at most two
+    /// rows' worth of count, centred sum and sum of squares.
+    #[tokio::test]
+    async fn bounds_contributions_with_several_groups_and_rows() {
+        use crate::testdata::{all, batch, context};
+        // p1: 3 phone, 1 email, 1 web rows, all trust 5; p2: one phone row, trust 1.
+        let e = batch(
+            crate::schema::Table::Experience,
+            &[
+                ("person_id", all(&["p1", "p1", "p1", "p1", "p1", "p2"])),
+                (
+                    "channel",
+                    all(&["phone", "phone", "phone", "email", "website", "phone"]),
+                ),
+                ("trust", all(&["5", "5", "5", "5", "5", "1"])),
+            ],
+        );
+        let ctx = context(vec![e], vec![]);
+        let q = approve(
+            &ctx.state(),
+            "SELECT channel, COUNT(*), SUM(trust), VARIANCE(trust) FROM experience GROUP BY channel",
+        )
+        .await
+        .expect("approve");
+        let params = DpParams {
+            k: 1,
+            max_groups_per_person: 2,
+            max_rows_per_person: 2,
+            ..params()
+        };
+        let dp = q.dp_partial(&params).expect("dp");
+        // Sensitivities: count G·R = 4; centred sum G·R·h = 8 (h = 2); squares G·R·h² = 16.
+        let m = dp.meta.scales.len() as f64;
+        assert_eq!(dp.meta.scales["__a0_n"], 4.0 * m);
+        assert_eq!(dp.meta.scales["__a1_s"], 8.0 * m);
+        assert_eq!(dp.meta.scales["__a2_q"], 16.0 * m);
+        for _ in 0..5 {
+            let out = ctx
+                .execute_logical_plan(dp.plan.clone())
+                .await
+                .expect("plan")
+                .collect()
+                .await
+                .expect("run");
+            let mut p1_groups = 0;
+            for b in &out {
+                let get = |name: &str, r: usize| {
+                    b.column_by_name(name)
+                        .expect(name)
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .expect("int")
+                        .value(r)
+                };
+                let ch = b.column_by_name("__g0").expect("channel");
+                for r in 0..b.num_rows() {
+                    let channel = arrow::util::display::array_value_to_string(ch, r).expect("fmt");
+                    let persons = get(PERSONS, r);
+                    // p1's share of this group (p2 only shops by phone: n 1, s −2, q 4).
+                    let p2 = i64::from(channel == "phone");
+                    let (n, s, q) = (get("__a0_n", r), get("__a1_s", r), get("__a2_q", r));
+                    if persons > p2 {
+                        p1_groups += 1;
+                        assert!(n - p2 <= 2, "{channel}: count {n}");
+                        assert!(s + 2 * p2 <= 4, "{channel}: sum {s}");
+                        assert!(q - 4 * p2 <= 8, "{channel}: squares {q}");
+                    }
+                }
+            }
+            assert!((1..=2).contains(&p1_groups), "p1 in {p1_groups} groups");
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_ranges_too_wide_for_exact_noise() {
+        let q = approved("SELECT STDDEV(wait_minutes * 1000000) FROM operational").await;
+        match q.dp_partial(&params()) {
+            Err(QueryError::Rejected(r)) => {
+                assert_eq!(r.rule, Rule::UnboundedArgument);
+                assert!(r.reason.contains("2^31"), "{}", r.reason);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A float argument over a wide range gets a coarser fixed point instead of a refusal.
+        let q = approved("SELECT STDDEV(wait_minutes * 1.0) FROM operational").await;
+        let dp = q.dp_partial(&params()).expect("fits with F = 100");
+        assert_eq!(dp.meta.encodings[0].scale, 100.0);
+    }
+
     fn params() -> DpParams {
         DpParams {
             epsilon: 1.0,
