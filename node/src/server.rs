@@ -44,7 +44,7 @@ use crate::config::NodeConfig;
 use crate::ledger::Ledger;
 use crate::partial::{PartialError, PartialOutput};
 use crate::policy::{Policy, PolicyRefusal, RateLimiter};
-use crate::requests::{Received, RequestChecker, SignatureRefusal};
+use crate::requests::{Expected, Received, RequestChecker, SignatureRefusal};
 
 /// Everything a running node shares between requests.
 pub struct Node {
@@ -170,14 +170,15 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
     let ctx = crate::engine::node_context(&config.data_dir, config.policy.memory_limit_bytes)
         .map_err(|e| data_err(&e))?;
     let requests = RequestChecker::new(&config.tls.ca, &config.federation)?;
-    // Nonces already answered stay answered across a restart.
+    // Nonces already answered stay answered across a restart (only of requests whose
+    // signature was accepted: a refused forgery must not block the nonce it copied).
     let audit = AuditLog::open(
         &config.data_dir,
         &config.agency,
         config.audit_checkpoint_every,
         |e| {
-            if let Some(r) = &e.request {
-                requests.remember(&r.nonce, r.issued_at);
+            if let Some(r) = e.accepted_request() {
+                requests.remember(r);
             }
         },
     )
@@ -510,7 +511,7 @@ impl Node {
             Some(reason) => {
                 warn!(peer = %id, endpoint, %reason, "refused caller");
                 self.record(Record {
-                    endpoint,
+                    endpoint: endpoint.into(),
                     peer: id.to_string(),
                     decision: Some(Decision::Refused),
                     code: Some("CXF-A403".into()),
@@ -530,7 +531,7 @@ impl Node {
         sql: Option<String>,
     ) -> Result<(), ApiError> {
         self.record(Record {
-            endpoint,
+            endpoint: endpoint.into(),
             peer: who.to_string(),
             sql,
             decision: Some(Decision::Executed),
@@ -567,44 +568,33 @@ impl Node {
             .check(&format!("{what}:{analyst}"), policy.rate_limit_per_minute)
     }
 
-    /// Checks an analyst's signature on a request as this node received it; a refusal is
-    /// logged and audited with what was claimed.
+    /// Checks an analyst's signature on a request as this node received it, for the analyst
+    /// and coordinator this node knows it must be from; a refusal is logged and audited with
+    /// what was claimed.
     pub async fn check_signature(
         &self,
         endpoint: &'static str,
         peer: &str,
         query_id: &str,
-        claimed_analyst: &str,
+        expected: Expected<'_>,
         req: Received<'_>,
     ) -> Result<Identity, ApiError> {
-        let checked = self
-            .requests
-            .check(req, cxfed_protocol::signing::unix_now())
-            .and_then(|id| {
-                if claimed_analyst == id.to_string() {
-                    Ok(id)
-                } else {
-                    Err(SignatureRefusal {
-                        kind: "bad-signature",
-                        message: format!(
-                            "the request names {claimed_analyst} but is signed by {id}"
-                        ),
-                    })
-                }
-            });
+        let claimed_analyst = expected.analyst;
+        let checked = self.requests.check(req, expected);
         match checked {
             Ok(id) => Ok(id),
             Err(refusal) => {
                 warn!(query_id, peer, kind = refusal.kind, reason = %refusal.message, "refused request signature");
                 self.record(Record {
                     query_id: query_id.to_string(),
-                    endpoint,
+                    endpoint: endpoint.into(),
                     peer: peer.to_string(),
                     analyst: claimed_analyst.to_string(),
                     sql: Some(req.sql.to_string()),
                     requested_epsilon: req.epsilon,
                     require_all: Some(req.require_all),
                     request: req.signature.cloned(),
+                    received_at: req.signature.map(|_| req.received_at),
                     decision: Some(Decision::Refused),
                     code: Some(SignatureRefusal::CODE.into()),
                     ..Record::default()
@@ -659,13 +649,14 @@ impl Node {
         self.audit
             .append(Record {
                 query_id: query_id.to_string(),
-                endpoint: "/v1/partial",
+                endpoint: "/v1/partial".into(),
                 peer: peer.to_string(),
                 analyst,
                 sql: Some(req.sql.to_string()),
                 requested_epsilon: req.epsilon,
                 require_all: Some(req.require_all),
                 request: req.signature.cloned(),
+                received_at: req.signature.map(|_| req.received_at),
                 decision: Some(decision),
                 code,
                 groups_released: out.map_or(0, |o| o.groups),
@@ -685,6 +676,7 @@ async fn query(
     Extension(tls): Extension<Arc<TlsInfo>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let received_at = cxfed_protocol::signing::unix_now();
     let peer = node.authorize(&tls, "/v1/query", &[Role::Analyst]).await?;
     let query_id = new_query_id();
     let span = tracing::info_span!("query", query_id = %query_id, analyst = %peer);
@@ -695,18 +687,20 @@ async fn query(
             sql: &req.sql,
             epsilon: req.epsilon,
             require_all: req.require_all,
+            received_at,
         };
-        // The analyst on the TLS connection must be the one who signed.
-        node.check_signature(
-            "/v1/query",
-            &peer.to_string(),
-            &query_id,
-            &peer.to_string(),
-            received,
-        )
-        .await?;
+        // The analyst on the TLS connection must be the one who signed, for this node.
+        let analyst = peer.to_string();
+        let expected = Expected {
+            analyst: &analyst,
+            coordinator: &node.config.agency,
+        };
+        node.check_signature("/v1/query", &analyst, &query_id, expected, received)
+            .await?;
         let mut fanout = Vec::new();
-        let result = crate::coordinator::query(&node, &peer, &query_id, &req, &mut fanout).await;
+        let result =
+            crate::coordinator::query(&node, &peer, &query_id, &req, received_at, &mut fanout)
+                .await;
         let (decision, code) = match &result {
             Ok(_) => (Decision::Executed, None),
             Err(ApiError::Rejected(r, _)) => (Decision::Refused, Some(r.rule.code().to_string())),
@@ -722,13 +716,14 @@ async fn query(
         };
         node.record(Record {
             query_id: query_id.clone(),
-            endpoint: "/v1/query",
+            endpoint: "/v1/query".into(),
             peer: peer.to_string(),
             analyst: peer.to_string(),
             sql: Some(req.sql.clone()),
             requested_epsilon: req.epsilon,
             require_all: Some(req.require_all),
             request: req.signature.clone(),
+            received_at: Some(received_at),
             decision: Some(decision),
             code: code.clone(),
             groups_released: result.as_ref().map(|r| r.rows.len() as u64).unwrap_or(0),
@@ -763,6 +758,7 @@ async fn partial(
     Extension(tls): Extension<Arc<TlsInfo>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let received_at = cxfed_protocol::signing::unix_now();
     let peer = node.authorize(&tls, "/v1/partial", &[Role::Node]).await?;
     let req: PartialRequest = parse_json(&body)?;
     if req.protocol != PROTOCOL_VERSION {
@@ -777,14 +773,20 @@ async fn partial(
         sql: &req.sql,
         epsilon: req.epsilon,
         require_all: req.require_all,
+        received_at,
     };
     async {
+        // Signed for the analyst the coordinator names, and for this coordinator: the TLS peer.
+        let expected = Expected {
+            analyst: &req.analyst,
+            coordinator: peer.agency(),
+        };
         let analyst = node
             .check_signature(
                 "/v1/partial",
                 &peer.to_string(),
                 &req.query_id,
-                &req.analyst,
+                expected,
                 received,
             )
             .await?;
@@ -1037,7 +1039,7 @@ async fn audit(
     let auditor = node.authorize(&tls, "/v1/audit", &[Role::Auditor]).await?;
     let Query(params) = params.map_err(|e| ApiError::BadRequest(format!("since: {e}")))?;
     node.record(Record {
-        endpoint: "/v1/audit",
+        endpoint: "/v1/audit".into(),
         peer: auditor.to_string(),
         decision: Some(Decision::Executed),
         ..Record::default()
