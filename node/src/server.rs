@@ -329,7 +329,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/budget", get(budget))
         .route("/v1/policy", get(policy))
         .route("/v1/activity", get(activity))
-        .fallback(|| async { ApiError::NotFound })
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_found)
         .with_state(node)
 }
 
@@ -483,9 +484,24 @@ impl Node {
         endpoint: &'static str,
         roles: &[Role],
     ) -> Result<Identity, ApiError> {
-        let id = crate::tls::peer_identity(&tls.peer_certificates).map_err(|e| {
-            ApiError::Forbidden(format!("client certificate has no usable identity: {e}"))
-        })?;
+        let id = match crate::tls::peer_identity(&tls.peer_certificates) {
+            Ok(id) => id,
+            Err(e) => {
+                let peer = peer_label(&tls.peer_certificates);
+                warn!(%peer, endpoint, reason = %e, "refused caller without a usable identity");
+                self.record(Record {
+                    endpoint: endpoint.into(),
+                    peer,
+                    decision: Some(Decision::Refused),
+                    code: Some("CXF-A403".into()),
+                    ..Record::default()
+                })
+                .await?;
+                return Err(ApiError::Forbidden(format!(
+                    "client certificate has no usable identity: {e}"
+                )));
+            }
+        };
         let refusal = if id.federation() != self.config.federation {
             Some(format!(
                 "{id} is not of federation {}",
@@ -538,6 +554,49 @@ impl Node {
             ..Record::default()
         })
         .await
+    }
+
+    /// Refuses a request this node cannot read (body, parameters, protocol version) after its
+    /// caller was authorized, and logs the refusal (the message itself may quote the input, so
+    /// it goes only to the caller).
+    async fn bad_request(
+        &self,
+        endpoint: &'static str,
+        who: &Identity,
+        query_id: &str,
+        message: String,
+    ) -> ApiError {
+        warn!(peer = %who, endpoint, query_id, "refused malformed request");
+        let logged = self
+            .record(Record {
+                query_id: query_id.to_string(),
+                endpoint: endpoint.into(),
+                peer: who.to_string(),
+                decision: Some(Decision::Refused),
+                code: Some("CXF-A400".into()),
+                ..Record::default()
+            })
+            .await;
+        match logged {
+            Ok(()) => ApiError::BadRequest(message),
+            Err(e) => e,
+        }
+    }
+
+    /// Parses a JSON body; a malformed one is refused and logged ([`Node::bad_request`]).
+    async fn parse_body<T: serde::de::DeserializeOwned>(
+        &self,
+        body: &[u8],
+        endpoint: &'static str,
+        who: &Identity,
+        query_id: &str,
+    ) -> Result<T, ApiError> {
+        match serde_json::from_slice(body) {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self
+                .bad_request(endpoint, who, query_id, format!("request body: {e}"))
+                .await),
+        }
     }
 
     /// Appends to the audit log; a log that cannot be written stops the answer.
@@ -681,7 +740,9 @@ async fn query(
     let query_id = new_query_id();
     let span = tracing::info_span!("query", query_id = %query_id, analyst = %peer);
     async move {
-        let req: QueryRequest = parse_json(&body)?;
+        let req: QueryRequest = node
+            .parse_body(&body, "/v1/query", &peer, &query_id)
+            .await?;
         let received = Received {
             signature: req.signature.as_ref(),
             sql: &req.sql,
@@ -760,12 +821,15 @@ async fn partial(
 ) -> Result<Response, ApiError> {
     let received_at = cxfed_protocol::signing::unix_now();
     let peer = node.authorize(&tls, "/v1/partial", &[Role::Node]).await?;
-    let req: PartialRequest = parse_json(&body)?;
+    let req: PartialRequest = node.parse_body(&body, "/v1/partial", &peer, "").await?;
     if req.protocol != PROTOCOL_VERSION {
-        return Err(ApiError::BadRequest(format!(
+        let message = format!(
             "protocol {} is not spoken here (this node speaks {PROTOCOL_VERSION})",
             req.protocol
-        )));
+        );
+        return Err(node
+            .bad_request("/v1/partial", &peer, &req.query_id, message)
+            .await);
     }
     let span = tracing::info_span!("partial", query_id = %req.query_id, peer = %peer);
     let received = Received {
@@ -811,7 +875,7 @@ async fn explain(
     let who = node
         .authorize(&tls, "/v1/explain", &[Role::Analyst, Role::Steward])
         .await?;
-    let req: QueryRequest = parse_json(&body)?;
+    let req: QueryRequest = node.parse_body(&body, "/v1/explain", &who, "").await?;
     node.record_access("/v1/explain", &who, Some(req.sql.clone()))
         .await?;
     let policy = node.policy();
@@ -931,7 +995,14 @@ async fn activity(
     let who = node
         .authorize(&tls, "/v1/activity", &[Role::Steward])
         .await?;
-    let Query(params) = params.map_err(|e| ApiError::BadRequest(format!("limit: {e}")))?;
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => {
+            return Err(node
+                .bad_request("/v1/activity", &who, "", format!("limit: {e}"))
+                .await);
+        }
+    };
     node.record_access("/v1/activity", &who, None).await?;
     let entries = node
         .audit
@@ -1037,7 +1108,14 @@ async fn audit(
     params: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let auditor = node.authorize(&tls, "/v1/audit", &[Role::Auditor]).await?;
-    let Query(params) = params.map_err(|e| ApiError::BadRequest(format!("since: {e}")))?;
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => {
+            return Err(node
+                .bad_request("/v1/audit", &auditor, "", format!("since: {e}"))
+                .await);
+        }
+    };
     node.record(Record {
         endpoint: "/v1/audit".into(),
         peer: auditor.to_string(),
@@ -1056,6 +1134,57 @@ async fn audit(
 /// Media type of `GET /v1/audit`: the log's lines exactly as on disk.
 pub const AUDIT_MEDIA_TYPE: &str = "application/x-ndjson";
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("request body: {e}")))
+/// The longest request path a 404 line keeps.
+const MAX_LOGGED_PATH: usize = 200;
+
+/// No such endpoint (or not with this method): 404, logged with the caller's identity. Every
+/// connection got here through the mutual-TLS handshake, so the caller holds a federation
+/// certificate; handshake refusals never reach the audit log (see the README).
+async fn not_found(
+    State(node): State<Arc<Node>>,
+    tls: Option<Extension<Arc<TlsInfo>>>,
+    uri: axum::http::Uri,
+) -> ApiError {
+    let peer = tls
+        .map(
+            |Extension(t)| match crate::tls::peer_identity(&t.peer_certificates) {
+                Ok(id) => id.to_string(),
+                Err(_) => peer_label(&t.peer_certificates),
+            },
+        )
+        .unwrap_or_default();
+    let mut path = uri.path().to_string();
+    if path.len() > MAX_LOGGED_PATH {
+        let mut cut = MAX_LOGGED_PATH;
+        while !path.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        path.truncate(cut);
+        path.push('…');
+    }
+    warn!(%peer, path, "no such endpoint");
+    let logged = node
+        .record(Record {
+            endpoint: path.into(),
+            peer,
+            decision: Some(Decision::Refused),
+            code: Some("CXF-A404".into()),
+            ..Record::default()
+        })
+        .await;
+    match logged {
+        Ok(()) => ApiError::NotFound,
+        Err(e) => e,
+    }
+}
+
+/// How the log names a verified certificate that carries no usable identity: by fingerprint.
+fn peer_label(peer_certificates: &[Vec<u8>]) -> String {
+    match peer_certificates.first() {
+        Some(leaf) => format!(
+            "certificate without a usable identity, sha256:{}",
+            crate::audit::digest(leaf)
+        ),
+        None => "no client certificate".into(),
+    }
 }

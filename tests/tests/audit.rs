@@ -1,7 +1,7 @@
 //! Tamper-evident audit logs and signed analyst requests, end to end: every kind of tampering
 //! is caught by `verify` with the first bad sequence number; every forged, altered or replayed
-//! request is refused and logged (a partial replayed by another node included); role refusals
-//! are logged; a log cut back to an older checkpoint
+//! request is refused and logged (a partial replayed by another node included); role refusals,
+//! malformed requests and unknown endpoints are logged; a log cut back to an older checkpoint
 //! fails against the head an auditor saw; reconciliation verifies each log and matches
 //! fan-outs.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -455,7 +455,7 @@ async fn fed_restart_first(mut fed: Fed) -> (String, reqwest::Client, cxfed::ser
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn role_refusals_on_audit_are_logged() {
+async fn role_and_malformed_request_refusals_are_logged() {
     let fed = Fed::start_with(300, Duration::from_secs(20)).await;
     let url = fed.fed.url(0);
     for (agency, role) in [("SSA", "analyst"), ("SSA", "steward"), ("CMS", "node")] {
@@ -467,6 +467,57 @@ async fn role_refusals_on_audit_are_logged() {
             .unwrap();
         assert_eq!(resp.status(), 403, "{agency} {role}");
     }
+    // Malformed requests from authorized callers, and unknown endpoints, are refused and
+    // logged with who sent them.
+    let node = fed.client("CMS", "node");
+    let resp = node
+        .post(format!("{url}/v1/partial"))
+        .header("content-type", "application/json")
+        .body("{\"query_id\": \"bad-json\", ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.json::<ErrorBody>().await.unwrap().code, "CXF-A400");
+    let mut old = fed.signed_partial("old-protocol", SQL, None);
+    old.protocol = 1;
+    let (status, b) = post_partial(&node, &url, &old).await;
+    assert_eq!((status, b.code.as_str()), (400, "CXF-A400"));
+    assert!(b.message.contains("protocol 1"), "{}", b.message);
+    let analyst = fed.client("SSA", "analyst");
+    for (path, body) in [("/v1/query", "[]"), ("/v1/explain", "{}")] {
+        let resp = analyst
+            .post(format!("{url}{path}"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{path}");
+    }
+    let resp = fed
+        .client("SSA", "auditor")
+        .get(format!("{url}/v1/audit?since=yesterday"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = fed
+        .client("SSA", "steward")
+        .get(format!("{url}/v1/activity?limit=-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    for (method, path) in [("GET", "/v1/nope"), ("GET", "/v1/query")] {
+        let resp = analyst
+            .request(method.parse().unwrap(), format!("{url}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404, "{method} {path}");
+        assert_eq!(resp.json::<ErrorBody>().await.unwrap().code, "CXF-A404");
+    }
+
     let log = fed.audit_log(0).await;
     let refusals: Vec<&Entry> = log
         .iter()
@@ -479,6 +530,28 @@ async fn role_refusals_on_audit_are_logged() {
         log.iter()
             .any(|e| e.endpoint == "/v1/audit" && e.decision == Some(Decision::Executed))
     );
+    let logged = |endpoint: &str, code: &str| {
+        log.iter()
+            .filter(|e| {
+                e.endpoint == endpoint
+                    && e.code.as_deref() == Some(code)
+                    && e.decision == Some(Decision::Refused)
+            })
+            .map(|e| (e.peer.clone(), e.query_id.clone()))
+            .collect::<Vec<_>>()
+    };
+    let bad_partials = logged("/v1/partial", "CXF-A400");
+    assert_eq!(bad_partials.len(), 2, "{bad_partials:?}");
+    assert!(bad_partials.iter().all(|(p, _)| p.contains("/CMS/node/")));
+    assert!(bad_partials.iter().any(|(_, q)| q == "old-protocol"));
+    assert_eq!(logged("/v1/query", "CXF-A400").len(), 1);
+    assert_eq!(logged("/v1/explain", "CXF-A400").len(), 1);
+    assert_eq!(logged("/v1/audit", "CXF-A400").len(), 1);
+    assert_eq!(logged("/v1/activity", "CXF-A400").len(), 1);
+    let not_found = logged("/v1/nope", "CXF-A404");
+    assert_eq!(not_found.len(), 1);
+    assert!(not_found[0].0.contains("/SSA/analyst/"), "{not_found:?}");
+    assert_eq!(logged("/v1/query", "CXF-A404").len(), 1, "wrong method");
     fed.fed.shutdown().await;
 }
 
