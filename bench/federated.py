@@ -80,14 +80,33 @@ class Analyst:
         self.key = serialization.load_pem_private_key((d / "analyst.key").read_bytes(), None)
         cert = x509.load_pem_x509_certificate((d / "analyst.pem").read_bytes())
         self.cert_hex = cert.public_bytes(serialization.Encoding.DER).hex()
+        self.coordinators = {}
+
+    def coordinator(self, url):
+        """The agency of the node at `url`, from the SPIFFE URI of the certificate it presents
+        (spiffe://<federation>/<agency>/node/<name>), as `cxfed query` learns it; cached."""
+        if url not in self.coordinators:
+            with self.http.stream("GET", f"{url}/v1/health") as r:
+                r.raise_for_status()
+                der = r.extensions["network_stream"].get_extra_info("ssl_object").getpeercert(True)
+            san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            uri = san.value.get_values_for_type(x509.UniformResourceIdentifier)[0]
+            federation, agency, role = uri.removeprefix("spiffe://").split("/")[:3]
+            if federation != FED or role != "node":
+                raise RuntimeError(f"{url}: {uri} is not a node of federation {FED}")
+            self.coordinators[url] = agency
+        return self.coordinators[url]
 
     def query(self, url, sql):
         nonce, now = secrets.token_hex(16), int(time.time())
-        claims = {"federation": FED, "sql": sql, "epsilon": None, "require_all": True, "nonce": nonce, "issued_at": now}
-        message = b"cxfed-request-v1\n" + json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode()
+        coordinator = self.coordinator(url)
+        claims = {"federation": FED, "coordinator": coordinator, "sql": sql, "epsilon": None, "require_all": True,
+                  "nonce": nonce, "issued_at": now}
+        message = b"cxfed-request-v2\n" + json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode()
         sig = self.key.sign(message, ec.ECDSA(hashes.SHA256())).hex()
         body = {"sql": sql, "require_all": True,
-                "signature": {"nonce": nonce, "issued_at": now, "signature": sig, "certificate": self.cert_hex}}
+                "signature": {"nonce": nonce, "issued_at": now, "coordinator": coordinator, "signature": sig,
+                              "certificate": self.cert_hex}}
         r = self.http.post(f"{url}/v1/query", json=body)
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code}: {r.text[:300]}")

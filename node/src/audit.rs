@@ -12,19 +12,27 @@
 //! written), and `prev_hash` is the previous line's `hash` (64 zeros for seq 1). A `checkpoint`
 //! line carries an Ed25519 signature by the node's audit key over
 //! `cxfed-audit-checkpoint-v1\n<node>\n<seq>\n<time>\n<prev_hash>`, which fixes every line
-//! before it. Checkpoints are written every `checkpoint_every` entries, at shutdown, and before
-//! every export to an auditor, so an exported log always ends with one.
+//! before it, and nothing but those fields. Checkpoints are written every `checkpoint_every`
+//! entries, at shutdown, after a start-up repair that leaves that many unsigned, and before every
+//! export to an auditor, so an exported log always ends with one. A line for a signed request
+//! keeps the analyst's signature block (`request`, version 2: with the coordinator) and
+//! `received_at`, the node's clock when it checked it.
 //!
-//! Each line is written whole with one `write` and synced before the answer leaves the node. A
-//! torn last line (crash mid-write) is cut off on the next start and a `repair` line records how
-//! many bytes were dropped. A log whose complete lines do not verify is not appended to: the
-//! node refuses to start and says where the log breaks.
+//! Each line is written whole with one `write` and synced before the answer leaves the node; a
+//! write or sync that fails is cut back off the file before the error is returned. A torn last
+//! line (crash mid-write) is cut off on the next start and a `repair` line records how many bytes
+//! were dropped. On start the node checks its whole log as an auditor would ([`Chain`]: every
+//! hash, the chain, every checkpoint's signature with its own key and its format) and that no
+//! more than `checkpoint_every` entries follow the last checkpoint; otherwise it refuses to start
+//! and says where the log breaks, rather than sign a history it did not write.
 //!
 //! The key pair lives next to the log: `audit-signing.key` (PKCS#8, hex, mode 0600) and
-//! `audit-signing.pub` (`ed25519:<hex>`), which the steward gives to auditors.
+//! `audit-signing.pub` (`ed25519:<hex>`), which the steward gives to auditors. A key is made
+//! only for an empty log: a node whose log has entries and whose key is missing refuses to start.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
@@ -33,6 +41,8 @@ use tokio::sync::Mutex;
 
 use cxfed_protocol::signing::{RequestSignature, hex, unhex};
 use cxfed_protocol::wire::NodeState;
+
+use crate::storage::AppendFile;
 
 /// File name of the log inside the data directory.
 pub const AUDIT_FILE: &str = "audit.jsonl";
@@ -44,6 +54,8 @@ pub const PUBLIC_KEY_FILE: &str = "audit-signing.pub";
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Default number of entries between signed checkpoints.
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 100;
+/// Code of a signature refusal (see [`crate::requests::SignatureRefusal::CODE`]).
+const SIGNATURE_REFUSED: &str = "CXF-A401";
 
 const HASH_PREFIX: &[u8] = b",\"hash\":\"";
 const HASH_SUFFIX_LEN: usize = HASH_PREFIX.len() + 64 + 2;
@@ -100,7 +112,7 @@ pub struct Entry {
     /// Query id (coordinator-assigned for partials).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub query_id: String,
-    /// Endpoint, e.g. `/v1/partial`.
+    /// Endpoint, e.g. `/v1/partial` (for a 404, the path asked for).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub endpoint: String,
     /// The TLS peer's verified identity.
@@ -121,6 +133,9 @@ pub struct Entry {
     /// The analyst's signature, exactly as received.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<RequestSignature>,
+    /// When this node received and checked the signed request (Unix seconds, its clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<i64>,
     /// Decision (requests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
@@ -155,6 +170,18 @@ pub struct Entry {
     pub hash: String,
 }
 
+impl Entry {
+    /// The analyst's signature block of a request line whose signature the node accepted (and
+    /// whose nonce it therefore used up); `None` for lines without one and for signature
+    /// refusals, whose nonce was not used.
+    pub fn accepted_request(&self) -> Option<&RequestSignature> {
+        match (&self.kind, &self.request) {
+            (Kind::Request, Some(r)) if self.code.as_deref() != Some(SIGNATURE_REFUSED) => Some(r),
+            _ => None,
+        }
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -164,8 +191,8 @@ fn is_zero(n: &u64) -> bool {
 pub struct Record {
     /// Query id.
     pub query_id: String,
-    /// Endpoint.
-    pub endpoint: &'static str,
+    /// Endpoint (for a 404, the path asked for).
+    pub endpoint: Cow<'static, str>,
     /// TLS peer.
     pub peer: String,
     /// Analyst.
@@ -178,6 +205,8 @@ pub struct Record {
     pub require_all: Option<bool>,
     /// The analyst's signature.
     pub request: Option<RequestSignature>,
+    /// When the signature was checked (Unix seconds).
+    pub received_at: Option<i64>,
     /// Decision.
     pub decision: Option<Decision>,
     /// Code.
@@ -285,8 +314,177 @@ impl std::fmt::Display for PublicKey {
     }
 }
 
+/// The first thing wrong with a log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("seq {seq}: {message}")]
+pub struct Problem {
+    /// The first bad sequence number.
+    pub seq: u64,
+    /// What is wrong, for a person.
+    pub message: String,
+}
+
+/// A [`Problem`] at `seq`.
+pub fn problem(seq: u64, message: impl Into<String>) -> Problem {
+    Problem {
+        seq,
+        message: message.into(),
+    }
+}
+
+/// The integrity of a log, line by line, as both an auditor ([`crate::auditor::verify`]) and the
+/// node itself at start-up check it: each line's own hash, one node, consecutive sequence
+/// numbers, the hash chain (from the genesis hash, or from whatever precedes `since + 1`), and
+/// every checkpoint's signature and exact format.
+#[derive(Debug)]
+pub struct Chain<'k> {
+    key: &'k PublicKey,
+    since: u64,
+    node: Option<String>,
+    last: Option<(u64, String)>,
+    last_checkpoint: Option<Entry>,
+    checkpoints: u64,
+}
+
+impl<'k> Chain<'k> {
+    /// A chain checked with `key`, starting after seq `since`, written by `node` (or by
+    /// whichever node the first line names).
+    pub fn new(key: &'k PublicKey, since: u64, node: Option<&str>) -> Chain<'k> {
+        Chain {
+            key,
+            since,
+            node: node.map(str::to_owned),
+            last: None,
+            last_checkpoint: None,
+            checkpoints: 0,
+        }
+    }
+
+    /// The seq the next line must have.
+    pub fn next_seq(&self) -> u64 {
+        self.last_seq() + 1
+    }
+
+    /// The seq of the last line checked (`since` before any).
+    pub fn last_seq(&self) -> u64 {
+        self.last.as_ref().map_or(self.since, |(s, _)| *s)
+    }
+
+    /// The hash of the last line checked.
+    pub fn last_hash(&self) -> Option<&str> {
+        self.last.as_ref().map(|(_, h)| h.as_str())
+    }
+
+    /// The node that wrote the log (once a line was checked, or as given).
+    pub fn node(&self) -> Option<&str> {
+        self.node.as_deref()
+    }
+
+    /// The last checkpoint checked.
+    pub fn last_checkpoint(&self) -> Option<&Entry> {
+        self.last_checkpoint.as_ref()
+    }
+
+    /// Signed checkpoints checked.
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpoints
+    }
+
+    /// Entries after the last checkpoint (or after `since` when there is none).
+    pub fn uncovered(&self) -> u64 {
+        self.last_seq() - self.last_checkpoint.as_ref().map_or(self.since, |c| c.seq)
+    }
+
+    /// Checks the next line (without its end of line) and returns it parsed.
+    pub fn push(&mut self, line: &[u8]) -> Result<Entry, Problem> {
+        let want = self.next_seq();
+        let e = parse_line(line).map_err(|m| {
+            // Name the seq the line claims when it can be read at all.
+            let seq = serde_json::from_slice::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("seq").and_then(|s| s.as_u64()))
+                .unwrap_or(want);
+            problem(seq, m)
+        })?;
+        match &self.node {
+            None => self.node = Some(e.node.clone()),
+            Some(n) if *n != e.node => {
+                return Err(problem(
+                    e.seq,
+                    format!("written by node {:?}, the log is {n:?}'s", e.node),
+                ));
+            }
+            Some(_) => {}
+        }
+        if e.seq != want {
+            return Err(if e.seq > want {
+                problem(
+                    want,
+                    format!("missing: the next entry is seq {} (entries deleted)", e.seq),
+                )
+            } else {
+                problem(
+                    e.seq,
+                    format!(
+                        "out of order after seq {} (duplicated, inserted or reordered)",
+                        want - 1
+                    ),
+                )
+            });
+        }
+        match self.last_hash() {
+            Some(h) if e.prev_hash != h => {
+                return Err(problem(
+                    e.seq,
+                    format!(
+                        "does not chain to seq {}: one of them was altered, or an entry was \
+                         replaced",
+                        e.seq - 1
+                    ),
+                ));
+            }
+            None if self.since == 0 && e.prev_hash != GENESIS => {
+                return Err(problem(
+                    e.seq,
+                    "the first entry does not start the chain (entries before it deleted)",
+                ));
+            }
+            _ => {}
+        }
+        if e.kind == Kind::Checkpoint {
+            let message = checkpoint_message(&e.node, e.seq, &e.time, &e.prev_hash);
+            let signed = e
+                .signature
+                .as_deref()
+                .is_some_and(|s| self.key.verifies(&message, s));
+            if !signed {
+                return Err(problem(
+                    e.seq,
+                    "checkpoint signature is not valid for this node's key (forged or altered)",
+                ));
+            }
+            let canonical =
+                canonical_checkpoint(&e).map_err(|err| problem(e.seq, err.to_string()))?;
+            if canonical.strip_suffix(b"\n") != Some(line) {
+                return Err(problem(
+                    e.seq,
+                    "checkpoint line carries fields a checkpoint does not have (altered)",
+                ));
+            }
+            self.checkpoints += 1;
+            self.last_checkpoint = Some(e.clone());
+        }
+        self.last = Some((e.seq, e.hash.clone()));
+        Ok(e)
+    }
+}
+
 struct State {
-    file: File,
+    file: Box<dyn AppendFile>,
+    /// Bytes of the file that are whole, synced lines.
+    len: u64,
+    /// Set when a failed write could not be cut back off the file: nothing more is appended.
+    poisoned: Option<String>,
     seq: u64,
     last_hash: String,
     last_kind: Kind,
@@ -343,12 +541,26 @@ pub enum OpenError {
         /// The key file.
         path: PathBuf,
     },
+    /// The log has entries but the key that signed its checkpoints is gone.
+    #[error(
+        "{path} is missing but {log} has entries: the node will not make a new audit key for an \
+         existing log (its checkpoints could no longer be told from forgeries); restore the key \
+         from backup, or move the log aside to start a new one"
+    )]
+    MissingKey {
+        /// The key file.
+        path: PathBuf,
+        /// The log.
+        log: PathBuf,
+    },
 }
 
 impl AuditLog {
     /// Opens (or creates) the log of `node` in `data_dir` and its signing key, checks the whole
-    /// chain, cuts a torn last line (recording a `repair` line), and calls `seen` with every
-    /// entry (used to remember nonces across restarts).
+    /// log as an auditor would (see [`Chain`]) with the node's own key, refuses a log with more
+    /// than `checkpoint_every` entries after its last checkpoint, cuts a torn last line
+    /// (recording a `repair` line), and calls `seen` with every entry (used to remember nonces
+    /// across restarts).
     pub fn open(
         data_dir: &Path,
         node: &str,
@@ -359,8 +571,8 @@ impl AuditLog {
             let path = path.to_owned();
             move |source| OpenError::Io { path, source }
         };
+        let checkpoint_every = checkpoint_every.max(1);
         std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
-        let key = load_or_create_key(data_dir)?;
         let path = data_dir.join(AUDIT_FILE);
         let mut bytes = Vec::new();
         if path.exists() {
@@ -368,39 +580,44 @@ impl AuditLog {
                 .and_then(|mut f| f.read_to_end(&mut bytes))
                 .map_err(io(&path))?;
         }
-        let mut seq = 0;
-        let mut last_hash = GENESIS.to_string();
+        let key = load_or_create_key(data_dir, &path, !bytes.is_empty())?;
+        let public = PublicKey(key.public_key().as_ref().to_vec());
+        let mut chain = Chain::new(&public, 0, Some(node));
         let mut last_kind = Kind::Checkpoint;
-        let mut since_checkpoint = 0;
         let mut good_len = 0usize;
         for (i, line) in bytes.split_inclusive(|b| *b == b'\n').enumerate() {
-            if !line.ends_with(b"\n") {
+            let Some(complete) = line.strip_suffix(b"\n") else {
                 break; // torn: cut below
-            }
-            let broken = |reason: String| OpenError::Broken {
+            };
+            let after = chain.last_seq();
+            let e = chain.push(complete).map_err(|p| OpenError::Broken {
                 path: path.clone(),
                 line: i + 1,
-                after: seq,
-                reason,
-            };
-            let e = parse_line(&line[..line.len() - 1]).map_err(broken)?;
-            if e.seq != seq + 1 || e.prev_hash != last_hash {
-                return Err(broken(format!(
-                    "seq {} does not follow seq {seq} in the chain",
-                    e.seq
-                )));
-            }
+                after,
+                reason: p.message,
+            })?;
             seen(&e);
-            seq = e.seq;
-            last_hash = e.hash.clone();
             last_kind = e.kind;
-            since_checkpoint = if e.kind == Kind::Checkpoint {
-                0
-            } else {
-                since_checkpoint + 1
-            };
             good_len += line.len();
         }
+        if chain.uncovered() > checkpoint_every {
+            let covered = chain.last_checkpoint().map_or(0, |c| c.seq);
+            return Err(OpenError::Broken {
+                path,
+                line: (covered + checkpoint_every + 1) as usize,
+                after: covered,
+                reason: format!(
+                    "{} entries follow the last signed checkpoint (seq {covered}), but this node \
+                     signs one at least every {checkpoint_every}: the log was rebuilt or its tail \
+                     rewritten (or `checkpoint_every` was lowered since a crash: start once with \
+                     the old value)",
+                    chain.uncovered()
+                ),
+            });
+        }
+        let seq = chain.last_seq();
+        let last_hash = chain.last_hash().unwrap_or(GENESIS).to_string();
+        let since_checkpoint = chain.uncovered();
         let torn = bytes.len() - good_len;
         if torn > 0 {
             tracing::warn!(path = %path.display(), dropped_bytes = torn, "audit log had a torn last line; cutting it off");
@@ -411,18 +628,16 @@ impl AuditLog {
             f.set_len(good_len as u64).map_err(io(&path))?;
             f.sync_all().map_err(io(&path))?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let file = crate::storage::open_append(&path).map_err(io(&path))?;
         let log = AuditLog {
             path: path.clone(),
             node: node.to_owned(),
             key,
-            checkpoint_every: checkpoint_every.max(1),
+            checkpoint_every,
             state: Mutex::new(State {
-                file,
+                file: Box::new(file),
+                len: good_len as u64,
+                poisoned: None,
                 seq,
                 last_hash,
                 last_kind,
@@ -440,6 +655,10 @@ impl AuditLog {
                 ..Entry::default()
             };
             log.write(&mut state, entry).map_err(io(&path))?;
+            // Never leave more unsigned entries than the next start accepts.
+            if state.since_checkpoint >= log.checkpoint_every {
+                log.write_checkpoint(&mut state).map_err(io(&path))?;
+            }
         }
         Ok(log)
     }
@@ -455,13 +674,14 @@ impl AuditLog {
         let entry = Entry {
             kind: Kind::Request,
             query_id: record.query_id,
-            endpoint: record.endpoint.to_string(),
+            endpoint: record.endpoint.into_owned(),
             peer: record.peer,
             analyst: record.analyst,
             sql: record.sql,
             requested_epsilon: record.requested_epsilon,
             require_all: record.require_all,
             request: record.request,
+            received_at: record.received_at,
             decision: record.decision,
             code: record.code,
             groups_released: record.groups_released,
@@ -493,8 +713,7 @@ impl AuditLog {
         if state.last_kind != Kind::Checkpoint {
             self.write_checkpoint(&mut state)?;
         }
-        let mut bytes = Vec::new();
-        File::open(&self.path)?.read_to_end(&mut bytes)?;
+        let bytes = self.read_whole(&state)?;
         let mut out = Vec::new();
         for line in bytes.split_inclusive(|b| *b == b'\n') {
             let seq = parse_line(line.strip_suffix(b"\n").unwrap_or(line))
@@ -509,9 +728,8 @@ impl AuditLog {
 
     /// The newest `limit` query and partial requests, newest first (read-only: no checkpoint).
     pub async fn recent_requests(&self, limit: usize) -> std::io::Result<Vec<Entry>> {
-        let _state = self.state.lock().await;
-        let mut bytes = Vec::new();
-        File::open(&self.path)?.read_to_end(&mut bytes)?;
+        let state = self.state.lock().await;
+        let bytes = self.read_whole(&state)?;
         let mut out = Vec::new();
         for line in bytes.split(|b| *b == b'\n').rev().filter(|l| !l.is_empty()) {
             let e = parse_line(line).map_err(std::io::Error::other)?;
@@ -523,6 +741,14 @@ impl AuditLog {
             }
         }
         Ok(out)
+    }
+
+    /// The whole, synced lines of the file (held under the lock, so no write is half done).
+    fn read_whole(&self, state: &State) -> std::io::Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        File::open(&self.path)?.read_to_end(&mut bytes)?;
+        bytes.truncate(state.len as usize);
+        Ok(bytes)
     }
 
     fn write_checkpoint(&self, state: &mut State) -> std::io::Result<Entry> {
@@ -537,7 +763,17 @@ impl AuditLog {
         self.write(state, entry)
     }
 
+    /// Appends `entry` as the next line and syncs it. On failure nothing of it stays in the file
+    /// and the log's state is unchanged; if it cannot even be cut back off, the log refuses every
+    /// later write (and so the node every request) rather than chain onto a broken line.
     fn write(&self, state: &mut State, mut entry: Entry) -> std::io::Result<Entry> {
+        if let Some(why) = &state.poisoned {
+            return Err(std::io::Error::other(format!(
+                "{}: not appended to since a write failed and could not be undone ({why}); \
+                 restart the node to check and repair the log",
+                self.path.display()
+            )));
+        }
         entry.seq = state.seq + 1;
         if entry.time.is_empty() {
             entry.time = now();
@@ -545,8 +781,20 @@ impl AuditLog {
         entry.node = self.node.clone();
         entry.prev_hash = state.last_hash.clone();
         let (line, hash) = seal(&entry)?;
-        state.file.write_all(&line)?;
-        state.file.sync_data()?;
+        if let Err((error, rollback)) =
+            crate::storage::append_durably(state.file.as_mut(), &mut state.len, &line)
+        {
+            match rollback {
+                None => {
+                    tracing::error!(path = %self.path.display(), %error, "audit line not written; the file was cut back to its last good line")
+                }
+                Some(r) => {
+                    tracing::error!(path = %self.path.display(), %error, rollback = %r, "audit line not written and the file could not be cut back; refusing further writes");
+                    state.poisoned = Some(format!("{error}; then {r}"));
+                }
+            }
+            return Err(error);
+        }
         entry.hash = hash;
         state.seq = entry.seq;
         state.last_hash = entry.hash.clone();
@@ -564,8 +812,13 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// Loads `audit-signing.key` from `data_dir`, creating it (and `audit-signing.pub`) if absent.
-fn load_or_create_key(data_dir: &Path) -> Result<Ed25519KeyPair, OpenError> {
+/// Loads `audit-signing.key` from `data_dir`, creating it (and `audit-signing.pub`) if absent —
+/// but only for a log without entries (`log_has_entries` false).
+fn load_or_create_key(
+    data_dir: &Path,
+    log: &Path,
+    log_has_entries: bool,
+) -> Result<Ed25519KeyPair, OpenError> {
     let path = data_dir.join(KEY_FILE);
     let io = |source| OpenError::Io {
         path: path.clone(),
@@ -575,6 +828,11 @@ fn load_or_create_key(data_dir: &Path) -> Result<Ed25519KeyPair, OpenError> {
         let text = std::fs::read_to_string(&path).map_err(io)?;
         let der = unhex(text.trim()).ok_or_else(|| OpenError::Key { path: path.clone() })?;
         Ed25519KeyPair::from_pkcs8(&der).map_err(|_| OpenError::Key { path: path.clone() })?
+    } else if log_has_entries {
+        return Err(OpenError::MissingKey {
+            path: path.clone(),
+            log: log.to_owned(),
+        });
     } else {
         let rng = ring::rand::SystemRandom::new();
         let der = Ed25519KeyPair::generate_pkcs8(&rng)
@@ -599,12 +857,15 @@ fn load_or_create_key(data_dir: &Path) -> Result<Ed25519KeyPair, OpenError> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
+    use crate::storage::testing::FailingFile;
 
     fn record(q: &str) -> Record {
         Record {
             query_id: q.into(),
-            endpoint: "/v1/partial",
+            endpoint: "/v1/partial".into(),
             peer: "spiffe://f/SSA/node/n".into(),
             analyst: "spiffe://f/SSA/analyst/a".into(),
             sql: Some("SELECT count(*) FROM experience".into()),
@@ -688,5 +949,136 @@ mod tests {
         assert_eq!(PublicKey::parse(&format!(" {k}\n")), Ok(k));
         assert!(PublicKey::parse("ed25519:abcd").is_err());
         assert!(PublicKey::parse("rsa:00").is_err());
+    }
+
+    /// A log written with `key_dir`'s key, of `n` requests, checkpointed every `every`.
+    async fn write_log(dir: &Path, n: usize, every: u64) -> Vec<u8> {
+        let log = AuditLog::open(dir, "SSA", every, |_| {}).expect("open");
+        for i in 0..n {
+            log.append(record(&format!("q{i}"))).await.expect("append");
+        }
+        drop(log);
+        std::fs::read(dir.join(AUDIT_FILE)).expect("read")
+    }
+
+    fn open_err(dir: &Path, every: u64) -> String {
+        AuditLog::open(dir, "SSA", every, |_| {})
+            .expect_err("refused")
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn refuses_a_log_rebuilt_from_genesis() {
+        // The node's own log, and one a forger rebuilt with another key (e.g. a copied
+        // directory's), in place of it.
+        let own = tempfile::tempdir().expect("tempdir");
+        write_log(own.path(), 3, 2).await;
+        let forger = tempfile::tempdir().expect("tempdir");
+        let forged = write_log(forger.path(), 5, 2).await;
+        std::fs::write(own.path().join(AUDIT_FILE), &forged).expect("replace");
+        let err = open_err(own.path(), 2);
+        assert!(
+            err.contains("line 3") && err.contains("checkpoint signature"),
+            "{err}"
+        );
+
+        // Rebuilt without checkpoints: nothing to forge a signature on, but more unsigned
+        // entries than this node ever leaves.
+        let bare = tempfile::tempdir().expect("tempdir");
+        let unsigned: Vec<u8> = write_log(bare.path(), 12, 100)
+            .await
+            .split_inclusive(|b| *b == b'\n')
+            .take(12)
+            .flatten()
+            .copied()
+            .collect();
+        std::fs::write(own.path().join(AUDIT_FILE), &unsigned).expect("replace");
+        let err = open_err(own.path(), 10);
+        assert!(
+            err.contains("line 11") && err.contains("12 entries follow the last signed checkpoint"),
+            "{err}"
+        );
+
+        // A checkpoint padded with an unsigned field, re-hashed.
+        let padded = tempfile::tempdir().expect("tempdir");
+        let bytes = write_log(padded.path(), 2, 2).await;
+        let text = String::from_utf8(bytes).expect("utf8");
+        let last = text.lines().last().expect("line").to_string();
+        let mut e = parse_line(last.as_bytes()).expect("line");
+        e.sql = Some("DROP".into());
+        let (forged_line, _) = seal(&e).expect("seal");
+        let edited = text.replace(
+            &format!("{last}\n"),
+            std::str::from_utf8(&forged_line).expect("utf8"),
+        );
+        std::fs::write(padded.path().join(AUDIT_FILE), edited).expect("write");
+        let err = open_err(padded.path(), 2);
+        assert!(err.contains("line 3") && err.contains("fields"), "{err}");
+
+        // Another node's log.
+        let cms = tempfile::tempdir().expect("tempdir");
+        write_log(cms.path(), 1, 2).await;
+        let err = AuditLog::open(cms.path(), "CMS", 2, |_| {})
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("line 1") && err.contains("\"SSA\""), "{err}");
+    }
+
+    #[tokio::test]
+    async fn refuses_to_make_a_new_key_for_an_existing_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_log(dir.path(), 1, 10).await;
+        std::fs::remove_file(dir.path().join(KEY_FILE)).expect("remove key");
+        let err = open_err(dir.path(), 10);
+        assert!(
+            err.contains("audit-signing.key is missing") && err.contains("has entries"),
+            "{err}"
+        );
+        assert!(!dir.path().join(KEY_FILE).exists(), "no key was made");
+        // An empty log gets a key.
+        std::fs::write(dir.path().join(AUDIT_FILE), b"").expect("empty");
+        AuditLog::open(dir.path(), "SSA", 10, |_| {}).expect("opens");
+        assert!(dir.path().join(KEY_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_cut_back_off_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(AUDIT_FILE);
+        let log = AuditLog::open(dir.path(), "SSA", 100, |_| {}).expect("open");
+        log.append(record("a")).await.expect("append");
+        let before = std::fs::read(&path).expect("read");
+        let reopen = || OpenOptions::new().append(true).open(&path).expect("open");
+        for fail in [FailingFile::after_bytes(20), FailingFile::on_sync()] {
+            log.state.lock().await.file = Box::new(fail.wrapping(reopen()));
+            log.append(record("lost"))
+                .await
+                .expect_err("the write fails");
+            assert_eq!(std::fs::read(&path).expect("read"), before, "cut back");
+        }
+        // The log carries on from its last good line.
+        log.state.lock().await.file = Box::new(reopen());
+        let e = log.append(record("b")).await.expect("append");
+        assert_eq!(e.seq, 2);
+        log.checkpoint().await.expect("checkpoint");
+        drop(log);
+        let all = lines(dir.path());
+        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(all.iter().all(|e| e.query_id != "lost"));
+        let log = AuditLog::open(dir.path(), "SSA", 100, |_| {}).expect("reopens clean");
+
+        // A write that cannot even be cut back stops the log: no line is chained onto it.
+        log.state.lock().await.file =
+            Box::new(FailingFile::after_bytes(20).and_cut().wrapping(reopen()));
+        log.append(record("lost")).await.expect_err("fails");
+        log.state.lock().await.file = Box::new(reopen());
+        let err = log.append(record("c")).await.expect_err("refused");
+        assert!(err.to_string().contains("restart the node"), "{err}");
+        drop(log);
+        // The restart cuts the torn bytes off as a repair.
+        let log = AuditLog::open(dir.path(), "SSA", 100, |_| {}).expect("repairs");
+        let e = log.append(record("c")).await.expect("append");
+        assert_eq!(e.seq, 5, "after seq 3 and the repair line");
+        assert_eq!(lines(dir.path())[3].dropped_bytes, Some(20));
     }
 }

@@ -230,7 +230,8 @@ pub enum ReportCommand {
 /// `cxfed audit ...`.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Fetch nodes' audit logs (auditor certificate). Each ends with a fresh signed checkpoint.
+    /// Fetch nodes' audit logs (auditor certificate). Each ends with a fresh signed checkpoint;
+    /// its head (`SEQ:HASH`) is printed and written next to the log as `<file>.head`.
     Fetch {
         /// A node, e.g. https://127.0.0.1:7001 (repeat for several).
         #[arg(long = "node", required = true)]
@@ -241,13 +242,18 @@ pub enum AuditCommand {
         /// Only entries after this sequence number.
         #[arg(long, default_value_t = 0)]
         since: u64,
+        /// The head seen at the last fetch (one node): refuse a log that no longer holds it,
+        /// or, with `--since SEQ`, whose first entry does not follow it.
+        #[arg(long)]
+        prev: Option<crate::auditor::Head>,
         /// Output file (one node), or directory (several nodes, or an existing directory):
         /// one `<agency>.jsonl` per node.
         #[arg(long)]
         out: PathBuf,
     },
-    /// Verify one log: every hash, the chain, every checkpoint signature, a signed end. Exit 0
-    /// only for a clean log; otherwise names the first bad sequence number.
+    /// Verify one log: every hash, the chain, every checkpoint signature, a signed end, no
+    /// replayed or stale request executed. Exit 0 only for a clean log, printing its head
+    /// `SEQ:HASH`; otherwise names the first bad sequence number.
     Verify {
         /// The log file (fetched, or a node's audit.jsonl).
         file: PathBuf,
@@ -257,16 +263,24 @@ pub enum AuditCommand {
         /// The log was fetched with `--since N`.
         #[arg(long, default_value_t = 0)]
         since: u64,
+        /// The head printed when the log was last verified: the log must still hold that entry
+        /// (with `--since SEQ`, start right after it), or it was cut back or rewritten.
+        #[arg(long)]
+        prev: Option<crate::auditor::Head>,
         /// Federation CA: also re-check every logged analyst signature.
         #[arg(long)]
         ca: Option<PathBuf>,
     },
-    /// Reconcile several nodes' logs (every `*.jsonl` in DIR): every query a coordinator fanned
-    /// out must be in the log of each node it reached, with matching digests. Exit 0 only when
-    /// everything matches.
+    /// Reconcile several nodes' logs (every `*.jsonl` in DIR): verify each log whose node's key
+    /// is given, then check that every query a coordinator fanned out is in the log of each node
+    /// it reached, with matching digests, signatures and decisions, and that every partial a
+    /// node answered is in its coordinator's fan-out. Exit 0 only when everything matches.
     Reconcile {
         /// Directory of fetched logs.
         dir: PathBuf,
+        /// A node's audit public key, AGENCY=FILE (repeatable), e.g. SSA=ssa-audit-signing.pub.
+        #[arg(long = "key", value_parser = parse_audit_key)]
+        keys: Vec<(String, PathBuf)>,
     },
 }
 
@@ -379,17 +393,37 @@ fn describe(b: &ErrorBody) -> String {
     s
 }
 
-/// Signs `req` as the analyst (fresh nonce, now), posts it to `node` and returns the merged
-/// answer.
+/// Signs `req` as the analyst (fresh nonce, now) for the agency of the node at `node` (read from
+/// its certificate), posts it there and returns the merged answer. If the node refuses it as
+/// signed for another coordinator (the URL now reaches another agency's node), the agency is
+/// read again and the query signed and sent once more.
 pub async fn send_query(
     client: &AnalystClient,
     node: &str,
     req: &QueryRequest,
 ) -> Result<QueryResponse, QueryFailure> {
+    match send_query_once(client, node, req).await {
+        Err(QueryFailure::Refused(b)) if b.kind == "wrong-coordinator" => {
+            client.forget_coordinator(node);
+            send_query_once(client, node, req).await
+        }
+        other => other,
+    }
+}
+
+async fn send_query_once(
+    client: &AnalystClient,
+    node: &str,
+    req: &QueryRequest,
+) -> Result<QueryResponse, QueryFailure> {
     let url = format!("{}/v1/query", node.trim_end_matches('/'));
+    let coordinator = client
+        .coordinator(node)
+        .await
+        .map_err(QueryFailure::Transport)?;
     let req = req
         .clone()
-        .sign(&client.signer)
+        .sign(&client.signer, &coordinator)
         .map_err(|e| QueryFailure::Transport(format!("signing the request: {e}")))?;
     let resp = client
         .http
@@ -413,7 +447,8 @@ pub async fn send_query(
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and all its sources, one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(x) = src {
@@ -693,8 +728,12 @@ async fn audit(cmd: AuditCommand) -> Result<(), String> {
             nodes,
             tls,
             since,
+            prev,
             out,
         } => {
+            if prev.is_some() && nodes.len() > 1 {
+                return Err("--prev names one log's head: fetch one node at a time".into());
+            }
             let client = crate::client::http_client(&tls.into(), Duration::from_secs(300))
                 .map_err(|e| e.to_string())?;
             let into_dir = nodes.len() > 1 || out.is_dir();
@@ -721,6 +760,10 @@ async fn audit(cmd: AuditCommand) -> Result<(), String> {
                     .rfind(|l| !l.is_empty())
                     .and_then(|l| crate::audit::parse_line(l).ok())
                     .ok_or_else(|| format!("{url}: the node sent no log lines"))?;
+                if let Some(p) = &prev {
+                    crate::auditor::check_prev(&bytes, since, p)
+                        .map_err(|e| format!("{url}: TAMPERED — entry {e}"))?;
+                }
                 let path = if into_dir {
                     out.join(format!("{}.jsonl", last.node.to_lowercase()))
                 } else {
@@ -728,8 +771,15 @@ async fn audit(cmd: AuditCommand) -> Result<(), String> {
                 };
                 crate::storage::write_atomic(&path, &bytes, false)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
+                let head = crate::auditor::Head {
+                    seq: last.seq,
+                    hash: last.hash.clone(),
+                };
+                let head_path = head_file(&path);
+                crate::storage::write_atomic(&head_path, format!("{head}\n").as_bytes(), false)
+                    .map_err(|e| format!("{}: {e}", head_path.display()))?;
                 println!(
-                    "fetched {} seq {}..={} to {}",
+                    "fetched {} seq {}..={} to {} (head {head})",
                     last.node,
                     since + 1,
                     last.seq,
@@ -742,6 +792,7 @@ async fn audit(cmd: AuditCommand) -> Result<(), String> {
             file,
             key,
             since,
+            prev,
             ca,
         } => {
             let key_text = if key.starts_with("ed25519:") {
@@ -756,10 +807,15 @@ async fn audit(cmd: AuditCommand) -> Result<(), String> {
                 Some(ca) => crate::auditor::checker_for(&bytes, ca)?,
                 None => None,
             };
-            match crate::auditor::verify(&bytes, &key, since, checker.as_ref()) {
+            let options = crate::auditor::Options {
+                since,
+                prev: prev.as_ref(),
+                checker: checker.as_ref(),
+            };
+            match crate::auditor::verify_with(&bytes, &key, &options) {
                 Ok(v) => {
                     println!(
-                        "{}: clean — node {}, seq {}..={}, {} signed checkpoints, last at {}{}",
+                        "{}: clean — node {}, seq {}..={}, {} signed checkpoints, last at {}{}{}\nhead {}",
                         file.display(),
                         v.node,
                         v.first_seq,
@@ -770,7 +826,12 @@ async fn audit(cmd: AuditCommand) -> Result<(), String> {
                             format!(", {} analyst signatures re-checked", v.signatures_checked)
                         } else {
                             String::new()
-                        }
+                        },
+                        match &prev {
+                            Some(p) => format!(", still holds the previous head {p}"),
+                            None => String::new(),
+                        },
+                        v.head()
                     );
                     Ok(())
                 }
@@ -780,8 +841,33 @@ async fn audit(cmd: AuditCommand) -> Result<(), String> {
                 )),
             }
         }
-        AuditCommand::Reconcile { dir } => {
-            let r = crate::auditor::reconcile_dir(&dir)?;
+        AuditCommand::Reconcile { dir, keys } => {
+            let mut by_agency = std::collections::BTreeMap::new();
+            for (agency, path) in keys {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let key = crate::audit::PublicKey::parse(&text)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                by_agency.insert(agency, key);
+            }
+            let r = crate::auditor::reconcile_dir_with(&dir, &by_agency)?;
+            for log in &r.logs {
+                let status = match &log.status {
+                    crate::auditor::LogStatus::Verified(v) => format!(
+                        "verified (chain and {} checkpoint signatures, seq {}..={}, head {})",
+                        v.checkpoints,
+                        v.first_seq,
+                        v.last_seq,
+                        v.head()
+                    ),
+                    crate::auditor::LogStatus::Unverified => format!(
+                        "NOT verified (line hashes only; give --key {}=FILE)",
+                        log.node
+                    ),
+                    crate::auditor::LogStatus::Tampered(p) => format!("TAMPERED — {p}"),
+                };
+                println!("{} {}: {status}", log.node, log.file.display());
+            }
             println!(
                 "{} nodes ({}), {} coordinated queries, {} node answers matched",
                 r.nodes.len(),
@@ -799,6 +885,13 @@ async fn audit(cmd: AuditCommand) -> Result<(), String> {
             }
         }
     }
+}
+
+/// Where `audit fetch` writes the head of the log it wrote to `log`: `<log>.head`.
+pub fn head_file(log: &std::path::Path) -> PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".head");
+    PathBuf::from(name)
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -2,10 +2,15 @@
 //!
 //! One [`reqwest::Client`] per process (it is cheap to clone): it speaks TLS 1.3 only, trusts
 //! only the federation CA, presents our certificate, negotiates HTTP/2 when the server offers it,
-//! and keeps idle connections for reuse.
+//! keeps idle connections for reuse, and keeps each server's certificate on the response (so an
+//! analyst learns which agency's node it talks to from the node's own certificate).
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use cxfed_protocol::Role;
 
 use cxfed_protocol::Identity;
 use cxfed_protocol::signing::Signer;
@@ -21,6 +26,7 @@ pub fn http_client(tls: &TlsFiles, timeout: Duration) -> Result<reqwest::Client,
     let config = tls.client_config()?;
     reqwest::Client::builder()
         .use_preconfigured_tls(config)
+        .tls_info(true)
         .https_only(true)
         .timeout(timeout)
         .connect_timeout(timeout)
@@ -65,13 +71,16 @@ pub fn http_client_without_identity(
         .map_err(TlsError::HttpClient)
 }
 
-/// An analyst's client: the mTLS connection and the key that signs every request.
+/// An analyst's client: the mTLS connection, the key that signs every request, and which
+/// agency's node each URL reached.
 #[derive(Debug, Clone)]
 pub struct AnalystClient {
     /// The mTLS HTTP client.
     pub http: reqwest::Client,
     /// Signs each request with the analyst's certificate key.
-    pub signer: std::sync::Arc<Signer>,
+    pub signer: Arc<Signer>,
+    /// Node URL -> the agency in its certificate (the coordinator a request is signed for).
+    coordinators: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl AnalystClient {
@@ -79,8 +88,62 @@ impl AnalystClient {
     pub fn new(tls: &TlsFiles, timeout: Duration) -> Result<AnalystClient, TlsError> {
         Ok(AnalystClient {
             http: http_client(tls, timeout)?,
-            signer: std::sync::Arc::new(signer(tls)?),
+            signer: Arc::new(signer(tls)?),
+            coordinators: Arc::default(),
         })
+    }
+
+    /// The agency of the node at `node` (a base URL): read from the node certificate it presents
+    /// on `GET /v1/health` (not logged by nodes), which must be a node of our federation; cached
+    /// per URL.
+    pub async fn coordinator(&self, node: &str) -> Result<String, String> {
+        let base = node.trim_end_matches('/');
+        if let Some(a) = self.cached(base) {
+            return Ok(a);
+        }
+        let url = format!("{base}/v1/health");
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {}", crate::cli::error_chain(&e)))?;
+        let leaf = resp
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|t| t.peer_certificate())
+            .ok_or_else(|| format!("{url}: the connection carries no server certificate"))?;
+        let id = cxfed_protocol::identity::from_certificate_der(leaf)
+            .map_err(|e| format!("{url}: the server certificate names no node: {e}"))?;
+        let federation = self.signer.identity().federation();
+        if id.role() != Role::Node || id.federation() != federation {
+            return Err(format!(
+                "{url}: {id} is not a node of federation {federation}"
+            ));
+        }
+        let agency = id.agency().to_string();
+        self.coordinators
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(base.to_string(), agency.clone());
+        Ok(agency)
+    }
+
+    /// Forgets which agency `node` is (e.g. after a node refused a request as signed for
+    /// another coordinator).
+    pub fn forget_coordinator(&self, node: &str) {
+        self.coordinators
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node.trim_end_matches('/'));
+    }
+
+    fn cached(&self, base: &str) -> Option<String> {
+        self.coordinators
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(base)
+            .cloned()
     }
 }
 
@@ -204,6 +267,26 @@ mod tests {
             .await
             .expect("body");
         assert_eq!(alpn, "h2");
+        handle.shutdown();
+    }
+
+    #[tokio::test]
+    async fn analyst_learns_the_coordinator_from_the_node_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs =
+            certs::dev(FED, &["SSA".into(), "CMS".into()], dir.path(), 30, false).expect("dev");
+        let (addr, handle) = serve(&certs).await;
+        let files = certs.tls_files("CMS", Role::Analyst).expect("cms analyst");
+        let client = AnalystClient::new(&files, Duration::from_secs(10)).expect("client");
+        // The health route is not served here: the certificate is what counts.
+        let url = format!("https://localhost:{}/", addr.port());
+        assert_eq!(client.coordinator(&url).await.expect("agency"), "SSA");
+        assert_eq!(
+            client.cached(url.trim_end_matches('/')).as_deref(),
+            Some("SSA")
+        );
+        client.forget_coordinator(&url);
+        assert_eq!(client.cached(url.trim_end_matches('/')), None);
         handle.shutdown();
     }
 

@@ -230,20 +230,8 @@ pub async fn start(opts: ConsoleOptions) -> Result<RunningConsole, ConsoleError>
 /// The mTLS client and request signer; it keeps what each node's certificate says, so the
 /// auditor page knows which node a log came from.
 fn console_client(tls: &TlsFiles) -> Result<AnalystClient, ConsoleError> {
-    let config = tls.client_config()?;
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls(config)
-        .https_only(true)
-        .tls_info(true)
-        .timeout(Duration::from_secs(300))
-        .connect_timeout(Duration::from_secs(30))
-        .pool_idle_timeout(crate::client::POOL_IDLE_TIMEOUT)
-        .build()
-        .map_err(TlsError::HttpClient)?;
-    Ok(AnalystClient {
-        http,
-        signer: Arc::new(crate::client::signer(tls)?),
-    })
+    // tls_info is on: the client reads each node's certificate (coordinator and log owner).
+    Ok(AnalystClient::new(tls, Duration::from_secs(300))?)
 }
 
 /// The session cookie's name for a console listening on `port`.
@@ -714,7 +702,7 @@ mod tests {
     async fn log_of(dir: &std::path::Path, node: &str) -> (Vec<u8>, PublicKey) {
         let log = AuditLog::open(dir, node, 100, |_| {}).expect("open");
         log.append(Record {
-            endpoint: "/v1/schema",
+            endpoint: "/v1/schema".into(),
             peer: "spiffe://cx-demo/SSA/analyst/a".into(),
             decision: Some(Decision::Executed),
             ..Record::default()

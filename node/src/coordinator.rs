@@ -25,14 +25,16 @@ use crate::server::{ApiError, Node};
 /// Largest partial a peer may send, in bytes.
 pub const MAX_PARTIAL_BYTES: usize = 256 * 1024 * 1024;
 
-/// Answers an analyst's query (its signature already checked here) across the federation,
-/// forwarding the signature to every peer. `fanout` receives every node asked, what it did and
-/// the digest of the partial it returned, for the audit log, whether or not the query succeeds.
+/// Answers an analyst's query (its signature already checked here, at `received_at`) across the
+/// federation, forwarding the signature to every peer. `fanout` receives every node asked, what
+/// it did and the digest of the partial it returned, for the audit log, whether or not the query
+/// succeeds.
 pub async fn query(
     node: &Node,
     analyst: &Identity,
     query_id: &str,
     req: &QueryRequest,
+    received_at: i64,
     fanout: &mut Vec<Fanout>,
 ) -> Result<QueryResponse, ApiError> {
     let started = Instant::now();
@@ -62,6 +64,7 @@ pub async fn query(
                     sql: &req.sql,
                     epsilon: req.epsilon,
                     require_all: req.require_all,
+                    received_at,
                 },
             )
             .await;

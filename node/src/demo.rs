@@ -374,6 +374,7 @@ async fn audit_federation(fed: &LocalFederation, dir: &Path) -> Result<(), DemoE
         .map_err(err)?;
     let out = dir.join("audit");
     std::fs::create_dir_all(&out).map_err(err)?;
+    let mut keys = std::collections::BTreeMap::new();
     for (i, agency) in AGENCIES.iter().enumerate() {
         let lower = agency.to_lowercase();
         let bytes = auditor
@@ -396,13 +397,16 @@ async fn audit_federation(fed: &LocalFederation, dir: &Path) -> Result<(), DemoE
         crate::storage::write_atomic(&path, &bytes, false).map_err(err)?;
         match crate::auditor::verify(&bytes, &key, 0, None) {
             Ok(v) => println!(
-                "  {agency:<4} log verifies: seq 1..={}, {} signed checkpoint(s)",
-                v.last_seq, v.checkpoints
+                "  {agency:<4} log verifies: seq 1..={}, {} signed checkpoint(s), head {}",
+                v.last_seq,
+                v.checkpoints,
+                v.head()
             ),
             Err(p) => return Err(DemoError(format!("{agency}'s audit log: {p}"))),
         }
+        keys.insert(agency.to_string(), key);
     }
-    let r = crate::auditor::reconcile_dir(&out).map_err(DemoError)?;
+    let r = crate::auditor::reconcile_dir_with(&out, &keys).map_err(DemoError)?;
     println!(
         "  reconciled: {} coordinated queries, {} node answers matched, {} mismatches (logs in {})\n",
         r.queries,

@@ -1,15 +1,22 @@
 //! The node's privacy-budget ledger: how much ε each analyst has spent here in the current
 //! period. A query is charged — written and fsynced — before the node reads any data for it,
 //! so a crash never gives budget back. `<data_dir>/ledger.jsonl`, one JSON line per charge.
+//!
+//! A charge whose write or sync fails is cut back off the file (the query is refused), so a
+//! failed write leaves no half line for later charges to follow. On start only the last line may
+//! be unreadable — a crash mid-write, cut off — and a node refuses a ledger with any other bad
+//! line rather than drop charges after it (which would give their budget back).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
+
+use crate::storage::AppendFile;
 
 /// File name of the ledger inside the data directory.
 pub const LEDGER_FILE: &str = "ledger.jsonl";
@@ -57,9 +64,23 @@ pub struct Exhausted {
 }
 
 /// The open ledger.
-#[derive(Debug)]
 pub struct Ledger {
-    inner: Mutex<(File, Vec<Charge>)>,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    file: Box<dyn AppendFile>,
+    /// Bytes of the file that are whole, synced charges.
+    len: u64,
+    /// Set when a failed write could not be cut back off: no more charges (queries refused).
+    poisoned: Option<String>,
+    charges: Vec<Charge>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").finish_non_exhaustive()
+    }
 }
 
 fn now() -> u64 {
@@ -70,34 +91,62 @@ fn now() -> u64 {
 }
 
 impl Ledger {
-    /// Opens (or creates) the ledger in `data_dir`; a torn last line from a crash is cut off
-    /// (that charge had not been acknowledged, and no data was read for it).
+    /// Opens (or creates) the ledger in `data_dir`. An unreadable last line — torn by a crash
+    /// mid-write — is cut off (that charge had not been acknowledged, and no data was read for
+    /// it); an unreadable line before the last is refused with its line number.
     pub fn open(data_dir: &Path) -> std::io::Result<Ledger> {
         std::fs::create_dir_all(data_dir)?;
         let path = data_dir.join(LEDGER_FILE);
         let mut charges = Vec::new();
+        let mut good_len = 0u64;
         if path.exists() {
-            let mut good_len = 0u64;
-            for line in BufReader::new(File::open(&path)?).split(b'\n') {
-                let line = line?;
-                match serde_json::from_slice::<Charge>(&line) {
-                    Ok(c) => {
-                        good_len += line.len() as u64 + 1;
+            let mut bytes = Vec::new();
+            File::open(&path)?.read_to_end(&mut bytes)?;
+            let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
+            for (i, line) in lines.iter().enumerate() {
+                let complete = line.strip_suffix(b"\n");
+                match complete.map(serde_json::from_slice::<Charge>) {
+                    Some(Ok(c)) => {
+                        good_len += line.len() as u64;
                         charges.push(c);
                     }
-                    Err(_) => break,
+                    // The last line: a write the crash cut short.
+                    _ if i + 1 == lines.len() => break,
+                    // (Only the last line can lack an end of line.)
+                    other => {
+                        let why = match other {
+                            Some(Err(e)) => e.to_string(),
+                            _ => "no end of line".into(),
+                        };
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!(
+                                "{}:{}: not a budget charge ({why}); only a torn last line is \
+                                 repaired — the node will not start on a ledger whose earlier \
+                                 charges it cannot read, since dropping them would give budget \
+                                 back",
+                                path.display(),
+                                i + 1
+                            ),
+                        ));
+                    }
                 }
             }
-            let f = OpenOptions::new().write(true).open(&path)?;
-            if f.metadata()?.len() != good_len {
-                tracing::warn!(path = %path.display(), "budget ledger had a torn tail; truncated");
+            if bytes.len() as u64 != good_len {
+                tracing::warn!(path = %path.display(), dropped_bytes = bytes.len() as u64 - good_len, "budget ledger had a torn last line; cut off");
+                let f = OpenOptions::new().write(true).open(&path)?;
                 f.set_len(good_len)?;
                 f.sync_all()?;
             }
         }
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = crate::storage::open_append(&path)?;
         Ok(Ledger {
-            inner: Mutex::new((file, charges)),
+            inner: Mutex::new(Inner {
+                file: Box::new(file),
+                len: good_len,
+                poisoned: None,
+                charges,
+            }),
         })
     }
 
@@ -111,7 +160,14 @@ impl Ledger {
         period: Duration,
     ) -> Result<Result<Usage, Exhausted>, std::io::Error> {
         let mut guard = self.inner.lock().await;
-        let (file, charges) = &mut *guard;
+        let inner = &mut *guard;
+        if let Some(why) = &inner.poisoned {
+            return Err(std::io::Error::other(format!(
+                "{LEDGER_FILE}: not charged since a write failed and could not be undone ({why}); \
+                 restart the node to repair the ledger"
+            )));
+        }
+        let charges = &inner.charges;
         let t = now();
         let since = t.saturating_sub(period.as_secs());
         let (used, queries) = charges
@@ -135,9 +191,16 @@ impl Ledger {
         };
         let mut line = serde_json::to_vec(&charge).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        file.write_all(&line)?;
-        file.sync_data()?;
-        charges.push(charge);
+        if let Err((error, rollback)) =
+            crate::storage::append_durably(inner.file.as_mut(), &mut inner.len, &line)
+        {
+            tracing::error!(%error, rollback = ?rollback.as_ref().map(ToString::to_string), "budget charge not written");
+            if let Some(r) = rollback {
+                inner.poisoned = Some(format!("{error}; then {r}"));
+            }
+            return Err(error);
+        }
+        inner.charges.push(charge);
         Ok(Ok(Usage {
             analyst: analyst.to_string(),
             used: used + epsilon,
@@ -151,7 +214,7 @@ impl Ledger {
         let guard = self.inner.lock().await;
         let since = now().saturating_sub(period.as_secs());
         let mut by: HashMap<&str, (f64, u64)> = HashMap::new();
-        for c in guard.1.iter().filter(|c| c.time > since) {
+        for c in guard.charges.iter().filter(|c| c.time > since) {
             let e = by.entry(c.analyst.as_str()).or_default();
             e.0 += c.epsilon;
             e.1 += 1;
@@ -172,9 +235,90 @@ impl Ledger {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
+    use crate::storage::testing::FailingFile;
 
     const DAY: Duration = Duration::from_secs(86_400);
+
+    #[tokio::test]
+    async fn a_failed_charge_is_cut_back_and_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(LEDGER_FILE);
+        let l = Ledger::open(dir.path()).expect("open");
+        l.charge("a", "q1", 0.5, 10.0, DAY)
+            .await
+            .expect("io")
+            .expect("within budget");
+        let before = std::fs::read(&path).expect("read");
+        for fail in [FailingFile::after_bytes(7), FailingFile::on_sync()] {
+            let real = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .expect("open");
+            l.inner.lock().await.file = Box::new(fail.wrapping(real));
+            l.charge("a", "q2", 0.5, 10.0, DAY)
+                .await
+                .expect_err("the write fails");
+            assert_eq!(std::fs::read(&path).expect("read"), before, "cut back");
+        }
+        // The failed charges were not counted, and the ledger reads back whole.
+        let usage = l.usage(10.0, DAY).await;
+        assert_eq!(usage[0].queries, 1);
+        drop(l);
+        let l = Ledger::open(dir.path()).expect("reopen");
+        assert_eq!(l.usage(10.0, DAY).await[0].queries, 1);
+
+        // When even the cut fails, no more charges are made.
+        let real = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        l.inner.lock().await.file = Box::new(FailingFile::after_bytes(3).and_cut().wrapping(real));
+        l.charge("a", "q3", 0.5, 10.0, DAY)
+            .await
+            .expect_err("fails");
+        let real = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        l.inner.lock().await.file = Box::new(real);
+        let err = l
+            .charge("a", "q4", 0.5, 10.0, DAY)
+            .await
+            .expect_err("poisoned");
+        assert!(err.to_string().contains("restart"), "{err}");
+        drop(l);
+        // And a restart repairs the torn tail the failed cut left.
+        let l = Ledger::open(dir.path()).expect("reopen repairs the last line");
+        assert_eq!(l.usage(10.0, DAY).await[0].queries, 1);
+    }
+
+    #[test]
+    fn refuses_a_ledger_with_a_bad_line_before_the_last() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(LEDGER_FILE);
+        let good = r#"{"time":1,"analyst":"a","query_id":"q","epsilon":1.0}"#;
+        std::fs::write(&path, format!("{good}\n{{\"garbage\n{good}\n")).expect("write");
+        let err = Ledger::open(dir.path()).expect_err("refused");
+        assert!(err.to_string().contains(":2:"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&path)
+                .expect("read")
+                .lines()
+                .count(),
+            3,
+            "nothing was cut"
+        );
+        // A complete but unreadable *last* line is a torn write: cut off.
+        std::fs::write(&path, format!("{good}\n{{\"garbage\n")).expect("write");
+        Ledger::open(dir.path()).expect("repaired");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            format!("{good}\n")
+        );
+    }
 
     #[tokio::test]
     async fn refuses_when_exhausted_and_survives_reopen() {

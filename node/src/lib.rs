@@ -19,7 +19,8 @@
 //! - [`policy`]: the steward's policy (who may ask, hidden dimensions, k floor, limits).
 //! - [`audit`]: the hash-chained, signed query log a node writes.
 //! - [`auditor`]: what an auditor does with fetched logs: verify, reconcile.
-//! - [`requests`]: checking analysts' signed requests (signature, chain, freshness, replay).
+//! - [`requests`]: checking analysts' signed requests (signature, chain, coordinator, freshness,
+//!   replay).
 //! - [`ledger`]: the per-analyst privacy-budget ledger.
 //! - [`server`]: the axum HTTPS server and its routes.
 //! - [`console`]: the local web console for analysts, stewards and auditors (`cxfed console`).

@@ -1,7 +1,12 @@
 //! Checking an analyst's signed request on this node, before anything is planned: the signature
 //! over exactly what arrived, the certificate's chain to the federation CA, the analyst role, the
-//! time window and the nonce. Every node does this itself, so a coordinator can forward a query
-//! but cannot alter it, replay it, or invent one in an analyst's name.
+//! analyst the request is said to be for, the coordinator it was signed for, the time window and
+//! the nonce. Every node does this itself, so a coordinator can forward a query but cannot alter
+//! it, replay it (to this node, or — being bound to one coordinator — to any other), or invent one
+//! in an analyst's name.
+//!
+//! Nonces are remembered per signing certificate (its SHA-256 fingerprint), so one analyst cannot
+//! use up another's, and only once every other check has passed.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -27,7 +32,7 @@ const NONCE_HEX_LEN: usize = 32;
 #[error("{message}")]
 pub struct SignatureRefusal {
     /// `unsigned-request`, `bad-signature`, `untrusted-certificate`, `not-an-analyst`,
-    /// `stale-request` or `replayed-request`.
+    /// `wrong-coordinator`, `stale-request` or `replayed-request`.
     pub kind: &'static str,
     /// One line for a person.
     pub message: String,
@@ -56,13 +61,34 @@ pub struct Received<'a> {
     pub epsilon: Option<f64>,
     /// Whether every node must answer.
     pub require_all: bool,
+    /// When this node received (and checks) it, Unix seconds: the clock of the freshness check.
+    pub received_at: i64,
+}
+
+/// Who a request must be from and for, as this node knows it (not as the request claims).
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    /// The analyst: the TLS peer on `/v1/query`, the one the coordinator names on `/v1/partial`.
+    pub analyst: &'a str,
+    /// The coordinator's agency: this node's own on `/v1/query`, the TLS peer's on `/v1/partial`.
+    pub coordinator: &'a str,
+}
+
+/// The key under which a nonce is remembered: the SHA-256 (hex) of the signing certificate, and
+/// the nonce.
+pub type NonceKey = (String, String);
+
+/// The nonce key of a signature block.
+pub fn nonce_key(sig: &RequestSignature) -> NonceKey {
+    let der = signing::unhex(&sig.certificate).unwrap_or_default();
+    (crate::audit::digest(&der), sig.nonce.clone())
 }
 
 /// The node's checker; remembers nonces it has accepted for twice the freshness window.
 pub struct RequestChecker {
     verifier: Arc<dyn ClientCertVerifier>,
     federation: String,
-    seen: Mutex<HashMap<String, i64>>,
+    seen: Mutex<HashMap<NonceKey, i64>>,
 }
 
 impl std::fmt::Debug for RequestChecker {
@@ -90,16 +116,17 @@ impl RequestChecker {
         })
     }
 
-    /// Records a nonce accepted before (e.g. read back from the audit log after a restart);
-    /// nonces too old to be accepted again are not kept.
-    pub fn remember(&self, nonce: &str, issued_at: i64) {
-        if issued_at < signing::unix_now() - 2 * FRESHNESS_SECS {
+    /// Records the nonce of a request accepted before (read back from the audit log after a
+    /// restart: only lines whose signature was accepted); nonces too old to be accepted again are
+    /// not kept.
+    pub fn remember(&self, sig: &RequestSignature) {
+        if sig.issued_at < signing::unix_now() - 2 * FRESHNESS_SECS {
             return;
         }
         self.seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(nonce.to_owned(), issued_at);
+            .insert(nonce_key(sig), sig.issued_at);
     }
 
     /// Checks that `req` is signed by an analyst of this federation whose certificate the CA
@@ -144,14 +171,46 @@ impl RequestChecker {
         Ok(identity)
     }
 
-    /// Checks `req` at time `now` (Unix seconds) and returns the analyst who signed it:
-    /// [`RequestChecker::authenticate`], then the time window, then the nonce. The nonce is
-    /// consumed only when every other check passed.
-    pub fn check(&self, req: Received<'_>, now: i64) -> Result<Identity, SignatureRefusal> {
+    /// Checks `req` (at its `received_at`) against what this node expects and returns the
+    /// analyst who signed it: [`RequestChecker::authenticate`], then the analyst named, the
+    /// coordinator, the time window, and last the nonce, which is consumed only when every
+    /// other check passed.
+    pub fn check(
+        &self,
+        req: Received<'_>,
+        expected: Expected<'_>,
+    ) -> Result<Identity, SignatureRefusal> {
         let identity = self.authenticate(req)?;
         let Some(sig) = req.signature else {
             return Err(SignatureRefusal::new("unsigned-request", "not signed"));
         };
+        if identity.to_string() != expected.analyst {
+            return Err(SignatureRefusal::new(
+                "bad-signature",
+                format!(
+                    "the request names {} but is signed by {identity}",
+                    expected.analyst
+                ),
+            ));
+        }
+        if sig.coordinator != expected.coordinator {
+            return Err(SignatureRefusal::new(
+                "wrong-coordinator",
+                if sig.coordinator.is_empty() {
+                    format!(
+                        "the request was signed without a coordinator (a version-1 client?) but \
+                         came through {}; sign it with this version of `cxfed query`",
+                        expected.coordinator
+                    )
+                } else {
+                    format!(
+                        "the analyst signed the request for coordinator {} but it came through {}",
+                        sig.coordinator, expected.coordinator
+                    )
+                },
+            ));
+        }
+        let now = req.received_at;
         let skew = now.checked_sub(sig.issued_at).map(i64::unsigned_abs);
         if skew.is_none_or(|d| d > FRESHNESS_SECS as u64) {
             return Err(SignatureRefusal::new(
@@ -163,15 +222,19 @@ impl RequestChecker {
                 ),
             ));
         }
+        let key = nonce_key(sig);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         seen.retain(|_, t| *t >= now - 2 * FRESHNESS_SECS);
-        if seen.contains_key(&sig.nonce) {
+        if seen.contains_key(&key) {
             return Err(SignatureRefusal::new(
                 "replayed-request",
-                format!("nonce {} was already answered by this node", sig.nonce),
+                format!(
+                    "nonce {} of {identity} was already answered by this node",
+                    sig.nonce
+                ),
             ));
         }
-        seen.insert(sig.nonce.clone(), sig.issued_at);
+        seen.insert(key, sig.issued_at);
         Ok(identity)
     }
 }
@@ -186,33 +249,47 @@ mod tests {
         _dir: tempfile::TempDir,
         checker: RequestChecker,
         analyst: Signer,
+        other: Signer,
         node: Signer,
         rogue: Signer,
     }
 
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
-        let certs = dev("f", &["SSA".into()], &dir.path().join("a"), 1, false).expect("certs");
+        let agencies = ["SSA".to_string(), "CMS".to_string()];
+        let certs = dev("f", &agencies, &dir.path().join("a"), 1, false).expect("certs");
         // Another CA that also calls itself federation "f".
-        let rogue = dev("f", &["SSA".into()], &dir.path().join("b"), 1, false).expect("certs");
-        let signer = |c: &crate::certs::DevCerts, role| {
-            crate::client::signer(&c.tls_files("SSA", role).expect("files")).expect("signer")
+        let rogue = dev("f", &agencies[..1], &dir.path().join("b"), 1, false).expect("certs");
+        let signer = |c: &crate::certs::DevCerts, agency, role| {
+            crate::client::signer(&c.tls_files(agency, role).expect("files")).expect("signer")
         };
         Fixture {
             checker: RequestChecker::new(&certs.ca_cert, "f").expect("checker"),
-            analyst: signer(&certs, Role::Analyst),
-            node: signer(&certs, Role::Node),
-            rogue: signer(&rogue, Role::Analyst),
+            analyst: signer(&certs, "SSA", Role::Analyst),
+            other: signer(&certs, "CMS", Role::Analyst),
+            node: signer(&certs, "SSA", Role::Node),
+            rogue: signer(&rogue, "SSA", Role::Analyst),
             _dir: dir,
         }
     }
 
-    fn received<'a>(sig: &'a RequestSignature, sql: &'a str) -> Received<'a> {
+    const SSA_ANALYST: &str = "spiffe://f/SSA/analyst/ssa-analyst";
+
+    fn received<'a>(sig: &'a RequestSignature, sql: &'a str, now: i64) -> Received<'a> {
         Received {
             signature: Some(sig),
             sql,
             epsilon: Some(0.5),
             require_all: true,
+            received_at: now,
+        }
+    }
+
+    /// What the SSA node expects of the SSA analyst's query.
+    fn at_ssa(analyst: &str) -> Expected<'_> {
+        Expected {
+            analyst,
+            coordinator: "SSA",
         }
     }
 
@@ -225,63 +302,98 @@ mod tests {
         let f = fixture();
         let now = signing::unix_now();
         let sql = "SELECT COUNT(*) FROM experience";
-        let sig = f.analyst.sign(sql, Some(0.5), true).expect("sign");
-        let id = f.checker.check(received(&sig, sql), now).expect("accepted");
+        let sign = |s: &Signer| s.sign("SSA", sql, Some(0.5), true).expect("sign");
+        let sig = sign(&f.analyst);
+        let id = f
+            .checker
+            .check(received(&sig, sql, now), at_ssa(SSA_ANALYST))
+            .expect("accepted");
         assert_eq!(id.to_string(), f.analyst.identity().to_string());
         assert_eq!(
-            kind(f.checker.check(received(&sig, sql), now)),
+            kind(
+                f.checker
+                    .check(received(&sig, sql, now), at_ssa(SSA_ANALYST))
+            ),
             "replayed-request"
         );
 
-        let fresh = f.analyst.sign(sql, Some(0.5), true).expect("sign");
+        let fresh = sign(&f.analyst);
         let altered_sql = "SELECT COUNT(*) FROM operational";
         assert_eq!(
-            kind(f.checker.check(received(&fresh, altered_sql), now)),
+            kind(
+                f.checker
+                    .check(received(&fresh, altered_sql, now), at_ssa(SSA_ANALYST))
+            ),
             "bad-signature"
         );
-        let mut altered_eps = received(&fresh, sql);
+        let mut altered_eps = received(&fresh, sql, now);
         altered_eps.epsilon = Some(5.0);
-        assert_eq!(kind(f.checker.check(altered_eps, now)), "bad-signature");
-        let mut altered_all = received(&fresh, sql);
+        assert_eq!(
+            kind(f.checker.check(altered_eps, at_ssa(SSA_ANALYST))),
+            "bad-signature"
+        );
+        let mut altered_all = received(&fresh, sql, now);
         altered_all.require_all = false;
-        assert_eq!(kind(f.checker.check(altered_all, now)), "bad-signature");
+        assert_eq!(
+            kind(f.checker.check(altered_all, at_ssa(SSA_ANALYST))),
+            "bad-signature"
+        );
         // The refusals above did not consume the nonce: the true request still passes.
         assert_eq!(
-            kind(f.checker.check(received(&fresh, sql), now)),
+            kind(
+                f.checker
+                    .check(received(&fresh, sql, now), at_ssa(SSA_ANALYST))
+            ),
             "accepted"
         );
 
-        let mut swapped = f.analyst.sign(sql, Some(0.5), true).expect("sign");
-        swapped.certificate = f.node.sign(sql, Some(0.5), true).expect("sign").certificate;
+        let mut swapped = sign(&f.analyst);
+        swapped.certificate = sign(&f.node).certificate;
         assert_eq!(
-            kind(f.checker.check(received(&swapped, sql), now)),
+            kind(
+                f.checker
+                    .check(received(&swapped, sql, now), at_ssa(SSA_ANALYST))
+            ),
             "bad-signature"
         );
 
-        let by_node = f.node.sign(sql, Some(0.5), true).expect("sign");
+        let by_node = sign(&f.node);
+        let node_id = f.node.identity().to_string();
         assert_eq!(
-            kind(f.checker.check(received(&by_node, sql), now)),
+            kind(
+                f.checker
+                    .check(received(&by_node, sql, now), at_ssa(&node_id))
+            ),
             "not-an-analyst"
         );
-        let by_rogue = f.rogue.sign(sql, Some(0.5), true).expect("sign");
+        let by_rogue = sign(&f.rogue);
         assert_eq!(
-            kind(f.checker.check(received(&by_rogue, sql), now)),
+            kind(
+                f.checker
+                    .check(received(&by_rogue, sql, now), at_ssa(SSA_ANALYST))
+            ),
             "untrusted-certificate"
         );
         let old = f
             .analyst
-            .sign_at(sql, Some(0.5), true, now - FRESHNESS_SECS - 1)
+            .sign_at("SSA", sql, Some(0.5), true, now - FRESHNESS_SECS - 1)
             .expect("sign");
         assert_eq!(
-            kind(f.checker.check(received(&old, sql), now)),
+            kind(
+                f.checker
+                    .check(received(&old, sql, now), at_ssa(SSA_ANALYST))
+            ),
             "stale-request"
         );
         let future = f
             .analyst
-            .sign_at(sql, Some(0.5), true, now + FRESHNESS_SECS + 1)
+            .sign_at("SSA", sql, Some(0.5), true, now + FRESHNESS_SECS + 1)
             .expect("sign");
         assert_eq!(
-            kind(f.checker.check(received(&future, sql), now)),
+            kind(
+                f.checker
+                    .check(received(&future, sql, now), at_ssa(SSA_ANALYST))
+            ),
             "stale-request"
         );
         let unsigned = Received {
@@ -289,8 +401,75 @@ mod tests {
             sql,
             epsilon: None,
             require_all: true,
+            received_at: now,
         };
-        assert_eq!(kind(f.checker.check(unsigned, now)), "unsigned-request");
+        assert_eq!(
+            kind(f.checker.check(unsigned, at_ssa(SSA_ANALYST))),
+            "unsigned-request"
+        );
+    }
+
+    #[test]
+    fn refuses_a_request_signed_for_another_coordinator_without_using_its_nonce() {
+        let f = fixture();
+        let now = signing::unix_now();
+        let sql = "SELECT COUNT(*) FROM experience";
+        // Signed for SSA's node; CMS's node, which received it forwarded, replays it here.
+        let sig = f.analyst.sign("SSA", sql, Some(0.5), true).expect("sign");
+        let from_cms = Expected {
+            analyst: SSA_ANALYST,
+            coordinator: "CMS",
+        };
+        let refused = f
+            .checker
+            .check(received(&sig, sql, now), from_cms)
+            .expect_err("refused");
+        assert_eq!(refused.kind, "wrong-coordinator");
+        assert!(refused.message.contains("coordinator SSA"), "{refused}");
+        // Naming the wrong analyst is refused before the nonce is used, too.
+        let other = f.other.identity().to_string();
+        assert_eq!(
+            kind(f.checker.check(received(&sig, sql, now), at_ssa(&other))),
+            "bad-signature"
+        );
+        // The genuine forwarding from SSA still passes.
+        assert_eq!(
+            kind(
+                f.checker
+                    .check(received(&sig, sql, now), at_ssa(SSA_ANALYST))
+            ),
+            "accepted"
+        );
+    }
+
+    #[test]
+    fn one_analyst_cannot_use_up_anothers_nonce() {
+        let f = fixture();
+        let now = signing::unix_now();
+        let sql = "SELECT COUNT(*) FROM experience";
+        let victim = f.analyst.sign("SSA", sql, Some(0.5), true).expect("sign");
+        // CMS's analyst got a request carrying the victim's nonce accepted first (a nonce is
+        // only random bits: anyone can sign one they have seen).
+        let squatter = f.other.sign("SSA", sql, Some(0.5), true).expect("sign");
+        f.checker.remember(&RequestSignature {
+            nonce: victim.nonce.clone(),
+            ..squatter
+        });
+        // Nonces are kept per signing certificate: the victim's request still passes, once.
+        assert_eq!(
+            kind(
+                f.checker
+                    .check(received(&victim, sql, now), at_ssa(SSA_ANALYST))
+            ),
+            "accepted"
+        );
+        assert_eq!(
+            kind(
+                f.checker
+                    .check(received(&victim, sql, now), at_ssa(SSA_ANALYST))
+            ),
+            "replayed-request"
+        );
     }
 
     #[test]
@@ -298,10 +477,13 @@ mod tests {
         let f = fixture();
         let now = signing::unix_now();
         let sql = "SELECT 1";
-        let sig = f.analyst.sign(sql, Some(0.5), true).expect("sign");
-        f.checker.remember(&sig.nonce, sig.issued_at);
+        let sig = f.analyst.sign("SSA", sql, Some(0.5), true).expect("sign");
+        f.checker.remember(&sig);
         assert_eq!(
-            kind(f.checker.check(received(&sig, sql), now)),
+            kind(
+                f.checker
+                    .check(received(&sig, sql, now), at_ssa(SSA_ANALYST))
+            ),
             "replayed-request"
         );
     }

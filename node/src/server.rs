@@ -44,7 +44,7 @@ use crate::config::NodeConfig;
 use crate::ledger::Ledger;
 use crate::partial::{PartialError, PartialOutput};
 use crate::policy::{Policy, PolicyRefusal, RateLimiter};
-use crate::requests::{Received, RequestChecker, SignatureRefusal};
+use crate::requests::{Expected, Received, RequestChecker, SignatureRefusal};
 
 /// Everything a running node shares between requests.
 pub struct Node {
@@ -174,14 +174,15 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
     let ctx = crate::engine::node_context(&config.data_dir, config.policy.memory_limit_bytes)
         .map_err(|e| data_err(&e))?;
     let requests = RequestChecker::new(&config.tls.ca, &config.federation)?;
-    // Nonces already answered stay answered across a restart.
+    // Nonces already answered stay answered across a restart (only of requests whose
+    // signature was accepted: a refused forgery must not block the nonce it copied).
     let audit = AuditLog::open(
         &config.data_dir,
         &config.agency,
         config.audit_checkpoint_every,
         |e| {
-            if let Some(r) = &e.request {
-                requests.remember(&r.nonce, r.issued_at);
+            if let Some(r) = e.accepted_request() {
+                requests.remember(r);
             }
         },
     )
@@ -339,7 +340,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/budget", get(budget))
         .route("/v1/policy", get(policy))
         .route("/v1/activity", get(activity))
-        .fallback(|| async { ApiError::NotFound })
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_found)
         .with_state(node)
 }
 
@@ -493,9 +495,24 @@ impl Node {
         endpoint: &'static str,
         roles: &[Role],
     ) -> Result<Identity, ApiError> {
-        let id = crate::tls::peer_identity(&tls.peer_certificates).map_err(|e| {
-            ApiError::Forbidden(format!("client certificate has no usable identity: {e}"))
-        })?;
+        let id = match crate::tls::peer_identity(&tls.peer_certificates) {
+            Ok(id) => id,
+            Err(e) => {
+                let peer = peer_label(&tls.peer_certificates);
+                warn!(%peer, endpoint, reason = %e, "refused caller without a usable identity");
+                self.record(Record {
+                    endpoint: endpoint.into(),
+                    peer,
+                    decision: Some(Decision::Refused),
+                    code: Some("CXF-A403".into()),
+                    ..Record::default()
+                })
+                .await?;
+                return Err(ApiError::Forbidden(format!(
+                    "client certificate has no usable identity: {e}"
+                )));
+            }
+        };
         let refusal = if id.federation() != self.config.federation {
             Some(format!(
                 "{id} is not of federation {}",
@@ -521,7 +538,7 @@ impl Node {
             Some(reason) => {
                 warn!(peer = %id, endpoint, %reason, "refused caller");
                 self.record(Record {
-                    endpoint,
+                    endpoint: endpoint.into(),
                     peer: id.to_string(),
                     decision: Some(Decision::Refused),
                     code: Some("CXF-A403".into()),
@@ -541,13 +558,56 @@ impl Node {
         sql: Option<String>,
     ) -> Result<(), ApiError> {
         self.record(Record {
-            endpoint,
+            endpoint: endpoint.into(),
             peer: who.to_string(),
             sql,
             decision: Some(Decision::Executed),
             ..Record::default()
         })
         .await
+    }
+
+    /// Refuses a request this node cannot read (body, parameters, protocol version) after its
+    /// caller was authorized, and logs the refusal (the message itself may quote the input, so
+    /// it goes only to the caller).
+    async fn bad_request(
+        &self,
+        endpoint: &'static str,
+        who: &Identity,
+        query_id: &str,
+        message: String,
+    ) -> ApiError {
+        warn!(peer = %who, endpoint, query_id, "refused malformed request");
+        let logged = self
+            .record(Record {
+                query_id: query_id.to_string(),
+                endpoint: endpoint.into(),
+                peer: who.to_string(),
+                decision: Some(Decision::Refused),
+                code: Some("CXF-A400".into()),
+                ..Record::default()
+            })
+            .await;
+        match logged {
+            Ok(()) => ApiError::BadRequest(message),
+            Err(e) => e,
+        }
+    }
+
+    /// Parses a JSON body; a malformed one is refused and logged ([`Node::bad_request`]).
+    async fn parse_body<T: serde::de::DeserializeOwned>(
+        &self,
+        body: &[u8],
+        endpoint: &'static str,
+        who: &Identity,
+        query_id: &str,
+    ) -> Result<T, ApiError> {
+        match serde_json::from_slice(body) {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self
+                .bad_request(endpoint, who, query_id, format!("request body: {e}"))
+                .await),
+        }
     }
 
     /// Appends to the audit log; a log that cannot be written stops the answer.
@@ -578,44 +638,33 @@ impl Node {
             .check(&format!("{what}:{analyst}"), policy.rate_limit_per_minute)
     }
 
-    /// Checks an analyst's signature on a request as this node received it; a refusal is
-    /// logged and audited with what was claimed.
+    /// Checks an analyst's signature on a request as this node received it, for the analyst
+    /// and coordinator this node knows it must be from; a refusal is logged and audited with
+    /// what was claimed.
     pub async fn check_signature(
         &self,
         endpoint: &'static str,
         peer: &str,
         query_id: &str,
-        claimed_analyst: &str,
+        expected: Expected<'_>,
         req: Received<'_>,
     ) -> Result<Identity, ApiError> {
-        let checked = self
-            .requests
-            .check(req, cxfed_protocol::signing::unix_now())
-            .and_then(|id| {
-                if claimed_analyst == id.to_string() {
-                    Ok(id)
-                } else {
-                    Err(SignatureRefusal {
-                        kind: "bad-signature",
-                        message: format!(
-                            "the request names {claimed_analyst} but is signed by {id}"
-                        ),
-                    })
-                }
-            });
+        let claimed_analyst = expected.analyst;
+        let checked = self.requests.check(req, expected);
         match checked {
             Ok(id) => Ok(id),
             Err(refusal) => {
                 warn!(query_id, peer, kind = refusal.kind, reason = %refusal.message, "refused request signature");
                 self.record(Record {
                     query_id: query_id.to_string(),
-                    endpoint,
+                    endpoint: endpoint.into(),
                     peer: peer.to_string(),
                     analyst: claimed_analyst.to_string(),
                     sql: Some(req.sql.to_string()),
                     requested_epsilon: req.epsilon,
                     require_all: Some(req.require_all),
                     request: req.signature.cloned(),
+                    received_at: req.signature.map(|_| req.received_at),
                     decision: Some(Decision::Refused),
                     code: Some(SignatureRefusal::CODE.into()),
                     ..Record::default()
@@ -676,13 +725,14 @@ impl Node {
         self.audit
             .append(Record {
                 query_id: query_id.to_string(),
-                endpoint: "/v1/partial",
+                endpoint: "/v1/partial".into(),
                 peer: peer.to_string(),
                 analyst,
                 sql: Some(req.sql.to_string()),
                 requested_epsilon: req.epsilon,
                 require_all: Some(req.require_all),
                 request: req.signature.cloned(),
+                received_at: req.signature.map(|_| req.received_at),
                 decision: Some(decision),
                 code,
                 groups_released: out.map_or(0, |o| o.groups),
@@ -702,28 +752,33 @@ async fn query(
     Extension(tls): Extension<Arc<TlsInfo>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let received_at = cxfed_protocol::signing::unix_now();
     let peer = node.authorize(&tls, "/v1/query", &[Role::Analyst]).await?;
     let query_id = new_query_id();
     let span = tracing::info_span!("query", query_id = %query_id, analyst = %peer);
     async move {
-        let req: QueryRequest = parse_json(&body)?;
+        let req: QueryRequest = node
+            .parse_body(&body, "/v1/query", &peer, &query_id)
+            .await?;
         let received = Received {
             signature: req.signature.as_ref(),
             sql: &req.sql,
             epsilon: req.epsilon,
             require_all: req.require_all,
+            received_at,
         };
-        // The analyst on the TLS connection must be the one who signed.
-        node.check_signature(
-            "/v1/query",
-            &peer.to_string(),
-            &query_id,
-            &peer.to_string(),
-            received,
-        )
-        .await?;
+        // The analyst on the TLS connection must be the one who signed, for this node.
+        let analyst = peer.to_string();
+        let expected = Expected {
+            analyst: &analyst,
+            coordinator: &node.config.agency,
+        };
+        node.check_signature("/v1/query", &analyst, &query_id, expected, received)
+            .await?;
         let mut fanout = Vec::new();
-        let result = crate::coordinator::query(&node, &peer, &query_id, &req, &mut fanout).await;
+        let result =
+            crate::coordinator::query(&node, &peer, &query_id, &req, received_at, &mut fanout)
+                .await;
         let (decision, code) = match &result {
             Ok(_) => (Decision::Executed, None),
             Err(ApiError::Rejected(r, _)) => (Decision::Refused, Some(r.rule.code().to_string())),
@@ -739,13 +794,14 @@ async fn query(
         };
         node.record(Record {
             query_id: query_id.clone(),
-            endpoint: "/v1/query",
+            endpoint: "/v1/query".into(),
             peer: peer.to_string(),
             analyst: peer.to_string(),
             sql: Some(req.sql.clone()),
             requested_epsilon: req.epsilon,
             require_all: Some(req.require_all),
             request: req.signature.clone(),
+            received_at: Some(received_at),
             decision: Some(decision),
             code: code.clone(),
             groups_released: result.as_ref().map(|r| r.rows.len() as u64).unwrap_or(0),
@@ -780,13 +836,17 @@ async fn partial(
     Extension(tls): Extension<Arc<TlsInfo>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let received_at = cxfed_protocol::signing::unix_now();
     let peer = node.authorize(&tls, "/v1/partial", &[Role::Node]).await?;
-    let req: PartialRequest = parse_json(&body)?;
+    let req: PartialRequest = node.parse_body(&body, "/v1/partial", &peer, "").await?;
     if req.protocol != PROTOCOL_VERSION {
-        return Err(ApiError::BadRequest(format!(
+        let message = format!(
             "protocol {} is not spoken here (this node speaks {PROTOCOL_VERSION})",
             req.protocol
-        )));
+        );
+        return Err(node
+            .bad_request("/v1/partial", &peer, &req.query_id, message)
+            .await);
     }
     let span = tracing::info_span!("partial", query_id = %req.query_id, peer = %peer);
     let received = Received {
@@ -794,14 +854,20 @@ async fn partial(
         sql: &req.sql,
         epsilon: req.epsilon,
         require_all: req.require_all,
+        received_at,
     };
     async {
+        // Signed for the analyst the coordinator names, and for this coordinator: the TLS peer.
+        let expected = Expected {
+            analyst: &req.analyst,
+            coordinator: peer.agency(),
+        };
         let analyst = node
             .check_signature(
                 "/v1/partial",
                 &peer.to_string(),
                 &req.query_id,
-                &req.analyst,
+                expected,
                 received,
             )
             .await?;
@@ -826,14 +892,14 @@ async fn explain(
     let who = node
         .authorize(&tls, "/v1/explain", &[Role::Analyst, Role::Steward])
         .await?;
-    let req: QueryRequest = parse_json(&body)?;
+    let req: QueryRequest = node.parse_body(&body, "/v1/explain", &who, "").await?;
     // An analyst's explain is held to the same admission as a query: an agency the steward
     // does not allow cannot probe this node's k and hidden dimensions, nor flood it.
     if who.role() == Role::Analyst
         && let Err(refusal) = node.admit(&who.to_string(), "explain")
     {
         node.record(Record {
-            endpoint: "/v1/explain",
+            endpoint: "/v1/explain".into(),
             peer: who.to_string(),
             analyst: who.to_string(),
             sql: Some(req.sql.clone()),
@@ -964,7 +1030,14 @@ async fn activity(
     let who = node
         .authorize(&tls, "/v1/activity", &[Role::Steward])
         .await?;
-    let Query(params) = params.map_err(|e| ApiError::BadRequest(format!("limit: {e}")))?;
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => {
+            return Err(node
+                .bad_request("/v1/activity", &who, "", format!("limit: {e}"))
+                .await);
+        }
+    };
     node.record_access("/v1/activity", &who, None).await?;
     let entries = node
         .audit
@@ -1087,9 +1160,16 @@ async fn audit(
     params: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let auditor = node.authorize(&tls, "/v1/audit", &[Role::Auditor]).await?;
-    let Query(params) = params.map_err(|e| ApiError::BadRequest(format!("since: {e}")))?;
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => {
+            return Err(node
+                .bad_request("/v1/audit", &auditor, "", format!("since: {e}"))
+                .await);
+        }
+    };
     node.record(Record {
-        endpoint: "/v1/audit",
+        endpoint: "/v1/audit".into(),
         peer: auditor.to_string(),
         decision: Some(Decision::Executed),
         ..Record::default()
@@ -1106,6 +1186,57 @@ async fn audit(
 /// Media type of `GET /v1/audit`: the log's lines exactly as on disk.
 pub const AUDIT_MEDIA_TYPE: &str = "application/x-ndjson";
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("request body: {e}")))
+/// The longest request path a 404 line keeps.
+const MAX_LOGGED_PATH: usize = 200;
+
+/// No such endpoint (or not with this method): 404, logged with the caller's identity. Every
+/// connection got here through the mutual-TLS handshake, so the caller holds a federation
+/// certificate; handshake refusals never reach the audit log (see the README).
+async fn not_found(
+    State(node): State<Arc<Node>>,
+    tls: Option<Extension<Arc<TlsInfo>>>,
+    uri: axum::http::Uri,
+) -> ApiError {
+    let peer = tls
+        .map(
+            |Extension(t)| match crate::tls::peer_identity(&t.peer_certificates) {
+                Ok(id) => id.to_string(),
+                Err(_) => peer_label(&t.peer_certificates),
+            },
+        )
+        .unwrap_or_default();
+    let mut path = uri.path().to_string();
+    if path.len() > MAX_LOGGED_PATH {
+        let mut cut = MAX_LOGGED_PATH;
+        while !path.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        path.truncate(cut);
+        path.push('…');
+    }
+    warn!(%peer, path, "no such endpoint");
+    let logged = node
+        .record(Record {
+            endpoint: path.into(),
+            peer,
+            decision: Some(Decision::Refused),
+            code: Some("CXF-A404".into()),
+            ..Record::default()
+        })
+        .await;
+    match logged {
+        Ok(()) => ApiError::NotFound,
+        Err(e) => e,
+    }
+}
+
+/// How the log names a verified certificate that carries no usable identity: by fingerprint.
+fn peer_label(peer_certificates: &[Vec<u8>]) -> String {
+    match peer_certificates.first() {
+        Some(leaf) => format!(
+            "certificate without a usable identity, sha256:{}",
+            crate::audit::digest(leaf)
+        ),
+        None => "no client certificate".into(),
+    }
 }

@@ -213,6 +213,69 @@ pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> io::Result<(
     Ok(())
 }
 
+/// An append-only file of lines (the audit log, the budget ledger): a trait so that tests can
+/// make writes fail.
+pub trait AppendFile: Send {
+    /// Writes all of `bytes` at the end.
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes what was written durable.
+    fn sync(&mut self) -> io::Result<()>;
+    /// Cuts the file back to `len` bytes.
+    fn cut_to(&mut self, len: u64) -> io::Result<()>;
+}
+
+impl AppendFile for std::fs::File {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        io::Write::write_all(self, bytes)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.sync_data()
+    }
+    fn cut_to(&mut self, len: u64) -> io::Result<()> {
+        self.set_len(len)
+    }
+}
+
+/// Appends `bytes` to `file`, whose last good length is `*good_len`, and syncs them. When the
+/// write or the sync fails, some of the bytes may be in the file: it is cut back to `*good_len`
+/// (and synced) before the error is returned, so nothing half-written stays. `Err((error,
+/// None))` means the file is as it was; `Err((error, Some(why)))` that cutting it back failed
+/// too, and the file must not be appended to again.
+pub fn append_durably(
+    file: &mut dyn AppendFile,
+    good_len: &mut u64,
+    bytes: &[u8],
+) -> Result<(), (io::Error, Option<io::Error>)> {
+    match file.append(bytes).and_then(|()| file.sync()) {
+        Ok(()) => {
+            *good_len += bytes.len() as u64;
+            Ok(())
+        }
+        Err(e) => match file.cut_to(*good_len).and_then(|()| file.sync()) {
+            Ok(()) => Err((e, None)),
+            Err(rollback) => Err((e, Some(rollback))),
+        },
+    }
+}
+
+/// Creates (if absent) the append-only file at `path` and opens it for appending; a newly created
+/// file's directory entry is synced, so the file survives a crash with what is synced in it.
+pub fn open_append(path: &Path) -> io::Result<std::fs::File> {
+    let created = !path.exists();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    if created {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(file)
+}
+
 /// The directory that holds the Parquet files of `table`: `<data_dir>/<table name>`.
 pub fn table_dir(data_dir: &Path, table: Table) -> PathBuf {
     data_dir.join(table.name())
@@ -246,6 +309,92 @@ pub fn data_files(data_dir: &Path, table: Table) -> io::Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
+}
+
+/// Files that fail on purpose, for testing what a failed write leaves.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::io;
+
+    use super::AppendFile;
+
+    /// Writes through to a real file until told to fail.
+    pub(crate) struct FailingFile {
+        /// Bytes written before a write fails (`None`: writes succeed).
+        fail_after: Option<usize>,
+        /// The sync fails.
+        fail_sync: bool,
+        /// Cutting the file back fails too.
+        fail_cut: bool,
+        inner: Option<std::fs::File>,
+    }
+
+    impl FailingFile {
+        /// Writes `n` bytes of the next line, then fails (a full disk).
+        pub(crate) fn after_bytes(n: usize) -> FailingFile {
+            FailingFile {
+                fail_after: Some(n),
+                fail_sync: false,
+                fail_cut: false,
+                inner: None,
+            }
+        }
+
+        /// Writes whole lines but fails to sync the first one (an I/O error).
+        pub(crate) fn on_sync() -> FailingFile {
+            FailingFile {
+                fail_after: None,
+                fail_sync: true,
+                fail_cut: false,
+                inner: None,
+            }
+        }
+
+        /// Also fails to cut the file back.
+        pub(crate) fn and_cut(mut self) -> FailingFile {
+            self.fail_cut = true;
+            self
+        }
+
+        /// Over this file (opened for appending).
+        pub(crate) fn wrapping(mut self, file: std::fs::File) -> FailingFile {
+            self.inner = Some(file);
+            self
+        }
+
+        fn file(&mut self) -> io::Result<&mut std::fs::File> {
+            self.inner
+                .as_mut()
+                .ok_or_else(|| io::Error::other("no file"))
+        }
+    }
+
+    impl AppendFile for FailingFile {
+        fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+            let n = self.fail_after;
+            let f = self.file()?;
+            match n {
+                Some(n) => {
+                    f.append(&bytes[..n.min(bytes.len())])?;
+                    Err(io::Error::other("no space left on device (test)"))
+                }
+                None => f.append(bytes),
+            }
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            if self.fail_sync {
+                self.fail_sync = false; // once
+                return Err(io::Error::other("input/output error (test)"));
+            }
+            self.file()?.sync()
+        }
+        fn cut_to(&mut self, len: u64) -> io::Result<()> {
+            if self.fail_cut {
+                return Err(io::Error::other("read-only file system (test)"));
+            }
+            self.file()?.cut_to(len)
+        }
+    }
 }
 
 #[cfg(test)]

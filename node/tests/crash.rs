@@ -173,4 +173,46 @@ async fn sigkill_during_a_query_storm_leaves_a_log_that_verifies() {
     let on_disk = std::fs::read(&log_path).unwrap();
     let v = cxfed::auditor::verify(&on_disk, &key, 0, None).unwrap();
     assert!(v.last_seq >= verified.last_seq + 3, "{v:?}");
+
+    // Without its audit key, the node will not start on its log (a new key would sign
+    // whatever the log now holds).
+    let key_path = dir.path().join("data").join(cxfed::audit::KEY_FILE);
+    std::fs::rename(&key_path, dir.path().join("key.aside")).unwrap();
+    let out = run_to_exit(&config);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("audit-signing.key is missing") && stderr.contains("has entries"),
+        "{stderr}"
+    );
+    assert!(!key_path.exists(), "no new key was made");
+    // Nor on a log with an edited line.
+    std::fs::rename(dir.path().join("key.aside"), &key_path).unwrap();
+    let text = String::from_utf8(on_disk).unwrap();
+    let edited = text.replacen("GROUP BY channel", "GROUP BY state", 1);
+    assert_ne!(edited, text);
+    std::fs::write(&log_path, edited).unwrap();
+    let out = run_to_exit(&config);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the node will not append"), "{stderr}");
+}
+
+/// Runs `cxfed serve` expecting it to refuse to start; its output once it exits (at most 60 s).
+fn run_to_exit(config: &Path) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cxfed"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("cxfed serve started on a log it must refuse");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
 }

@@ -5,18 +5,25 @@
 //! send one of its own in the analyst's name. The signed message is
 //!
 //! ```text
-//! cxfed-request-v1\n{"federation":..,"sql":..,"epsilon":..,"require_all":..,"nonce":..,"issued_at":..}
+//! cxfed-request-v2\n{"federation":..,"coordinator":..,"sql":..,"epsilon":..,"require_all":..,"nonce":..,"issued_at":..}
 //! ```
 //!
 //! (the JSON of [`Claims`], fields in that order), signed with ECDSA P-256/P-384 (ASN.1 DER) or
-//! Ed25519 according to the key. [`RequestSignature`] carries the nonce, time, signature and the
-//! analyst's certificate (DER, hex) next to the request; the node rebuilds the claims from the
-//! request it actually received, so any change to the SQL or privacy parameters breaks the
-//! signature.
+//! Ed25519 according to the key. `coordinator` is the agency of the node the analyst sent the
+//! query to: every node checks it against who actually forwarded the request (its own agency on
+//! `/v1/query`, the TLS peer's on `/v1/partial`), so a node that received a forwarded partial
+//! cannot replay it to the nodes that have not seen its nonce. [`RequestSignature`] carries the
+//! nonce, time, coordinator, signature and the analyst's certificate (DER, hex) next to the
+//! request; the node rebuilds the claims from the request it actually received, so any change to
+//! the SQL, privacy parameters or coordinator breaks the signature.
 //!
 //! [`verify`] checks only the signature and reads the identity the certificate claims. Checking
-//! the certificate against the federation CA, the freshness window and the nonce is the node's
-//! job (it holds the CA and the nonces it has seen).
+//! the certificate against the federation CA, the coordinator, the freshness window and the nonce
+//! is the node's job (it holds the CA and the nonces it has seen).
+//!
+//! Version 1 signatures (`cxfed-request-v1`, no coordinator) still [`verify`], so that audit logs
+//! written before version 2 can be re-checked; nodes refuse them, since their empty coordinator
+//! is never the expected one.
 
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
@@ -25,13 +32,19 @@ use serde::{Deserialize, Serialize};
 use crate::identity::{self, Identity, IdentityError};
 
 /// Domain separation prefix of every signed request.
-pub const CONTEXT: &[u8] = b"cxfed-request-v1\n";
+pub const CONTEXT: &[u8] = b"cxfed-request-v2\n";
+
+/// Prefix of version-1 signatures (no coordinator), accepted by [`verify`] only so that old
+/// audit logs can be re-checked.
+pub const CONTEXT_V1: &[u8] = b"cxfed-request-v1\n";
 
 /// What the analyst vouches for. Serialized in this field order.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Claims<'a> {
     /// The federation the request is for (a signature is not valid in another federation).
     pub federation: &'a str,
+    /// The agency of the node the analyst sends the query to (the only node that may forward it).
+    pub coordinator: &'a str,
     /// The SQL, byte for byte.
     pub sql: &'a str,
     /// ε the analyst asked to spend per node (`null`: each node's default).
@@ -52,6 +65,32 @@ impl Claims<'_> {
         m.extend(serde_json::to_vec(self).unwrap_or_default());
         m
     }
+
+    /// The bytes a version-1 client signed for these claims (no coordinator).
+    fn message_v1(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            federation: &'a str,
+            sql: &'a str,
+            epsilon: Option<f64>,
+            require_all: bool,
+            nonce: &'a str,
+            issued_at: i64,
+        }
+        let mut m = CONTEXT_V1.to_vec();
+        m.extend(
+            serde_json::to_vec(&V1 {
+                federation: self.federation,
+                sql: self.sql,
+                epsilon: self.epsilon,
+                require_all: self.require_all,
+                nonce: self.nonce,
+                issued_at: self.issued_at,
+            })
+            .unwrap_or_default(),
+        );
+        m
+    }
 }
 
 /// The signature block sent with a query and forwarded with every partial.
@@ -62,6 +101,9 @@ pub struct RequestSignature {
     pub nonce: String,
     /// The time of the claims (Unix seconds).
     pub issued_at: i64,
+    /// The coordinator of the claims (empty in a version-1 signature).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub coordinator: String,
     /// The signature, hex.
     pub signature: String,
     /// The analyst's certificate (DER, hex).
@@ -92,6 +134,9 @@ pub enum SignatureError {
     /// The random number generator failed.
     #[error("random number generator failed")]
     Random,
+    /// The caller asked to sign a request without naming its coordinator (API misuse).
+    #[error("a request must name the agency of the node it is sent to")]
+    NoCoordinator,
 }
 
 enum SigningKey {
@@ -157,29 +202,37 @@ impl Signer {
         &self.identity
     }
 
-    /// Signs a request for `sql` now, with a fresh nonce.
+    /// Signs a request for `sql`, to be sent to the node of agency `coordinator`, now, with a
+    /// fresh nonce.
     pub fn sign(
         &self,
+        coordinator: &str,
         sql: &str,
         epsilon: Option<f64>,
         require_all: bool,
     ) -> Result<RequestSignature, SignatureError> {
-        self.sign_at(sql, epsilon, require_all, unix_now())
+        self.sign_at(coordinator, sql, epsilon, require_all, unix_now())
     }
 
-    /// Signs a request for `sql` as issued at `issued_at` (Unix seconds), with a fresh nonce.
+    /// Signs a request for `sql`, to be sent to the node of agency `coordinator`, as issued at
+    /// `issued_at` (Unix seconds), with a fresh nonce.
     pub fn sign_at(
         &self,
+        coordinator: &str,
         sql: &str,
         epsilon: Option<f64>,
         require_all: bool,
         issued_at: i64,
     ) -> Result<RequestSignature, SignatureError> {
+        if coordinator.is_empty() {
+            return Err(SignatureError::NoCoordinator);
+        }
         let mut n = [0u8; 16];
         self.rng.fill(&mut n).map_err(|_| SignatureError::Random)?;
         let nonce = hex(&n);
         let message = Claims {
             federation: self.identity.federation(),
+            coordinator,
             sql,
             epsilon,
             require_all,
@@ -198,15 +251,18 @@ impl Signer {
         Ok(RequestSignature {
             nonce,
             issued_at,
+            coordinator: coordinator.to_owned(),
             signature: hex(&sig),
             certificate: hex(&self.certificate),
         })
     }
 }
 
-/// Checks that `sig` signs `claims` (whose nonce and time must be `sig`'s) with the key of its
-/// certificate, and returns the certificate and the identity it claims. Does **not** check the
-/// certificate's chain or validity.
+/// Checks that `sig` signs the claims made of `federation`, the request's `sql`, `epsilon` and
+/// `require_all`, and `sig`'s own coordinator, nonce and time, with the key of its certificate,
+/// and returns the certificate and the identity it claims. Does **not** check the certificate's
+/// chain or validity, nor whether `sig.coordinator` is the node that should have received it.
+/// A signature with an empty coordinator is checked as version 1.
 pub fn verify(
     sig: &RequestSignature,
     federation: &str,
@@ -235,15 +291,20 @@ pub fn verify(
             });
         }
     };
-    let message = Claims {
+    let claims = Claims {
         federation,
+        coordinator: &sig.coordinator,
         sql,
         epsilon,
         require_all,
         nonce: &sig.nonce,
         issued_at: sig.issued_at,
-    }
-    .message();
+    };
+    let message = if sig.coordinator.is_empty() {
+        claims.message_v1()
+    } else {
+        claims.message()
+    };
     signature::UnparsedPublicKey::new(algorithm, &key)
         .verify(&message, &signature)
         .map_err(|_| SignatureError::Mismatch)?;
@@ -309,6 +370,7 @@ mod tests {
     fn claims_message_is_fixed() {
         let m = Claims {
             federation: "f",
+            coordinator: "SSA",
             sql: "SELECT 1",
             epsilon: Some(0.5),
             require_all: true,
@@ -318,7 +380,75 @@ mod tests {
         .message();
         assert_eq!(
             String::from_utf8(m).unwrap_or_default(),
-            "cxfed-request-v1\n{\"federation\":\"f\",\"sql\":\"SELECT 1\",\"epsilon\":0.5,\"require_all\":true,\"nonce\":\"00\",\"issued_at\":7}"
+            "cxfed-request-v2\n{\"federation\":\"f\",\"coordinator\":\"SSA\",\"sql\":\"SELECT 1\",\"epsilon\":0.5,\"require_all\":true,\"nonce\":\"00\",\"issued_at\":7}"
         );
+    }
+
+    /// An analyst certificate of federation `f` and its signer (test-time key, never committed).
+    fn analyst() -> Signer {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://f/SSA/analyst/a".try_into().expect("uri"),
+        )];
+        let cert = params.self_signed(&key).expect("cert");
+        Signer::new(&key.serialize_der(), cert.der().to_vec()).expect("signer")
+    }
+
+    #[test]
+    fn the_coordinator_is_signed() {
+        let signer = analyst();
+        let sig = signer.sign("SSA", "SELECT 1", None, true).expect("sign");
+        assert_eq!(sig.coordinator, "SSA");
+        let (_, id) = verify(&sig, "f", "SELECT 1", None, true).expect("verifies");
+        assert_eq!(id.agency(), "SSA");
+        // Naming another coordinator in the block breaks the signature.
+        let mut moved = sig.clone();
+        moved.coordinator = "CMS".into();
+        assert_eq!(
+            verify(&moved, "f", "SELECT 1", None, true).err(),
+            Some(SignatureError::Mismatch)
+        );
+        // So does dropping it (the v1 message is a different one).
+        moved.coordinator.clear();
+        assert_eq!(
+            verify(&moved, "f", "SELECT 1", None, true).err(),
+            Some(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            signer.sign("", "SELECT 1", None, true).err(),
+            Some(SignatureError::NoCoordinator)
+        );
+    }
+
+    #[test]
+    fn version_1_signatures_still_verify_for_old_logs() {
+        let signer = analyst();
+        let claims = Claims {
+            federation: "f",
+            coordinator: "",
+            sql: "SELECT 1",
+            epsilon: Some(0.5),
+            require_all: true,
+            nonce: "00112233445566778899aabbccddeeff",
+            issued_at: 7,
+        };
+        let message = claims.message_v1();
+        assert!(message.starts_with(b"cxfed-request-v1\n{\"federation\":\"f\",\"sql\""));
+        let SigningKey::Ecdsa(k) = &signer.key else {
+            panic!("P-256 key")
+        };
+        let s = k.sign(&signer.rng, &message).expect("sign");
+        let sig = RequestSignature {
+            nonce: claims.nonce.into(),
+            issued_at: 7,
+            coordinator: String::new(),
+            signature: hex(s.as_ref()),
+            certificate: hex(&signer.certificate),
+        };
+        assert!(verify(&sig, "f", "SELECT 1", Some(0.5), true).is_ok());
+        // The v1 block serializes without a coordinator, as old logs hold it.
+        let json = serde_json::to_string(&sig).expect("json");
+        assert!(!json.contains("coordinator"), "{json}");
     }
 }

@@ -1,13 +1,14 @@
 //! JSON bodies of the `/v1/*` endpoints and the conventions of the Arrow IPC partials.
 //!
-//! Version 1 of the protocol. A node refuses a request whose `protocol` it does not speak.
+//! Version 2 of the protocol (version 1 lacked the coordinator in analysts' signatures). A node
+//! refuses a request whose `protocol` it does not speak.
 
 use serde::{Deserialize, Serialize};
 
 use crate::signing::{RequestSignature, SignatureError, Signer};
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Media type of `/v1/partial` responses.
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
@@ -145,9 +146,11 @@ impl QueryRequest {
         self
     }
 
-    /// Signs the request as `signer` (fresh nonce, now).
-    pub fn sign(mut self, signer: &Signer) -> Result<Self, SignatureError> {
-        self.signature = Some(signer.sign(&self.sql, self.epsilon, self.require_all)?);
+    /// Signs the request as `signer` (fresh nonce, now) for the node of agency `coordinator`,
+    /// the node it will be sent to.
+    pub fn sign(mut self, signer: &Signer, coordinator: &str) -> Result<Self, SignatureError> {
+        self.signature =
+            Some(signer.sign(coordinator, &self.sql, self.epsilon, self.require_all)?);
         Ok(self)
     }
 }

@@ -98,14 +98,16 @@ impl Fed {
         AnalystClient::new(&self.fed.tls(agency, "analyst"), Duration::from_secs(60)).unwrap()
     }
 
-    /// What a coordinator forwards for the SSA analyst's `sql` (see [`signed_partial`]).
+    /// What CMS's node forwards, as coordinator, for the SSA analyst's `sql` (signed for
+    /// coordinator CMS; see [`signed_partial`]): the tests' hostile coordinator is
+    /// `client("CMS", "node")`.
     pub fn signed_partial(
         &self,
         query_id: &str,
         sql: &str,
         epsilon: Option<f64>,
     ) -> cxfed_protocol::wire::PartialRequest {
-        signed_partial(&self.analyst, query_id, sql, epsilon)
+        signed_partial(&self.analyst, "CMS", query_id, sql, epsilon)
     }
 
     /// A client holding `role`'s certificate of `agency`.
@@ -145,15 +147,19 @@ impl Fed {
     }
 }
 
-/// What a coordinator forwards for `analyst`'s `sql`: a partial request carrying their fresh
-/// signature.
+/// What the node of agency `coordinator` forwards for `analyst`'s `sql`: a partial request
+/// carrying their fresh signature for that coordinator.
 pub fn signed_partial(
     analyst: &AnalystClient,
+    coordinator: &str,
     query_id: &str,
     sql: &str,
     epsilon: Option<f64>,
 ) -> cxfed_protocol::wire::PartialRequest {
-    let signature = analyst.signer.sign(sql, epsilon, true).unwrap();
+    let signature = analyst
+        .signer
+        .sign(coordinator, sql, epsilon, true)
+        .unwrap();
     cxfed_protocol::wire::PartialRequest {
         protocol: cxfed_protocol::wire::PROTOCOL_VERSION,
         query_id: query_id.into(),

@@ -1,6 +1,9 @@
 //! Tamper-evident audit logs and signed analyst requests, end to end: every kind of tampering
 //! is caught by `verify` with the first bad sequence number; every forged, altered or replayed
-//! request is refused and logged; role refusals are logged; reconciliation matches fan-outs.
+//! request is refused and logged (a partial replayed by another node included); role refusals,
+//! malformed requests and unknown endpoints are logged; a log cut back to an older checkpoint
+//! fails against the head an auditor saw; reconciliation verifies each log and matches
+//! fan-outs.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::time::Duration;
@@ -158,7 +161,95 @@ async fn verify_catches_every_kind_of_tampering() {
         format!("{:?}", run(&bad).await),
         format!("{:?}", std::process::ExitCode::FAILURE)
     );
+
+    // `audit fetch` keeps the head it saw. A log cut back to an older checkpoint still verifies
+    // on its own, but not against the head an auditor saw later.
+    let key_arg = key_file.to_str().unwrap().to_string();
+    let auditor = fed.fed.tls("SSA", "auditor");
+    let fetch = |out: &std::path::Path, extra: Vec<String>| {
+        let mut args: Vec<String> = [
+            "audit",
+            "fetch",
+            "--node",
+            &fed.fed.url(0),
+            "--ca",
+            auditor.ca.to_str().unwrap(),
+            "--cert",
+            auditor.cert.to_str().unwrap(),
+            "--key",
+            auditor.key.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra);
+        cli(args)
+    };
+    let first = dir.path().join("first.jsonl");
+    assert!(fetch(&first, vec![]).await);
+    let head_of = |log: &std::path::Path| {
+        std::fs::read_to_string(cxfed::cli::head_file(log))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let head1 = head_of(&first);
+    fed.query(SQL).await.unwrap();
+    let second = dir.path().join("second.jsonl");
+    assert!(fetch(&second, vec!["--prev".into(), head1.clone()]).await);
+    let head2 = head_of(&second);
+    let verify_cli = |file: &std::path::Path, extra: &[&str]| {
+        let mut args: Vec<String> = ["audit", "verify", file.to_str().unwrap(), "--key"]
+            .map(String::from)
+            .to_vec();
+        args.push(key_arg.clone());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        cli(args)
+    };
+    assert!(
+        verify_cli(&second, &["--prev", &head1]).await,
+        "grew from head 1"
+    );
+    assert!(
+        verify_cli(&first, &[]).await,
+        "alone, the older log is valid"
+    );
+    assert!(
+        !verify_cli(&first, &["--prev", &head2]).await,
+        "cut back to the checkpoint of head 1"
+    );
+    let p = cxfed::auditor::verify_with(
+        &std::fs::read(&first).unwrap(),
+        &key,
+        &cxfed::auditor::Options {
+            prev: Some(&head2.parse().unwrap()),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(p.message.contains("cut back"), "{p}");
+    // A fetch since head 1 continues it.
+    let seq1 = head1.split(':').next().unwrap().to_string();
+    let third = dir.path().join("third.jsonl");
+    let since = vec![
+        "--since".into(),
+        seq1.clone(),
+        "--prev".into(),
+        head1.clone(),
+    ];
+    assert!(fetch(&third, since).await);
+    assert!(verify_cli(&third, &["--since", &seq1, "--prev", &head1]).await);
+    let forged_head = format!("{seq1}:{}", "0".repeat(64));
+    assert!(!verify_cli(&third, &["--since", &seq1, "--prev", &forged_head]).await);
     fed.fed.shutdown().await;
+}
+
+/// Runs the `cxfed` command line in-process; true on exit status 0.
+async fn cli(args: Vec<String>) -> bool {
+    use clap::Parser;
+    let cli = cxfed::cli::Cli::parse_from(std::iter::once("cxfed".to_string()).chain(args));
+    format!("{:?}", cxfed::cli::run(cli).await) == format!("{:?}", std::process::ExitCode::SUCCESS)
 }
 
 async fn post_partial(
@@ -204,7 +295,7 @@ async fn forged_altered_and_replayed_requests_are_refused_and_logged() {
 
     // Acting in the SSA analyst's name with the CMS analyst's signature.
     let cms = fed.analyst_of("CMS");
-    let mut impersonated = signed_partial(&cms, "forge-4", SQL, None);
+    let mut impersonated = signed_partial(&cms, "CMS", "forge-4", SQL, None);
     impersonated.analyst = fed.analyst.signer.identity().to_string();
     let (_, b) = post_partial(&hostile, &url, &impersonated).await;
     assert_eq!(b.kind, "bad-signature");
@@ -212,7 +303,7 @@ async fn forged_altered_and_replayed_requests_are_refused_and_logged() {
 
     // A node key cannot sign as an analyst.
     let node_signer = cxfed::client::signer(&fed.fed.tls("CMS", "node")).unwrap();
-    let sig = node_signer.sign(SQL, None, true).unwrap();
+    let sig = node_signer.sign("CMS", SQL, None, true).unwrap();
     let mut by_node = fed.signed_partial("forge-5", SQL, None);
     by_node.signature = Some(sig);
     by_node.analyst = node_signer.identity().to_string();
@@ -223,7 +314,13 @@ async fn forged_altered_and_replayed_requests_are_refused_and_logged() {
     let stale_sig = fed
         .analyst
         .signer
-        .sign_at(SQL, None, true, cxfed_protocol::signing::unix_now() - 3600)
+        .sign_at(
+            "CMS",
+            SQL,
+            None,
+            true,
+            cxfed_protocol::signing::unix_now() - 3600,
+        )
         .unwrap();
     let mut stale = fed.signed_partial("forge-6", SQL, None);
     stale.signature = Some(stale_sig);
@@ -243,7 +340,9 @@ async fn forged_altered_and_replayed_requests_are_refused_and_logged() {
     assert_eq!(b.kind, "replayed-request");
 
     // An analyst replaying a signed query, or sending another analyst's.
-    let req = QueryRequest::new(SQL).sign(&fed.analyst.signer).unwrap();
+    let req = QueryRequest::new(SQL)
+        .sign(&fed.analyst.signer, "SSA")
+        .unwrap();
     let send = |client: reqwest::Client, req: QueryRequest| {
         let url = url.clone();
         async move {
@@ -260,10 +359,19 @@ async fn forged_altered_and_replayed_requests_are_refused_and_logged() {
     let (status, body) = send(fed.analyst.http.clone(), req.clone()).await;
     let b: ErrorBody = serde_json::from_slice(&body).unwrap();
     assert_eq!((status, b.kind.as_str()), (401, "replayed-request"));
-    let fresh = QueryRequest::new(SQL).sign(&fed.analyst.signer).unwrap();
+    let fresh = QueryRequest::new(SQL)
+        .sign(&fed.analyst.signer, "SSA")
+        .unwrap();
     let (status, body) = send(cms.http.clone(), fresh).await;
     let b: ErrorBody = serde_json::from_slice(&body).unwrap();
     assert_eq!((status, b.kind.as_str()), (401, "bad-signature"));
+    // A query the analyst signed for CMS's node, sent to SSA's instead.
+    let for_cms = QueryRequest::new(SQL)
+        .sign(&fed.analyst.signer, "CMS")
+        .unwrap();
+    let (status, body) = send(fed.analyst.http.clone(), for_cms).await;
+    let b: ErrorBody = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, b.kind.as_str()), (401, "wrong-coordinator"));
 
     // Every refusal is in the log with its code; answered requests keep the signature.
     let log = fed.audit_log(0).await;
@@ -271,7 +379,9 @@ async fn forged_altered_and_replayed_requests_are_refused_and_logged() {
         .iter()
         .filter(|e| e.code.as_deref() == Some("CXF-A401"))
         .count();
-    assert_eq!(refused_401, 9);
+    assert_eq!(refused_401, 10);
+    // The log verifies: no replayed or stale request was executed.
+    verify(&fed.audit_bytes(0).await, &key_of(&fed, "SSA"), 0, None).unwrap();
     let answered = log
         .iter()
         .find(|e| e.query_id == "replay" && e.decision == Some(Decision::Executed))
@@ -284,6 +394,50 @@ async fn forged_altered_and_replayed_requests_are_refused_and_logged() {
     let (status, b) = post_partial(&ssa.1, &ssa.0, &once).await;
     assert_eq!((status, b.kind.as_str()), (401, "replayed-request"));
     ssa.2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_replayed_by_another_node_is_refused_and_logged() {
+    let fed = Fed::start_with(300, Duration::from_secs(20)).await;
+    let (cms_url, opm_url) = (fed.fed.url(1), fed.fed.url(2));
+    // SSA's node forwards the analyst's query (signed for coordinator SSA) to CMS's node...
+    let forwarded = signed_partial(&fed.analyst, "SSA", "relayed", SQL, None);
+    let ssa_node = fed.client("SSA", "node");
+    let resp = ssa_node
+        .post(format!("{cms_url}/v1/partial"))
+        .json(&forwarded)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // ...and CMS's node replays it to OPM's, which has not seen the nonce.
+    let cms_node = fed.client("CMS", "node");
+    let (status, b) = post_partial(&cms_node, &opm_url, &forwarded).await;
+    assert_eq!(
+        (status, b.code.as_str(), b.kind.as_str()),
+        (401, "CXF-A401", "wrong-coordinator")
+    );
+    assert!(b.message.contains("coordinator SSA"), "{}", b.message);
+    // The refusal did not use the nonce up: SSA's own forwarding to OPM is answered.
+    let resp = ssa_node
+        .post(format!("{opm_url}/v1/partial"))
+        .json(&forwarded)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let log = fed.audit_log(2).await;
+    let refusal = log
+        .iter()
+        .find(|e| e.query_id == "relayed" && e.decision == Some(Decision::Refused))
+        .unwrap();
+    assert_eq!(refusal.code.as_deref(), Some("CXF-A401"));
+    assert!(refusal.peer.contains("/CMS/node/"), "{}", refusal.peer);
+    assert_eq!(refusal.request, forwarded.signature);
+    assert!(refusal.received_at.is_some());
+    verify(&fed.audit_bytes(2).await, &key_of(&fed, "OPM"), 0, None).unwrap();
+    fed.fed.shutdown().await;
 }
 
 /// Shuts SSA's node down and starts it again on the same data; returns its URL, the CMS node
@@ -301,7 +455,7 @@ async fn fed_restart_first(mut fed: Fed) -> (String, reqwest::Client, cxfed::ser
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn role_refusals_on_audit_are_logged() {
+async fn role_and_malformed_request_refusals_are_logged() {
     let fed = Fed::start_with(300, Duration::from_secs(20)).await;
     let url = fed.fed.url(0);
     for (agency, role) in [("SSA", "analyst"), ("SSA", "steward"), ("CMS", "node")] {
@@ -313,6 +467,57 @@ async fn role_refusals_on_audit_are_logged() {
             .unwrap();
         assert_eq!(resp.status(), 403, "{agency} {role}");
     }
+    // Malformed requests from authorized callers, and unknown endpoints, are refused and
+    // logged with who sent them.
+    let node = fed.client("CMS", "node");
+    let resp = node
+        .post(format!("{url}/v1/partial"))
+        .header("content-type", "application/json")
+        .body("{\"query_id\": \"bad-json\", ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.json::<ErrorBody>().await.unwrap().code, "CXF-A400");
+    let mut old = fed.signed_partial("old-protocol", SQL, None);
+    old.protocol = 1;
+    let (status, b) = post_partial(&node, &url, &old).await;
+    assert_eq!((status, b.code.as_str()), (400, "CXF-A400"));
+    assert!(b.message.contains("protocol 1"), "{}", b.message);
+    let analyst = fed.client("SSA", "analyst");
+    for (path, body) in [("/v1/query", "[]"), ("/v1/explain", "{}")] {
+        let resp = analyst
+            .post(format!("{url}{path}"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{path}");
+    }
+    let resp = fed
+        .client("SSA", "auditor")
+        .get(format!("{url}/v1/audit?since=yesterday"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = fed
+        .client("SSA", "steward")
+        .get(format!("{url}/v1/activity?limit=-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    for (method, path) in [("GET", "/v1/nope"), ("GET", "/v1/query")] {
+        let resp = analyst
+            .request(method.parse().unwrap(), format!("{url}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404, "{method} {path}");
+        assert_eq!(resp.json::<ErrorBody>().await.unwrap().code, "CXF-A404");
+    }
+
     let log = fed.audit_log(0).await;
     let refusals: Vec<&Entry> = log
         .iter()
@@ -325,6 +530,28 @@ async fn role_refusals_on_audit_are_logged() {
         log.iter()
             .any(|e| e.endpoint == "/v1/audit" && e.decision == Some(Decision::Executed))
     );
+    let logged = |endpoint: &str, code: &str| {
+        log.iter()
+            .filter(|e| {
+                e.endpoint == endpoint
+                    && e.code.as_deref() == Some(code)
+                    && e.decision == Some(Decision::Refused)
+            })
+            .map(|e| (e.peer.clone(), e.query_id.clone()))
+            .collect::<Vec<_>>()
+    };
+    let bad_partials = logged("/v1/partial", "CXF-A400");
+    assert_eq!(bad_partials.len(), 2, "{bad_partials:?}");
+    assert!(bad_partials.iter().all(|(p, _)| p.contains("/CMS/node/")));
+    assert!(bad_partials.iter().any(|(_, q)| q == "old-protocol"));
+    assert_eq!(logged("/v1/query", "CXF-A400").len(), 1);
+    assert_eq!(logged("/v1/explain", "CXF-A400").len(), 1);
+    assert_eq!(logged("/v1/audit", "CXF-A400").len(), 1);
+    assert_eq!(logged("/v1/activity", "CXF-A400").len(), 1);
+    let not_found = logged("/v1/nope", "CXF-A404");
+    assert_eq!(not_found.len(), 1);
+    assert!(not_found[0].0.contains("/SSA/analyst/"), "{not_found:?}");
+    assert_eq!(logged("/v1/query", "CXF-A404").len(), 1, "wrong method");
     fed.fed.shutdown().await;
 }
 
@@ -354,7 +581,19 @@ async fn reconcile_matches_fanouts_and_lists_mismatches() {
         assert!(v.signatures_checked >= 3, "{agency}: {v:?}");
         std::fs::write(dir.path().join(format!("{agency}.jsonl")), bytes).unwrap();
     }
-    let r = reconcile_dir(dir.path()).unwrap();
+    let keys = cxfed_e2e::AGENCIES
+        .iter()
+        .map(|a| (a.to_string(), key_of(&fed, a)))
+        .collect();
+    let r = cxfed::auditor::reconcile_dir_with(dir.path(), &keys).unwrap();
+    assert_eq!(r.logs.len(), 3);
+    assert!(
+        r.logs
+            .iter()
+            .all(|l| matches!(l.status, cxfed::auditor::LogStatus::Verified(_))),
+        "{:?}",
+        r.logs
+    );
     assert_eq!(r.queries, 3);
     assert_eq!(r.matched, 9);
     assert_eq!(r.mismatches.len(), 1, "{:?}", r.mismatches);

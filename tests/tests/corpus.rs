@@ -72,7 +72,7 @@ async fn corpora_hold_at_coordinator_and_node() {
             )),
         }
         // A coordinator forwarding the analyst's signed (but hostile) query.
-        let req = signed_partial(&analysts[who], &format!("hostile-{i}"), sql, None);
+        let req = signed_partial(&analysts[who], "CMS", &format!("hostile-{i}"), sql, None);
         let resp = hostile.post(&node).json(&req).send().await.unwrap();
         let status = resp.status();
         let body: Result<ErrorBody, _> = resp.json().await;
