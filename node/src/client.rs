@@ -25,6 +25,7 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub fn http_client(tls: &TlsFiles, timeout: Duration) -> Result<reqwest::Client, TlsError> {
     let config = tls.client_config()?;
     reqwest::Client::builder()
+        .tcp_nodelay(true)
         .use_preconfigured_tls(config)
         .tls_info(true)
         .https_only(true)
@@ -45,6 +46,7 @@ pub fn peer_client(
 ) -> Result<reqwest::Client, TlsError> {
     let config = tls::node_client_config(tls, federation, Some(agency))?;
     reqwest::Client::builder()
+        .tcp_nodelay(true)
         .use_preconfigured_tls(config)
         .https_only(true)
         .timeout(timeout)
@@ -62,6 +64,7 @@ pub fn http_client_without_identity(
 ) -> Result<reqwest::Client, TlsError> {
     let config = tls::anonymous_client_config(ca)?;
     reqwest::Client::builder()
+        .tcp_nodelay(true)
         .use_preconfigured_tls(config)
         .https_only(true)
         .timeout(timeout)

@@ -66,6 +66,7 @@ pub async fn query(
                     require_all: req.require_all,
                     received_at,
                 },
+                Some(&approved),
             )
             .await;
         let r = r.map_err(|e| {

@@ -230,8 +230,11 @@ pub async fn start(
     listener.set_nonblocking(true).map_err(io_err)?;
     let addr = listener.local_addr().map_err(io_err)?;
     let handle = axum_server::Handle::new();
+    // TCP_NODELAY: a response is written in more than one segment (headers, body); with
+    // Nagle's algorithm on, the second waits for the peer's delayed ACK — 40 ms per request.
     let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(tls))
-        .handshake_timeout(Duration::from_secs(10));
+        .handshake_timeout(Duration::from_secs(10))
+        .acceptor(axum_server::accept::NoDelayAcceptor::new());
     let server = axum_server::from_tcp(listener)
         .map_err(io_err)?
         .acceptor(acceptor)
@@ -677,12 +680,15 @@ impl Node {
 
     /// Runs this node's part of a query for a verified analyst under its own policy, and
     /// audits it with the analyst's signature and the digest of what leaves.
+    /// `approved` is the query as this node already approved it, when it coordinates (the
+    /// same SQL against the same tables: no need to plan it twice).
     pub async fn answer_partial(
         &self,
         peer: &str,
         analyst: &Identity,
         query_id: &str,
         req: Received<'_>,
+        approved: Option<&cxfed_queries::validate::ApprovedQuery>,
     ) -> Result<PartialOutput, PartialError> {
         let analyst = analyst.to_string();
         let charge = crate::partial::Charge {
@@ -706,6 +712,7 @@ impl Node {
                     req.sql,
                     charge,
                     &self.row_bounds,
+                    approved,
                 )
                 .await
             }
@@ -871,7 +878,7 @@ async fn partial(
                 received,
             )
             .await?;
-        node.answer_partial(&peer.to_string(), &analyst, &req.query_id, received)
+        node.answer_partial(&peer.to_string(), &analyst, &req.query_id, received, None)
             .await
             .map_err(|e| match ApiError::from(e) {
                 ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(req.query_id.clone())),

@@ -142,8 +142,16 @@ impl ApprovedQuery {
             .collect())
     }
 
-    /// The `k-only` partial plans (see the module docs).
+    /// The `k-only` partial plans (see the module docs); built once per query.
     pub fn k_partial(&self) -> Result<KPartial, QueryError> {
+        if let Some(k) = self.k_partial.get() {
+            return Ok(k.clone());
+        }
+        let built = self.build_k_partial()?;
+        Ok(self.k_partial.get_or_init(|| built).clone())
+    }
+
+    fn build_k_partial(&self) -> Result<KPartial, QueryError> {
         let regions = self.cell_regions()?;
         let person = Expr::Column(self.person.clone());
         let groups: Vec<Expr> = self
@@ -175,9 +183,40 @@ impl ApprovedQuery {
         let group_slot = slot(None);
         let support = |u: usize| format!("__support{u}");
 
+        // Rows of a plain argument's one region (its FILTER, a non-NULL value) are exactly its
+        // count part, and rows of the group are a plain COUNT(*)'s: the row-counting plan reuses
+        // them instead of counting again.
+        let mut same_rows: HashMap<usize, String> = HashMap::new();
+        let mut k = 0;
+        for (i, (e, kind)) in self.aggregate.aggr_expr.iter().zip(&self.kinds).enumerate() {
+            let af = aggregate_function(e)?;
+            let arg = af.params.args.first().cloned().unwrap_or_else(|| lit(1i64));
+            let plain = matches!(branches(&arg).as_slice(), [(None, _)]);
+            if *kind == AggKind::CountPersons {
+                continue;
+            }
+            if plain {
+                same_rows
+                    .entry(region_slots[k].1)
+                    .or_insert_with(|| part_name(i, 'n'));
+                let whole_group = *kind == AggKind::Count
+                    && af.params.filter.is_none()
+                    && matches!(strip_casts(&arg), Expr::Literal(v, _) if !v.is_null());
+                if whole_group {
+                    same_rows
+                        .entry(group_slot)
+                        .or_insert_with(|| part_name(i, 'n'));
+                }
+            }
+            k += regions[i].len();
+        }
+
         let plan_with = |distinct: bool| -> Result<LogicalPlan, QueryError> {
             let mut aggs = parts.clone();
             for (u, pred) in unique.iter().enumerate() {
+                if !distinct && same_rows.contains_key(&u) {
+                    continue;
+                }
                 let arg = if distinct { person.clone() } else { lit(1i64) };
                 aggs.push(count(arg, distinct, pred.clone().map(Box::new)).alias(support(u)));
             }
@@ -188,12 +227,16 @@ impl ApprovedQuery {
             )?);
             let mut out: Vec<Expr> = (0..groups.len()).map(|j| col(group_name(j))).collect();
             out.extend(parts.iter().map(|p| col(p.schema_name().to_string())));
+            let source = |u: usize| match same_rows.get(&u) {
+                Some(part) if !distinct => col(part.clone()),
+                _ => col(support(u)),
+            };
             out.extend(
                 region_slots
                     .iter()
-                    .map(|(name, u)| col(support(*u)).alias(name.clone())),
+                    .map(|(name, u)| source(*u).alias(name.clone())),
             );
-            out.push(col(support(group_slot)).alias(PERSONS));
+            out.push(source(group_slot).alias(PERSONS));
             Ok(LogicalPlanBuilder::from(aggregate).project(out)?.build()?)
         };
         let mut support_columns: Vec<String> =

@@ -21,6 +21,9 @@ pub fn session_config() -> SessionConfig {
     options.sql_parser.enable_ident_normalization = true;
     options.sql_parser.map_string_types_to_utf8view = false;
     options.execution.parquet.pushdown_filters = false;
+    // File statistics would be recomputed from Parquet footers on every query (the file list
+    // is not cached, so that new files are seen at once); no cxfed plan uses them.
+    options.execution.collect_statistics = false;
     config
 }
 

@@ -135,6 +135,9 @@ pub struct ApprovedQuery {
     pub(crate) aggregate: Aggregate,
     pub(crate) kinds: Vec<AggKind>,
     pub(crate) person: Column,
+    /// The `k-only` partial plans, built once on first use (the coordinator checks every
+    /// partial against them).
+    pub(crate) k_partial: std::sync::OnceLock<crate::cells::KPartial>,
 }
 
 impl ApprovedQuery {
@@ -531,6 +534,7 @@ fn check(sql: &str, plan: LogicalPlan) -> Result<ApprovedQuery, QueryError> {
         aggregate,
         kinds,
         person,
+        k_partial: std::sync::OnceLock::new(),
     })
 }
 
