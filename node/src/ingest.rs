@@ -1075,6 +1075,12 @@ impl Output {
         let mut dirs = vec![self.table_dir.clone()];
         dirs.extend(self.created.iter().rev().skip(1).cloned());
         if let Some(parent) = self.created.first().and_then(|d| d.parent()) {
+            // A relative data dir's parent is "" — the current directory.
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
             dirs.push(parent.to_path_buf());
         }
         for dir in dirs {
