@@ -1074,14 +1074,8 @@ impl Output {
         // Make the rename (and any directory we created) durable.
         let mut dirs = vec![self.table_dir.clone()];
         dirs.extend(self.created.iter().rev().skip(1).cloned());
-        if let Some(parent) = self.created.first().and_then(|d| d.parent()) {
-            // A relative data dir's parent is "" — the current directory.
-            let parent = if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            };
-            dirs.push(parent.to_path_buf());
+        if let Some(first) = self.created.first() {
+            dirs.push(crate::storage::parent_dir(first).to_path_buf());
         }
         for dir in dirs {
             if let Err(e) = sync_dir(&dir) {
@@ -1186,7 +1180,7 @@ impl Sink {
                 self.out = Some(Output::create(dir, table, self.schema.clone())?);
             }
             Target::Replace(file) => {
-                let table_dir = file.parent().unwrap_or(Path::new("."));
+                let table_dir = crate::storage::parent_dir(file);
                 let mut out = Output::create_in(table_dir, self.schema.clone())?;
                 out.final_path = file.to_path_buf();
                 self.out = Some(out);

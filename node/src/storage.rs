@@ -181,10 +181,7 @@ pub const DATA_FILE_EXTENSION: &str = "parquet";
 pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = parent_dir(path);
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let mut tag = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut tag)
@@ -267,13 +264,19 @@ pub fn open_append(path: &Path) -> io::Result<std::fs::File> {
         .append(true)
         .open(path)?;
     if created {
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
+        let dir = parent_dir(path);
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(file)
+}
+
+/// The directory `path` is in, to fsync after creating or renaming it: a bare relative name's
+/// parent is `""`, which is the current directory.
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
 }
 
 /// The directory that holds the Parquet files of `table`: `<data_dir>/<table name>`.
