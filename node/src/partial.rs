@@ -10,11 +10,15 @@ use arrow::datatypes::Schema;
 use arrow::ipc::writer::StreamWriter;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SessionContext;
+use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::logical_expr::LogicalPlan;
+use futures::StreamExt;
 
 use cxfed_protocol::wire::{META_AGENCY, META_PARTIAL, META_SUPPRESSED, META_SUPPRESSED_CELLS};
+use cxfed_queries::bounding::Bounder;
 use cxfed_queries::cells::{lower_bounds, nullable, suppress_cells};
 use cxfed_queries::dp::{RandomFailure, RandomSource};
+use cxfed_queries::privacy::DpPartial;
 use cxfed_queries::rewrite::PartialMeta;
 use cxfed_queries::rewrite::suppress;
 use cxfed_queries::validate::{QueryError, approve};
@@ -150,8 +154,9 @@ pub async fn run(
                 Err(exhausted) => return Err(PolicyRefusal::budget(exhausted.to_string()).into()),
             }
             let fields = dp.plan.schema().as_arrow().fields().clone();
-            let batches = run_plan(dp.plan.clone()).await?;
-            let noisy = dp.add_noise(&batches, &mut OsRandom::default())?;
+            let mut rng = OsRandom::default();
+            let batches = vec![execute_bounded(ctx, &dp, deadline, policy, &mut rng).await?];
+            let noisy = dp.add_noise(&batches, &mut rng)?;
             // How many groups fell below the DP threshold is not itself protected: not reported.
             (fields, noisy, 0, 0, dp.meta.clone())
         }
@@ -205,24 +210,82 @@ async fn execute(
     }
 }
 
-/// The OS CSPRNG (ring's `SystemRandom`) as a noise source. A failure stops the sampler at
-/// once, and the caller releases nothing.
+/// Runs the DP partial's row plan and its contribution bounding before `deadline`: rows stream
+/// from DataFusion into a [`Bounder`], whose state is held against the node's memory pool
+/// (the row plan's own operators spill or refuse as DataFusion decides).
+async fn execute_bounded(
+    ctx: &SessionContext,
+    dp: &DpPartial,
+    deadline: tokio::time::Instant,
+    policy: &Policy,
+    rng: &mut OsRandom,
+) -> Result<RecordBatch, PartialError> {
+    let run = async {
+        let mut stream = ctx
+            .execute_logical_plan(dp.rows.clone())
+            .await?
+            .execute_stream()
+            .await?;
+        let reservation = MemoryConsumer::new("cxfed contribution bounding")
+            .register(&ctx.runtime_env().memory_pool);
+        let mut bounder = Bounder::new(Arc::clone(&dp.bounding));
+        while let Some(batch) = stream.next().await {
+            bounder.push(&batch?).map_err(query_error)?;
+            reservation.try_resize(bounder.allocated())?;
+        }
+        drop(stream);
+        bounder.finish(rng).map_err(query_error)
+    };
+    match tokio::time::timeout_at(deadline, run).await {
+        Err(_) => Err(PolicyRefusal::timeout(format!(
+            "the query ran longer than this node's limit of {:?}",
+            policy.query_timeout
+        ))
+        .into()),
+        Ok(Err(e)) if is_resources_exhausted(&e) => Err(PolicyRefusal::memory(
+            "the query needs more memory than this node's pool allows".into(),
+        )
+        .into()),
+        Ok(Err(e)) => Err(QueryError::from(e).into()),
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+/// Carries a bounding error through DataFusion's error type (it is always internal).
+fn query_error(e: QueryError) -> DataFusionError {
+    DataFusionError::Internal(e.to_string())
+}
+
+/// The OS CSPRNG (ring's `SystemRandom`) as a noise source, read 512 bytes at a time so that
+/// a noise draw is not a system call per word. A failure stops the sampler at once, and the
+/// caller releases nothing.
 struct OsRandom {
     rng: SystemRandom,
+    buf: [u8; 512],
+    used: usize,
 }
 
 impl Default for OsRandom {
     fn default() -> Self {
         OsRandom {
             rng: SystemRandom::new(),
+            buf: [0; 512],
+            used: 512,
         }
     }
 }
 
 impl RandomSource for OsRandom {
     fn next_u64(&mut self) -> Result<u64, RandomFailure> {
+        if self.used + 8 > self.buf.len() {
+            self.rng.fill(&mut self.buf).map_err(|_| RandomFailure)?;
+            self.used = 0;
+        }
         let mut b = [0u8; 8];
-        self.rng.fill(&mut b).map_err(|_| RandomFailure)?;
+        b.copy_from_slice(&self.buf[self.used..self.used + 8]);
+        // Each word is used once: wipe it so no draw lingers in memory.
+        self.buf[self.used..self.used + 8].fill(0);
+        self.used += 8;
         Ok(u64::from_le_bytes(b))
     }
 }

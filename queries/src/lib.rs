@@ -16,10 +16,12 @@
 //!   counts (exact, or bounded from row counts), and cell suppression.
 //! - [`privacy`]: the differentially private partial plan and its noise.
 //! - [`context`]: a planning context with the CX schema and no data.
+//! - [`bounding`]: the per-person contribution bounds of the DP partial, in one hash pass.
 //! - [`dp`]: exact discrete Laplace noise, calibration, partition selection.
 //! - [`explain`]: the plan, partial plan, merge and privacy rules of a query, or its refusal.
 #![forbid(unsafe_code)]
 
+pub mod bounding;
 pub mod cells;
 pub mod context;
 pub mod dp;

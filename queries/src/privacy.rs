@@ -31,6 +31,7 @@ use datafusion::logical_expr::{
 use datafusion::scalar::ScalarValue;
 use serde::{Deserialize, Serialize};
 
+use crate::bounding::{BoundingSpec, Cap};
 use crate::dp::{RandomSource, Scale, partition_threshold};
 use crate::rewrite::{Encoding, PERSONS, PartialMeta};
 use crate::rules::{Rejection, Rule};
@@ -58,8 +59,15 @@ pub struct DpParams {
 /// A node's DP partial: the plan to run and how to noise its output.
 #[derive(Debug, Clone)]
 pub struct DpPartial {
-    /// The plan (integer columns, no noise yet).
+    /// The plan (integer columns, no noise yet): the definition of the partial, shown by
+    /// explain. Nodes run the equivalent [`DpPartial::rows`] + [`DpPartial::bounding`].
     pub plan: LogicalPlan,
+    /// The row-level part of [`DpPartial::plan`]: group keys, person, and each statistic's
+    /// value per row, before any per-person step.
+    pub rows: LogicalPlan,
+    /// The per-person steps of [`DpPartial::plan`] (sum per person and group, keep ≤ G groups,
+    /// cap, sum per group), run by [`crate::bounding::Bounder`] over [`DpPartial::rows`].
+    pub bounding: Arc<BoundingSpec>,
     /// Per-column noise scales and per-aggregate encodings, sent with the partial.
     pub meta: PartialMeta,
     /// Scales of every noised column, by name.
@@ -314,6 +322,7 @@ impl ApprovedQuery {
         row_exprs.push(Expr::Column(self.person.clone()).alias("__pid"));
         let mut person_aggs = Vec::new();
         let mut capped = Vec::new();
+        let mut caps = Vec::new();
         let mut group_aggs = Vec::new();
         let mut stats = vec![Stat {
             name: PERSONS.into(),
@@ -343,6 +352,10 @@ impl ApprovedQuery {
                     .otherwise(col(&n))?
                     .alias(n.clone()),
             );
+            caps.push(Cap {
+                lo: i64::MIN,
+                hi: n_cap as i64,
+            });
             group_aggs.push(sum(col(&n)).alias(n.clone()));
             stats.push(Stat {
                 name: n.clone(),
@@ -402,6 +415,10 @@ impl ApprovedQuery {
             person_aggs.push(sum(col(format!("{s}_row"))).alias(s.clone()));
             let bound = (r * half) as i64;
             capped.push(clamp(col(&s), lit(-bound), lit(bound))?.alias(s.clone()));
+            caps.push(Cap {
+                lo: -bound,
+                hi: bound,
+            });
             group_aggs.push(sum(col(&s)).alias(s.clone()));
             stats.push(Stat {
                 name: s,
@@ -417,6 +434,10 @@ impl ApprovedQuery {
                         .otherwise(col(&q))?
                         .alias(q.clone()),
                 );
+                caps.push(Cap {
+                    lo: i64::MIN,
+                    hi: qbound,
+                });
                 group_aggs.push(sum(col(&q)).alias(q.clone()));
                 stats.push(Stat {
                     name: q,
@@ -446,8 +467,8 @@ impl ApprovedQuery {
             .alias("__rank");
         let mut keep: Vec<Expr> = groups.clone();
         keep.extend(capped);
-        let plan = input
-            .project(row_exprs)?
+        let rows = input.project(row_exprs)?.build()?;
+        let plan = LogicalPlanBuilder::from(rows.clone())
             .aggregate(person_keys, person_aggs)?
             .window(vec![rank])?
             .filter(col("__rank").lt_eq(lit(g as i64)))?
@@ -475,8 +496,16 @@ impl ApprovedQuery {
             encodings,
             scales: scales.iter().map(|(k, v)| (k.clone(), v.value())).collect(),
         };
+        let bounding = Arc::new(BoundingSpec {
+            groups: n_groups,
+            caps,
+            max_groups: g,
+            output: Arc::new(plan.schema().as_arrow().clone()),
+        });
         Ok(DpPartial {
             plan,
+            rows,
+            bounding,
             meta,
             scales,
             threshold,

@@ -1,0 +1,531 @@
+//! Contribution bounding for the `dp` partial, run over the stream of row-level values that
+//! [`crate::privacy::DpPartial::rows`] produces. It computes exactly what the tail of the DP
+//! partial plan (`GROUP BY keys, person` → keep ≤ G groups per person → `GROUP BY keys`)
+//! computes, in one hash pass over the rows, with no sort and no window.
+//!
+//! ```text
+//!  row batches ─▶ per (person, group): Σ of each row value        (one hash lookup per row)
+//!  finish      ─▶ per person: ≤ G of its groups, chosen uniformly  (CSPRNG; only when > G)
+//!              ─▶ per kept (person, group): clamp each Σ to its cap (count ≤ R, |sum| ≤ R·h …)
+//!              ─▶ per group: Σ of the capped values, persons = kept people
+//! ```
+//!
+//! Which groups a person keeps is drawn from the node's CSPRNG at `finish`, after every row
+//! has been read, so neither the coordinator nor the analyst can predict or steer it. The
+//! state is one entry per person and one slot per (person, group); [`Bounder::allocated`]
+//! reports its size so the node can hold it against its memory pool.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::row::{RowConverter, SortField};
+
+use crate::dp::{RandomSource, uniform_below};
+use crate::validate::QueryError;
+
+/// The clamp applied to one statistic of one (person, group) before it is summed per group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cap {
+    /// Smallest value one person may contribute to one group.
+    pub lo: i64,
+    /// Largest value one person may contribute to one group.
+    pub hi: i64,
+}
+
+/// What the bounding pass needs to know about the row stream and its output.
+#[derive(Debug, Clone)]
+pub struct BoundingSpec {
+    /// Number of leading group-key columns in the row stream.
+    pub groups: usize,
+    /// Per statistic column (after the keys and the person column), its per-person cap.
+    pub caps: Vec<Cap>,
+    /// Groups one person may contribute to (G).
+    pub max_groups: u64,
+    /// The output schema: group keys, one column per statistic, then the person count.
+    pub output: SchemaRef,
+}
+
+const NONE: u32 = u32::MAX;
+
+/// One (person, group) pair and the next pair of the same person.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    group: u32,
+    next: u32,
+}
+
+/// The bounding pass: feed it row batches with [`Bounder::push`], then [`Bounder::finish`].
+pub struct Bounder {
+    spec: Arc<BoundingSpec>,
+    keys: Option<RowConverter>,
+    person: Option<RowConverter>,
+    groups: HashMap<Box<[u8]>, u32, foldhash::fast::RandomState>,
+    group_keys: Vec<Box<[u8]>>,
+    persons: HashMap<Box<[u8]>, u32, foldhash::fast::RandomState>,
+    heads: Vec<u32>,
+    slots: Vec<Slot>,
+    values: Vec<i64>,
+    key_bytes: usize,
+}
+
+impl std::fmt::Debug for Bounder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never prints people or values.
+        f.debug_struct("Bounder")
+            .field("groups", &self.group_keys.len())
+            .field("persons", &self.heads.len())
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> QueryError {
+    QueryError::Internal(format!("contribution bounding: {e}"))
+}
+
+impl Bounder {
+    /// A bounding pass for `spec`.
+    pub fn new(spec: Arc<BoundingSpec>) -> Self {
+        Bounder {
+            spec,
+            keys: None,
+            person: None,
+            groups: HashMap::default(),
+            group_keys: Vec::new(),
+            persons: HashMap::default(),
+            heads: Vec::new(),
+            slots: Vec::new(),
+            values: Vec::new(),
+            key_bytes: 0,
+        }
+    }
+
+    /// Bytes of state held so far (an estimate that counts every allocation it makes).
+    pub fn allocated(&self) -> usize {
+        let entry = std::mem::size_of::<(Box<[u8]>, u32)>() + 1;
+        self.key_bytes
+            + (self.persons.capacity() + self.groups.capacity()) * entry
+            + self.heads.capacity() * 4
+            + self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.values.capacity() * 8
+            + self.group_keys.capacity() * std::mem::size_of::<Box<[u8]>>()
+    }
+
+    fn converter(
+        slot: &mut Option<RowConverter>,
+        types: impl Iterator<Item = DataType>,
+    ) -> Result<&RowConverter, QueryError> {
+        if slot.is_none() {
+            let fields = types.map(SortField::new).collect();
+            *slot = Some(RowConverter::new(fields).map_err(internal)?);
+        }
+        slot.as_ref().ok_or_else(|| internal("no converter"))
+    }
+
+    /// Adds one batch of rows: group keys, person, then one Int64 column per statistic.
+    pub fn push(&mut self, batch: &RecordBatch) -> Result<(), QueryError> {
+        let ng = self.spec.groups;
+        let ns = self.spec.caps.len();
+        if batch.num_columns() != ng + 1 + ns {
+            return Err(internal(format!(
+                "expected {} columns, got {}",
+                ng + 1 + ns,
+                batch.num_columns()
+            )));
+        }
+        let key_cols: Vec<ArrayRef> = batch.columns()[..ng].to_vec();
+        let key_rows = if ng > 0 {
+            let conv = Self::converter(
+                &mut self.keys,
+                key_cols.iter().map(|c| c.data_type().clone()),
+            )?;
+            Some(conv.convert_columns(&key_cols).map_err(internal)?)
+        } else {
+            None
+        };
+        let person_col = Arc::clone(batch.column(ng));
+        let person_conv = Self::converter(
+            &mut self.person,
+            std::iter::once(person_col.data_type().clone()),
+        )?;
+        let person_rows = person_conv
+            .convert_columns(&[person_col])
+            .map_err(internal)?;
+        let stats: Vec<&Int64Array> = batch.columns()[ng + 1..]
+            .iter()
+            .map(|c| {
+                c.as_any()
+                    .downcast_ref::<Int64Array>()
+                    .ok_or_else(|| internal(format!("a statistic is {}", c.data_type())))
+            })
+            .collect::<Result<_, _>>()?;
+        for r in 0..batch.num_rows() {
+            let group = match &key_rows {
+                None => {
+                    if self.group_keys.is_empty() {
+                        self.group_keys.push(Box::default());
+                    }
+                    0
+                }
+                Some(rows) => {
+                    let key = rows.row(r);
+                    match self.groups.get(key.as_ref()) {
+                        Some(&g) => g,
+                        None => {
+                            let g = u32::try_from(self.group_keys.len())
+                                .map_err(|_| internal("too many groups"))?;
+                            let owned: Box<[u8]> = key.as_ref().into();
+                            self.key_bytes += 2 * owned.len();
+                            self.groups.insert(owned.clone(), g);
+                            self.group_keys.push(owned);
+                            g
+                        }
+                    }
+                }
+            };
+            let key = person_rows.row(r);
+            let person = match self.persons.get(key.as_ref()) {
+                Some(&p) => p,
+                None => {
+                    let p =
+                        u32::try_from(self.heads.len()).map_err(|_| internal("too many people"))?;
+                    self.key_bytes += key.as_ref().len();
+                    self.persons.insert(key.as_ref().into(), p);
+                    self.heads.push(NONE);
+                    p
+                }
+            };
+            // A person's slots are few (≤ their groups): a list walk beats a second map.
+            let mut s = self.heads[person as usize];
+            while s != NONE && self.slots[s as usize].group != group {
+                s = self.slots[s as usize].next;
+            }
+            if s == NONE {
+                s = u32::try_from(self.slots.len()).map_err(|_| internal("too many slots"))?;
+                self.slots.push(Slot {
+                    group,
+                    next: self.heads[person as usize],
+                });
+                self.heads[person as usize] = s;
+                self.values.extend(std::iter::repeat_n(0, ns));
+            }
+            let base = s as usize * ns;
+            for (j, col) in stats.iter().enumerate() {
+                if col.is_valid(r) {
+                    let v = &mut self.values[base + j];
+                    *v = v
+                        .checked_add(col.value(r))
+                        .ok_or_else(|| internal("a person's sum overflows"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Chooses at most G groups per person (uniformly, from `rng`), clamps each kept
+    /// (person, group) to its caps, and sums per group. Groups no kept person reached are
+    /// absent, except the single group of a query without GROUP BY, which is always present.
+    pub fn finish(self, rng: &mut dyn RandomSource) -> Result<RecordBatch, QueryError> {
+        let ns = self.spec.caps.len();
+        let width = ns + 1;
+        let n_groups = self
+            .group_keys
+            .len()
+            .max(usize::from(self.spec.groups == 0));
+        let mut acc = vec![0i64; n_groups * width];
+        let g = usize::try_from(self.spec.max_groups.max(1)).unwrap_or(usize::MAX);
+        let mut mine: Vec<u32> = Vec::new();
+        for &head in &self.heads {
+            mine.clear();
+            let mut s = head;
+            while s != NONE {
+                mine.push(s);
+                s = self.slots[s as usize].next;
+            }
+            if mine.len() > g {
+                // A uniform G-subset: the first G of a partial Fisher–Yates shuffle.
+                for i in 0..g {
+                    let rest = (mine.len() - i) as u64;
+                    let j = i + uniform_below(rng, rest).map_err(internal)? as usize;
+                    mine.swap(i, j);
+                }
+                mine.truncate(g);
+            }
+            for &s in &mine {
+                let slot = self.slots[s as usize];
+                let out = slot.group as usize * width;
+                let vals = &self.values[s as usize * ns..(s as usize + 1) * ns];
+                for (j, (v, cap)) in vals.iter().zip(&self.spec.caps).enumerate() {
+                    let capped = (*v).clamp(cap.lo, cap.hi);
+                    acc[out + j] = acc[out + j]
+                        .checked_add(capped)
+                        .ok_or_else(|| internal("a group's sum overflows"))?;
+                }
+                acc[out + ns] += 1;
+            }
+        }
+        let keep: Vec<usize> = (0..n_groups)
+            .filter(|&i| self.spec.groups == 0 || acc[i * width + ns] > 0)
+            .collect();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.spec.groups + width);
+        if self.spec.groups > 0 {
+            let conv = match &self.keys {
+                Some(c) => c,
+                None => {
+                    // No row at all: the key columns are empty arrays of the output's types.
+                    let types = self.spec.output.fields()[..self.spec.groups]
+                        .iter()
+                        .map(|f| f.data_type().clone());
+                    return finish_empty(&self.spec, types);
+                }
+            };
+            let parser = conv.parser();
+            let rows = keep.iter().map(|&i| parser.parse(&self.group_keys[i]));
+            columns.extend(conv.convert_rows(rows).map_err(internal)?);
+        }
+        for j in 0..width {
+            columns.push(Arc::new(Int64Array::from_iter_values(
+                keep.iter().map(|&i| acc[i * width + j]),
+            )));
+        }
+        RecordBatch::try_new(Arc::clone(&self.spec.output), columns).map_err(internal)
+    }
+}
+
+fn finish_empty(
+    spec: &BoundingSpec,
+    types: impl Iterator<Item = DataType>,
+) -> Result<RecordBatch, QueryError> {
+    let mut columns: Vec<ArrayRef> = types.map(|t| arrow::array::new_empty_array(&t)).collect();
+    for _ in 0..=spec.caps.len() {
+        columns.push(Arc::new(Int64Array::from(Vec::<i64>::new())));
+    }
+    RecordBatch::try_new(Arc::clone(&spec.output), columns).map_err(internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::privacy::DpParams;
+    use crate::schema::Table;
+    use crate::testdata::{all, batch, context};
+    use crate::validate::approve;
+    use arrow::array::AsArray;
+    use arrow::datatypes::Int64Type;
+    use futures::StreamExt;
+
+    /// A seeded source, for tests only.
+    struct Seeded(u64);
+    impl RandomSource for Seeded {
+        fn next_u64(&mut self) -> Result<u64, crate::dp::RandomFailure> {
+            // SplitMix64.
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            Ok(z ^ (z >> 31))
+        }
+    }
+
+    fn params(g: u64, r: u64) -> DpParams {
+        DpParams {
+            epsilon: 1.0,
+            delta: 1e-6,
+            max_groups_per_person: g,
+            max_rows_per_person: r,
+            k: 10,
+        }
+    }
+
+    /// Rows: (person, channel, trust).
+    fn experience(rows: &[(String, &str, &str)]) -> RecordBatch {
+        let persons: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        let channels: Vec<&str> = rows.iter().map(|r| r.1).collect();
+        let trust: Vec<&str> = rows.iter().map(|r| r.2).collect();
+        batch(
+            Table::Experience,
+            &[
+                ("person_id", all(&persons)),
+                ("channel", all(&channels)),
+                ("trust", all(&trust)),
+            ],
+        )
+    }
+
+    async fn both(sql: &str, rows: RecordBatch, p: DpParams) -> (Vec<RecordBatch>, RecordBatch) {
+        let ctx = context(vec![rows], vec![]);
+        let q = approve(&ctx.state(), sql).await.expect("approve");
+        let dp = q.dp_partial(&p).expect("dp partial");
+        let reference = ctx
+            .execute_logical_plan(dp.plan.clone())
+            .await
+            .expect("plan")
+            .collect()
+            .await
+            .expect("run");
+        let mut stream = ctx
+            .execute_logical_plan(dp.rows.clone())
+            .await
+            .expect("rows")
+            .execute_stream()
+            .await
+            .expect("stream");
+        let mut b = Bounder::new(Arc::clone(&dp.bounding));
+        while let Some(batch) = stream.next().await {
+            b.push(&batch.expect("batch")).expect("push");
+        }
+        (reference, b.finish(&mut Seeded(7)).expect("finish"))
+    }
+
+    /// The rows of `batches` as text, sorted, so two results compare whatever their order.
+    fn sorted(batches: &[RecordBatch]) -> Vec<String> {
+        let mut out = Vec::new();
+        for b in batches {
+            for r in 0..b.num_rows() {
+                let cells: Vec<String> = b
+                    .columns()
+                    .iter()
+                    .map(|c| arrow::util::display::array_value_to_string(c, r).expect("cell"))
+                    .collect();
+                out.push(cells.join("|"));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn equals_the_partial_plan_when_nobody_exceeds_the_group_cap() {
+        // Person p0 has three rows in two groups; R = 2 caps its phone count at 2.
+        let mut rows = vec![
+            ("p0".to_string(), "phone", "5"),
+            ("p0".to_string(), "phone", "4"),
+            ("p0".to_string(), "phone", "1"),
+            ("p0".to_string(), "website", "2"),
+        ];
+        for i in 1..40 {
+            let ch = ["phone", "website", "email"][i % 3];
+            rows.push((format!("p{i}"), ch, ["1", "2", "3", "4", "5"][i % 5]));
+        }
+        for sql in [
+            "SELECT channel, COUNT(*), AVG(trust), STDDEV(trust), COUNT(DISTINCT person_id) FROM experience GROUP BY channel",
+            "SELECT COUNT(*), SUM(trust) FROM experience",
+            "SELECT channel, COUNT(*) FILTER (WHERE trust >= 4) FROM experience WHERE channel <> 'email' GROUP BY channel",
+        ] {
+            let (reference, fast) = both(sql, experience(&rows), params(2, 2)).await;
+            assert_eq!(sorted(&reference), sorted(&[fast]), "{sql}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_query_without_rows_gives_one_zero_row_without_group_by_and_none_with() {
+        let rows = vec![("p0".to_string(), "phone", "5")];
+        let (_, fast) = both(
+            "SELECT COUNT(*) FROM experience WHERE channel = 'paper'",
+            experience(&rows),
+            params(1, 1),
+        )
+        .await;
+        assert_eq!(fast.num_rows(), 1);
+        let (_, fast) = both(
+            "SELECT channel, COUNT(*) FROM experience WHERE channel = 'paper' GROUP BY channel",
+            experience(&rows),
+            params(1, 1),
+        )
+        .await;
+        assert_eq!(fast.num_rows(), 0);
+    }
+
+    #[tokio::test]
+    async fn caps_hold_for_one_person_with_ten_thousand_rows_across_many_groups() {
+        // "heavy" holds 10,000 rows spread over all nine channels; 500 people hold one row.
+        let channels = [
+            "website",
+            "mobile_app",
+            "email",
+            "live_chat",
+            "phone",
+            "automated_phone",
+            "in_person",
+            "postal_mail",
+            "paper",
+        ];
+        let mut rows: Vec<(String, &str, &str)> = (0..10_000)
+            .map(|i| ("heavy".to_string(), channels[i % 9], "5"))
+            .collect();
+        rows.extend((0..500).map(|i| (format!("p{i}"), channels[i % 9], "1")));
+        let sql = "SELECT channel, COUNT(*) AS n, SUM(trust) AS s, COUNT(DISTINCT person_id) AS p FROM experience GROUP BY channel";
+        for (g, r) in [(1u64, 1u64), (2, 3), (9, 5)] {
+            let (_, fast) = both(sql, experience(&rows), params(g, r)).await;
+            let col = |name: &str| {
+                fast.column_by_name(name)
+                    .expect("column")
+                    .as_primitive::<Int64Type>()
+                    .values()
+                    .to_vec()
+            };
+            let (n, persons, distinct) =
+                (col("__a0_n"), col(crate::rewrite::PERSONS), col("__a2_n"));
+            let light: Vec<i64> = (0..9)
+                .map(|c| (0..500).filter(|i| i % 9 == c).count() as i64)
+                .collect();
+            let total_light: i64 = light.iter().sum();
+            // The heavy person adds at most R rows to at most G groups, and 1 person to each.
+            let extra_rows: i64 = n.iter().sum::<i64>() - total_light;
+            let extra_people: i64 = persons.iter().sum::<i64>() - total_light;
+            assert_eq!(extra_people, g as i64, "G = {g}");
+            assert_eq!(extra_rows, (g * r) as i64, "G = {g}, R = {r}");
+            assert_eq!(
+                distinct, persons,
+                "COUNT(DISTINCT person) counts kept people"
+            );
+            // The centred sum (trust 1..5 → centre 3, h = 2): light rows add −2 each, the heavy
+            // person +2 per kept row, capped at R·h per group.
+            let s = col("__a1_s");
+            assert_eq!(s.iter().sum::<i64>(), -2 * total_light + 2 * (g * r) as i64);
+        }
+    }
+
+    #[tokio::test]
+    async fn which_groups_a_person_keeps_is_uniform() {
+        // One person in three groups, G = 1: each group kept about a third of the time.
+        let rows = vec![
+            ("a".to_string(), "phone", "5"),
+            ("a".to_string(), "email", "5"),
+            ("a".to_string(), "paper", "5"),
+        ];
+        let ctx = context(vec![experience(&rows)], vec![]);
+        let q = approve(
+            &ctx.state(),
+            "SELECT channel, COUNT(*) FROM experience GROUP BY channel",
+        )
+        .await
+        .expect("approve");
+        let dp = q.dp_partial(&params(1, 1)).expect("dp");
+        let rows = ctx
+            .execute_logical_plan(dp.rows.clone())
+            .await
+            .expect("rows")
+            .collect()
+            .await
+            .expect("run");
+        let mut seen = std::collections::BTreeMap::new();
+        let mut rng = Seeded(1);
+        for _ in 0..3000 {
+            let mut b = Bounder::new(Arc::clone(&dp.bounding));
+            for r in &rows {
+                b.push(r).expect("push");
+            }
+            let out = b.finish(&mut rng).expect("finish");
+            assert_eq!(out.num_rows(), 1);
+            let ch = arrow::util::display::array_value_to_string(out.column(0), 0).expect("ch");
+            *seen.entry(ch).or_insert(0u32) += 1;
+        }
+        assert_eq!(seen.len(), 3);
+        for (ch, n) in seen {
+            assert!((900..=1100).contains(&n), "{ch} kept {n} of 3000 times");
+        }
+    }
+}
