@@ -73,6 +73,38 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Check that the node configured in CONFIG is serving: `GET /v1/health` on its own port
+    /// with its own certificate (for container health checks; exit 0 only when healthy).
+    Health {
+        /// The node's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
+    /// One-shot set-up of a container federation (no shell needed): a development PKI once,
+    /// each agency's node TLS files and synthetic data; skips whatever is already there.
+    Seed {
+        /// Federation name (SPIFFE trust domain).
+        #[arg(long)]
+        federation: String,
+        /// Directory of the whole PKI, CA key included (keep it out of the nodes).
+        #[arg(long)]
+        pki: PathBuf,
+        /// AGENCY=DIR (repeatable): DIR/tls gets ca.pem, node.pem, node.key; DIR/data the data.
+        #[arg(long = "agency", required = true, value_parser = crate::seed::parse_target)]
+        targets: Vec<crate::seed::SeedTarget>,
+        /// People per agency.
+        #[arg(long, default_value_t = 20_000)]
+        people: usize,
+        /// Certificate validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Hand everything written to UID:GID (the nodes' user).
+        #[arg(long, value_parser = crate::seed::parse_owner)]
+        owner: Option<(u32, u32)>,
+    },
     /// Send a query to a node as an analyst and print the merged answer.
     Query {
         /// The node to ask, e.g. https://127.0.0.1:7001.
@@ -526,6 +558,50 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 report.rows,
                 report.table.name(),
                 report.path.display()
+            );
+            Ok(())
+        }
+        Command::Health { config, timeout } => {
+            let config = crate::config::NodeConfig::load(&config).map_err(|e| e.to_string())?;
+            let h = crate::seed::health(&config, Duration::from_secs(timeout)).await?;
+            println!(
+                "{} node of {}: {} (cxfed {})",
+                h.agency, h.federation, h.status, h.version
+            );
+            Ok(())
+        }
+        Command::Seed {
+            federation,
+            pki,
+            targets,
+            people,
+            days,
+            owner,
+        } => {
+            let opts = crate::seed::SeedOptions {
+                federation,
+                pki,
+                targets,
+                people,
+                days,
+                owner,
+            };
+            let r = tokio::task::spawn_blocking(move || crate::seed::seed(&opts))
+                .await
+                .map_err(|e| format!("seed task failed: {e}"))?
+                .map_err(|e| e.to_string())?;
+            let list = |v: &[String]| {
+                if v.is_empty() {
+                    "none".to_string()
+                } else {
+                    v.join(", ")
+                }
+            };
+            println!(
+                "seed: pki {}; tls copied for {}; data seeded for {}",
+                if r.made_pki { "made" } else { "kept" },
+                list(&r.copied_tls),
+                list(&r.seeded_data)
             );
             Ok(())
         }

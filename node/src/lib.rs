@@ -46,6 +46,7 @@ pub mod policy;
 pub mod report;
 pub mod requests;
 pub mod row_bounds;
+pub mod seed;
 pub mod server;
 pub mod storage;
 pub mod synth;
