@@ -45,8 +45,8 @@ use pgwire::api::auth::{AuthSource, DefaultServerParameterProvider, LoginInfo, P
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{
-    DataRowEncoder, DescribePortalResponse, DescribeResponse, DescribeStatementResponse,
-    FieldInfo, QueryResponse as PgQueryResponse, Response, Tag,
+    DataRowEncoder, DescribePortalResponse, DescribeResponse, DescribeStatementResponse, FieldInfo,
+    QueryResponse as PgQueryResponse, Response, Tag,
 };
 use pgwire::api::stmt::{QueryParser, StoredStatement};
 use pgwire::api::store::PortalStore;
@@ -111,7 +111,9 @@ pub enum GatewayError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// Not an analyst's certificate.
-    #[error("--cert: {0} is not an analyst identity; the gateway runs queries, which only analysts may ask")]
+    #[error(
+        "--cert: {0} is not an analyst identity; the gateway runs queries, which only analysts may ask"
+    )]
     NotAnalyst(String),
     /// No randomness for the password.
     #[error("the operating system's random generator failed")]
@@ -219,7 +221,11 @@ pub async fn start(opts: GatewayOptions) -> Result<RunningGateway, GatewayError>
     })?;
     let password = Secret(new_password()?);
     if let Some(path) = &opts.password_file {
-        let host = addr.ip().to_string().replace('\\', "\\\\").replace(':', "\\:");
+        let host = addr
+            .ip()
+            .to_string()
+            .replace('\\', "\\\\")
+            .replace(':', "\\:");
         let line = format!("{host}:{}:*:*:{}\n", addr.port(), password.0);
         crate::storage::write_atomic(path, line.as_bytes(), true).map_err(|source| {
             GatewayError::PasswordFile {
@@ -442,7 +448,10 @@ impl QueryParser for Parser {
     {
         Ok(Some(Statement {
             sql: sql.to_string(),
-            params: types.iter().map(|t| t.clone().unwrap_or(Type::UNKNOWN)).collect(),
+            params: types
+                .iter()
+                .map(|t| t.clone().unwrap_or(Type::UNKNOWN))
+                .collect(),
         }))
     }
 
@@ -528,8 +537,12 @@ fn placeholders(sql: &str) -> Result<Vec<(usize, usize, usize)>, PgWireError> {
         if let Token::Placeholder(p) = &t.token
             && let Some(n) = p.strip_prefix('$').and_then(|d| d.parse::<usize>().ok())
         {
-            let line = usize::try_from(t.span.start.line).unwrap_or(0).saturating_sub(1);
-            let col = usize::try_from(t.span.start.column).unwrap_or(0).saturating_sub(1);
+            let line = usize::try_from(t.span.start.line)
+                .unwrap_or(0)
+                .saturating_sub(1);
+            let col = usize::try_from(t.span.start.column)
+                .unwrap_or(0)
+                .saturating_sub(1);
             let start = line_starts.get(line).copied().unwrap_or(0);
             let offset = sql[start..]
                 .char_indices()
@@ -550,7 +563,10 @@ fn bind(sql: &str, literals: &[String]) -> Result<Bound, PgWireError> {
         let lit = literals.get(n.wrapping_sub(1)).ok_or_else(|| {
             user_error(
                 "08P01",
-                format!("${n}: the statement was bound with {} parameters", literals.len()),
+                format!(
+                    "${n}: the statement was bound with {} parameters",
+                    literals.len()
+                ),
             )
         })?;
         out.push_str(&sql[last..offset]);
@@ -572,9 +588,18 @@ fn quote(s: &str) -> String {
 fn literal(portal: &Portal<Statement>, i: usize, ty: &Type) -> PgWireResult<String> {
     let bad = |e: PgWireError| user_error("22P02", format!("parameter ${}: {e}", i + 1));
     let s = match *ty {
-        Type::INT2 => portal.parameter::<i16>(i, ty).map_err(bad)?.map(|v| v.to_string()),
-        Type::INT4 => portal.parameter::<i32>(i, ty).map_err(bad)?.map(|v| v.to_string()),
-        Type::INT8 => portal.parameter::<i64>(i, ty).map_err(bad)?.map(|v| v.to_string()),
+        Type::INT2 => portal
+            .parameter::<i16>(i, ty)
+            .map_err(bad)?
+            .map(|v| v.to_string()),
+        Type::INT4 => portal
+            .parameter::<i32>(i, ty)
+            .map_err(bad)?
+            .map(|v| v.to_string()),
+        Type::INT8 => portal
+            .parameter::<i64>(i, ty)
+            .map_err(bad)?
+            .map(|v| v.to_string()),
         Type::FLOAT4 | Type::FLOAT8 => {
             let v = if *ty == Type::FLOAT4 {
                 portal.parameter::<f32>(i, ty).map_err(bad)?.map(f64::from)
@@ -640,9 +665,7 @@ fn neutral_literal(ty: &Type) -> &'static str {
 fn pg_type_of_arrow(t: &DataType) -> Type {
     match t {
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Type::TEXT,
-        DataType::Timestamp(TimeUnit::Nanosecond | TimeUnit::Microsecond, None) => {
-            Type::TIMESTAMP
-        }
+        DataType::Timestamp(TimeUnit::Nanosecond | TimeUnit::Microsecond, None) => Type::TIMESTAMP,
         other => PgCol::of_arrow(other).pg_type(),
     }
 }
@@ -750,7 +773,10 @@ impl Backend {
                 let name = trimmed[4..].trim().trim_matches('"').to_ascii_lowercase();
                 if name == "all" {
                     Outcome::Rows {
-                        shape: vec![("name".into(), PgCol::Text), ("setting".into(), PgCol::Text)],
+                        shape: vec![
+                            ("name".into(), PgCol::Text),
+                            ("setting".into(), PgCol::Text),
+                        ],
                         rows: session
                             .settings
                             .iter()
@@ -781,7 +807,11 @@ impl Backend {
     }
 
     /// Runs one statement: here, or at the federation.
-    async fn run(&self, session: &Arc<Mutex<Session>>, bound: &Bound) -> PgWireResult<(Outcome, Option<String>)> {
+    async fn run(
+        &self,
+        session: &Arc<Mutex<Session>>,
+        bound: &Bound,
+    ) -> PgWireResult<(Outcome, Option<String>)> {
         if let Some(local) = self.local(session, &bound.sql, false)? {
             return Ok((local, None));
         }
@@ -820,7 +850,12 @@ impl Backend {
         Err(last)
     }
 
-    async fn respond<C>(&self, client: &mut C, bound: &Bound, format: &Format) -> PgWireResult<Response>
+    async fn respond<C>(
+        &self,
+        client: &mut C,
+        bound: &Bound,
+        format: &Format,
+    ) -> PgWireResult<Response>
     where
         C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
@@ -989,9 +1024,11 @@ fn cell(v: &serde_json::Value, ty: PgCol) -> Cell {
         (J::Bool(b), _) => Cell::Bool(*b),
         (J::String(s), PgCol::Date) => NaiveDate::parse_from_str(s, "%Y-%m-%d")
             .map_or_else(|_| Cell::Text(s.clone()), Cell::Date),
-        (J::String(s), PgCol::Timestamp) => NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
-            .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f"))
-            .map_or_else(|_| Cell::Text(s.clone()), Cell::Timestamp),
+        (J::String(s), PgCol::Timestamp) => {
+            NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f"))
+                .map_or_else(|_| Cell::Text(s.clone()), Cell::Timestamp)
+        }
         (J::String(s), _) => Cell::Text(s.clone()),
         (other, _) => Cell::Text(other.to_string()),
     }
@@ -1013,12 +1050,7 @@ fn rows_of(resp: &QueryResponse, shape: &Shape, aggregates: &[bool], ci: bool) -
                 }
                 out.push(value);
                 if ci && aggregates.get(c).copied().unwrap_or(false) {
-                    let half = resp
-                        .ci95
-                        .get(r)
-                        .and_then(|x| x.get(c))
-                        .copied()
-                        .flatten();
+                    let half = resp.ci95.get(r).and_then(|x| x.get(c)).copied().flatten();
                     out.push(half.map_or(Cell::Null, Cell::Float));
                 }
             }
@@ -1031,7 +1063,9 @@ fn fields(shape: &Shape, format: &Format) -> Vec<FieldInfo> {
     shape
         .iter()
         .enumerate()
-        .map(|(i, (name, ty))| FieldInfo::new(name.clone(), None, None, ty.pg_type(), format.format_for(i)))
+        .map(|(i, (name, ty))| {
+            FieldInfo::new(name.clone(), None, None, ty.pg_type(), format.format_for(i))
+        })
         .collect()
 }
 
@@ -1092,15 +1126,27 @@ fn notice(resp: &QueryResponse) -> String {
             s
         })
         .collect();
-    let spent: f64 = resp.nodes.iter().filter_map(|n| n.epsilon).sum();
+    let epsilons: Vec<f64> = resp.nodes.iter().filter_map(|n| n.epsilon).collect();
+    let spent = if epsilons.is_empty() {
+        "no ε spent".to_string()
+    } else {
+        format!(
+            "ε spent {} in total",
+            epsilons.iter().fold(0.0, |a, b| a + b)
+        )
+    };
     format!(
-        "cxfed query {}: privacy {}; nodes: {}; ε spent {spent} in total; {} group(s) and {} cell(s) withheld{}",
+        "cxfed query {}: privacy {}; nodes: {}; {spent}; {} group(s) and {} cell(s) withheld{}",
         resp.query_id,
         resp.privacy,
         nodes.join(", "),
         resp.suppressed_groups,
         resp.suppressed_cells,
-        if resp.complete { "" } else { "; PARTIAL answer: not every node contributed" }
+        if resp.complete {
+            ""
+        } else {
+            "; PARTIAL answer: not every node contributed"
+        }
     )
 }
 
@@ -1140,7 +1186,17 @@ fn refusal(f: &QueryFailure, bound: &Bound) -> PgWireError {
             let mut detail: Vec<String> = b
                 .nodes
                 .iter()
-                .map(|n| format!("node {}: {:?}{}", n.agency, n.status, n.error.as_ref().map(|e| format!(" — {e}")).unwrap_or_default()))
+                .map(|n| {
+                    format!(
+                        "node {}: {:?}{}",
+                        n.agency,
+                        n.status,
+                        n.error
+                            .as_ref()
+                            .map(|e| format!(" — {e}"))
+                            .unwrap_or_default()
+                    )
+                })
                 .collect();
             if let Some(q) = &b.query_id {
                 detail.push(format!("query id {q}"));
@@ -1211,7 +1267,8 @@ impl ExtendedQueryHandler for Backend {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let bound = self.bind_portal(portal).await?;
-        self.respond(client, &bound, &portal.result_column_format).await
+        self.respond(client, &bound, &portal.result_column_format)
+            .await
     }
 
     async fn do_describe_statement<C>(
@@ -1225,8 +1282,13 @@ impl ExtendedQueryHandler for Backend {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let types = self.parameter_types(&stmt.statement.sql, &stmt.statement.params).await?;
-        let literals: Vec<String> = types.iter().map(|t| neutral_literal(t).to_string()).collect();
+        let types = self
+            .parameter_types(&stmt.statement.sql, &stmt.statement.params)
+            .await?;
+        let literals: Vec<String> = types
+            .iter()
+            .map(|t| neutral_literal(t).to_string())
+            .collect();
         let bound = bind(&stmt.statement.sql, &literals)?;
         let shape = self.shape(&session_of(client), &bound.sql).await?;
         let types = types
@@ -1306,7 +1368,10 @@ mod tests {
         assert_eq!(b.original_position(and_bound), and_orig);
         // A position inside a literal points at its placeholder.
         let lit = b.sql.find("'SSA'").expect("lit") + 2;
-        assert_eq!(b.original_position(lit), sql.find("$1 AND").expect("$1") + 1);
+        assert_eq!(
+            b.original_position(lit),
+            sql.find("$1 AND").expect("$1") + 1
+        );
         let err = bind("SELECT $3", &["1".into()]).expect_err("too few");
         assert!(err.to_string().contains("$3"), "{err}");
     }
@@ -1334,7 +1399,10 @@ mod tests {
             query_id: None,
             nodes: vec![],
         };
-        assert_eq!(sqlstate(&body("CXF-Q012", "identifier-not-allowed")), "42501");
+        assert_eq!(
+            sqlstate(&body("CXF-Q012", "identifier-not-allowed")),
+            "42501"
+        );
         assert_eq!(sqlstate(&body("CXF-Q001", "syntax-error")), "42601");
         assert_eq!(sqlstate(&body("CXF-Q005", "raw-rows")), "0A000");
         assert_eq!(sqlstate(&body("CXF-A502", "nodes-failed")), "08006");

@@ -20,13 +20,13 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
+use cxfed_queries::schema::{ColumnType, Table};
 use datafusion::sql::sqlparser::ast::{
     self, BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, JoinOperator,
     ObjectName, OrderByKind, Query, SelectItem, SetExpr, Statement, TableFactor, UnaryOperator,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
-use cxfed_queries::schema::{ColumnType, Table};
 
 /// The database name clients see.
 pub const DATABASE: &str = "cx";
@@ -228,10 +228,7 @@ fn table_oid(i: usize) -> i64 {
 
 fn relation_rows(name: &str) -> Option<Vec<Row>> {
     let r = |pairs: Vec<(&str, Val)>| -> Row {
-        pairs
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect()
+        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
     };
     let rows = match name {
         "pg_class" | "pg_tables" => Table::ALL
@@ -493,10 +490,16 @@ impl Eval<'_> {
             None => vec![Row::new()],
             Some(first) => {
                 let mut rows = self.factor_rows(&first.relation);
-                let inner_empty = s.from.iter().skip(1).any(|t| self.factor_rows(&t.relation).is_empty())
+                let inner_empty = s
+                    .from
+                    .iter()
+                    .skip(1)
+                    .any(|t| self.factor_rows(&t.relation).is_empty())
                     || s.from.iter().flat_map(|t| &t.joins).any(|j| {
-                        matches!(j.join_operator, JoinOperator::Join(_) | JoinOperator::Inner(_))
-                            && self.factor_rows(&j.relation).is_empty()
+                        matches!(
+                            j.join_operator,
+                            JoinOperator::Join(_) | JoinOperator::Inner(_)
+                        ) && self.factor_rows(&j.relation).is_empty()
                     });
                 if inner_empty {
                     rows.clear();
@@ -553,7 +556,9 @@ impl Eval<'_> {
 
     fn factor_rows(&self, f: &TableFactor) -> Vec<Row> {
         match f {
-            TableFactor::Table { name, .. } => relation_rows(&object_last(name)).unwrap_or_default(),
+            TableFactor::Table { name, .. } => {
+                relation_rows(&object_last(name)).unwrap_or_default()
+            }
             TableFactor::Derived { subquery, .. } => match self.query(subquery) {
                 Ok(a) => a
                     .rows
@@ -628,11 +633,12 @@ impl Eval<'_> {
                 ..
             } => {
                 let ci = matches!(e, Expr::ILike { .. });
-                match (self.expr(expr, row).as_text(), self.expr(pattern, row).as_text()) {
-                    (Some(s), Some(p)) => {
-                        regex_match(&like_to_regex(&p), &s, ci)
-                            .map_or(Val::Null, |m| Val::Bool(m != *negated))
-                    }
+                match (
+                    self.expr(expr, row).as_text(),
+                    self.expr(pattern, row).as_text(),
+                ) {
+                    (Some(s), Some(p)) => regex_match(&like_to_regex(&p), &s, ci)
+                        .map_or(Val::Null, |m| Val::Bool(m != *negated)),
                     _ => Val::Null,
                 }
             }
@@ -646,7 +652,9 @@ impl Eval<'_> {
                 let subject = operand.as_ref().map(|o| self.expr(o, row));
                 for w in conditions {
                     let hit = match &subject {
-                        Some(s) => s.cmp_with(&self.expr(&w.condition, row)) == Some(Ordering::Equal),
+                        Some(s) => {
+                            s.cmp_with(&self.expr(&w.condition, row)) == Some(Ordering::Equal)
+                        }
                         None => self.expr(&w.condition, row).truthy(),
                     };
                     if hit {
@@ -665,7 +673,9 @@ impl Eval<'_> {
     fn binary(&self, left: &Expr, op: &BinaryOperator, right: &Expr, row: &Row) -> Val {
         let (l, r) = (self.expr(left, row), self.expr(right, row));
         let regex = |ci: bool, negate: bool| match (l.as_text(), r.as_text()) {
-            (Some(s), Some(p)) => regex_match(&p, &s, ci).map_or(Val::Null, |m| Val::Bool(m != negate)),
+            (Some(s), Some(p)) => {
+                regex_match(&p, &s, ci).map_or(Val::Null, |m| Val::Bool(m != negate))
+            }
             _ => Val::Null,
         };
         match op {
@@ -740,16 +750,27 @@ impl Eval<'_> {
                 Val::Bool(true)
             }
             "pg_get_userbyid" => Val::text("cxfed"),
-            "format_type" => row.get("format_type").cloned().unwrap_or_else(|| {
-                match args.first() {
-                    Some(Val::Int(oid)) => type_name_of_oid(*oid).map_or(Val::Null, Val::text),
-                    _ => Val::Null,
-                }
-            }),
+            "format_type" => {
+                row.get("format_type")
+                    .cloned()
+                    .unwrap_or_else(|| match args.first() {
+                        Some(Val::Int(oid)) => type_name_of_oid(*oid).map_or(Val::Null, Val::text),
+                        _ => Val::Null,
+                    })
+            }
             "pg_encoding_to_char" => Val::text("UTF8"),
-            "lower" => args.first().and_then(Val::as_text).map_or(Val::Null, |s| Val::Text(s.to_lowercase())),
-            "upper" => args.first().and_then(Val::as_text).map_or(Val::Null, |s| Val::Text(s.to_uppercase())),
-            "coalesce" => args.into_iter().find(|v| *v != Val::Null).unwrap_or(Val::Null),
+            "lower" => args
+                .first()
+                .and_then(Val::as_text)
+                .map_or(Val::Null, |s| Val::Text(s.to_lowercase())),
+            "upper" => args
+                .first()
+                .and_then(Val::as_text)
+                .map_or(Val::Null, |s| Val::Text(s.to_uppercase())),
+            "coalesce" => args
+                .into_iter()
+                .find(|v| *v != Val::Null)
+                .unwrap_or(Val::Null),
             _ => Val::Null,
         }
     }
@@ -839,7 +860,11 @@ mod tests {
         assert_eq!(a.columns, ["oid", "nspname", "relname"]);
         assert_eq!(
             a.rows,
-            vec![vec![Val::Int(16384), Val::text("public"), Val::text("experience")]]
+            vec![vec![
+                Val::Int(16384),
+                Val::text("public"),
+                Val::text("experience")
+            ]]
         );
     }
 
@@ -853,7 +878,11 @@ mod tests {
         assert_eq!(a.rows.len(), Table::Operational.columns().len());
         assert_eq!(
             a.rows[11],
-            vec![Val::text("wait_minutes"), Val::text("integer"), Val::Bool(false)]
+            vec![
+                Val::text("wait_minutes"),
+                Val::text("integer"),
+                Val::Bool(false)
+            ]
         );
         let a = ask(
             "select column_name, data_type from information_schema.columns where \
@@ -870,7 +899,8 @@ mod tests {
 
     #[test]
     fn unmodelled_relations_and_inner_joins_with_them_are_empty() {
-        let a = ask("SELECT pol.polname FROM pg_catalog.pg_policy pol WHERE pol.polrelid = '16384'");
+        let a =
+            ask("SELECT pol.polname FROM pg_catalog.pg_policy pol WHERE pol.polrelid = '16384'");
         assert_eq!(a.columns, ["polname"]);
         assert!(a.rows.is_empty());
         let a = ask(
@@ -887,7 +917,9 @@ mod tests {
         assert_eq!(a.rows[0][1..], [Val::text("public"), Val::text("analyst")]);
         assert!(is_catalog_query("SELECT version()"));
         assert!(is_catalog_query("select * from pg_type"));
-        assert!(!is_catalog_query("SELECT agency, COUNT(*) FROM experience GROUP BY agency"));
+        assert!(!is_catalog_query(
+            "SELECT agency, COUNT(*) FROM experience GROUP BY agency"
+        ));
     }
 
     #[test]
