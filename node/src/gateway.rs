@@ -683,7 +683,7 @@ impl Backend {
     async fn parameter_types(&self, sql: &str, given: &[Type]) -> PgWireResult<Vec<Type>> {
         let count = placeholders(sql)?.iter().map(|p| p.2).max().unwrap_or(0);
         let count = count.max(given.len());
-        let inferred = if given.iter().any(|t| *t == Type::UNKNOWN) || given.len() < count {
+        let inferred = if given.contains(&Type::UNKNOWN) || given.len() < count {
             match self.planner.state().create_logical_plan(sql).await {
                 Ok(plan) => plan.get_parameter_types().unwrap_or_default(),
                 Err(_) => Default::default(),
@@ -893,11 +893,7 @@ fn output_is_aggregate(plan: &LogicalPlan, aggregates: &[String]) -> Vec<bool> {
                 return p
                     .expr
                     .iter()
-                    .map(|e| {
-                        e.column_refs()
-                            .iter()
-                            .any(|c| aggregates.iter().any(|a| *a == c.name))
-                    })
+                    .map(|e| e.column_refs().iter().any(|c| aggregates.contains(&c.name)))
                     .collect();
             }
             LogicalPlan::Limit(l) => node = &l.input,
