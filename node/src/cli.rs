@@ -182,6 +182,41 @@ pub enum Command {
         #[arg(long = "audit-key", value_parser = parse_audit_key)]
         audit_keys: Vec<(String, PathBuf)>,
     },
+    /// A PostgreSQL-protocol server on loopback for your own tools (psql, Python, R, BI):
+    /// every query is signed as you and sent to the federation like `cxfed query`; catalog
+    /// queries are answered locally. Log in with the password it prints.
+    Gateway {
+        /// A node, e.g. https://127.0.0.1:7001; the first coordinates queries, the next are
+        /// tried in order when it cannot be reached.
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+        /// Your (analyst) certificate files.
+        #[command(flatten)]
+        tls: TlsArgs,
+        /// Where to listen (loopback only, unless --listen-public).
+        #[arg(long, default_value = "127.0.0.1:5433")]
+        listen: std::net::SocketAddr,
+        /// Allow a non-loopback --listen address (anyone who can reach it and has the password
+        /// queries as you).
+        #[arg(long)]
+        listen_public: bool,
+        /// Also write the password to this file as a `.pgpass` line (mode 0600), for
+        /// PGPASSFILE.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// ε each query spends on each node (default: each node's maximum).
+        #[arg(long)]
+        epsilon: Option<f64>,
+        /// Accept answers from only the nodes that responded.
+        #[arg(long)]
+        allow_partial: bool,
+        /// Leave out the `<name>_ci95` column beside each aggregate.
+        #[arg(long)]
+        no_ci95_columns: bool,
+        /// Seconds to wait for each answer.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// A local three-agency federation on synthetic data: certificates, data, nodes, queries.
     Demo {
         /// Keep everything in this directory instead of a temporary one.
@@ -810,6 +845,40 @@ async fn dispatch(command: Command) -> Result<(), String> {
             );
             shutdown_signal().await;
             console.shutdown().await;
+            Ok(())
+        }
+        Command::Gateway {
+            nodes,
+            tls,
+            listen,
+            listen_public,
+            password_file,
+            epsilon,
+            allow_partial,
+            no_ci95_columns,
+            timeout,
+        } => {
+            let gw = crate::gateway::start(crate::gateway::GatewayOptions {
+                nodes,
+                tls: tls.into(),
+                listen,
+                listen_public,
+                password_file: password_file.clone(),
+                epsilon,
+                allow_partial,
+                ci95_columns: !no_ci95_columns,
+                timeout: Duration::from_secs(timeout),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            println!("cxfed gateway for {} at {}", gw.identity, gw.url());
+            match &password_file {
+                Some(p) => println!("password in {} (PGPASSFILE={})", p.display(), p.display()),
+                None => println!("password: {}", gw.password.expose()),
+            }
+            println!("Ctrl-C to stop");
+            shutdown_signal().await;
+            gw.shutdown().await;
             Ok(())
         }
         Command::Demo { dir, serve, people } => {

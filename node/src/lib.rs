@@ -24,6 +24,8 @@
 //! - [`ledger`]: the per-analyst privacy-budget ledger.
 //! - [`server`]: the axum HTTPS server and its routes.
 //! - [`console`]: the local web console for analysts, stewards and auditors (`cxfed console`).
+//! - [`gateway`]: the federation over the PostgreSQL wire protocol, for analysts' own tools
+//!   (`cxfed gateway`).
 //! - [`output`]: table / JSON / CSV rendering of results.
 //! - [`demo`]: the self-contained three-agency demo.
 //! - [`cli`]: command-line parsing and dispatch.
@@ -38,6 +40,7 @@ pub mod console;
 pub mod coordinator;
 pub mod demo;
 pub mod engine;
+pub mod gateway;
 pub mod ingest;
 pub mod ledger;
 pub mod output;
