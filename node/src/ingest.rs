@@ -7,9 +7,11 @@
 //! dates), booleans (`true` / `false`), required values, agency codes, free text (non-empty, at
 //! most 120 characters, no control characters) and `closed_date >= opened_date`. An empty CSV
 //! field is a null. Every problem is reported as `FILE:LINE:COLUMN: reason`, where LINE is the
-//! 1-based line of the CSV file (the header is line 1) and COLUMN the 1-based column number. For
-//! Parquet input LINE is the 1-based row number (the reason says so), and problems with the file's
-//! schema are reported on line 0.
+//! 1-based line of the CSV file an editor shows (the header is line 1; `\n`, `\r\n` and a lone
+//! `\r` each end a line, empty lines count, and a value is on the line its field starts on, after
+//! any quoted multi-line field before it: see `LineReader`) and COLUMN the 1-based column
+//! number. For Parquet input LINE is the 1-based row number (the reason says so), and problems
+//! with the file's schema are reported on line 0.
 //!
 //! # How it is written
 //! The input is read once, in chunks of [`CHUNK_ROWS`] rows that are validated, converted to
@@ -1190,10 +1192,11 @@ impl Sink {
     }
 
     /// Validates and appends one row. `value(i)` is the input value of schema column `i`;
-    /// `columns[i]` is its 1-based column number in the input.
+    /// `columns[i]` is its 1-based column number in the input, and `line(columns[i])` the line
+    /// (or row) its errors are reported on.
     fn push_row<'a>(
         &mut self,
-        line: u64,
+        line: impl Fn(usize) -> u64,
         columns: &[usize],
         mut value: impl FnMut(usize) -> Value<'a>,
     ) -> Result<(), IngestError> {
@@ -1228,7 +1231,8 @@ impl Sink {
                         expected: x,
                         source: d.source(),
                     };
-                    self.errors.add(line, columns[i], spec.col.name, p);
+                    self.errors
+                        .add(line(columns[i]), columns[i], spec.col.name, p);
                     continue;
                 }
             }
@@ -1237,7 +1241,8 @@ impl Sink {
                 Err(p) => {
                     self.builders[i].append_null();
                     self.dates[i] = None;
-                    self.errors.add(line, columns[i], spec.col.name, p);
+                    self.errors
+                        .add(line(columns[i]), columns[i], spec.col.name, p);
                 }
             }
             // Cross-column checks, reported at the later column (so errors stay in order).
@@ -1251,7 +1256,8 @@ impl Sink {
                         other: self.specs[earlier].col.name,
                         other_value: e,
                     };
-                    self.errors.add(line, columns[later], spec.col.name, p);
+                    self.errors
+                        .add(line(columns[later]), columns[later], spec.col.name, p);
                 }
             }
         }
@@ -1297,22 +1303,175 @@ impl Sink {
 // ---------------------------------------------------------------------------------------------
 // CSV
 
-/// Counts `"` bytes, to detect a quoted field left open at the end of the file.
-struct QuoteCounter<R> {
+/// The input of a CSV reader, watched for where its lines end (and for `"` bytes, to detect a
+/// quoted field left open at the end of the file), so that errors name the line an editor shows.
+///
+/// The csv crate's own line count is not that line: it counts `\n` bytes up to where it
+/// started reading a record, which is before the `\n` of a CRLF line end and before skipped
+/// empty lines — every row of a Windows file came out one line early — and it knows nothing of
+/// a lone `\r`. Here a line ends at `\n`, at `\r\n` (one line end) and at a `\r` not followed
+/// by `\n` (classic Mac OS files, which the csv crate also reads as record ends), wherever it
+/// is: between records, in skipped empty lines or inside a quoted field. A UTF-8 byte order
+/// mark is only bytes of line 1.
+///
+/// Memory stays small however long the file: line ends are kept only between what the csv
+/// reader has parsed (see [`LineReader::record`]) and what it has buffered ahead.
+pub(crate) struct LineReader<R> {
     inner: R,
+    /// `"` bytes read.
     quotes: u64,
+    /// Bytes read.
+    read: u64,
+    /// Offsets of the line ends read but not yet passed by [`LineReader::record`] (of the
+    /// `\n` of a `\r\n`).
+    ends: std::collections::VecDeque<u64>,
+    /// Line ends before those in `ends`.
+    passed: u64,
+    /// The input has ended.
+    eof: bool,
+    /// The offset of a `\r` that was the last byte read: whether it ends a line alone depends
+    /// on the next byte.
+    cr: Option<u64>,
 }
 
-impl<R: Read> Read for QuoteCounter<R> {
+impl<R: Read> LineReader<R> {
+    pub(crate) fn new(inner: R) -> LineReader<R> {
+        LineReader {
+            inner,
+            quotes: 0,
+            read: 0,
+            ends: std::collections::VecDeque::new(),
+            passed: 0,
+            eof: false,
+            cr: None,
+        }
+    }
+
+    /// Whether an odd number of `"` bytes was read.
+    fn quotes_unbalanced(&self) -> bool {
+        self.quotes % 2 == 1
+    }
+
+    /// The 1-based line of the byte at `offset` (the line ends before it, plus one). Offsets
+    /// must not decrease from call to call.
+    pub(crate) fn line_at(&mut self, offset: u64) -> u64 {
+        while self.ends.front().is_some_and(|&e| e < offset) {
+            self.ends.pop_front();
+            self.passed += 1;
+        }
+        self.passed + 1
+    }
+
+    /// The lines of the record the csv reader has just parsed: `end` is the reader's byte
+    /// position after it (`csv::Reader::position`), `fields` its fields as parsed. The record
+    /// ends on the line of its last byte (its terminator, or the end of the file); it starts
+    /// as many line ends earlier as its fields hold — a line end can only be inside a quoted
+    /// field, and parsing keeps it there as it was.
+    pub(crate) fn record<'a>(
+        &mut self,
+        end: u64,
+        fields: impl Iterator<Item = &'a [u8]>,
+        lines: &mut RecordLines,
+    ) {
+        lines.starts.clear();
+        let mut breaks = 0;
+        let mut ends_in_break = false;
+        for f in fields {
+            lines.starts.push(breaks);
+            breaks += line_breaks(f);
+            ends_in_break = matches!(f.last(), Some(b'\n' | b'\r'));
+        }
+        // A quoted field left open runs to the end of the file: then the last byte, when it is
+        // a line end, is the field's own, not the record's terminator.
+        let open_to_eof = ends_in_break && self.eof && end == self.read && self.quotes_unbalanced();
+        lines.last = if open_to_eof {
+            self.line_at(end)
+        } else {
+            self.line_at(end.saturating_sub(1))
+        };
+        if breaks == 0 {
+            lines.starts.clear();
+        } else {
+            let first = lines.last.saturating_sub(breaks);
+            for s in &mut lines.starts {
+                *s += first;
+            }
+        }
+    }
+}
+
+impl<R: Read> Read for LineReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.quotes += buf[..n].iter().filter(|&&b| b == b'"').count() as u64;
+        if n == 0 {
+            if !buf.is_empty() {
+                // End of input: a `\r` as the very last byte ends its line alone.
+                self.eof = true;
+                if let Some(cr) = self.cr.take() {
+                    self.ends.push_back(cr);
+                }
+            }
+            return Ok(0);
+        }
+        for (i, &b) in buf[..n].iter().enumerate() {
+            let at = self.read + i as u64;
+            match b {
+                b'\n' => {
+                    self.cr = None;
+                    self.ends.push_back(at);
+                }
+                b'\r' => {
+                    if let Some(cr) = self.cr.replace(at) {
+                        self.ends.push_back(cr);
+                    }
+                }
+                _ => {
+                    if let Some(cr) = self.cr.take() {
+                        self.ends.push_back(cr);
+                    }
+                    self.quotes += u64::from(b == b'"');
+                }
+            }
+        }
+        self.read += n as u64;
         Ok(n)
     }
 }
 
-fn csv_read_error(file: &Path, e: csv::Error) -> IngestError {
-    let line = e.position().map(|p| p.line()).unwrap_or(0);
+/// Line ends in `b`, as [`LineReader`] counts them (`\n`, `\r\n`, a lone `\r`).
+pub(crate) fn line_breaks(b: &[u8]) -> u64 {
+    let mut n = 0;
+    let mut cr = false;
+    for &c in b {
+        n += u64::from(c == b'\n' || cr);
+        cr = c == b'\r';
+    }
+    n + u64::from(cr)
+}
+
+/// The lines of one CSV record: where each field starts, and the record's last line (see
+/// [`LineReader::record`]).
+#[derive(Debug, Default)]
+pub(crate) struct RecordLines {
+    last: u64,
+    /// The line each field starts on; empty when the record is on one line.
+    starts: Vec<u64>,
+}
+
+impl RecordLines {
+    /// The line field `i` (0-based) starts on; for a field past the record's end, its last line.
+    pub(crate) fn field(&self, i: usize) -> u64 {
+        self.starts.get(i).copied().unwrap_or(self.last)
+    }
+
+    /// The line the record starts on.
+    pub(crate) fn first(&self) -> u64 {
+        self.field(0)
+    }
+}
+
+/// A read error of the csv reader; `line` is where reading stopped.
+fn csv_read_error(file: &Path, line: u64, e: csv::Error) -> IngestError {
     match e.into_kind() {
         csv::ErrorKind::Io(source) => IngestError::Io {
             path: file.to_path_buf(),
@@ -1327,6 +1486,27 @@ fn csv_read_error(file: &Path, e: csv::Error) -> IngestError {
             }],
             total: 1,
         },
+    }
+}
+
+/// Reads the next record of `csv` into `record` and its lines into `lines`.
+pub(crate) fn next_record<R: Read>(
+    csv: &mut csv::Reader<LineReader<R>>,
+    record: &mut csv::ByteRecord,
+    lines: &mut RecordLines,
+    file: &Path,
+) -> Result<bool, IngestError> {
+    match csv.read_byte_record(record) {
+        Ok(true) => {
+            let end = csv.position().byte();
+            csv.get_mut().record(end, record.iter(), lines);
+            Ok(true)
+        }
+        Ok(false) => Ok(false),
+        Err(e) => {
+            let at = csv.position().byte();
+            Err(csv_read_error(file, csv.get_mut().line_at(at), e))
+        }
     }
 }
 
@@ -1345,16 +1525,12 @@ fn ingest_csv(
         .has_headers(false)
         .flexible(true)
         .buffer_capacity(1 << 20)
-        .from_reader(QuoteCounter {
-            inner: reader,
-            quotes: 0,
-        });
+        .from_reader(LineReader::new(reader));
 
     // Header.
     let mut record = csv::ByteRecord::new();
-    let has_header = csv
-        .read_byte_record(&mut record)
-        .map_err(|e| csv_read_error(file, e))?;
+    let mut lines = RecordLines::default();
+    let has_header = next_record(&mut csv, &mut record, &mut lines, file)?;
     let mut errors = Errors::new(false);
     if !has_header {
         errors.add_message(1, 1, || {
@@ -1366,7 +1542,7 @@ fn ingest_csv(
         });
         return errors.into_result(file).map(|()| (0, None));
     }
-    let header_line = record.position().map(|p| p.line()).unwrap_or(1);
+    let header_line = lines.first();
     let header: Vec<String> = record
         .iter()
         .enumerate()
@@ -1391,26 +1567,22 @@ fn ingest_csv(
     sink.open_output(data_dir, table)?;
     let columns: Vec<usize> = (1..=table.columns().len()).collect();
     let mut last: Option<(u64, usize, bool)> = None; // (line, fields, had errors)
-    loop {
-        match csv.read_byte_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(e) => return Err(csv_read_error(file, e)),
-        }
-        let line = record.position().map(|p| p.line()).unwrap_or(0);
+    while next_record(&mut csv, &mut record, &mut lines, file)? {
         let before = sink.errors.total;
         if record.len() != ncols {
             let found = record.len();
             if found < ncols {
                 let missing = cols[found].name;
-                sink.errors.add_message(line, found + 1, || {
+                // On the line the row's last field starts on (an unclosed quote there swallows
+                // the rest of the file).
+                sink.errors.add_message(lines.field(found.saturating_sub(1)), found + 1, || {
                     format!(
                         "{missing}: missing; the row has {found} field{} but the header has {ncols}",
                         plural(found as u64)
                     )
                 });
             } else {
-                sink.errors.add_message(line, ncols + 1, || {
+                sink.errors.add_message(lines.field(ncols), ncols + 1, || {
                     format!(
                         "unexpected field: the row has {found} fields but the header has {ncols}"
                     )
@@ -1418,14 +1590,24 @@ fn ingest_csv(
             }
         } else {
             let rec = &record;
-            sink.push_row(line, &columns, |i| match rec.get(i) {
-                Some(f) if !f.is_empty() => Value::Text(f),
-                _ => Value::Null,
-            })?;
+            let at = &lines;
+            sink.push_row(
+                |column| at.field(column.saturating_sub(1)),
+                &columns,
+                |i| match rec.get(i) {
+                    Some(f) if !f.is_empty() => Value::Text(f),
+                    _ => Value::Null,
+                },
+            )?;
         }
-        last = Some((line, record.len(), sink.errors.total > before));
+        let fields = record.len();
+        last = Some((
+            lines.field(fields.saturating_sub(1)),
+            fields,
+            sink.errors.total > before,
+        ));
     }
-    if csv.get_ref().quotes % 2 == 1
+    if csv.get_ref().quotes_unbalanced()
         && let Some((line, fields, had_errors)) = last
         && !had_errors
     {
@@ -1739,9 +1921,11 @@ fn ingest_parquet(
             .collect::<Result<Vec<Option<Src>>, IngestError>>()?;
         for r in 0..batch.num_rows() {
             row += 1;
-            sink.push_row(row, &columns, |i| {
-                srcs[i].as_ref().map_or(Value::Null, |s| s.value(r))
-            })?;
+            sink.push_row(
+                |_| row,
+                &columns,
+                |i| srcs[i].as_ref().map_or(Value::Null, |s| s.value(r)),
+            )?;
         }
         if let Some(bar) = bar {
             bar.inc(batch.num_rows() as u64);
@@ -2225,5 +2409,212 @@ mod tests {
             .to_string()
             .contains("in.parquet:3:12: row 3: trust: 4.5 is not an integer")
         );
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Line numbers: the line an editor shows, whatever the line ends.
+
+    /// A row of an experience CSV in the version-1 layout (trust is column 12), with a unique
+    /// response id; `trust` and `service` as given (`service` quoted when it holds a line end).
+    fn exp_row(i: usize, trust: u8, service: &str) -> String {
+        let service = if service.contains(['\n', '\r']) {
+            format!("\"{service}\"")
+        } else {
+            service.to_string()
+        };
+        format!(
+            "SSA-R-{i},SSA-P-{i},SSA-C-{i},SSA,{service},approaching_retirement,apply,\"phone\",MD,\
+             62_64,2025-03-01,{trust},5,4,3,2,5,"
+        )
+    }
+
+    fn exp_header() -> String {
+        let names: Vec<&str> = Table::Experience
+            .columns_of_version(1)
+            .iter()
+            .map(|c| c.name)
+            .collect();
+        names.join(",")
+    }
+
+    /// The errors of validating `text` as an experience CSV: (line, column, reason).
+    fn located(dir: &Path, name: &str, text: &str) -> Vec<(u64, usize, String)> {
+        let input = write_file(dir, name, text);
+        let (errors, _) = invalid(validate(Table::Experience, &input).expect_err("invalid"));
+        errors
+            .into_iter()
+            .map(|e| (e.line, e.column, e.reason))
+            .collect()
+    }
+
+    /// 60 data rows with `trust` 9 on lines 3 and 57 (the rows of response 1 and 55); each line
+    /// ends with `end(line)`.
+    fn trust_errors_file(bom: bool, end: impl Fn(usize) -> &'static str) -> String {
+        let mut text = String::from(if bom { "\u{feff}" } else { "" });
+        text.push_str(&exp_header());
+        text.push_str(end(1));
+        for i in 0..60 {
+            let trust = if i == 1 || i == 55 { 9 } else { 4 };
+            text.push_str(&exp_row(i, trust, "Retirement benefits"));
+            text.push_str(end(i + 2));
+        }
+        text
+    }
+
+    #[test]
+    fn errors_name_the_editor_line_for_lf_crlf_cr_mixed_and_bom() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let variants: [(&str, bool, &dyn Fn(usize) -> &'static str); 8] = [
+            ("lf", false, &|_| "\n"),
+            ("crlf", false, &|_| "\r\n"),
+            ("cr", false, &|_| "\r"),
+            ("mixed", false, &|l| ["\n", "\r\n", "\r"][l % 3]),
+            ("bom-lf", true, &|_| "\n"),
+            ("bom-crlf", true, &|_| "\r\n"),
+            ("bom-mixed", true, &|l| ["\r\n", "\r", "\n"][l % 3]),
+            // No line end after the last row.
+            ("crlf-unterminated", false, &|l| {
+                if l == 61 { "" } else { "\r\n" }
+            }),
+        ];
+        for (name, bom, end) in variants {
+            let errors = located(
+                tmp.path(),
+                &format!("{name}.csv"),
+                &trust_errors_file(bom, end),
+            );
+            let want = vec![
+                (3, 12, "trust: 9 is outside 1..=5".to_string()),
+                (57, 12, "trust: 9 is outside 1..=5".to_string()),
+            ];
+            assert_eq!(errors, want, "{name}");
+        }
+        // The whole message, as `cxfed ingest` prints it.
+        let input = write_file(tmp.path(), "bad.csv", &trust_errors_file(false, |_| "\r\n"));
+        let shown = validate(Table::Experience, &input)
+            .expect_err("invalid")
+            .to_string();
+        assert!(
+            shown.contains("bad.csv:57:12: trust: 9 is outside 1..=5"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn errors_count_empty_lines_the_csv_reader_skips() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for (name, blank, end) in [
+            ("lf", "\n", "\n"),
+            ("crlf", "\r\n", "\r\n"),
+            ("crlf-two", "\r\n\r\n", "\r\n"),
+        ] {
+            // The empty line(s) come after line 10: line 57 moves down.
+            let mut text = trust_errors_file(false, |_| end);
+            let at = text
+                .match_indices(end)
+                .nth(9)
+                .map(|(i, _)| i + end.len())
+                .expect("line 10");
+            text.insert_str(at, blank);
+            let shift = blank.matches('\n').count() as u64;
+            let lines: Vec<(u64, usize)> = located(tmp.path(), "blank.csv", &text)
+                .into_iter()
+                .map(|(l, c, _)| (l, c))
+                .collect();
+            assert_eq!(lines, vec![(3, 12), (57 + shift, 12)], "{name}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_editor_line_after_and_inside_quoted_multi_line_fields() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for (name, end) in [("lf", "\n"), ("crlf", "\r\n"), ("cr", "\r")] {
+            for (inside, extra) in [(end, 1), ("\n\n", 2), ("\r\n", 1), ("\r", 1)] {
+                let mut text = exp_header();
+                text.push_str(end);
+                for i in 0..60 {
+                    let (trust, service) = match i {
+                        1 | 55 => (9, "Retirement benefits".to_string()),
+                        // Line 7: a service spanning lines (itself an error).
+                        5 => (4, format!("Retirement{inside}benefits")),
+                        // Line 23 (+ extra): a bad trust after a multi-line field, in the
+                        // same row.
+                        20 => (9, format!("Survivor{inside}benefits")),
+                        _ => (4, "Retirement benefits".to_string()),
+                    };
+                    text.push_str(&exp_row(i, trust, &service));
+                    text.push_str(end);
+                }
+                let e = extra;
+                let lines: Vec<(u64, usize)> = located(tmp.path(), "multi.csv", &text)
+                    .into_iter()
+                    .map(|(l, c, _)| (l, c))
+                    .collect();
+                assert_eq!(
+                    lines,
+                    vec![
+                        (3, 12),
+                        (7, 5),
+                        (22 + e, 5),
+                        (22 + 2 * e, 12),
+                        (57 + 2 * e, 12)
+                    ],
+                    "{name}, {inside:?} inside a field"
+                );
+            }
+        }
+    }
+
+    /// A reader that hands out one byte per call: every line end straddles a read boundary.
+    struct OneByte<'a>(&'a [u8]);
+
+    impl Read for OneByte<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match (self.0.split_first(), buf.first_mut()) {
+                (Some((&b, rest)), Some(slot)) => {
+                    *slot = b;
+                    self.0 = rest;
+                    Ok(1)
+                }
+                _ => Ok(0),
+            }
+        }
+    }
+
+    #[test]
+    fn record_lines_do_not_depend_on_how_the_input_is_read() {
+        let text = "a,b\r\n\r\nc,\"d\r\ne\"\r\rf,\"g\rh\"\n\ni,j\r";
+        // (first line, line of field 2, last line) of each record, counted by hand.
+        let want = vec![(1, 1, 1), (3, 3, 4), (6, 6, 7), (9, 9, 9)];
+        let parse = |input: Box<dyn Read + '_>, capacity: usize| {
+            let mut csv = csv::ReaderBuilder::new()
+                .has_headers(false)
+                .flexible(true)
+                .buffer_capacity(capacity)
+                .from_reader(LineReader::new(input));
+            let mut record = csv::ByteRecord::new();
+            let mut lines = RecordLines::default();
+            let mut got = Vec::new();
+            while next_record(&mut csv, &mut record, &mut lines, Path::new("t.csv")).expect("read")
+            {
+                got.push((lines.first(), lines.field(1), lines.last));
+            }
+            got
+        };
+        assert_eq!(parse(Box::new(text.as_bytes()), 1 << 20), want);
+        assert_eq!(parse(Box::new(OneByte(text.as_bytes())), 1), want);
+        assert_eq!(parse(Box::new(OneByte(text.as_bytes())), 3), want);
+        // A quote left open runs to the end of the file, line ends and all.
+        for text in ["a\n\"b\nc\n", "a\r\n\"b\r\nc\r\n", "a\r\"b\rc\r"] {
+            let want = vec![(1, 1, 1), (2, 4, 4)];
+            assert_eq!(parse(Box::new(text.as_bytes()), 1 << 20), want, "{text:?}");
+            assert_eq!(
+                parse(Box::new(OneByte(text.as_bytes())), 1),
+                want,
+                "{text:?}"
+            );
+        }
+        assert_eq!(line_breaks(b"a\r\nb\nc\rd\r"), 4);
+        assert_eq!(line_breaks(b"\r\r\n\n"), 3);
     }
 }

@@ -367,6 +367,8 @@ pub enum ApiError {
     NodesFailed(String, Vec<NodeStatus>),
     /// No such endpoint.
     NotFound,
+    /// The request body is over the limit (bytes) this node reads.
+    TooLarge(usize),
     /// A bug or engine failure; details are logged, not returned.
     Internal(String),
 }
@@ -420,6 +422,17 @@ impl IntoResponse for ApiError {
             ApiError::NotFound => (
                 StatusCode::NOT_FOUND,
                 body("CXF-A404", "not-found", "no such endpoint".into()),
+            ),
+            ApiError::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                body(
+                    BODY_TOO_LARGE,
+                    "body-too-large",
+                    format!(
+                        "the request body is over this node's limit of {limit} bytes ({} MiB)",
+                        limit / (1024 * 1024)
+                    ),
+                ),
             ),
             ApiError::NodesFailed(query_id, nodes) => {
                 let failed: Vec<String> = nodes
@@ -772,7 +785,7 @@ impl Node {
 async fn query(
     State(node): State<Arc<Node>>,
     Extension(tls): Extension<Arc<TlsInfo>>,
-    body: Bytes,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let received_at = cxfed_protocol::signing::unix_now();
     let peer = node.authorize(&tls, "/v1/query", &[Role::Analyst]).await?;
@@ -858,7 +871,7 @@ async fn query(
 async fn partial(
     State(node): State<Arc<Node>>,
     Extension(tls): Extension<Arc<TlsInfo>>,
-    body: Bytes,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let received_at = cxfed_protocol::signing::unix_now();
     let peer = node.authorize(&tls, "/v1/partial", &[Role::Node]).await?;
@@ -912,7 +925,7 @@ async fn partial(
 async fn explain(
     State(node): State<Arc<Node>>,
     Extension(tls): Extension<Arc<TlsInfo>>,
-    body: Bytes,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let who = node
         .authorize(&tls, "/v1/explain", &[Role::Analyst, Role::Steward])
@@ -1210,6 +1223,104 @@ async fn audit(
 
 /// Media type of `GET /v1/audit`: the log's lines exactly as on disk.
 pub const AUDIT_MEDIA_TYPE: &str = "application/x-ndjson";
+
+/// The largest request body a node reads (`/v1/query`, `/v1/partial`, `/v1/explain`), in bytes.
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// The code of a request refused because its body is over [`MAX_BODY_BYTES`] (HTTP 413).
+pub const BODY_TOO_LARGE: &str = "CXF-A413";
+/// How much of an oversized body is still read, and thrown away, so that a client that is
+/// still sending reads the 413 rather than a reset connection. A body longer than this (or
+/// slower than [`DRAIN_TIMEOUT`]) gets the 413 and then the connection is closed under it.
+const MAX_DRAIN_BYTES: u64 = 64 * 1024 * 1024;
+/// How long an oversized body is drained at most.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request body of at most [`MAX_BODY_BYTES`]. A longer one is refused with
+/// [`BODY_TOO_LARGE`] and audited with the caller's identity, before the handler (and so
+/// before the caller's role is checked): nothing of the body is kept or logged.
+pub struct LimitedBody(pub Bytes);
+
+impl axum::extract::FromRequest<Arc<Node>> for LimitedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        node: &Arc<Node>,
+    ) -> Result<Self, Self::Rejection> {
+        use futures::StreamExt as _;
+        let (parts, body) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let mut stream = body.into_data_stream();
+        let mut buf = Vec::new();
+        let mut failed = None;
+        let mut over = declared.is_some_and(|n| n > MAX_BODY_BYTES as u64);
+        while !over {
+            match stream.next().await {
+                None => break,
+                Some(Ok(chunk)) if buf.len() + chunk.len() <= MAX_BODY_BYTES => {
+                    buf.extend_from_slice(&chunk)
+                }
+                Some(Ok(_)) => over = true,
+                Some(Err(e)) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if over && declared.is_none_or(|n| n <= MAX_DRAIN_BYTES) {
+            drop(buf);
+            let drain = async {
+                let mut drained = 0u64;
+                while let Some(Ok(chunk)) = stream.next().await {
+                    drained += chunk.len() as u64;
+                    if drained > MAX_DRAIN_BYTES {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+        } else if !over && failed.is_none() {
+            return Ok(LimitedBody(Bytes::from(buf)));
+        }
+        let peer = match parts.extensions.get::<Arc<TlsInfo>>() {
+            Some(t) => match crate::tls::peer_identity(&t.peer_certificates) {
+                Ok(id) => id.to_string(),
+                Err(_) => peer_label(&t.peer_certificates),
+            },
+            None => String::new(),
+        };
+        let endpoint = parts.uri.path().to_string();
+        let (code, refusal) = match failed {
+            Some(e) if !over => {
+                warn!(%peer, endpoint, error = %e, "request body could not be read");
+                (
+                    "CXF-A400",
+                    ApiError::BadRequest(format!("request body: {e}")),
+                )
+            }
+            _ => {
+                warn!(%peer, endpoint, declared, limit = MAX_BODY_BYTES, "refused oversized request body");
+                (BODY_TOO_LARGE, ApiError::TooLarge(MAX_BODY_BYTES))
+            }
+        };
+        let logged = node
+            .record(Record {
+                endpoint: endpoint.into(),
+                peer,
+                decision: Some(Decision::Refused),
+                code: Some(code.into()),
+                ..Record::default()
+            })
+            .await;
+        Err(match logged {
+            Ok(()) => refusal,
+            Err(e) => e,
+        })
+    }
+}
 
 /// The longest request path a 404 line keeps.
 const MAX_LOGGED_PATH: usize = 200;

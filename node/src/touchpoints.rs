@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use cxfed_queries::schema::{DRIVERS, Domain, Table};
 use ring::hmac;
 
-use crate::ingest::{IngestError, IngestReport, RowError};
+use crate::ingest::{IngestError, IngestReport, LineReader, RecordLines, RowError, next_record};
 
 /// The per-node pseudonymization key, inside the data directory.
 pub const KEY_FILE: &str = "pseudonym.key";
@@ -95,23 +95,34 @@ pub fn import(
         let path = path.to_path_buf();
         move |source| IngestError::Io { path, source }
     };
+    let input = std::fs::File::open(file).map_err(io(file))?;
+    // Lines as an editor shows them, whatever the line ends (see `ingest::LineReader`).
     let mut reader = csv::ReaderBuilder::new()
-        .flexible(false)
-        .from_path(file)
-        .map_err(|e| csv_error(file, e))?;
-    let header: Vec<String> = reader
-        .headers()
-        .map_err(|e| csv_error(file, e))?
-        .iter()
-        .map(|h| h.trim_start_matches('\u{feff}').to_string())
-        .collect();
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(LineReader::new(input));
+    let mut raw = csv::ByteRecord::new();
+    let mut lines = RecordLines::default();
+    // An empty file has an empty header: every column is reported missing on line 1.
+    let header: Vec<String> = if next_record(&mut reader, &mut raw, &mut lines, file)? {
+        raw.iter()
+            .map(|h| {
+                String::from_utf8_lossy(h)
+                    .trim_start_matches('\u{feff}')
+                    .to_string()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let header_line = lines.first().max(1);
     let col = |name: &str| header.iter().position(|h| h == name);
     let mut errors = Vec::new();
     let mut need = |name: &str| {
         let c = col(name);
         if c.is_none() {
             errors.push(RowError {
-                line: 1,
+                line: header_line,
                 column: header.len() + 1,
                 reason: format!("missing column `{name}` of the Touchpoints CX response export"),
             });
@@ -128,7 +139,7 @@ pub fn import(
     let created = col("created_at");
     if created.is_none() && opts.response_date.is_none() {
         errors.push(RowError {
-            line: 1,
+            line: header_line,
             column: header.len() + 1,
             reason: "no `created_at` column: pass --response-date YYYY-MM-DD".into(),
         });
@@ -148,18 +159,48 @@ pub fn import(
     let mut repeated = 0u64;
     let mut comments_dropped = 0;
     let mut rows = 0u64;
-    for record in reader.records() {
-        let record = record.map_err(|e| csv_error(file, e))?;
-        let line = record.position().map_or(0, |p| p.line());
+    while next_record(&mut reader, &mut raw, &mut lines, file)? {
+        rows += 1;
+        if raw.len() != header.len() {
+            let (found, want) = (raw.len(), header.len());
+            // Where the missing field would start, or where the first extra one does.
+            let at = if found < want {
+                found.saturating_sub(1)
+            } else {
+                want
+            };
+            errors.push(RowError {
+                line: lines.field(at),
+                column: found.min(want) + 1,
+                reason: format!(
+                    "the row has {found} field{} but the header has {want}",
+                    if found == 1 { "" } else { "s" }
+                ),
+            });
+            continue;
+        }
+        let record = match csv::StringRecord::from_byte_record(std::mem::take(&mut raw)) {
+            Ok(record) => record,
+            Err(e) => {
+                let c = e.utf8_error().field();
+                let name = header.get(c).map_or("?", |h| h.as_str());
+                errors.push(RowError {
+                    line: lines.field(c),
+                    column: c + 1,
+                    reason: format!("{name}: value is not valid UTF-8"),
+                });
+                raw = e.into_byte_record();
+                continue;
+            }
+        };
         let field = |c: Option<usize>| c.and_then(|c| record.get(c)).unwrap_or("").trim();
         let mut bad = |c: Option<usize>, reason: String| {
             errors.push(RowError {
-                line,
+                line: c.map_or(lines.first(), |c| lines.field(c)),
                 column: c.map_or(0, |c| c + 1),
                 reason,
             })
         };
-        rows += 1;
         if comments.is_some_and(|c| record.get(c).is_some_and(|t| !t.trim().is_empty())) {
             comments_dropped += 1;
         }
@@ -427,19 +468,6 @@ fn rename_file(e: IngestError, file: &Path) -> IngestError {
     }
 }
 
-fn csv_error(file: &Path, e: csv::Error) -> IngestError {
-    let line = e.position().map_or(0, |p| p.line());
-    IngestError::Invalid {
-        file: file.to_path_buf(),
-        errors: vec![RowError {
-            line,
-            column: 1,
-            reason: format!("malformed CSV: {e}"),
-        }],
-        total: 1,
-    }
-}
-
 /// 16 hex digits of HMAC-SHA256(key, purpose ‖ 0 ‖ parts joined by 0).
 fn pseudonym(key: &hmac::Key, purpose: &str, parts: &[&str]) -> String {
     let mut ctx = hmac::Context::with_key(key);
@@ -509,5 +537,149 @@ fn load_key(data_dir: &Path) -> std::io::Result<PseudonymKey> {
             })
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Touchpoints export header with the comment (`question_4`, column 3) before
+    /// `question_1` (column 4), so a multi-line comment moves the answer to a later line.
+    fn header() -> String {
+        let mut cols = vec!["id", "external_id", "question_4", "question_1"];
+        let flags: Vec<String> = ["positive", "negative"]
+            .iter()
+            .flat_map(|side| DRIVERS.iter().map(move |d| format!("{side}_{d}")))
+            .collect();
+        cols.extend(flags.iter().map(String::as_str));
+        cols.push("created_at");
+        cols.join(",")
+    }
+
+    fn row(i: usize, comment: &str, q1: &str) -> String {
+        let flags = vec!["0"; 2 * DRIVERS.len()].join(",");
+        format!("{i},TP-{i},\"{comment}\",{q1},{flags},2025-10-07T14:47:14Z")
+    }
+
+    fn opts() -> ImportOptions {
+        ImportOptions {
+            agency: "SSA".into(),
+            service: "Retirement benefits".into(),
+            channel: "website".into(),
+            life_experience: "approaching_retirement".into(),
+            journey_stage: "apply".into(),
+            question_1: Question1::FivePoint,
+            response_date: None,
+        }
+    }
+
+    /// (line, column, reason) of importing `text`; checks that nothing was written.
+    fn located(dir: &Path, name: &str, text: &[u8]) -> Vec<(u64, usize, String)> {
+        let file = dir.join(name);
+        std::fs::write(&file, text).expect("write");
+        let data = dir.join("data");
+        let err = import(&data, &file, &opts()).expect_err("invalid");
+        assert!(!data.exists(), "a rejected import wrote {}", data.display());
+        match err {
+            IngestError::Invalid { errors, .. } => errors
+                .into_iter()
+                .map(|e| (e.line, e.column, e.reason))
+                .collect(),
+            other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    /// 60 responses, `question_1` 9 on lines 3 and 57; a multi-line comment (`inside` its
+    /// line end) on the rows of responses 5 and 20 when `inside` is given.
+    fn export(bom: bool, end: impl Fn(usize) -> &'static str, inside: Option<&str>) -> String {
+        let mut text = String::from(if bom { "\u{feff}" } else { "" });
+        text.push_str(&header());
+        text.push_str(end(1));
+        for i in 0..60 {
+            let q1 = if matches!(i, 1 | 20 | 55) { "9" } else { "4" };
+            let comment = match (i, inside) {
+                (5 | 20, Some(nl)) => format!("slow,{nl}but fine"),
+                _ => "ok".to_string(),
+            };
+            text.push_str(&row(i, &comment, q1));
+            text.push_str(end(i + 2));
+        }
+        text
+    }
+
+    #[test]
+    fn errors_name_the_editor_line_for_lf_crlf_cr_mixed_and_bom() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let variants: [(&str, bool, &dyn Fn(usize) -> &'static str); 7] = [
+            ("lf", false, &|_| "\n"),
+            ("crlf", false, &|_| "\r\n"),
+            ("cr", false, &|_| "\r"),
+            ("mixed", false, &|l| ["\n", "\r\n", "\r"][l % 3]),
+            ("bom-lf", true, &|_| "\n"),
+            ("bom-crlf", true, &|_| "\r\n"),
+            ("crlf-unterminated", false, &|l| {
+                if l == 61 { "" } else { "\r\n" }
+            }),
+        ];
+        let reason = "question_1: \"9\" is not a score from 1 to 5".to_string();
+        for (name, bom, end) in variants {
+            let text = export(bom, end, None);
+            let errors = located(tmp.path(), &format!("{name}.csv"), text.as_bytes());
+            assert_eq!(
+                errors,
+                vec![
+                    (3, 4, reason.clone()),
+                    (22, 4, reason.clone()),
+                    (57, 4, reason.clone())
+                ],
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_name_the_editor_line_after_and_inside_multi_line_comments() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for (name, end) in [("lf", "\n"), ("crlf", "\r\n"), ("cr", "\r")] {
+            for (inside, e) in [(end, 1), ("\n\n", 2), ("\r\n", 1), ("\r", 1)] {
+                let text = export(false, |_| end, Some(inside));
+                let lines: Vec<(u64, usize)> = located(tmp.path(), "multi.csv", text.as_bytes())
+                    .into_iter()
+                    .map(|(l, c, _)| (l, c))
+                    .collect();
+                // Response 20 starts on line 22 + e; its answer follows its comment's lines.
+                assert_eq!(
+                    lines,
+                    vec![(3, 4), (22 + 2 * e, 4), (57 + 2 * e, 4)],
+                    "{name}, {inside:?} inside the comment"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn short_rows_and_bad_utf8_are_located_on_their_line() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ncols = header().split(',').count();
+        let mut text = format!("{}\r\n", header()).into_bytes();
+        text.extend_from_slice(format!("{}\r\n", row(0, "a\r\nb", "4")).as_bytes()); // lines 2-3
+        text.extend_from_slice(b"1,TP-1,\"x\"\r\n"); // line 4: three fields
+        let mut bad = row(2, "fine", "4").into_bytes(); // line 5: invalid UTF-8 in external_id
+        bad.insert(4, 0xff);
+        text.extend_from_slice(&bad);
+        text.extend_from_slice(b"\r\n");
+        let errors = located(tmp.path(), "short.csv", &text);
+        assert_eq!(
+            errors,
+            vec![
+                (
+                    4,
+                    4,
+                    format!("the row has 3 fields but the header has {ncols}")
+                ),
+                (5, 2, "external_id: value is not valid UTF-8".to_string()),
+            ]
+        );
     }
 }
