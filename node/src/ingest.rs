@@ -2461,10 +2461,13 @@ mod tests {
         text
     }
 
+    /// The line end of each line, by its number.
+    type LineEnds<'a> = &'a dyn Fn(usize) -> &'static str;
+
     #[test]
     fn errors_name_the_editor_line_for_lf_crlf_cr_mixed_and_bom() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let variants: [(&str, bool, &dyn Fn(usize) -> &'static str); 8] = [
+        let variants: [(&str, bool, LineEnds); 8] = [
             ("lf", false, &|_| "\n"),
             ("crlf", false, &|_| "\r\n"),
             ("cr", false, &|_| "\r"),
