@@ -124,13 +124,8 @@ pub struct Entry {
     /// The SQL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sql: Option<String>,
-    /// ε the analyst asked for, as signed (NaN and ±∞ as strings, see
-    /// [`cxfed_protocol::wire::epsilon_json`]).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "cxfed_protocol::wire::epsilon_json"
-    )]
+    /// ε the analyst asked for, as signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_epsilon: Option<f64>,
     /// The analyst's `require_all`, as signed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

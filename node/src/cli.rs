@@ -119,10 +119,8 @@ pub enum Command {
         /// Accept an answer from only the nodes that responded.
         #[arg(long)]
         allow_partial: bool,
-        /// ε to spend on each node (differential-privacy mode; default: each node's maximum):
-        /// from 0.001 (the smallest ε exact noise can be calibrated for); a node spends at most
-        /// its epsilon_per_query. Anything else is refused before the query is sent.
-        #[arg(long, allow_negative_numbers = true)]
+        /// ε to spend on each node (differential-privacy mode; default: each node's maximum).
+        #[arg(long)]
         epsilon: Option<f64>,
         /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 120)]
@@ -287,9 +285,8 @@ pub enum ReportCommand {
         #[command(flatten)]
         tls: TlsArgs,
         /// ε each of the report's nine queries (one per question, one for the population)
-        /// spends per node (default: each node's maximum; from 0.001, and at most each node's
-        /// epsilon_per_query). Anything else is refused before any query is sent.
-        #[arg(long, allow_negative_numbers = true)]
+        /// spends per node (default: each node's maximum).
+        #[arg(long)]
         epsilon: Option<f64>,
         /// Write the CSV here (atomically) instead of standard output.
         #[arg(long)]
@@ -429,8 +426,7 @@ fn parse_table(s: &str) -> Result<Table, String> {
 /// Why a query produced no answer, as the analyst sees it.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryFailure {
-    /// The node answered with an error body (or this client refused the request before
-    /// sending it, with the code a node would have answered: an ε no node can spend).
+    /// The node answered with an error body.
     #[error("{}", describe(.0))]
     Refused(Box<ErrorBody>),
     /// No usable answer.
@@ -473,24 +469,6 @@ pub async fn send_query(
     node: &str,
     req: &QueryRequest,
 ) -> Result<QueryResponse, QueryFailure> {
-    // An ε no node could spend is refused here, before it is signed or sent (and so before any
-    // node could charge a budget for it): NaN and ±∞ would otherwise be easy to mistake for
-    // "no ε" on the way.
-    if let Some(e) = req.epsilon
-        && let Err(bad) =
-            cxfed_queries::dp::check_epsilon(e, cxfed_queries::dp::EpsilonRange::Federation)
-    {
-        let (code, kind) = crate::server::BAD_EPSILON;
-        return Err(QueryFailure::Refused(Box::new(ErrorBody {
-            code: code.into(),
-            kind: kind.into(),
-            message: bad.to_string(),
-            line: None,
-            column: None,
-            query_id: None,
-            nodes: vec![],
-        })));
-    }
     match send_query_once(client, node, req).await {
         Err(QueryFailure::Refused(b)) if b.kind == "wrong-coordinator" => {
             client.forget_coordinator(node);

@@ -38,10 +38,6 @@ pub async fn query(
     fanout: &mut Vec<Fanout>,
 ) -> Result<QueryResponse, ApiError> {
     let started = Instant::now();
-    // An ε no node can spend is refused before anything is read, charged or sent; every node
-    // checks again anyway.
-    crate::partial::check_epsilon(&node.policy(), req.epsilon)
-        .map_err(|e| ApiError::BadEpsilon(e, None))?;
     // Refuse here before bothering any peer; every node checks again anyway.
     let analyst_uri = analyst.to_string();
     node.admit(&analyst_uri, "query")?;
@@ -77,7 +73,6 @@ pub async fn query(
             let shown = match &e {
                 PartialError::Query(QueryError::Rejected(r)) => (NodeState::Refused, r.to_string()),
                 PartialError::Policy(p) => (NodeState::Refused, p.to_string()),
-                PartialError::Epsilon(e) => (NodeState::Refused, e.to_string()),
                 other => (NodeState::Error, other.to_string()),
             };
             local_refusal = Some(e);
@@ -101,8 +96,6 @@ pub async fn query(
 
     let mut statuses = Vec::new();
     let mut partials = Vec::new();
-    // For each partial, its node's index in `statuses`.
-    let mut contributing: Vec<usize> = Vec::new();
     let mut node_suppressed = 0;
     let mut node_cells = 0;
     for (agency, result) in std::iter::once(local).chain(remote) {
@@ -146,7 +139,6 @@ pub async fn query(
                     groups,
                     epsilon: meta.epsilon,
                 });
-                contributing.push(statuses.len() - 1);
                 partials.push(Partial {
                     batches: p.batches,
                     meta,
@@ -166,11 +158,8 @@ pub async fn query(
     // Refused everywhere (e.g. the analyst's budget is spent on every node): answer with this
     // node's own refusal and its code rather than a generic failure.
     if statuses.iter().all(|s| s.status == NodeState::Refused)
-        && let Some(
-            e @ (PartialError::Policy(_)
-            | PartialError::Epsilon(_)
-            | PartialError::Query(QueryError::Rejected(_))),
-        ) = local_refusal
+        && let Some(e @ (PartialError::Policy(_) | PartialError::Query(QueryError::Rejected(_)))) =
+            local_refusal
     {
         return Err(ApiError::from(e));
     }
@@ -184,20 +173,6 @@ pub async fn query(
         .await?;
     let rows =
         crate::output::rows(&merged.batches).map_err(|e| ApiError::Internal(e.to_string()))?;
-    // Per row, the answering nodes that returned nothing for its group.
-    let missing_parts: Vec<Vec<String>> = merged
-        .contributors
-        .iter()
-        .map(|bits| {
-            contributing
-                .iter()
-                .enumerate()
-                .filter(|(p, _)| bits & (1u64 << p) == 0)
-                .map(|(_, &s)| statuses[s].agency.clone())
-                .collect()
-        })
-        .collect();
-    let incomplete_groups = missing_parts.iter().filter(|m| !m.is_empty()).count() as u64;
     info!(
         query_id,
         rows = rows.len(),
@@ -218,13 +193,6 @@ pub async fn query(
         rows,
         suppressed_groups: merged.suppressed_groups + node_suppressed,
         suppressed_cells: merged.suppressed_cells + node_cells,
-        incomplete_cells: merged.incomplete_cells,
-        incomplete_groups,
-        missing_parts: if incomplete_groups > 0 {
-            missing_parts
-        } else {
-            vec![]
-        },
         nodes: statuses,
         complete,
         privacy: if merged.dp {

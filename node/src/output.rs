@@ -113,50 +113,15 @@ fn round_ci(ci: f64) -> String {
     }
 }
 
-/// Name of the column that lists, per row, the nodes whose part is missing (CSV).
-pub const MISSING_PARTS: &str = "missing_parts";
-
-/// The agencies whose part row `r` lacks (they returned nothing for its group).
-pub fn missing_parts(resp: &QueryResponse, r: usize) -> &[String] {
-    resp.missing_parts.get(r).map_or(&[], Vec::as_slice)
-}
-
-/// What an answer leaves out, for a person: cells released as NULL because a node withheld
-/// its part, and rows without some node's part. `None` when nothing is left out.
-pub fn incompleteness_note(resp: &QueryResponse) -> Option<String> {
-    let mut notes = Vec::new();
-    if resp.incomplete_cells > 0 {
-        notes.push(format!(
-            "{} cell(s) NULL because a node withheld its part (fewer than its k people there; \
-             the other nodes' parts alone are not the federation's number)",
-            resp.incomplete_cells
-        ));
-    }
-    if resp.incomplete_groups > 0 {
-        notes.push(format!(
-            "{} row(s) without every node's part (see missing parts: that node has none of the \
-             group's rows, or fewer than its k)",
-            resp.incomplete_groups
-        ));
-    }
-    (!notes.is_empty()).then(|| notes.join(" · "))
-}
-
 /// Renders a response in `format`.
 pub fn render(resp: &QueryResponse, format: Format) -> String {
     match format {
         Format::Json => serde_json::to_string_pretty(resp).unwrap_or_default(),
         Format::Csv => {
             let mut w = csv::Writer::from_writer(Vec::new());
-            // Rows without every node's part say whose is missing in a last column.
-            let marked = resp.incomplete_groups > 0;
-            let mut header = resp.columns.clone();
-            if marked {
-                header.push(MISSING_PARTS.into());
-            }
-            let _ = w.write_record(&header);
-            for (r, row) in resp.rows.iter().enumerate() {
-                let mut cells: Vec<String> = row
+            let _ = w.write_record(&resp.columns);
+            for row in &resp.rows {
+                let cells: Vec<String> = row
                     .iter()
                     .map(|v| match v {
                         Value::Null => String::new(),
@@ -164,9 +129,6 @@ pub fn render(resp: &QueryResponse, format: Format) -> String {
                         other => other.to_string(),
                     })
                     .collect();
-                if marked {
-                    cells.push(missing_parts(resp, r).join(";"));
-                }
                 let _ = w.write_record(&cells);
             }
             String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
@@ -174,39 +136,26 @@ pub fn render(resp: &QueryResponse, format: Format) -> String {
         Format::Table => {
             let mut t = Table::new();
             t.load_preset(UTF8_FULL_CONDENSED);
-            let marked = resp.incomplete_groups > 0;
-            let mut header: Vec<Cell> = resp.columns.iter().map(Cell::new).collect();
-            if marked {
-                header.push(Cell::new("missing parts"));
-            }
-            t.set_header(header);
+            t.set_header(resp.columns.iter().map(Cell::new));
             for (r, row) in resp.rows.iter().enumerate() {
-                let mut cells: Vec<Cell> = row
-                    .iter()
-                    .enumerate()
-                    .map(|(c, v)| {
-                        let ci = resp
-                            .ci95
-                            .get(r)
-                            .and_then(|row| row.get(c))
-                            .copied()
-                            .flatten();
-                        let text = match ci {
-                            Some(ci) => format!("{} ± {}", cell_text(v), round_ci(ci)),
-                            None => cell_text(v),
-                        };
-                        let cell = Cell::new(text);
-                        if v.is_number() {
-                            cell.set_alignment(CellAlignment::Right)
-                        } else {
-                            cell
-                        }
-                    })
-                    .collect();
-                if marked {
-                    cells.push(Cell::new(missing_parts(resp, r).join(", ")));
-                }
-                t.add_row(cells);
+                t.add_row(row.iter().enumerate().map(|(c, v)| {
+                    let ci = resp
+                        .ci95
+                        .get(r)
+                        .and_then(|row| row.get(c))
+                        .copied()
+                        .flatten();
+                    let text = match ci {
+                        Some(ci) => format!("{} ± {}", cell_text(v), round_ci(ci)),
+                        None => cell_text(v),
+                    };
+                    let cell = Cell::new(text);
+                    if v.is_number() {
+                        cell.set_alignment(CellAlignment::Right)
+                    } else {
+                        cell
+                    }
+                }));
             }
             let nodes: Vec<String> = resp
                 .nodes
@@ -248,11 +197,8 @@ pub fn render(resp: &QueryResponse, format: Format) -> String {
             } else {
                 String::new()
             };
-            let incomplete = incompleteness_note(resp)
-                .map(|n| format!(" · {n}"))
-                .unwrap_or_default();
             format!(
-                "{t}\n{} row(s) · {} group(s) suppressed{cells}{incomplete}{privacy} · nodes: {}{} · query {}\n",
+                "{t}\n{} row(s) · {} group(s) suppressed{cells}{privacy} · nodes: {}{} · query {}\n",
                 resp.rows.len(),
                 resp.suppressed_groups,
                 nodes.join(", "),
@@ -316,9 +262,6 @@ mod tests {
             rows: vec![vec![Value::from("phone"), Value::from(3.25)]],
             suppressed_groups: 2,
             suppressed_cells: 1,
-            incomplete_cells: 0,
-            incomplete_groups: 0,
-            missing_parts: vec![],
             nodes: vec![NodeStatus {
                 agency: "SSA".into(),
                 status: NodeState::Ok,

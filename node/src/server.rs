@@ -361,8 +361,6 @@ pub enum ApiError {
     Unsigned(SignatureRefusal, Option<String>),
     /// The request body is malformed.
     BadRequest(String),
-    /// The analyst asked for an ε no node can spend.
-    BadEpsilon(cxfed_queries::dp::BadEpsilon, Option<String>),
     /// Some nodes failed and the analyst required all.
     NodesFailed(String, Vec<NodeStatus>),
     /// No such endpoint.
@@ -412,13 +410,6 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(m) => {
                 (StatusCode::BAD_REQUEST, body("CXF-A400", "bad-request", m))
             }
-            ApiError::BadEpsilon(e, query_id) => (
-                StatusCode::BAD_REQUEST,
-                ErrorBody {
-                    query_id,
-                    ..body(BAD_EPSILON.0, BAD_EPSILON.1, e.to_string())
-                },
-            ),
             ApiError::NotFound => (
                 StatusCode::NOT_FOUND,
                 body("CXF-A404", "not-found", "no such endpoint".into()),
@@ -477,7 +468,6 @@ impl From<PartialError> for ApiError {
         match e {
             PartialError::Query(q) => ApiError::from(q),
             PartialError::Policy(p) => ApiError::Policy(p, None),
-            PartialError::Epsilon(e) => ApiError::BadEpsilon(e, None),
         }
     }
 }
@@ -497,10 +487,6 @@ impl From<QueryError> for ApiError {
         }
     }
 }
-
-/// Code and kind of the refusal of an ε no node can spend (also what the analyst's client
-/// answers when it refuses one before sending).
-pub const BAD_EPSILON: (&str, &str) = ("CXF-A400", "bad-epsilon");
 
 /// A new random query id (128 bits, hex).
 pub fn new_query_id() -> String {
@@ -750,7 +736,6 @@ impl Node {
                 (Decision::Refused, Some(r.rule.code().to_string()))
             }
             Err(PartialError::Policy(p)) => (Decision::Refused, Some(p.code.to_string())),
-            Err(PartialError::Epsilon(_)) => (Decision::Refused, Some(BAD_EPSILON.0.to_string())),
             Err(_) => (Decision::Failed, Some("CXF-A500".to_string())),
         };
         if let Err(e) = &result {
@@ -819,7 +804,6 @@ async fn query(
             Err(ApiError::Rejected(r, _)) => (Decision::Refused, Some(r.rule.code().to_string())),
             Err(ApiError::Policy(p, _)) => (Decision::Refused, Some(p.code.to_string())),
             Err(ApiError::NodesFailed(..)) => (Decision::Failed, Some("CXF-A502".to_string())),
-            Err(ApiError::BadEpsilon(..)) => (Decision::Refused, Some(BAD_EPSILON.0.to_string())),
             Err(_) => (Decision::Failed, Some("CXF-A500".to_string())),
         };
         let answer = match &result {
@@ -851,7 +835,6 @@ async fn query(
         result.map_err(|e| match e {
             ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(query_id.clone())),
             ApiError::Policy(p, _) => ApiError::Policy(p, Some(query_id.clone())),
-            ApiError::BadEpsilon(e, _) => ApiError::BadEpsilon(e, Some(query_id.clone())),
             other => other,
         })?;
         let mut response = (
@@ -913,7 +896,6 @@ async fn partial(
             .map_err(|e| match ApiError::from(e) {
                 ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(req.query_id.clone())),
                 ApiError::Policy(p, _) => ApiError::Policy(p, Some(req.query_id.clone())),
-                ApiError::BadEpsilon(e, _) => ApiError::BadEpsilon(e, Some(req.query_id.clone())),
                 other => other,
             })
     }

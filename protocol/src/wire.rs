@@ -25,48 +25,6 @@ pub const META_AGENCY: &str = "cxfed.agency";
 /// HTTP header carrying the query id on every response.
 pub const HEADER_QUERY_ID: &str = "x-cxfed-query-id";
 
-/// Serde for an optional ε that keeps every value apart. `null` (or no field) is "no ε: each
-/// node's default"; a finite number is itself; NaN and ±∞, which a JSON number cannot carry
-/// (serde_json would write them as `null`, i.e. "the default"), are the strings `"NaN"`, `"inf"`
-/// and `"-inf"`. So a non-finite ε an analyst asked for — and signed — reaches every node as
-/// what it is and is refused there, never silently read as "no ε". Any other string is refused.
-pub mod epsilon_json {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    /// Writes `epsilon` (see the module docs).
-    pub fn serialize<S: Serializer>(epsilon: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
-        match *epsilon {
-            None => s.serialize_none(),
-            Some(x) if x.is_finite() => s.serialize_f64(x),
-            Some(x) if x.is_nan() => s.serialize_str("NaN"),
-            Some(x) if x > 0.0 => s.serialize_str("inf"),
-            Some(_) => s.serialize_str("-inf"),
-        }
-    }
-
-    /// Reads what [`serialize`] writes.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(f64),
-            Text(String),
-        }
-        match Option::<Raw>::deserialize(d)? {
-            None => Ok(None),
-            Some(Raw::Number(x)) => Ok(Some(x)),
-            Some(Raw::Text(t)) => match t.as_str() {
-                "NaN" => Ok(Some(f64::NAN)),
-                "inf" => Ok(Some(f64::INFINITY)),
-                "-inf" => Ok(Some(f64::NEG_INFINITY)),
-                other => Err(serde::de::Error::custom(format!(
-                    "epsilon {other:?} is not a number (a number, null, \"NaN\", \"inf\" or \"-inf\")"
-                ))),
-            },
-        }
-    }
-}
-
 fn default_true() -> bool {
     true
 }
@@ -86,12 +44,7 @@ pub struct QueryRequest {
     #[serde(default = "default_true")]
     pub require_all: bool,
     /// ε to spend on each node (at most each node's `epsilon_per_query`; default: that).
-    /// Non-finite values travel as strings ([`epsilon_json`]) so that nodes refuse them.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "epsilon_json"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
     /// The analyst's signature over this request (see [`crate::signing`]). Nodes refuse
     /// unsigned queries.
@@ -153,20 +106,6 @@ pub struct QueryResponse {
     /// holds 1 to k − 1 people (`k-only`; NULL in `rows`): by the coordinator plus by nodes.
     #[serde(default)]
     pub suppressed_cells: u64,
-    /// Cells released as NULL (in `rows`) because a node that returned their group withheld
-    /// its part of them (fewer than its k people there): the other nodes' parts alone are not
-    /// the federation's number, so no number is released.
-    #[serde(default)]
-    pub incomplete_cells: u64,
-    /// Rows released without some answering node's part: that node returned nothing for the
-    /// group (it holds none of its rows, or fewer than its k — below its DP threshold in `dp`
-    /// mode; nobody but that node knows which). They are named per row in `missing_parts`.
-    #[serde(default)]
-    pub incomplete_groups: u64,
-    /// Per row, the agencies of the answering nodes that returned nothing for its group
-    /// (empty list: every answering node contributed). Empty when no row lacks a part.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub missing_parts: Vec<Vec<String>>,
     /// One entry per node of the federation, this node included.
     pub nodes: Vec<NodeStatus>,
     /// False when some node did not contribute (only with `require_all = false`).
@@ -235,13 +174,8 @@ pub struct PartialRequest {
     pub sql: String,
     /// The analyst identity the coordinator names (must be the signature's).
     pub analyst: String,
-    /// ε the analyst asked to spend (each node spends at most its own maximum), as signed
-    /// ([`epsilon_json`]).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "epsilon_json"
-    )]
+    /// ε the analyst asked to spend (each node spends at most its own maximum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
     /// The analyst's `require_all`, as signed.
     #[serde(default = "default_true")]
@@ -381,40 +315,6 @@ mod tests {
             r#"{"query_id":"q","sql":"s","analyst":"a","k":1}"#,
         );
         assert!(r.is_err());
-    }
-
-    #[test]
-    fn a_non_finite_epsilon_is_not_sent_as_no_epsilon() {
-        for (eps, json) in [
-            (f64::NAN, r#""NaN""#),
-            (f64::INFINITY, r#""inf""#),
-            (f64::NEG_INFINITY, r#""-inf""#),
-            (0.5, "0.5"),
-            (-1.0, "-1.0"),
-        ] {
-            let req = QueryRequest::new("SELECT 1").epsilon(Some(eps));
-            let text = serde_json::to_string(&req).expect("json");
-            assert!(text.contains(&format!(r#""epsilon":{json}"#)), "{text}");
-            let back: QueryRequest = serde_json::from_str(&text).expect("parse");
-            let got = back.epsilon.expect("an epsilon, not the default");
-            assert!(
-                got == eps || (got.is_nan() && eps.is_nan()),
-                "{got} vs {eps}"
-            );
-        }
-        let none = serde_json::to_string(&QueryRequest::new("SELECT 1")).expect("json");
-        assert!(!none.contains("epsilon"), "{none}");
-        let r: PartialRequest =
-            serde_json::from_str(r#"{"query_id":"q","sql":"s","analyst":"a","epsilon":null}"#)
-                .expect("parse");
-        assert_eq!(r.epsilon, None);
-        let bad = serde_json::from_str::<QueryRequest>(r#"{"sql":"s","epsilon":"lots"}"#)
-            .expect_err("refused");
-        assert!(
-            bad.to_string()
-                .contains(r#"epsilon "lots" is not a number"#),
-            "{bad}"
-        );
     }
 
     #[test]

@@ -191,14 +191,9 @@ function toCsv(result) {
   const ci95 = result.ci95 || [];
   const noisy = result.columns.map((_, i) => ci95.some((r) => r && r[i] != null));
   const head = result.columns.flatMap((c, i) => noisy[i] ? [c, c + "_ci95"] : [c]);
-  // Rows without every node's part name the missing nodes in a last column.
-  const missing = result.incomplete_groups ? (result.missing_parts || []) : null;
-  if (missing) head.push("missing_parts");
   const lines = [head.map(q).join(",")];
   result.rows.forEach((row, r) => {
-    const cells = row.flatMap((v, i) => noisy[i] ? [v, (ci95[r] || [])[i]] : [v]);
-    if (missing) cells.push((missing[r] || []).join(";"));
-    lines.push(cells.map(q).join(","));
+    lines.push(row.flatMap((v, i) => noisy[i] ? [v, (ci95[r] || [])[i]] : [v]).map(q).join(","));
   });
   return lines.join("\r\n") + "\r\n";
 }
@@ -225,13 +220,7 @@ function showResult(raw) {
     const ci = (result.ci95[r] || [])[i];
     return ci != null ? el("span", {}, fmt(v), el("span", {class: "pm"}, ` ± ${fmt(ci, 3)}`)) : v;
   }));
-  // A row without every node's part says whose part it lacks.
-  const headers = [...result.columns];
-  if (result.incomplete_groups) {
-    headers.push("missing parts");
-    rows.forEach((row, r) => row.push(((result.missing_parts || [])[r] || []).join(", ")));
-  }
-  table($("rows"), headers, rows, numeric);
+  table($("rows"), result.columns, rows, numeric);
   for (const td of $("rows").querySelectorAll("tbody td")) {
     if (numeric[td.cellIndex]) td.classList.add("num");
   }
@@ -241,8 +230,6 @@ function showResult(raw) {
   $("result").hidden = false;
   $("status").textContent = `${result.rows.length} rows from ${result.nodes.length} nodes · privacy ${result.privacy}` +
     (result.suppressed_groups ? ` · ${result.suppressed_groups} groups withheld` : "") +
-    (result.incomplete_cells ? ` · ${result.incomplete_cells} cells NULL: a node withheld its part (fewer than its k people there)` : "") +
-    (result.incomplete_groups ? ` · ${result.incomplete_groups} rows without every node's part (see missing parts: that node has none of the group's rows, or fewer than its k)` : "") +
     ` · query ${result.query_id}` + (result.complete ? "" : " · PARTIAL: not every node contributed");
 }
 
@@ -283,9 +270,7 @@ async function runQuery() {
   $("status").textContent = "Running on every node…";
   const t = performance.now();
   try {
-    // ε goes as typed: the console refuses what is not a number it can spend (Number() would
-    // turn "abc" into NaN, which JSON sends as null — "the node's maximum").
-    const r = await api("query", {sql, epsilon: eps || null, allow_partial: $("partial").checked});
+    const r = await api("query", {sql, epsilon: eps ? Number(eps) : null, allow_partial: $("partial").checked});
     if (r.ok) {
       showResult(r.result);
       $("status").textContent += ` · ${Math.round(performance.now() - t)} ms`;
