@@ -127,7 +127,7 @@ impl Scale {
     /// (`b = Δ/ε`), with ε rounded down to thousandths (never up: rounding only adds noise).
     pub fn for_epsilon(sensitivity: u64, epsilon: f64) -> Option<Scale> {
         let eps_milli = (epsilon * EPSILON_DENOMINATOR as f64).floor();
-        if eps_milli.is_nan() || eps_milli < 1.0 || sensitivity == 0 {
+        if !eps_milli.is_finite() || eps_milli < 1.0 || sensitivity == 0 {
             return None;
         }
         Some(Scale {
