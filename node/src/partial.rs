@@ -195,6 +195,16 @@ async fn execute(
     policy: &Policy,
 ) -> Result<Vec<RecordBatch>, PartialError> {
     let run = async { ctx.execute_logical_plan(plan).await?.collect().await };
+    within_limits(deadline, policy, run).await
+}
+
+/// Awaits `run` before `deadline`, mapping the policy's time and memory limits to their
+/// refusals (one place for every plan a partial runs).
+async fn within_limits<T>(
+    deadline: tokio::time::Instant,
+    policy: &Policy,
+    run: impl std::future::Future<Output = Result<T, DataFusionError>>,
+) -> Result<T, PartialError> {
     match tokio::time::timeout_at(deadline, run).await {
         Err(_) => Err(PolicyRefusal::timeout(format!(
             "the query ran longer than this node's limit of {:?}",
@@ -236,19 +246,7 @@ async fn execute_bounded(
         drop(stream);
         bounder.finish(rng).map_err(query_error)
     };
-    match tokio::time::timeout_at(deadline, run).await {
-        Err(_) => Err(PolicyRefusal::timeout(format!(
-            "the query ran longer than this node's limit of {:?}",
-            policy.query_timeout
-        ))
-        .into()),
-        Ok(Err(e)) if is_resources_exhausted(&e) => Err(PolicyRefusal::memory(
-            "the query needs more memory than this node's pool allows".into(),
-        )
-        .into()),
-        Ok(Err(e)) => Err(QueryError::from(e).into()),
-        Ok(Ok(b)) => Ok(b),
-    }
+    within_limits(deadline, policy, run).await
 }
 
 /// Carries a bounding error through DataFusion's error type (it is always internal).
