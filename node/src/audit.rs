@@ -124,8 +124,13 @@ pub struct Entry {
     /// The SQL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sql: Option<String>,
-    /// ε the analyst asked for, as signed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// ε the analyst asked for, as signed (NaN and ±∞ as strings, see
+    /// [`cxfed_protocol::epsilon_json`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "cxfed_protocol::epsilon_json"
+    )]
     pub requested_epsilon: Option<f64>,
     /// The analyst's `require_all`, as signed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -691,11 +696,13 @@ impl AuditLog {
             fanout: record.fanout,
             ..Entry::default()
         };
-        let written = self.write(&mut state, entry)?;
-        if state.since_checkpoint >= self.checkpoint_every {
-            self.write_checkpoint(&mut state)?;
-        }
-        Ok(written)
+        crate::storage::blocking(|| {
+            let written = self.write(&mut state, entry)?;
+            if state.since_checkpoint >= self.checkpoint_every {
+                self.write_checkpoint(&mut state)?;
+            }
+            Ok(written)
+        })
     }
 
     /// Writes a signed checkpoint unless the last line already is one.

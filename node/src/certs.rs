@@ -15,6 +15,12 @@
 //! mode 0600 so they are never readable by others, not even briefly. `ca.key` is written last,
 //! and an existing one is only replaced with `force`.
 //!
+//! [`renew`] (`cxfed certs renew`) replaces a certificate and key with a new pair for the same
+//! identity (a rotation; with a new CA in the CA directory, a CA roll-over).
+//! [`revoke`] (`cxfed certs revoke`) adds certificates to the CA's revocation list,
+//! `OUT/crl.pem`, re-signing it with a higher CRL number; nodes that list it in `[tls] crl`
+//! refuse those certificates at the handshake from their next reload (SIGHUP) on.
+//!
 //! [`issue`] and [`new_ca`] are the building blocks, also used by tests that need expired,
 //! foreign or otherwise unusual certificates. Keys leave this module only as PEM strings and are
 //! never logged.
@@ -55,6 +61,12 @@ pub const CA_CERT_FILE: &str = "ca.pem";
 /// File name of the CA private key in a `dev` output directory.
 pub const CA_KEY_FILE: &str = "ca.key";
 
+/// File name of the revocation list [`revoke`] writes in a CA directory.
+pub const CRL_FILE: &str = "crl.pem";
+
+/// Default days from a CRL's issue to its `nextUpdate`.
+pub const DEFAULT_CRL_DAYS: u32 = 30;
+
 /// Why certificates could not be made or written.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -92,6 +104,336 @@ pub enum CertError {
     /// The system random number generator failed.
     #[error("system random number generator failed")]
     Random,
+    /// A certificate or CRL given to [`revoke`] is unusable.
+    #[error("{}: {reason}", path.display())]
+    Unusable {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// One certificate [`revoke`] was asked to revoke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedCert {
+    /// The certificate file.
+    pub path: PathBuf,
+    /// Its identity, when it names one.
+    pub identity: Option<Identity>,
+    /// Its serial (hex, `:`-separated).
+    pub serial: String,
+    /// Whether the CRL already listed it.
+    pub already: bool,
+}
+
+/// What [`revoke`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlWritten {
+    /// The CRL file.
+    pub path: PathBuf,
+    /// Its CRL number (one more than the CRL it replaced).
+    pub number: u64,
+    /// How many certificates it revokes in all.
+    pub revoked: usize,
+    /// The certificates asked for, in order.
+    pub certs: Vec<RevokedCert>,
+    /// Its `nextUpdate` (RFC 3339).
+    pub next_update: String,
+}
+
+/// A text file (a PEM), or an error naming it.
+fn read_text(p: &Path) -> Result<String, CertError> {
+    fs::read_to_string(p).map_err(|source| CertError::Io {
+        path: p.to_owned(),
+        source,
+    })
+}
+
+/// Revokes `certs` (PEM files issued by the CA in `ca_dir`): reads `ca_dir/ca.pem` and
+/// `ca_dir/ca.key`, keeps every entry of the CRL at `crl` (when it exists), adds the
+/// certificates' serials with `reason`, and writes the CRL again, atomically, signed by the CA,
+/// with the next CRL number and a `nextUpdate` `valid_days` away. With no certificate, re-issues
+/// the CRL as it is (a fresh `nextUpdate`; also how an empty CRL is made).
+///
+/// Refuses a certificate of another CA, and a CRL file of another CA, naming the file.
+pub fn revoke(
+    ca_dir: &Path,
+    crl: &Path,
+    certs: &[PathBuf],
+    reason: Option<rcgen::RevocationReason>,
+    valid_days: u32,
+) -> Result<CrlWritten, CertError> {
+    use rcgen::{CertificateRevocationListParams, RevokedCertParams};
+    if valid_days == 0 {
+        return Err(CertError::InvalidValidity(
+            "a CRL must be valid for at least 1 day".into(),
+        ));
+    }
+    let read = read_text;
+    let ca_path = ca_dir.join(CA_CERT_FILE);
+    let ca_pem = read(&ca_path)?;
+    let ca_key_pem = read(&ca_dir.join(CA_KEY_FILE))?;
+    let ca_der = pem_certificate(&ca_pem)?;
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)
+        .map_err(|e| CertError::InvalidCa(format!("CA certificate does not parse: {e}")))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)
+        .map_err(|e| CertError::InvalidCa(format!("CA key does not parse: {e}")))?;
+    if ca_key.subject_public_key_info() != ca.public_key().raw {
+        return Err(CertError::InvalidCa(
+            "the CA key does not belong to the CA certificate".into(),
+        ));
+    }
+    let subject = ca.subject().as_raw().to_vec();
+    let key_identifier_method = ca
+        .extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(id) => {
+                Some(KeyIdMethod::PreSpecified(id.0.to_vec()))
+            }
+            _ => None,
+        })
+        .unwrap_or(KeyIdMethod::Sha256);
+    let issuer = issuer_from(&ca, ca_key)?;
+    let unusable = |path: &Path, reason: String| CertError::Unusable {
+        path: path.to_owned(),
+        reason,
+    };
+
+    // The entries of the CRL in force.
+    let mut revoked: Vec<RevokedCertParams> = Vec::new();
+    let mut number: u64 = 0;
+    if fs::symlink_metadata(crl).is_ok() {
+        use rustls::pki_types::CertificateRevocationListDer;
+        use rustls::pki_types::pem::PemObject;
+        let der = CertificateRevocationListDer::from_pem_file(crl)
+            .map_err(|e| unusable(crl, format!("not a PEM X509 CRL: {e}")))?;
+        let (_, old) = x509_parser::parse_x509_crl(&der)
+            .map_err(|e| unusable(crl, format!("CRL does not parse: {e}")))?;
+        if old.issuer().as_raw() != subject.as_slice()
+            || old.verify_signature(ca.public_key()).is_err()
+        {
+            return Err(unusable(
+                crl,
+                format!(
+                    "the CRL is issued by \"{}\" but not signed by the CA in {}",
+                    old.issuer(),
+                    ca_path.display()
+                ),
+            ));
+        }
+        number = old
+            .crl_number()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0);
+        for entry in old.iter_revoked_certificates() {
+            revoked.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(unsigned(entry.raw_serial())),
+                revocation_time: OffsetDateTime::from_unix_timestamp(
+                    entry.revocation_date.timestamp(),
+                )
+                .map_err(|e| unusable(crl, format!("revocation date: {e}")))?,
+                reason_code: entry.reason_code().and_then(|(_, r)| reason_from(r.0)),
+                invalidity_date: None,
+            });
+        }
+    }
+
+    let now = OffsetDateTime::now_utc();
+    let mut asked = Vec::new();
+    for path in certs {
+        let pem = read(path)?;
+        let der = pem_certificate(&pem)
+            .map_err(|_| unusable(path, "contains no PEM certificate".into()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| unusable(path, format!("certificate does not parse: {e}")))?;
+        if cert.issuer().as_raw() != subject.as_slice()
+            || cert.verify_signature(Some(ca.public_key())).is_err()
+        {
+            return Err(unusable(
+                path,
+                format!(
+                    "issued by \"{}\" but not signed by the CA in {}: revoke it with its own CA",
+                    cert.issuer(),
+                    ca_path.display()
+                ),
+            ));
+        }
+        let serial = SerialNumber::from_slice(unsigned(cert.raw_serial()));
+        let already = revoked.iter().any(|r| r.serial_number == serial);
+        if !already {
+            revoked.push(RevokedCertParams {
+                serial_number: serial,
+                revocation_time: now,
+                reason_code: reason,
+                invalidity_date: None,
+            });
+        }
+        asked.push(RevokedCert {
+            path: path.clone(),
+            identity: identity::from_certificate_der(&der).ok(),
+            serial: cert.raw_serial_as_string(),
+            already,
+        });
+    }
+
+    let next_update = now
+        .checked_add(Duration::days(i64::from(valid_days)))
+        .ok_or_else(|| CertError::InvalidValidity(format!("{valid_days} days is too far")))?;
+    let params = CertificateRevocationListParams {
+        this_update: now - Duration::minutes(5),
+        next_update,
+        crl_number: SerialNumber::from(number + 1),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method,
+    };
+    let total = params.revoked_certs.len();
+    let pem = params.signed_by(&issuer)?.pem()?;
+    if let Some(dir) = crl.parent().filter(|d| !d.as_os_str().is_empty()) {
+        create_dir(dir)?;
+    }
+    write_atomic(crl, pem.as_bytes(), false)?;
+    for c in &asked {
+        tracing::info!(
+            cert = %c.path.display(),
+            identity = %c.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+            serial = %c.serial,
+            already = c.already,
+            crl = %crl.display(),
+            "revoked certificate"
+        );
+    }
+    Ok(CrlWritten {
+        path: crl.to_owned(),
+        number: number + 1,
+        revoked: total,
+        certs: asked,
+        next_update: next_update
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    })
+}
+
+/// A DER INTEGER's content without its sign byte(s), so serials compare as numbers.
+fn unsigned(bytes: &[u8]) -> &[u8] {
+    let zeros = bytes.iter().take_while(|b| **b == 0).count();
+    &bytes[zeros.min(bytes.len().saturating_sub(1))..]
+}
+
+/// What [`renew`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewed {
+    /// The identity, as in the certificate it replaced.
+    pub identity: Identity,
+    /// The serial of the certificate replaced.
+    pub old_serial: String,
+    /// The serial of the new one.
+    pub new_serial: String,
+    /// Its `notAfter` (RFC 3339).
+    pub not_after: String,
+}
+
+/// Replaces the certificate at `cert` and the key at `key` with a new pair for the same identity
+/// and server names, issued by the CA in `ca_dir` (which may be a new CA, during a roll-over),
+/// valid from an hour ago for `valid_days` days. The key is written first, then the
+/// certificate, each atomically; a node picks the pair up on SIGHUP (or once both files stop
+/// changing).
+pub fn renew(
+    ca_dir: &Path,
+    cert: &Path,
+    key: &Path,
+    valid_days: u32,
+) -> Result<Renewed, CertError> {
+    if valid_days == 0 {
+        return Err(CertError::InvalidValidity(
+            "valid_days must be at least 1".into(),
+        ));
+    }
+    let read = read_text;
+    let unusable = |reason: String| CertError::Unusable {
+        path: cert.to_owned(),
+        reason,
+    };
+    let ca_pem = read(&ca_dir.join(CA_CERT_FILE))?;
+    let ca_key = read(&ca_dir.join(CA_KEY_FILE))?;
+    let old_der = pem_certificate(&read(cert)?)
+        .map_err(|_| unusable("contains no PEM certificate".into()))?;
+    let identity = identity::from_certificate_der(&old_der)
+        .map_err(|e| unusable(format!("names no identity to renew: {e}")))?;
+    let (_, old) = x509_parser::parse_x509_certificate(&old_der)
+        .map_err(|e| unusable(format!("certificate does not parse: {e}")))?;
+    let mut names: Vec<String> = Vec::new();
+    if let Ok(Some(san)) = old.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => names.push((*d).to_owned()),
+                x509_parser::extensions::GeneralName::IPAddress(ip) => {
+                    let ip = match ip.len() {
+                        4 => <[u8; 4]>::try_from(*ip).map(IpAddr::from).ok(),
+                        16 => <[u8; 16]>::try_from(*ip).map(IpAddr::from).ok(),
+                        _ => None,
+                    };
+                    names.extend(ip.map(|ip| ip.to_string()));
+                }
+                _ => {}
+            }
+        }
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let now = OffsetDateTime::now_utc();
+    let not_after = now
+        .checked_add(Duration::days(i64::from(valid_days)))
+        .ok_or_else(|| CertError::InvalidValidity(format!("{valid_days} days is too far")))?;
+    let (cert_pem, key_pem) = issue(
+        &ca_pem,
+        &ca_key,
+        &identity,
+        &names,
+        now - BACKDATE,
+        not_after,
+    )?;
+    let key_pem = Secret(key_pem);
+    let new_der = pem_certificate(&cert_pem)?;
+    let new_serial = x509_parser::parse_x509_certificate(&new_der)
+        .map(|(_, c)| c.raw_serial_as_string())
+        .unwrap_or_default();
+    write_atomic(key, key_pem.expose().as_bytes(), true)?;
+    write_atomic(cert, cert_pem.as_bytes(), false)?;
+    let renewed = Renewed {
+        identity,
+        old_serial: old.raw_serial_as_string(),
+        new_serial,
+        not_after: not_after
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    };
+    tracing::info!(
+        identity = %renewed.identity,
+        old_serial = %renewed.old_serial,
+        new_serial = %renewed.new_serial,
+        cert = %cert.display(),
+        "renewed certificate"
+    );
+    Ok(renewed)
+}
+
+/// The rcgen reason of an X.509 reason code.
+fn reason_from(code: u8) -> Option<rcgen::RevocationReason> {
+    use rcgen::RevocationReason as R;
+    Some(match code {
+        1 => R::KeyCompromise,
+        2 => R::CaCompromise,
+        3 => R::AffiliationChanged,
+        4 => R::Superseded,
+        5 => R::CessationOfOperation,
+        6 => R::CertificateHold,
+        8 => R::RemoveFromCrl,
+        9 => R::PrivilegeWithdrawn,
+        10 => R::AaCompromise,
+        _ => return None,
+    })
 }
 
 /// One certificate and key written by [`dev`].
@@ -146,6 +488,7 @@ impl DevCerts {
             ca: self.ca_cert.clone(),
             cert: issued.cert.clone(),
             key: issued.key.clone(),
+            crl: Vec::new(),
         })
     }
 }
@@ -760,6 +1103,136 @@ mod tests {
             issue(&ca_pem, &ca_key, &id, &[], now, now),
             Err(CertError::InvalidValidity(_))
         ));
+    }
+
+    #[test]
+    fn revoke_accumulates_entries_and_numbers_each_crl() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = dev("cx-demo", &agencies(), dir.path(), 30, false).expect("dev");
+        let crl = dir.path().join(CRL_FILE);
+        let analyst = certs
+            .get("SSA", Role::Analyst)
+            .expect("analyst")
+            .cert
+            .clone();
+        let node = certs.get("CMS", Role::Node).expect("node").cert.clone();
+
+        let empty = revoke(dir.path(), &crl, &[], None, 30).expect("empty");
+        assert_eq!((empty.number, empty.revoked), (1, 0));
+        let first = revoke(
+            dir.path(),
+            &crl,
+            std::slice::from_ref(&analyst),
+            Some(rcgen::RevocationReason::KeyCompromise),
+            30,
+        )
+        .expect("revoke");
+        assert_eq!((first.number, first.revoked), (2, 1));
+        assert!(!first.certs[0].already);
+        assert_eq!(
+            first.certs[0].identity.as_ref().map(|i| i.to_string()),
+            Some("spiffe://cx-demo/SSA/analyst/ssa-analyst".into())
+        );
+        let second = revoke(dir.path(), &crl, &[analyst.clone(), node], None, 30).expect("again");
+        assert_eq!((second.number, second.revoked), (3, 2));
+        assert!(second.certs[0].already && !second.certs[1].already);
+
+        // The file is a CRL of the CA listing both serials, the first with its reason.
+        use rustls::pki_types::CertificateRevocationListDer;
+        use rustls::pki_types::pem::PemObject;
+        let der = CertificateRevocationListDer::from_pem_file(&crl).expect("pem");
+        let (_, parsed) = x509_parser::parse_x509_crl(&der).expect("crl");
+        let serials: Vec<String> = parsed
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial_as_string())
+            .collect();
+        assert_eq!(
+            serials,
+            vec![
+                first.certs[0].serial.clone(),
+                second.certs[1].serial.clone()
+            ]
+        );
+        let reason = parsed
+            .iter_revoked_certificates()
+            .next()
+            .and_then(|r| r.reason_code())
+            .map(|(_, r)| r.0);
+        assert_eq!(reason, Some(1));
+        let ca_der = der_of(&certs.ca_cert);
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).expect("ca");
+        assert_eq!(parsed.issuer().as_raw(), ca.subject().as_raw());
+    }
+
+    #[test]
+    fn revoke_refuses_foreign_certificates_and_crls_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let other = tempfile::tempdir().expect("tempdir");
+        dev("cx-demo", &agencies(), dir.path(), 30, false).expect("dev");
+        let foreign = dev("cx-demo", &["SSA".into()], other.path(), 30, false).expect("dev");
+        let crl = dir.path().join(CRL_FILE);
+        let foreign_cert = foreign.get("SSA", Role::Analyst).expect("a").cert.clone();
+        let err = revoke(
+            dir.path(),
+            &crl,
+            std::slice::from_ref(&foreign_cert),
+            None,
+            30,
+        )
+        .expect_err("foreign cert");
+        assert!(err.to_string().contains("analyst.pem"), "{err}");
+        assert!(err.to_string().contains("not signed by the CA"), "{err}");
+        assert!(!crl.exists(), "nothing written");
+
+        let foreign_crl = other.path().join(CRL_FILE);
+        revoke(other.path(), &foreign_crl, &[], None, 30).expect("foreign crl");
+        let err = revoke(dir.path(), &foreign_crl, &[], None, 30).expect_err("foreign crl");
+        assert!(err.to_string().contains("crl.pem"), "{err}");
+
+        let err = revoke(dir.path(), &crl, &[dir.path().join("nope.pem")], None, 30)
+            .expect_err("missing");
+        assert!(err.to_string().contains("nope.pem"), "{err}");
+        assert!(matches!(
+            revoke(dir.path(), &crl, &[], None, 0),
+            Err(CertError::InvalidValidity(_))
+        ));
+    }
+
+    #[test]
+    fn renew_keeps_identity_and_names_with_a_new_key_and_serial() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = dev("cx-demo", &agencies(), dir.path(), 30, false).expect("dev");
+        let node = certs.get("CMS", Role::Node).expect("node").clone();
+        let before = (
+            fs::read(&node.cert).expect("c"),
+            fs::read(&node.key).expect("k"),
+        );
+        let r = renew(dir.path(), &node.cert, &node.key, 10).expect("renew");
+        assert_eq!(r.identity.to_string(), "spiffe://cx-demo/CMS/node/cms-node");
+        assert_ne!(r.old_serial, r.new_serial);
+        assert_ne!(fs::read(&node.cert).expect("c"), before.0);
+        assert_ne!(fs::read(&node.key).expect("k"), before.1);
+        let mode = fs::metadata(&node.key).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let der = der_of(&node.cert);
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).expect("x509");
+        let sans = x509.subject_alternative_name().expect("ok").expect("san");
+        let dns: Vec<String> = sans
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some((*d).to_owned()),
+                GeneralName::IPAddress(ip) => Some(format!("{ip:?}")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dns, ["localhost", "[127, 0, 0, 1]", "cms"]);
+        // The pair is usable as a node's.
+        let files = certs.tls_files("CMS", Role::Node).expect("files");
+        files.server_config("cx-demo").expect("server config");
+        let err = renew(dir.path(), &node.key, &node.key, 10).expect_err("a key is no certificate");
+        assert!(err.to_string().contains("node.key"), "{err}");
     }
 
     #[test]

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use cxfed_protocol::wire::{ErrorBody, QueryRequest, QueryResponse};
+use cxfed_protocol::wire::{ErrorBody, QueryRequest};
 use cxfed_queries::schema::Table;
 
-use crate::client::AnalystClient;
+use crate::client::{AnalystClient, describe, error_chain, send_query};
 use crate::output::Format;
+use crate::shutdown::shutdown_signal;
 use crate::tls::TlsFiles;
 
 /// cxfed: federated, privacy-preserving customer-experience analytics across agencies.
@@ -28,12 +29,25 @@ pub enum Command {
     /// Development certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
-    /// Write calibrated synthetic A-11 CX data for one agency (experience.csv, operational.csv).
+    /// Write calibrated synthetic A-11 CX data for one agency (experience.csv, operational.csv),
+    /// or with --journeys for the three agencies of a journey, linked by synthetic SSNs.
     Synth {
         /// Agency abbreviation, e.g. SSA.
+        #[arg(
+            long,
+            required_unless_present = "journeys",
+            conflicts_with = "journeys"
+        )]
+        agency: Option<String>,
+        /// Linked populations for a journey's agencies instead: OUT/<AGENCY>/{experience,
+        /// operational,linkage}.csv for SSA, CMS, OPM (retirement) or FEMA, SBA, HUD (disaster).
+        #[arg(long, value_enum)]
+        journeys: Option<crate::synth::journeys::Journey>,
+        /// With --journeys: the share of an agency's people on the journey who also go to the
+        /// next agency (0-1).
         #[arg(long)]
-        agency: String,
-        /// Number of people.
+        overlap: Option<f64>,
+        /// Number of people (per agency).
         #[arg(long, default_value_t = 20_000)]
         people: usize,
         /// Random seed (same seed, same bytes).
@@ -57,6 +71,10 @@ pub enum Command {
     /// Import survey responses from another system (validated, atomic).
     #[command(subcommand)]
     Import(ImportCommand),
+    /// The linkage key agencies share (the SSN): supplied by the steward, stored keyed under the
+    /// federation's linkage key, never queryable.
+    #[command(subcommand)]
+    Linkage(LinkageCommand),
     /// Upgrade a data directory written by an older cxfed to the current schema (a node does
     /// this itself when it starts).
     Migrate {
@@ -119,8 +137,10 @@ pub enum Command {
         /// Accept an answer from only the nodes that responded.
         #[arg(long)]
         allow_partial: bool,
-        /// ε to spend on each node (differential-privacy mode; default: each node's maximum).
-        #[arg(long)]
+        /// ε to spend on each node (differential-privacy mode; default: each node's maximum):
+        /// from 0.001 (the smallest ε exact noise can be calibrated for); a node spends at most
+        /// its epsilon_per_query. Anything else is refused before the query is sent.
+        #[arg(long, allow_negative_numbers = true)]
         epsilon: Option<f64>,
         /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 120)]
@@ -265,6 +285,31 @@ pub enum ImportCommand {
     },
 }
 
+/// The overlap of `cxfed synth --journeys` when none is given.
+pub const DEFAULT_OVERLAP: f64 = 0.3;
+
+/// `cxfed linkage ...`.
+#[derive(Debug, Subcommand)]
+pub enum LinkageCommand {
+    /// Make the federation's linkage key (32 random bytes in hex, mode 0600; never overwrites).
+    /// Made once; every steward installs the same file as `<data_dir>/linkage.key`.
+    Keygen {
+        /// Where to write the key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Validate a `person_id,ssn` CSV (SSN as 123456789 or 123-45-6789) and add each person's
+    /// keyed SSN to the node's linkage store, atomically; errors name FILE:LINE:COLUMN and never
+    /// show an SSN.
+    Ingest {
+        /// The node's data directory (holding the federation's linkage.key).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The CSV file.
+        file: PathBuf,
+    },
+}
+
 /// `cxfed report ...`.
 #[derive(Debug, Subcommand)]
 pub enum ReportCommand {
@@ -285,8 +330,9 @@ pub enum ReportCommand {
         #[command(flatten)]
         tls: TlsArgs,
         /// ε each of the report's nine queries (one per question, one for the population)
-        /// spends per node (default: each node's maximum).
-        #[arg(long)]
+        /// spends per node (default: each node's maximum; from 0.001, and at most each node's
+        /// epsilon_per_query). Anything else is refused before any query is sent.
+        #[arg(long, allow_negative_numbers = true)]
         epsilon: Option<f64>,
         /// Write the CSV here (atomically) instead of standard output.
         #[arg(long)]
@@ -381,6 +427,70 @@ pub enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Replace a certificate and its key with a new pair for the same identity and server
+    /// names, issued by the CA in CA_DIR (a rotation; with a new CA there, a CA roll-over).
+    /// Then SIGHUP the node that uses them.
+    Renew {
+        /// The CA directory (ca.pem and ca.key).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The certificate to replace (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its key (PEM), replaced too.
+        #[arg(long)]
+        key: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+    },
+    /// Revoke certificates: add them to the CA's revocation list (CA_DIR/crl.pem), re-signed.
+    /// Nodes listing that CRL in `[tls] crl` refuse them at the handshake from their next
+    /// reload (SIGHUP). With no certificate, re-issues the CRL (fresh nextUpdate; also how an
+    /// empty CRL is made).
+    Revoke {
+        /// The CA directory (ca.pem and ca.key, as `certs dev` writes it).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The CRL to update (default CA_DIR/crl.pem).
+        #[arg(long)]
+        crl: Option<PathBuf>,
+        /// Why (RFC 5280 reason code).
+        #[arg(long, value_enum)]
+        reason: Option<RevokeReason>,
+        /// Days until the CRL's nextUpdate.
+        #[arg(long, default_value_t = crate::certs::DEFAULT_CRL_DAYS)]
+        days: u32,
+        /// The certificates (PEM) to revoke.
+        certs: Vec<PathBuf>,
+    },
+}
+
+/// Why a certificate is revoked (RFC 5280 reason codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RevokeReason {
+    /// The private key is (or may be) known to someone else.
+    KeyCompromise,
+    /// The holder changed agency or role.
+    AffiliationChanged,
+    /// Replaced by a new certificate.
+    Superseded,
+    /// The holder no longer needs it.
+    CessationOfOperation,
+    /// The holder's access was withdrawn.
+    PrivilegeWithdrawn,
+}
+
+impl From<RevokeReason> for rcgen::RevocationReason {
+    fn from(r: RevokeReason) -> Self {
+        match r {
+            RevokeReason::KeyCompromise => rcgen::RevocationReason::KeyCompromise,
+            RevokeReason::AffiliationChanged => rcgen::RevocationReason::AffiliationChanged,
+            RevokeReason::Superseded => rcgen::RevocationReason::Superseded,
+            RevokeReason::CessationOfOperation => rcgen::RevocationReason::CessationOfOperation,
+            RevokeReason::PrivilegeWithdrawn => rcgen::RevocationReason::PrivilegeWithdrawn,
+        }
+    }
 }
 
 /// The caller's certificate files.
@@ -395,6 +505,9 @@ pub struct TlsArgs {
     /// Your private key (PEM).
     #[arg(long)]
     pub key: PathBuf,
+    /// A certificate revocation list (PEM) to check node certificates against; repeatable.
+    #[arg(long)]
+    pub crl: Vec<PathBuf>,
 }
 
 impl From<TlsArgs> for TlsFiles {
@@ -403,6 +516,7 @@ impl From<TlsArgs> for TlsFiles {
             ca: a.ca,
             cert: a.cert,
             key: a.key,
+            crl: a.crl,
         }
     }
 }
@@ -421,108 +535,6 @@ fn parse_audit_key(s: &str) -> Result<(String, PathBuf), String> {
 fn parse_table(s: &str) -> Result<Table, String> {
     Table::from_name(s)
         .ok_or_else(|| format!("{s:?} is not a table; use experience or operational"))
-}
-
-/// Why a query produced no answer, as the analyst sees it.
-#[derive(Debug, thiserror::Error)]
-pub enum QueryFailure {
-    /// The node answered with an error body.
-    #[error("{}", describe(.0))]
-    Refused(Box<ErrorBody>),
-    /// No usable answer.
-    #[error("{0}")]
-    Transport(String),
-}
-
-fn describe(b: &ErrorBody) -> String {
-    let mut s = format!("{} {}: {}", b.code, b.kind, b.message);
-    if let (Some(l), Some(c)) = (b.line, b.column) {
-        s.push_str(&format!(" (at line {l}, column {c})"));
-    }
-    for n in &b.nodes {
-        let state = serde_json::to_value(n.status)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
-        s.push_str(&format!(
-            "\n  node {}: {}{}",
-            n.agency,
-            state,
-            n.error
-                .as_ref()
-                .map(|e| format!(" — {e}"))
-                .unwrap_or_default()
-        ));
-    }
-    if let Some(q) = &b.query_id {
-        s.push_str(&format!("\n  query id {q}"));
-    }
-    s
-}
-
-/// Signs `req` as the analyst (fresh nonce, now) for the agency of the node at `node` (read from
-/// its certificate), posts it there and returns the merged answer. If the node refuses it as
-/// signed for another coordinator (the URL now reaches another agency's node), the agency is
-/// read again and the query signed and sent once more.
-pub async fn send_query(
-    client: &AnalystClient,
-    node: &str,
-    req: &QueryRequest,
-) -> Result<QueryResponse, QueryFailure> {
-    match send_query_once(client, node, req).await {
-        Err(QueryFailure::Refused(b)) if b.kind == "wrong-coordinator" => {
-            client.forget_coordinator(node);
-            send_query_once(client, node, req).await
-        }
-        other => other,
-    }
-}
-
-async fn send_query_once(
-    client: &AnalystClient,
-    node: &str,
-    req: &QueryRequest,
-) -> Result<QueryResponse, QueryFailure> {
-    let url = format!("{}/v1/query", node.trim_end_matches('/'));
-    let coordinator = client
-        .coordinator(node)
-        .await
-        .map_err(QueryFailure::Transport)?;
-    let req = req
-        .clone()
-        .sign(&client.signer, &coordinator)
-        .map_err(|e| QueryFailure::Transport(format!("signing the request: {e}")))?;
-    let resp = client
-        .http
-        .post(&url)
-        .json(&req)
-        .send()
-        .await
-        .map_err(|e| QueryFailure::Transport(format!("{url}: {}", error_chain(&e))))?;
-    let status = resp.status();
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| QueryFailure::Transport(format!("{url}: {e}")))?;
-    if status.is_success() {
-        return serde_json::from_slice(&bytes)
-            .map_err(|e| QueryFailure::Transport(format!("{url}: unreadable answer: {e}")));
-    }
-    match serde_json::from_slice::<ErrorBody>(&bytes) {
-        Ok(b) => Err(QueryFailure::Refused(Box::new(b))),
-        Err(_) => Err(QueryFailure::Transport(format!("{url}: HTTP {status}"))),
-    }
-}
-
-/// An error and all its sources, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(&format!(": {x}"));
-        src = x.source();
-    }
-    s
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -554,12 +566,97 @@ async fn dispatch(command: Command) -> Result<(), String> {
             );
             Ok(())
         }
+        Command::Certs(CertsCommand::Renew {
+            ca_dir,
+            cert,
+            key,
+            days,
+        }) => {
+            let r = crate::certs::renew(&ca_dir, &cert, &key, days).map_err(|e| e.to_string())?;
+            println!(
+                "renewed {} in {} (serial {} -> {}, valid until {}); send SIGHUP to the node that uses it",
+                r.identity,
+                cert.display(),
+                r.old_serial,
+                r.new_serial,
+                r.not_after
+            );
+            Ok(())
+        }
+        Command::Certs(CertsCommand::Revoke {
+            ca_dir,
+            crl,
+            reason,
+            days,
+            certs,
+        }) => {
+            let crl = crl.unwrap_or_else(|| ca_dir.join(crate::certs::CRL_FILE));
+            let w = crate::certs::revoke(&ca_dir, &crl, &certs, reason.map(Into::into), days)
+                .map_err(|e| e.to_string())?;
+            for c in &w.certs {
+                let who = c
+                    .identity
+                    .as_ref()
+                    .map(|i| i.to_string())
+                    .unwrap_or_else(|| "(no identity)".into());
+                if c.already {
+                    println!("{who} serial {} was already revoked", c.serial);
+                } else {
+                    println!("revoked {who} serial {}", c.serial);
+                }
+            }
+            println!(
+                "wrote {} (CRL number {}, {} certificate(s) revoked, next update {}); send SIGHUP to every node whose [tls] crl lists it",
+                w.path.display(),
+                w.number,
+                w.revoked,
+                w.next_update
+            );
+            Ok(())
+        }
         Command::Synth {
-            agency,
+            agency: None,
+            journeys: Some(journey),
+            overlap,
             people,
             seed,
             out,
         } => {
+            let opts = crate::synth::journeys::JourneyOptions {
+                journey,
+                people,
+                overlap: overlap.unwrap_or(DEFAULT_OVERLAP),
+                seed,
+            };
+            let agencies = crate::synth::journeys::write(&opts, &out).map_err(|e| e.to_string())?;
+            for a in agencies {
+                println!(
+                    "{}: {} people ({} from the agency before) → {} cases in {}, {} survey \
+                     responses in {}, linkage keys in {}",
+                    a.agency,
+                    a.files.people,
+                    a.from_previous,
+                    a.files.operational_rows,
+                    a.files.operational_path.display(),
+                    a.files.experience_rows,
+                    a.files.experience_path.display(),
+                    a.linkage_path.display()
+                );
+            }
+            Ok(())
+        }
+        Command::Synth {
+            agency,
+            overlap,
+            people,
+            seed,
+            out,
+            ..
+        } => {
+            if overlap.is_some() {
+                return Err("--overlap needs --journeys".into());
+            }
+            let agency = agency.ok_or("--agency or --journeys is required")?;
             let opts = crate::synth::SynthOptions {
                 agency,
                 people,
@@ -633,9 +730,10 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 }
             };
             println!(
-                "seed: pki {}; tls copied for {}; data seeded for {}",
+                "seed: pki {}; tls copied for {}; crl copied for {}; data seeded for {}",
                 if r.made_pki { "made" } else { "kept" },
                 list(&r.copied_tls),
+                list(&r.copied_crl),
                 list(&r.seeded_data)
             );
             Ok(())
@@ -761,8 +859,30 @@ async fn dispatch(command: Command) -> Result<(), String> {
             );
             Ok(())
         }
+        Command::Linkage(LinkageCommand::Keygen { out }) => {
+            let id = crate::linkage::keygen(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            println!(
+                "wrote linkage key {id} to {} (mode 0600); install the same file as linkage.key \
+                 in every node's data directory, and keep it as secret as the SSNs",
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Linkage(LinkageCommand::Ingest { data_dir, file }) => {
+            let r = crate::linkage::ingest(&data_dir, &file).map_err(|e| e.to_string())?;
+            println!(
+                "added {} keyed linkage value(s) to {}; {} already stored and {} repeated in the \
+                 file skipped; {} person(s) linked on this node",
+                r.added,
+                r.path.display(),
+                r.already_stored,
+                r.repeated,
+                r.persons
+            );
+            Ok(())
+        }
         Command::Migrate { data_dir } => {
-            let m = crate::storage::migrate(&data_dir).map_err(|e| e.to_string())?;
+            let m = crate::ingest::migrate(&data_dir).map_err(|e| e.to_string())?;
             println!(
                 "{}: schema version {} -> {}; {} file(s), {} row(s) rewritten",
                 data_dir.display(),
@@ -1037,26 +1157,4 @@ pub fn head_file(log: &std::path::Path) -> PathBuf {
     let mut name = log.as_os_str().to_owned();
     name.push(".head");
     PathBuf::from(name)
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
 }

@@ -1,4 +1,5 @@
-//! The mTLS HTTP client used by the CLI and by coordinators.
+//! The mTLS HTTP client used by the CLI and by coordinators, and the one way an analyst's query
+//! is signed, sent and its failure described ([`send_query`], [`QueryFailure`]).
 //!
 //! One [`reqwest::Client`] per process (it is cheap to clone): it speaks TLS 1.3 only, trusts
 //! only the federation CA, presents our certificate, negotiates HTTP/2 when the server offers it,
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cxfed_protocol::Role;
+use cxfed_protocol::wire::{ErrorBody, QueryRequest, QueryResponse};
 
 use cxfed_protocol::Identity;
 use cxfed_protocol::signing::Signer;
@@ -110,7 +112,7 @@ impl AnalystClient {
             .get(&url)
             .send()
             .await
-            .map_err(|e| format!("{url}: {}", crate::cli::error_chain(&e)))?;
+            .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
         let leaf = resp
             .extensions()
             .get::<reqwest::tls::TlsInfo>()
@@ -182,6 +184,128 @@ pub fn own_identity(cert_path: &Path) -> Result<Identity, TlsError> {
         path: cert_path.to_owned(),
         source,
     })
+}
+
+/// Why a query produced no answer, as the analyst sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryFailure {
+    /// The node answered with an error body (or this client refused the request before
+    /// sending it, with the code a node would have answered: an ε no node can spend).
+    #[error("{}", describe(.0))]
+    Refused(Box<ErrorBody>),
+    /// No usable answer.
+    #[error("{0}")]
+    Transport(String),
+}
+
+/// A refusal as one message: code, kind, message, position, each node's state and the query id.
+pub fn describe(b: &ErrorBody) -> String {
+    let mut s = format!("{} {}: {}", b.code, b.kind, b.message);
+    if let (Some(l), Some(c)) = (b.line, b.column) {
+        s.push_str(&format!(" (at line {l}, column {c})"));
+    }
+    for n in &b.nodes {
+        let state = serde_json::to_value(n.status)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        s.push_str(&format!(
+            "\n  node {}: {}{}",
+            n.agency,
+            state,
+            n.error
+                .as_ref()
+                .map(|e| format!(" — {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    if let Some(q) = &b.query_id {
+        s.push_str(&format!("\n  query id {q}"));
+    }
+    s
+}
+
+/// Signs `req` as the analyst (fresh nonce, now) for the agency of the node at `node` (read from
+/// its certificate), posts it there and returns the merged answer. If the node refuses it as
+/// signed for another coordinator (the URL now reaches another agency's node), the agency is
+/// read again and the query signed and sent once more.
+pub async fn send_query(
+    client: &AnalystClient,
+    node: &str,
+    req: &QueryRequest,
+) -> Result<QueryResponse, QueryFailure> {
+    // An ε no node could spend is refused here, before it is signed or sent (and so before any
+    // node could charge a budget for it): NaN and ±∞ would otherwise be easy to mistake for
+    // "no ε" on the way.
+    if let Some(e) = req.epsilon
+        && let Err(bad) =
+            cxfed_queries::dp::check_epsilon(e, cxfed_queries::dp::EpsilonRange::Federation)
+    {
+        let (code, kind) = cxfed_protocol::wire::BAD_EPSILON;
+        return Err(QueryFailure::Refused(Box::new(ErrorBody {
+            code: code.into(),
+            kind: kind.into(),
+            message: bad.to_string(),
+            line: None,
+            column: None,
+            query_id: None,
+            nodes: vec![],
+        })));
+    }
+    match send_query_once(client, node, req).await {
+        Err(QueryFailure::Refused(b)) if b.kind == "wrong-coordinator" => {
+            client.forget_coordinator(node);
+            send_query_once(client, node, req).await
+        }
+        other => other,
+    }
+}
+
+async fn send_query_once(
+    client: &AnalystClient,
+    node: &str,
+    req: &QueryRequest,
+) -> Result<QueryResponse, QueryFailure> {
+    let url = format!("{}/v1/query", node.trim_end_matches('/'));
+    let coordinator = client
+        .coordinator(node)
+        .await
+        .map_err(QueryFailure::Transport)?;
+    let req = req
+        .clone()
+        .sign(&client.signer, &coordinator)
+        .map_err(|e| QueryFailure::Transport(format!("signing the request: {e}")))?;
+    let resp = client
+        .http
+        .post(&url)
+        .json(&req)
+        .send()
+        .await
+        .map_err(|e| QueryFailure::Transport(format!("{url}: {}", error_chain(&e))))?;
+    let status = resp.status();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| QueryFailure::Transport(format!("{url}: {e}")))?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes)
+            .map_err(|e| QueryFailure::Transport(format!("{url}: unreadable answer: {e}")));
+    }
+    match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(b) => Err(QueryFailure::Refused(Box::new(b))),
+        Err(_) => Err(QueryFailure::Transport(format!("{url}: HTTP {status}"))),
+    }
+}
+
+/// An error and all its sources, one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(&format!(": {x}"));
+        src = x.source();
+    }
+    s
 }
 
 #[cfg(test)]
@@ -317,6 +441,7 @@ mod tests {
             ca: certs.ca_cert.clone(),
             cert: dir.path().join("other.pem"),
             key: dir.path().join("other.key"),
+            crl: Vec::new(),
         };
         std::fs::write(&files.cert, cert).expect("write");
         std::fs::write(&files.key, key).expect("write");
@@ -371,6 +496,7 @@ mod tests {
             ca: "/nonexistent/ca.pem".into(),
             cert: "/nonexistent/node.pem".into(),
             key: "/nonexistent/node.key".into(),
+            crl: Vec::new(),
         };
         let err = http_client(&files, Duration::from_secs(1)).expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");

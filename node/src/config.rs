@@ -11,6 +11,7 @@
 //! ca = "certs/ca.pem"
 //! cert = "certs/ssa/node.pem"
 //! key = "certs/ssa/node.key"
+//! crl = "certs/crl.pem"           # optional: one CRL or a list (revoked certificates refused)
 //!
 //! [[peers]]                       # every other node of the federation
 //! agency = "CMS"
@@ -315,6 +316,7 @@ impl NodeConfig {
                 ca: resolve(&raw.tls.ca),
                 cert: resolve(&raw.tls.cert),
                 key: resolve(&raw.tls.key),
+                crl: raw.tls.crl.iter().map(|c| resolve(c)).collect(),
             },
             peers: raw.peers,
             k,
@@ -326,7 +328,7 @@ impl NodeConfig {
     /// Renders a configuration file (used by the demo and documentation).
     pub fn render(&self) -> String {
         let mut s = format!(
-            "federation = {:?}\nagency = {:?}\nlisten = {:?}\ndata_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[privacy]\nk = {}\n{}\n[query]\ntimeout_secs = {}\n",
+            "federation = {:?}\nagency = {:?}\nlisten = {:?}\ndata_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{}\n[privacy]\nk = {}\n{}\n[query]\ntimeout_secs = {}\n",
             self.federation,
             self.agency,
             self.listen.to_string(),
@@ -334,6 +336,18 @@ impl NodeConfig {
             self.tls.ca.display().to_string(),
             self.tls.cert.display().to_string(),
             self.tls.key.display().to_string(),
+            if self.tls.crl.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "crl = {:?}\n",
+                    self.tls
+                        .crl
+                        .iter()
+                        .map(|c| c.display().to_string())
+                        .collect::<Vec<_>>()
+                )
+            },
             self.k,
             match &self.policy.dp {
                 None => "mode = \"k-only\"\n".to_string(),
@@ -402,6 +416,30 @@ url = "https://127.0.0.1:7002"
         assert_eq!(c.peers.len(), 1);
         let again = NodeConfig::parse(&c.render(), Path::new("/x/node.toml")).expect("round trip");
         assert_eq!(again, c);
+        assert!(c.tls.crl.is_empty());
+    }
+
+    #[test]
+    fn crl_is_one_path_or_a_list() {
+        let one = GOOD.replace("key = \"/abs/node.key\"", "key = \"k\"\ncrl = \"crl.pem\"");
+        let c = NodeConfig::parse(&one, Path::new("/etc/cxfed/node.toml")).expect("valid");
+        assert_eq!(c.tls.crl, vec![PathBuf::from("/etc/cxfed/crl.pem")]);
+        let many = GOOD.replace(
+            "key = \"/abs/node.key\"",
+            "key = \"k\"\ncrl = [\"a.pem\", \"/b.pem\"]",
+        );
+        let c = NodeConfig::parse(&many, Path::new("/etc/cxfed/node.toml")).expect("valid");
+        assert_eq!(
+            c.tls.crl,
+            vec![PathBuf::from("/etc/cxfed/a.pem"), PathBuf::from("/b.pem")]
+        );
+        let again = NodeConfig::parse(&c.render(), Path::new("/x/node.toml")).expect("round trip");
+        assert_eq!(again.tls.crl, c.tls.crl);
+        let bad = GOOD.replace("key = \"/abs/node.key\"", "key = \"k\"\ncrl = 3");
+        let err = NodeConfig::parse(&bad, Path::new("node.toml"))
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("crl") || err.contains("line"), "{err}");
     }
 
     #[test]

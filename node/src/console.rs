@@ -39,8 +39,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::audit::{Entry, PublicKey};
-use crate::cli::{QueryFailure, send_query};
-use crate::client::AnalystClient;
+use crate::client::{AnalystClient, QueryFailure, send_query};
 use crate::tls::{TlsError, TlsFiles};
 
 const INDEX_HTML: &str = include_str!("console/index.html");
@@ -407,11 +406,11 @@ async fn session(State(console): State<Arc<Console>>) -> Response {
 }
 
 async fn examples() -> Response {
-    let mut list: Vec<Value> = crate::demo::QUERIES
+    let mut list: Vec<Value> = crate::examples::QUERIES
         .iter()
         .map(|(title, sql)| json!({"title": title, "sql": sql}))
         .collect();
-    list.push(json!({"title": crate::demo::REFUSED.0, "sql": crate::demo::REFUSED.1}));
+    list.push(json!({"title": crate::examples::REFUSED.0, "sql": crate::examples::REFUSED.1}));
     axum::Json(list).into_response()
 }
 
@@ -475,10 +474,45 @@ async fn node_get(
 #[serde(deny_unknown_fields)]
 struct QueryForm {
     sql: String,
+    /// ε as a number, or as the text the analyst typed (blank: each node's maximum).
     #[serde(default)]
-    epsilon: Option<f64>,
+    epsilon: Option<Value>,
     #[serde(default)]
     allow_partial: bool,
+}
+
+/// The ε of a query form: null or blank is "each node's maximum"; a number or the text of one
+/// (NaN and inf included, so that they are refused rather than lost) is itself; anything else
+/// is refused, naming ε and the value.
+fn form_epsilon(v: Option<&Value>) -> Result<Option<f64>, Box<ErrorBody>> {
+    let bad = |message: String| {
+        let (code, kind) = cxfed_protocol::wire::BAD_EPSILON;
+        Box::new(ErrorBody {
+            code: code.into(),
+            kind: kind.into(),
+            message,
+            line: None,
+            column: None,
+            query_id: None,
+            nodes: Vec::new(),
+        })
+    };
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| bad(format!("epsilon (ε) = {n} is not a number"))),
+        Some(Value::String(t)) if t.trim().is_empty() => Ok(None),
+        Some(Value::String(t)) => t.trim().parse::<f64>().map(Some).map_err(|_| {
+            bad(format!(
+                "epsilon (ε) = {t:?} is not a number; nodes accept ε from {} up to their \
+                 epsilon_per_query",
+                cxfed_queries::dp::MIN_EPSILON
+            ))
+        }),
+        Some(other) => Err(bad(format!("epsilon (ε) = {other} is not a number"))),
+    }
 }
 
 /// Runs a query at the first node, signed with the user's key. A refusal comes back with the
@@ -488,11 +522,19 @@ async fn query(State(console): State<Arc<Console>>, body: Bytes) -> Response {
         Ok(f) => f,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, &format!("request body: {e}")),
     };
+    let epsilon = match form_epsilon(form.epsilon.as_ref()) {
+        Ok(e) => e,
+        Err(body) => return axum::Json(json!({"ok": false, "error": body})).into_response(),
+    };
     let req = QueryRequest::new(form.sql.clone())
         .require_all(!form.allow_partial)
-        .epsilon(form.epsilon);
+        .epsilon(epsilon);
     match send_query(&console.client, &console.nodes[0], &req).await {
         Ok(resp) => axum::Json(json!({"ok": true, "result": resp})).into_response(),
+        // Refused before it was sent: the SQL itself needs no explaining.
+        Err(QueryFailure::Refused(body)) if body.kind == cxfed_protocol::wire::BAD_EPSILON.1 => {
+            axum::Json(json!({"ok": false, "error": body})).into_response()
+        }
         Err(QueryFailure::Refused(body)) => {
             let explain = explanation(&console, &form.sql).await.ok();
             axum::Json(json!({"ok": false, "error": body, "explain": explain})).into_response()

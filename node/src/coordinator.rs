@@ -14,13 +14,40 @@ use cxfed_protocol::wire::{
 };
 use cxfed_queries::dp::Z95;
 use cxfed_queries::rewrite::Partial;
-use cxfed_queries::validate::{QueryError, approve};
+use cxfed_queries::validate::QueryError;
 
 use crate::audit::Fanout;
 use crate::config::Peer;
+use crate::node::Node;
 use crate::partial::{DecodedPartial, PartialError, decode};
 use crate::requests::Received;
-use crate::server::{ApiError, Node};
+
+/// Why a federated query has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// Refused or failed here before fan-out (policy, rules, ε), or refused by every node
+    /// (this node's own reason, with its code).
+    #[error(transparent)]
+    Refused(#[from] PartialError),
+    /// Some nodes failed and the analyst required all (or none answered).
+    #[error("not every node answered query {0}")]
+    NodesFailed(String, Vec<NodeStatus>),
+    /// Merging failed: a bug; details are logged, not returned.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<QueryError> for CoordinatorError {
+    fn from(e: QueryError) -> Self {
+        CoordinatorError::Refused(PartialError::Query(e))
+    }
+}
+
+impl From<crate::policy::PolicyRefusal> for CoordinatorError {
+    fn from(e: crate::policy::PolicyRefusal) -> Self {
+        CoordinatorError::Refused(PartialError::Policy(e))
+    }
+}
 
 /// Largest partial a peer may send, in bytes.
 pub const MAX_PARTIAL_BYTES: usize = 256 * 1024 * 1024;
@@ -36,12 +63,15 @@ pub async fn query(
     req: &QueryRequest,
     received_at: i64,
     fanout: &mut Vec<Fanout>,
-) -> Result<QueryResponse, ApiError> {
+) -> Result<QueryResponse, CoordinatorError> {
     let started = Instant::now();
+    // An ε no node can spend is refused before anything is read, charged or sent; every node
+    // checks again anyway.
+    crate::partial::check_epsilon(&node.policy(), req.epsilon).map_err(PartialError::Epsilon)?;
     // Refuse here before bothering any peer; every node checks again anyway.
     let analyst_uri = analyst.to_string();
     node.admit(&analyst_uri, "query")?;
-    let approved = approve(&node.ctx.state(), &req.sql).await?;
+    let approved = node.approvals.approve(&node.ctx, &req.sql).await?;
     node.policy().check_query(&approved)?;
 
     // A query this node could not answer in its own mode is refused before fan-out: in DP
@@ -73,6 +103,7 @@ pub async fn query(
             let shown = match &e {
                 PartialError::Query(QueryError::Rejected(r)) => (NodeState::Refused, r.to_string()),
                 PartialError::Policy(p) => (NodeState::Refused, p.to_string()),
+                PartialError::Epsilon(e) => (NodeState::Refused, e.to_string()),
                 other => (NodeState::Error, other.to_string()),
             };
             local_refusal = Some(e);
@@ -96,6 +127,8 @@ pub async fn query(
 
     let mut statuses = Vec::new();
     let mut partials = Vec::new();
+    // For each partial, its node's index in `statuses`.
+    let mut contributing: Vec<usize> = Vec::new();
     let mut node_suppressed = 0;
     let mut node_cells = 0;
     for (agency, result) in std::iter::once(local).chain(remote) {
@@ -139,6 +172,7 @@ pub async fn query(
                     groups,
                     epsilon: meta.epsilon,
                 });
+                contributing.push(statuses.len() - 1);
                 partials.push(Partial {
                     batches: p.batches,
                     meta,
@@ -158,21 +192,58 @@ pub async fn query(
     // Refused everywhere (e.g. the analyst's budget is spent on every node): answer with this
     // node's own refusal and its code rather than a generic failure.
     if statuses.iter().all(|s| s.status == NodeState::Refused)
-        && let Some(e @ (PartialError::Policy(_) | PartialError::Query(QueryError::Rejected(_)))) =
-            local_refusal
+        && let Some(
+            e @ (PartialError::Policy(_)
+            | PartialError::Epsilon(_)
+            | PartialError::Query(QueryError::Rejected(_))),
+        ) = local_refusal
     {
-        return Err(ApiError::from(e));
+        return Err(CoordinatorError::Refused(e));
     }
     let complete = statuses.iter().all(|s| s.status == NodeState::Ok);
     if !complete && (req.require_all || statuses.iter().all(|s| s.status != NodeState::Ok)) {
-        return Err(ApiError::NodesFailed(query_id.to_string(), statuses));
+        return Err(CoordinatorError::NodesFailed(
+            query_id.to_string(),
+            statuses,
+        ));
     }
 
     let merged = approved
         .merge_partials(&node.ctx, partials, node.policy().k)
         .await?;
-    let rows =
-        crate::output::rows(&merged.batches).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let rows = crate::output::rows(&merged.batches)
+        .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+    // Per row, the answering nodes that returned nothing for its group.
+    let missing_parts: Vec<Vec<String>> = merged
+        .contributors
+        .iter()
+        .map(|bits| {
+            contributing
+                .iter()
+                .enumerate()
+                .filter(|(p, _)| bits & (1u64 << p) == 0)
+                .map(|(_, &s)| statuses[s].agency.clone())
+                .collect()
+        })
+        .collect();
+    let incomplete_groups = missing_parts.iter().filter(|m| !m.is_empty()).count() as u64;
+    let columns: Vec<String> = merged
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let formats = approved.column_formats();
+    // Per row, the columns whose interval is wider than their whole range.
+    let not_informative: Vec<Vec<String>> = if merged.dp {
+        cxfed_queries::present::not_informative(&formats, &merged.ci95)
+            .into_iter()
+            .map(|cols| cols.into_iter().map(|c| columns[c].clone()).collect())
+            .collect()
+    } else {
+        vec![]
+    };
+    let any_uninformative = not_informative.iter().any(|r: &Vec<String>| !r.is_empty());
     info!(
         query_id,
         rows = rows.len(),
@@ -184,15 +255,23 @@ pub async fn query(
     );
     Ok(QueryResponse {
         query_id: query_id.to_string(),
-        columns: merged
-            .schema
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect(),
+        columns,
         rows,
         suppressed_groups: merged.suppressed_groups + node_suppressed,
         suppressed_cells: merged.suppressed_cells + node_cells,
+        incomplete_cells: merged.incomplete_cells,
+        incomplete_groups,
+        missing_parts: if incomplete_groups > 0 {
+            missing_parts
+        } else {
+            vec![]
+        },
+        formats,
+        not_informative: if any_uninformative {
+            not_informative
+        } else {
+            vec![]
+        },
         nodes: statuses,
         complete,
         privacy: if merged.dp {
@@ -232,7 +311,9 @@ async fn ask_peer(
         require_all: req.require_all,
         signature: req.signature.clone(),
     };
-    let client = node.peer_clients.get(&peer.agency).ok_or_else(|| {
+    // The client in force now: after a certificate rotation, new connections present the new
+    // certificate; a request already sent keeps the connection it was sent on.
+    let client = node.tls.peer(&peer.agency).ok_or_else(|| {
         (
             NodeState::Error,
             format!("no client for peer {}", peer.agency),

@@ -4,7 +4,7 @@
 //!
 //! Like [`crate::console`], it runs on the analyst's machine, holds the analyst's certificate
 //! and key, and has no privileges of its own: every data query is signed as the analyst and
-//! sent to a node exactly as `cxfed query` sends it ([`crate::cli::send_query`]); the nodes
+//! sent to a node exactly as `cxfed query` sends it ([`crate::client::send_query`]); the nodes
 //! decide, charge ε and write their audit logs as for the CLI.
 //!
 //! ```text
@@ -58,8 +58,7 @@ use rust_decimal::Decimal;
 use cxfed_protocol::wire::{ErrorBody, NodeState, QueryRequest, QueryResponse};
 use cxfed_protocol::{Identity, Role};
 
-use crate::cli::{QueryFailure, send_query};
-use crate::client::AnalystClient;
+use crate::client::{AnalystClient, QueryFailure, send_query};
 use crate::gateway::catalog::{Session, Val};
 use crate::tls::{TlsError, TlsFiles};
 

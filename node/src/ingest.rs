@@ -21,6 +21,9 @@
 //! then the directory is fsynced. On any error the temporary file (and any directory this call
 //! created) is removed: the data directory is left as it was. A crash midway can leave at most a
 //! hidden `.tmp` file, which readers (they list `*.parquet`, see [`crate::storage`]) never see.
+//!
+//! [`migrate`] (module `ingest::migrate`) brings an older data directory to the current schema
+//! version with the same validation, file by file.
 
 use std::fmt::{self, Write as _};
 use std::fs::File;
@@ -44,6 +47,9 @@ use datafusion::parquet::file::properties::WriterProperties;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::storage;
+
+mod migrate;
+pub use migrate::{Migration, migrate};
 
 /// Rows validated and converted per Arrow batch.
 pub const CHUNK_ROWS: usize = 64 * 1024;
@@ -187,7 +193,7 @@ pub fn stage(
     file: &Path,
     progress: bool,
 ) -> Result<Staged, IngestError> {
-    crate::storage::refuse_newer(data_dir)?;
+    crate::storage::refuse_newer(data_dir).map_err(io_err(data_dir))?;
     let (rows, out) = run(table, file, Target::DataDir(data_dir), progress)?;
     let out = out.ok_or_else(|| IngestError::Io {
         path: file.to_path_buf(),
@@ -228,7 +234,7 @@ impl Staged {
     }
 
     /// Brings the data directory to the current schema version (see
-    /// [`crate::storage::migrate`]) and adds the staged file to the table by a rename.
+    /// [`migrate`]) and adds the staged file to the table by a rename.
     pub fn commit(self) -> Result<IngestReport, IngestError> {
         let Staged {
             data_dir,
@@ -236,7 +242,7 @@ impl Staged {
             rows,
             out,
         } = self;
-        crate::storage::migrate(&data_dir)?;
+        migrate(&data_dir)?;
         let path = out.commit()?;
         crate::storage::mark_version(&data_dir).map_err(io_err(&data_dir))?;
         tracing::info!(table = table.name(), rows, path = %path.display(), "ingested");
@@ -605,6 +611,19 @@ pub(crate) fn is_agency_code(b: &[u8]) -> bool {
     (2..=12).contains(&b.len())
         && b.iter()
             .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+}
+
+/// What is wrong with `b` as free text in column `name` (the same reason `cxfed ingest` gives),
+/// or `None` when it is fine. Empty text is a missing required value.
+pub(crate) fn free_text_problem(name: &str, b: &[u8]) -> Option<String> {
+    let problem = if b.is_empty() {
+        Problem::Required
+    } else {
+        check_free_text(b).err()?
+    };
+    let mut reason = String::new();
+    problem.describe(name, &mut reason);
+    Some(reason)
 }
 
 /// Checks free text: UTF-8, at most [`MAX_FREE_TEXT_CHARS`] characters, no control characters.
@@ -1348,7 +1367,7 @@ impl<R: Read> LineReader<R> {
     }
 
     /// Whether an odd number of `"` bytes was read.
-    fn quotes_unbalanced(&self) -> bool {
+    pub(crate) fn quotes_unbalanced(&self) -> bool {
         self.quotes % 2 == 1
     }
 

@@ -191,9 +191,9 @@ impl Ledger {
         };
         let mut line = serde_json::to_vec(&charge).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        if let Err((error, rollback)) =
+        if let Err((error, rollback)) = crate::storage::blocking(|| {
             crate::storage::append_durably(inner.file.as_mut(), &mut inner.len, &line)
-        {
+        }) {
             tracing::error!(%error, rollback = ?rollback.as_ref().map(ToString::to_string), "budget charge not written");
             if let Some(r) = rollback {
                 inner.poisoned = Some(format!("{error}; then {r}"));

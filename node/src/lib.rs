@@ -4,15 +4,22 @@
 //!
 //! # Layout
 //! - [`config`]: `node.toml`, parsed and checked.
-//! - [`certs`]: development CA and identities (`cxfed certs dev`).
-//! - [`tls`]: rustls configurations (TLS 1.3, ring) and peer identities.
-//! - [`client`]: the mTLS HTTP client used by the CLI and by coordinators.
-//! - [`synth`]: calibrated synthetic A-11 CX data (`cxfed synth`).
+//! - [`certs`]: development CA and identities (`cxfed certs dev`), revocation
+//!   (`cxfed certs revoke`).
+//! - [`tls`]: rustls configurations (TLS 1.3, ring, CRLs) and peer identities.
+//! - [`rotation`]: certificate, key, CA bundle and CRL reloads without downtime.
+//! - [`client`]: the mTLS HTTP client used by the CLI and by coordinators; signing, sending and
+//!   describing an analyst's query ([`client::send_query`]).
+//! - [`synth`]: calibrated synthetic A-11 CX data (`cxfed synth`), and linked populations of a
+//!   journey's agencies with synthetic SSNs (`cxfed synth --journeys`, [`synth::journeys`]).
 //! - [`ingest`]: CSV/Parquet validation and atomic Parquet writes (`cxfed ingest`).
+//! - [`linkage`]: the linkage key agencies share (SSN), validated and stored keyed, never
+//!   queryable (`cxfed linkage ingest`).
 //! - [`touchpoints`]: GSA Touchpoints response exports in, pseudonymized (`cxfed import touchpoints`).
 //! - [`report`]: the A-11 quarterly report as federated queries (`cxfed report a11-quarterly`).
 //! - [`storage`]: the data directory layout, schema versions and migration.
 //! - [`engine`]: the node's DataFusion session over its Parquet files.
+//! - [`approvals`]: validated queries cached by their SQL, so a repeated query is not planned again.
 //! - [`partial`]: what a node runs for a coordinator: re-validate, execute, suppress, encode.
 //! - [`row_bounds`]: the most rows one person holds per data file, to bound people from row counts.
 //! - [`coordinator`]: fan-out to every node, merge, final suppression.
@@ -22,14 +29,18 @@
 //! - [`requests`]: checking analysts' signed requests (signature, chain, coordinator, freshness,
 //!   replay).
 //! - [`ledger`]: the per-analyst privacy-budget ledger.
-//! - [`server`]: the axum HTTPS server and its routes.
+//! - [`node`]: the node's state and its answer to a partial, free of HTTP.
+//! - [`server`]: the axum HTTPS server and its routes; errors become responses there.
 //! - [`console`]: the local web console for analysts, stewards and auditors (`cxfed console`).
 //! - [`gateway`]: the federation over the PostgreSQL wire protocol, for analysts' own tools
 //!   (`cxfed gateway`).
 //! - [`output`]: table / JSON / CSV rendering of results.
+//! - [`examples`]: the example queries of the demo and the console.
 //! - [`demo`]: the self-contained three-agency demo.
+//! - [`shutdown`]: Ctrl-C and SIGTERM for long-running commands.
 //! - [`cli`]: command-line parsing and dispatch.
 
+pub mod approvals;
 pub mod audit;
 pub mod auditor;
 pub mod certs;
@@ -40,17 +51,22 @@ pub mod console;
 pub mod coordinator;
 pub mod demo;
 pub mod engine;
+pub mod examples;
 pub mod gateway;
 pub mod ingest;
 pub mod ledger;
+pub mod linkage;
+pub mod node;
 pub mod output;
 pub mod partial;
 pub mod policy;
 pub mod report;
 pub mod requests;
+pub mod rotation;
 pub mod row_bounds;
 pub mod seed;
 pub mod server;
+pub mod shutdown;
 pub mod storage;
 pub mod synth;
 pub mod tls;

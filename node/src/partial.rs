@@ -17,7 +17,7 @@ use futures::StreamExt;
 use cxfed_protocol::wire::{META_AGENCY, META_PARTIAL, META_SUPPRESSED, META_SUPPRESSED_CELLS};
 use cxfed_queries::bounding::Bounder;
 use cxfed_queries::cells::{lower_bounds, nullable, suppress_cells};
-use cxfed_queries::dp::{RandomFailure, RandomSource};
+use cxfed_queries::dp::{BadEpsilon, EpsilonRange, RandomFailure, RandomSource};
 use cxfed_queries::privacy::DpPartial;
 use cxfed_queries::rewrite::PartialMeta;
 use cxfed_queries::rewrite::suppress;
@@ -52,6 +52,20 @@ pub enum PartialError {
     /// The steward's policy refused it.
     #[error(transparent)]
     Policy(#[from] PolicyRefusal),
+    /// The analyst asked for an ε no node can spend (refused before any budget is charged).
+    #[error(transparent)]
+    Epsilon(#[from] BadEpsilon),
+}
+
+/// Refuses an ε this node cannot spend under `policy` (before anything is read or charged).
+pub fn check_epsilon(policy: &Policy, requested: Option<f64>) -> Result<(), BadEpsilon> {
+    let range = match &policy.dp {
+        Some(d) => EpsilonRange::Node {
+            max: d.epsilon_per_query,
+        },
+        None => EpsilonRange::KOnly,
+    };
+    requested.map_or(Ok(()), |e| cxfed_queries::dp::check_epsilon(e, range))
 }
 
 /// Who a partial is for, and where to charge its privacy budget.
@@ -79,6 +93,7 @@ pub async fn run(
     row_bounds: &Arc<RowBounds>,
     approved: Option<&cxfed_queries::validate::ApprovedQuery>,
 ) -> Result<PartialOutput, PartialError> {
+    check_epsilon(policy, charge.requested_epsilon)?;
     let approved = match approved {
         Some(a) if a.sql() == sql => a.clone(),
         _ => approve(&ctx.state(), sql).await?,
@@ -125,15 +140,6 @@ pub async fn run(
             )
         }
         Some(settings) => {
-            if let Some(e) = charge.requested_epsilon
-                && !(e > 0.0 && e.is_finite())
-            {
-                return Err(QueryError::Rejected(cxfed_queries::rules::Rejection::new(
-                    cxfed_queries::rules::Rule::PlanError,
-                    format!("epsilon must be a positive number, not {e}"),
-                ))
-                .into());
-            }
             let params = settings.params(policy.k, charge.requested_epsilon);
             let epsilon = params.epsilon;
             let dp = approved.dp_partial(&params)?;

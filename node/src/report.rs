@@ -19,8 +19,7 @@ use cxfed_protocol::wire::{QueryRequest, QueryResponse};
 use cxfed_queries::schema::SCORES;
 use serde_json::Value;
 
-use crate::cli::{QueryFailure, send_query};
-use crate::client::AnalystClient;
+use crate::client::{AnalystClient, QueryFailure, send_query};
 
 /// The published header, exactly.
 pub const HEADER: &[&str] = &[
@@ -253,6 +252,21 @@ struct Num {
 
 type Key = (String, String, String);
 
+/// The agencies whose part each (agency, service, channel) row of a response lacks.
+fn missing_by_group(resp: &QueryResponse) -> BTreeMap<Key, Vec<String>> {
+    resp.rows
+        .iter()
+        .enumerate()
+        .map(|(r, row)| {
+            let text = |i: usize| row.get(i).and_then(Value::as_str).unwrap_or("").to_string();
+            (
+                (text(0), text(1), text(2)),
+                crate::output::missing_parts(resp, r).to_vec(),
+            )
+        })
+        .collect()
+}
+
 /// Rows of a response keyed by (agency, service, channel), by column name.
 fn by_group(resp: &QueryResponse) -> BTreeMap<Key, BTreeMap<String, Num>> {
     let mut out = BTreeMap::new();
@@ -311,6 +325,7 @@ pub fn render(
     )]);
     let mut rows: BTreeMap<(Key, u32), Vec<String>> = BTreeMap::new();
     for (resp, (qid, text, metric)) in items.iter().zip(questions) {
+        let missing = missing_by_group(resp);
         for ((agency, service, channel), cells) in by_group(resp) {
             let count = |v: u8| {
                 cells
@@ -356,11 +371,29 @@ pub fn render(
                     .to_string();
                 if blank > 0 {
                     r.push_str(&format!(
-                        "; {blank} answer count(s) held by 1 to k-1 people left blank, and the \
-                         sample, agree count and mean count only the answers shown"
+                        "; {blank} answer count(s) held by 1 to k-1 people (at the federation or \
+                         at one node) left blank, and the sample, agree count and mean count \
+                         only the answers shown"
                     ));
                 }
                 r
+            };
+            // Counts without some node's part say whose (see `QueryResponse::missing_parts`),
+            // before the noise interval, which stays the reflection's last words.
+            let reflection = match missing.get(&(agency.clone(), service.clone(), channel.clone()))
+            {
+                Some(m) if !m.is_empty() => {
+                    let note = format!(
+                        "no part from {} (none of their rows in this group, or fewer than their \
+                         k)",
+                        m.join(" ")
+                    );
+                    match reflection.split_once("; 95% noise interval") {
+                        Some((head, tail)) => format!("{head}; {note}; 95% noise interval{tail}"),
+                        None => format!("{reflection}; {note}"),
+                    }
+                }
+                _ => reflection,
             };
             // A total over a blank count would be wrong (and, with the blank, tell it).
             let withheld = |i: usize| options[i] && by_option[i].is_none();

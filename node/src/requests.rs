@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
@@ -86,7 +86,8 @@ pub fn nonce_key(sig: &RequestSignature) -> NonceKey {
 
 /// The node's checker; remembers nonces it has accepted for twice the freshness window.
 pub struct RequestChecker {
-    verifier: Arc<dyn ClientCertVerifier>,
+    /// The CA bundle and CRLs in force (replaced when the node reloads its TLS files).
+    verifier: RwLock<Arc<dyn ClientCertVerifier>>,
     federation: String,
     seen: Mutex<HashMap<NonceKey, i64>>,
 }
@@ -109,11 +110,23 @@ impl RequestChecker {
                 path: ca.to_owned(),
                 reason: e.to_string(),
             })?;
-        Ok(RequestChecker {
-            verifier,
+        Ok(Self::with_verifier(verifier, federation))
+    }
+
+    /// A checker whose signing certificates `verifier` checks (e.g. [`crate::tls::Trust`]'s,
+    /// with CRLs).
+    pub fn with_verifier(verifier: Arc<dyn ClientCertVerifier>, federation: &str) -> Self {
+        RequestChecker {
+            verifier: RwLock::new(verifier),
             federation: federation.to_owned(),
             seen: Mutex::new(HashMap::new()),
-        })
+        }
+    }
+
+    /// Replaces the verifier of signing certificates (a new CA bundle or CRL); remembered
+    /// nonces stay.
+    pub fn set_verifier(&self, verifier: Arc<dyn ClientCertVerifier>) {
+        *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = verifier;
     }
 
     /// Records the nonce of a request accepted before (read back from the audit log after a
@@ -151,7 +164,8 @@ impl RequestChecker {
         let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
             u64::try_from(sig.issued_at).unwrap_or(0),
         ));
-        self.verifier
+        let verifier = Arc::clone(&self.verifier.read().unwrap_or_else(|p| p.into_inner()));
+        verifier
             .verify_client_cert(&CertificateDer::from(cert), &[], at)
             .map_err(|e| {
                 SignatureRefusal::new(

@@ -7,12 +7,16 @@
 //!
 //! ```text
 //! PKI/ca.pem PKI/ca.key PKI/<agency>/*.pem|*.key   everything `cxfed certs dev` writes
-//! DIR/tls/ca.pem node.pem node.key                 the node's own files only (key 0600)
+//! PKI/crl.pem                                      the CA's revocation list (empty at first)
+//! DIR/tls/ca.pem node.pem node.key crl.pem         the node's own files only (key 0600)
 //! DIR/data/experience/ operational/                synthetic data, ingested
 //! ```
 //!
 //! Every step is skipped when its result is already there, so a second `docker compose up`
-//! changes nothing — and never overwrites a certificate a steward has since rotated. With an
+//! changes nothing — and never overwrites a certificate a steward has since rotated. The one
+//! exception is the CRL: `PKI/crl.pem` is the CA's list (`cxfed certs revoke --ca-dir PKI`), so
+//! a node's `crl.pem` that differs from it is replaced — re-running seed distributes a
+//! revocation (then SIGHUP the nodes). With an
 //! owner, everything written is handed to that uid:gid (the nodes do not run as root).
 
 use std::fs;
@@ -57,6 +61,8 @@ pub struct SeedReport {
     pub made_pki: bool,
     /// Agencies whose TLS files were copied now.
     pub copied_tls: Vec<String>,
+    /// Agencies whose CRL was copied now (new, or changed in the PKI).
+    pub copied_crl: Vec<String>,
     /// Agencies whose data was synthesized and ingested now.
     pub seeded_data: Vec<String>,
 }
@@ -138,6 +144,16 @@ pub fn seed(opts: &SeedOptions) -> Result<SeedReport, SeedError> {
         )?;
         report.made_pki = true;
     }
+    let crl = opts.pki.join(crate::certs::CRL_FILE);
+    if !crl.exists() {
+        crate::certs::revoke(&opts.pki, &crl, &[], None, opts.days).map_err(|source| {
+            SeedError::Certs {
+                path: crl.clone(),
+                source,
+            }
+        })?;
+    }
+    let crl_bytes = fs::read(&crl).map_err(io_err(&crl))?;
     for (i, t) in opts.targets.iter().enumerate() {
         let lower = t.agency.to_ascii_lowercase();
         let from = opts.pki.join(&lower);
@@ -156,6 +172,11 @@ pub fn seed(opts: &SeedOptions) -> Result<SeedReport, SeedError> {
             // The key last: its presence says the directory is complete.
             copy(&from.join("node.key"), &tls.join("node.key"), true)?;
             report.copied_tls.push(t.agency.clone());
+        }
+        let node_crl = tls.join(crate::certs::CRL_FILE);
+        if fs::read(&node_crl).ok().as_deref() != Some(crl_bytes.as_slice()) {
+            copy(&crl, &node_crl, false)?;
+            report.copied_crl.push(t.agency.clone());
         }
         let data = t.dir.join("data");
         if !data.join(Table::Experience.name()).exists() {
@@ -252,7 +273,7 @@ pub async fn health(config: &NodeConfig, timeout: Duration) -> Result<Health, St
         .get(&url)
         .send()
         .await
-        .map_err(|e| format!("{url}: {}", crate::cli::error_chain(&e)))?;
+        .map_err(|e| format!("{url}: {}", crate::client::error_chain(&e)))?;
     let status = resp.status();
     if !status.is_success() {
         return Err(format!("{url}: HTTP {status}"));
@@ -308,6 +329,7 @@ mod tests {
         let first = seed(&opts).unwrap();
         assert!(first.made_pki);
         assert_eq!(first.copied_tls, ["SSA", "CMS"]);
+        assert_eq!(first.copied_crl, ["SSA", "CMS"]);
         assert_eq!(first.seeded_data, ["SSA", "CMS"]);
         let tls = dir.path().join("ssa/tls");
         #[cfg(unix)]
@@ -330,6 +352,21 @@ mod tests {
         let again = seed(&opts).unwrap();
         assert_eq!(again, SeedReport::default());
         assert_eq!(fs::read(tls.join("node.pem")).unwrap(), b"rotated");
+        // A revocation in the PKI's CRL reaches every node's crl.pem at the next seed.
+        crate::certs::revoke(
+            &opts.pki,
+            &opts.pki.join("crl.pem"),
+            &[opts.pki.join("ssa/analyst.pem")],
+            None,
+            2,
+        )
+        .unwrap();
+        let again = seed(&opts).unwrap();
+        assert_eq!(again.copied_crl, ["SSA", "CMS"]);
+        assert_eq!(
+            fs::read(dir.path().join("cms/tls/crl.pem")).unwrap(),
+            fs::read(dir.path().join("pki/crl.pem")).unwrap()
+        );
         // An agency the PKI has no certificate for is named.
         let mut more = opts.clone();
         more.targets

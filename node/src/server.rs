@@ -15,7 +15,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -25,85 +25,25 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum_server::tls::TlsInfo;
-use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
-use datafusion::execution::context::SessionContext;
+use axum_server::tls_rustls::RustlsAcceptor;
 use serde::Deserialize;
 use tracing::{Instrument, info, warn};
 
 use cxfed_protocol::wire::{
-    ARROW_STREAM, ErrorBody, HEADER_QUERY_ID, Health, NodeStatus, PROTOCOL_VERSION, PartialRequest,
-    QueryRequest, SchemaColumn, SchemaResponse, SchemaTable,
+    ARROW_STREAM, BAD_EPSILON, ErrorBody, HEADER_QUERY_ID, Health, NodeStatus, PROTOCOL_VERSION,
+    PartialRequest, QueryRequest, SchemaColumn, SchemaResponse, SchemaTable,
 };
 use cxfed_protocol::{Identity, Role};
 use cxfed_queries::rules::Rejection;
 use cxfed_queries::schema::{Domain, Kind, Table};
 use cxfed_queries::validate::QueryError;
 
-use crate::audit::{AuditLog, Decision, Record};
+use crate::audit::{Decision, Record};
 use crate::config::NodeConfig;
-use crate::ledger::Ledger;
-use crate::partial::{PartialError, PartialOutput};
-use crate::policy::{Policy, PolicyRefusal, RateLimiter};
-use crate::requests::{Expected, Received, RequestChecker, SignatureRefusal};
-
-/// Everything a running node shares between requests.
-pub struct Node {
-    /// Its configuration.
-    pub config: NodeConfig,
-    /// DataFusion over its Parquet files.
-    pub ctx: SessionContext,
-    /// mTLS clients for talking to each peer (by agency), each accepting only that peer's
-    /// node certificate.
-    pub peer_clients: std::collections::HashMap<String, reqwest::Client>,
-    /// Its query log.
-    pub audit: AuditLog,
-    /// The steward's policy in force (replaced on reload).
-    policy: RwLock<Arc<Policy>>,
-    /// Per-analyst rate limits.
-    limiter: RateLimiter,
-    /// Per-analyst partials running now.
-    in_flight: crate::policy::InFlight,
-    /// Per-analyst privacy budgets.
-    pub ledger: Ledger,
-    /// Checks analysts' request signatures and remembers their nonces.
-    pub requests: RequestChecker,
-    /// The most rows one person holds in each data file (`k-only` people bounds).
-    pub row_bounds: Arc<crate::row_bounds::RowBounds>,
-}
-
-impl std::fmt::Debug for Node {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node")
-            .field("agency", &self.config.agency)
-            .field("listen", &self.config.listen)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Why a node could not start or stopped.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ServeError {
-    /// TLS files are missing or wrong.
-    #[error("tls: {0}")]
-    Tls(#[from] crate::tls::TlsError),
-    /// The data directory or audit log could not be opened.
-    #[error("data directory {path}: {message}")]
-    Data {
-        /// The directory.
-        path: String,
-        /// What failed.
-        message: String,
-    },
-    /// Binding or serving failed.
-    #[error("listen on {addr}: {source}")]
-    Io {
-        /// The address.
-        addr: String,
-        /// Why.
-        source: std::io::Error,
-    },
-}
+use crate::node::{Node, ServeError, build_node};
+use crate::partial::PartialError;
+use crate::policy::PolicyRefusal;
+use crate::requests::{Expected, Received, SignatureRefusal};
 
 /// A node serving in the background.
 #[derive(Debug)]
@@ -156,66 +96,11 @@ impl RunningNode {
     }
 }
 
-/// Builds the node's state from its configuration.
-pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
-    let data_err = |e: &dyn std::fmt::Display| ServeError::Data {
-        path: config.data_dir.display().to_string(),
-        message: e.to_string(),
-    };
-    let migrated = crate::storage::migrate(&config.data_dir).map_err(|e| data_err(&e))?;
-    if migrated.files > 0 {
-        info!(
-            files = migrated.files,
-            rows = migrated.rows,
-            from = migrated.from,
-            "upgraded the data directory to the current schema"
-        );
-    }
-    let ctx = crate::engine::node_context(&config.data_dir, config.policy.memory_limit_bytes)
-        .map_err(|e| data_err(&e))?;
-    let requests = RequestChecker::new(&config.tls.ca, &config.federation)?;
-    // Nonces already answered stay answered across a restart (only of requests whose
-    // signature was accepted: a refused forgery must not block the nonce it copied).
-    let audit = AuditLog::open(
-        &config.data_dir,
-        &config.agency,
-        config.audit_checkpoint_every,
-        |e| {
-            if let Some(r) = e.accepted_request() {
-                requests.remember(r);
-            }
-        },
-    )
-    .map_err(|e| data_err(&e))?;
-    let mut peer_clients = std::collections::HashMap::new();
-    for p in &config.peers {
-        let client =
-            crate::client::peer_client(&config.tls, &config.federation, &p.agency, config.timeout)?;
-        peer_clients.insert(p.agency.clone(), client);
-    }
-    let policy = RwLock::new(Arc::new(config.policy.clone()));
-    let ledger = Ledger::open(&config.data_dir).map_err(|e| data_err(&e))?;
-    let row_bounds = crate::row_bounds::RowBounds::new(&config.data_dir);
-    Ok(Node {
-        row_bounds,
-        config,
-        ctx,
-        peer_clients,
-        audit,
-        policy,
-        limiter: RateLimiter::default(),
-        in_flight: crate::policy::InFlight::default(),
-        ledger,
-        requests,
-    })
-}
-
 /// Starts serving `config` on `listener` (or on `config.listen` when `None`).
 pub async fn start(
     config: NodeConfig,
     listener: Option<std::net::TcpListener>,
 ) -> Result<RunningNode, ServeError> {
-    let tls = config.tls.server_config(&config.federation)?;
     let listen = config.listen;
     let node = Arc::new(build_node(config)?);
     let app = router(Arc::clone(&node));
@@ -232,7 +117,9 @@ pub async fn start(
     let handle = axum_server::Handle::new();
     // TCP_NODELAY: a response is written in more than one segment (headers, body); with
     // Nagle's algorithm on, the second waits for the peer's delayed ACK — 40 ms per request.
-    let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(tls))
+    // The acceptor reads the server configuration in force at each new connection (the node
+    // swaps it on reload).
+    let acceptor = RustlsAcceptor::new(node.tls.server())
         .handshake_timeout(Duration::from_secs(10))
         .acceptor(axum_server::accept::NoDelayAcceptor::new());
     let server = axum_server::from_tcp(listener)
@@ -245,12 +132,14 @@ pub async fn start(
             warn!(remote = ?remote, error = %e, "connection refused during TLS handshake");
         });
     let task = tokio::spawn(server.serve(app.into_make_service()));
-    info!(agency = %node.config.agency, %addr, peers = node.config.peers.len(), k = node.config.k, "node serving");
-    let reload = node
-        .config
-        .source
-        .clone()
-        .map(|path| tokio::spawn(watch_config(Arc::clone(&node), path)));
+    let served = node.tls.served();
+    info!(agency = %node.config.agency, %addr, peers = node.config.peers.len(), k = node.config.k,
+        identity = %served.identity, serial = %served.serial, not_after = %served.not_after,
+        cas = served.cas, crls = served.crls, revoked = served.revoked, "node serving");
+    let reload = Some(tokio::spawn(watch(
+        Arc::clone(&node),
+        node.config.source.clone(),
+    )));
     Ok(RunningNode {
         addr,
         node,
@@ -260,16 +149,30 @@ pub async fn start(
     })
 }
 
-/// How often the configuration file is checked for changes.
+/// How often the configuration file and the TLS files are checked for changes.
 const RELOAD_POLL: Duration = Duration::from_secs(2);
 
-/// Reloads the steward's policy when the configuration file changes or on SIGHUP. A file that
-/// does not parse or check is refused with its error and the policy in force stays.
-async fn watch_config(node: Arc<Node>, path: std::path::PathBuf) {
+/// Reloads on SIGHUP, and when the configuration file or a TLS file changes:
+///
+/// - the steward's policy, from the configuration file (a file that does not parse or check is
+///   refused with its error and the policy in force stays);
+/// - the TLS material ([`Node::reload_tls`]): certificate, key, CA bundle and CRLs, from the
+///   `[tls]` section (which may itself have changed). On SIGHUP at once; after a file change
+///   once the files have stayed unchanged for one poll, so a set being copied in is not read
+///   half-written.
+async fn watch(node: Arc<Node>, path: Option<std::path::PathBuf>) {
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen = modified(&path);
+    let mut seen = path.as_deref().and_then(modified);
+    let mut tls_applied = crate::rotation::stamp(&node.tls.files());
+    let mut tls_pending: Option<crate::rotation::Stamp> = None;
     #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGHUP; files are still polled for changes");
+            None
+        }
+    };
     loop {
         #[cfg(unix)]
         let signalled = async {
@@ -286,38 +189,72 @@ async fn watch_config(node: Arc<Node>, path: std::path::PathBuf) {
             () = tokio::time::sleep(RELOAD_POLL) => false,
             () = signalled => true,
         };
-        let now = modified(&path);
-        if !forced && now == seen {
-            continue;
+        if forced {
+            info!("SIGHUP: reloading the configuration and the TLS files");
         }
-        seen = now;
-        match NodeConfig::load(&path) {
-            Err(e) => {
-                tracing::error!(error = %e, "configuration not reloaded; the policy in force stays")
+        let mut new_tls = None;
+        if let Some(path) = &path {
+            let now = modified(path);
+            if forced || now != seen {
+                seen = now;
+                new_tls = reload_config(&node, path);
             }
-            Ok(new) => {
-                let old = node.policy();
-                if new.federation != node.config.federation
-                    || new.agency != node.config.agency
-                    || new.listen != node.config.listen
-                    || new.data_dir != node.config.data_dir
-                    || new.tls != node.config.tls
-                    || new.peers != node.config.peers
-                    || new.policy.memory_limit_bytes != old.memory_limit_bytes
-                {
-                    warn!(
-                        "identity, listen, data_dir, tls, peers and memory_limit_mb changes take effect at restart"
-                    );
-                }
-                // The memory pool is sized at start: the policy in force (and GET /v1/policy)
-                // keeps the limit that is really enforced.
-                let mut policy = new.policy;
-                policy.memory_limit_bytes = old.memory_limit_bytes;
-                if *old != policy {
-                    info!(k = policy.k, hidden = ?policy.hidden_dimensions, allowed = ?policy.allowed_agencies, "policy reloaded");
-                    node.set_policy(policy);
-                }
+        }
+        let current = node.tls.files();
+        let files = new_tls.unwrap_or_else(|| current.clone());
+        let now = crate::rotation::stamp(&files);
+        let due = if forced || files != current {
+            true
+        } else if now == tls_applied {
+            tls_pending = None;
+            false
+        } else if tls_pending.as_ref() == Some(&now) {
+            true
+        } else {
+            // Changed since the last poll: wait one more poll for the set to settle.
+            tls_pending = Some(now);
+            false
+        };
+        if due {
+            let _ = node.reload_tls(files);
+            // What is in force now (the new files, or after a refusal the old ones): a refused
+            // set is not retried until it changes again or a SIGHUP asks.
+            tls_applied = crate::rotation::stamp(&node.tls.files());
+            tls_pending = None;
+        }
+    }
+}
+
+/// Reloads the policy from `path`; returns the `[tls]` files it names when they differ from
+/// those in force.
+fn reload_config(node: &Node, path: &std::path::Path) -> Option<crate::tls::TlsFiles> {
+    match NodeConfig::load(path) {
+        Err(e) => {
+            tracing::error!(error = %e, "configuration not reloaded; the policy in force stays");
+            None
+        }
+        Ok(new) => {
+            let old = node.policy();
+            if new.federation != node.config.federation
+                || new.agency != node.config.agency
+                || new.listen != node.config.listen
+                || new.data_dir != node.config.data_dir
+                || new.peers != node.config.peers
+                || new.policy.memory_limit_bytes != old.memory_limit_bytes
+            {
+                warn!(
+                    "identity, listen, data_dir, peers and memory_limit_mb changes take effect at restart"
+                );
             }
+            // The memory pool is sized at start: the policy in force (and GET /v1/policy)
+            // keeps the limit that is really enforced.
+            let mut policy = new.policy;
+            policy.memory_limit_bytes = old.memory_limit_bytes;
+            if *old != policy {
+                info!(k = policy.k, hidden = ?policy.hidden_dimensions, allowed = ?policy.allowed_agencies, "policy reloaded");
+                node.set_policy(policy);
+            }
+            (new.tls != node.tls.files()).then_some(new.tls)
         }
     }
 }
@@ -361,6 +298,8 @@ pub enum ApiError {
     Unsigned(SignatureRefusal, Option<String>),
     /// The request body is malformed.
     BadRequest(String),
+    /// The analyst asked for an ε no node can spend.
+    BadEpsilon(cxfed_queries::dp::BadEpsilon, Option<String>),
     /// Some nodes failed and the analyst required all.
     NodesFailed(String, Vec<NodeStatus>),
     /// No such endpoint.
@@ -410,6 +349,13 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(m) => {
                 (StatusCode::BAD_REQUEST, body("CXF-A400", "bad-request", m))
             }
+            ApiError::BadEpsilon(e, query_id) => (
+                StatusCode::BAD_REQUEST,
+                ErrorBody {
+                    query_id,
+                    ..body(BAD_EPSILON.0, BAD_EPSILON.1, e.to_string())
+                },
+            ),
             ApiError::NotFound => (
                 StatusCode::NOT_FOUND,
                 body("CXF-A404", "not-found", "no such endpoint".into()),
@@ -468,6 +414,18 @@ impl From<PartialError> for ApiError {
         match e {
             PartialError::Query(q) => ApiError::from(q),
             PartialError::Policy(p) => ApiError::Policy(p, None),
+            PartialError::Epsilon(e) => ApiError::BadEpsilon(e, None),
+        }
+    }
+}
+
+impl From<crate::coordinator::CoordinatorError> for ApiError {
+    fn from(e: crate::coordinator::CoordinatorError) -> Self {
+        use crate::coordinator::CoordinatorError as C;
+        match e {
+            C::Refused(p) => ApiError::from(p),
+            C::NodesFailed(query_id, nodes) => ApiError::NodesFailed(query_id, nodes),
+            C::Internal(m) => ApiError::Internal(m),
         }
     }
 }
@@ -635,25 +593,6 @@ impl Node {
             .map_err(|e| ApiError::Internal(format!("audit log: {e}")))
     }
 
-    /// The policy in force.
-    pub fn policy(&self) -> Arc<Policy> {
-        Arc::clone(&self.policy.read().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Replaces the policy in force (used by reload).
-    pub fn set_policy(&self, policy: Policy) {
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
-    }
-
-    /// Checks an analyst against the policy and its rate limit for `what` (`query` or
-    /// `partial`, counted separately so a coordinator's own part is not counted twice).
-    pub fn admit(&self, analyst: &str, what: &str) -> Result<(), PolicyRefusal> {
-        let policy = self.policy();
-        policy.check_analyst(analyst)?;
-        self.limiter
-            .check(&format!("{what}:{analyst}"), policy.rate_limit_per_minute)
-    }
-
     /// Checks an analyst's signature on a request as this node received it, for the analyst
     /// and coordinator this node knows it must be from; a refusal is logged and audited with
     /// what was claimed.
@@ -690,81 +629,6 @@ impl Node {
             }
         }
     }
-
-    /// Runs this node's part of a query for a verified analyst under its own policy, and
-    /// audits it with the analyst's signature and the digest of what leaves.
-    /// `approved` is the query as this node already approved it, when it coordinates (the
-    /// same SQL against the same tables: no need to plan it twice).
-    pub async fn answer_partial(
-        &self,
-        peer: &str,
-        analyst: &Identity,
-        query_id: &str,
-        req: Received<'_>,
-        approved: Option<&cxfed_queries::validate::ApprovedQuery>,
-    ) -> Result<PartialOutput, PartialError> {
-        let analyst = analyst.to_string();
-        let charge = crate::partial::Charge {
-            ledger: &self.ledger,
-            analyst: &analyst,
-            query_id,
-            requested_epsilon: req.epsilon,
-        };
-        let policy = self.policy();
-        let slot = self.admit(&analyst, "partial").and_then(|()| {
-            self.in_flight
-                .enter(&analyst, policy.max_in_flight_per_analyst)
-        });
-        let result = match slot {
-            Err(refusal) => Err(PartialError::Policy(refusal)),
-            Ok(_slot) => {
-                crate::partial::run(
-                    &self.ctx,
-                    &self.config.agency,
-                    &policy,
-                    req.sql,
-                    charge,
-                    &self.row_bounds,
-                    approved,
-                )
-                .await
-            }
-        };
-        let (decision, code) = match &result {
-            Ok(_) => (Decision::Executed, None),
-            Err(PartialError::Query(QueryError::Rejected(r))) => {
-                (Decision::Refused, Some(r.rule.code().to_string()))
-            }
-            Err(PartialError::Policy(p)) => (Decision::Refused, Some(p.code.to_string())),
-            Err(_) => (Decision::Failed, Some("CXF-A500".to_string())),
-        };
-        if let Err(e) = &result {
-            warn!(query_id, peer, code = ?code, error = %e, "partial not answered");
-        }
-        let out = result.as_ref().ok();
-        self.audit
-            .append(Record {
-                query_id: query_id.to_string(),
-                endpoint: "/v1/partial".into(),
-                peer: peer.to_string(),
-                analyst,
-                sql: Some(req.sql.to_string()),
-                requested_epsilon: req.epsilon,
-                require_all: Some(req.require_all),
-                request: req.signature.cloned(),
-                received_at: req.signature.map(|_| req.received_at),
-                decision: Some(decision),
-                code,
-                groups_released: out.map_or(0, |o| o.groups),
-                groups_withheld: out.map_or(0, |o| o.suppressed_groups),
-                epsilon_spent: out.and_then(|o| o.epsilon),
-                digest: out.map(|o| crate::audit::digest(&o.ipc)),
-                fanout: vec![],
-            })
-            .await
-            .map_err(|e| QueryError::Internal(format!("audit log: {e}")))?;
-        result
-    }
 }
 
 async fn query(
@@ -798,12 +662,14 @@ async fn query(
         let mut fanout = Vec::new();
         let result =
             crate::coordinator::query(&node, &peer, &query_id, &req, received_at, &mut fanout)
-                .await;
+                .await
+                .map_err(ApiError::from);
         let (decision, code) = match &result {
             Ok(_) => (Decision::Executed, None),
             Err(ApiError::Rejected(r, _)) => (Decision::Refused, Some(r.rule.code().to_string())),
             Err(ApiError::Policy(p, _)) => (Decision::Refused, Some(p.code.to_string())),
             Err(ApiError::NodesFailed(..)) => (Decision::Failed, Some("CXF-A502".to_string())),
+            Err(ApiError::BadEpsilon(..)) => (Decision::Refused, Some(BAD_EPSILON.0.to_string())),
             Err(_) => (Decision::Failed, Some("CXF-A500".to_string())),
         };
         let answer = match &result {
@@ -835,6 +701,7 @@ async fn query(
         result.map_err(|e| match e {
             ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(query_id.clone())),
             ApiError::Policy(p, _) => ApiError::Policy(p, Some(query_id.clone())),
+            ApiError::BadEpsilon(e, _) => ApiError::BadEpsilon(e, Some(query_id.clone())),
             other => other,
         })?;
         let mut response = (
@@ -896,6 +763,7 @@ async fn partial(
             .map_err(|e| match ApiError::from(e) {
                 ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(req.query_id.clone())),
                 ApiError::Policy(p, _) => ApiError::Policy(p, Some(req.query_id.clone())),
+                ApiError::BadEpsilon(e, _) => ApiError::BadEpsilon(e, Some(req.query_id.clone())),
                 other => other,
             })
     }

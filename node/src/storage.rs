@@ -8,8 +8,8 @@
 //! ```
 //! Each table is the union of the `*.parquet` files in its directory, every one written in the
 //! exact [`Table::arrow_schema`]. `SCHEMA_VERSION` holds the schema version the directory is in
-//! (absent: version 1, written before versions were recorded); [`migrate`] upgrades older
-//! directories file by file. Files are only ever added, each one atomically (see
+//! (absent: version 1, written before versions were recorded); [`crate::ingest::migrate`]
+//! upgrades older directories file by file. Files are only ever added, each one atomically (see
 //! [`crate::ingest`]): a file being written is named `.<name>.tmp` (hidden, and not ending in
 //! `.parquet`), so a reader that lists `*.parquet` never sees a half-written file.
 
@@ -20,17 +20,6 @@ use cxfed_queries::schema::Table;
 
 /// The file recording the schema version of a data directory.
 pub const VERSION_FILE: &str = "SCHEMA_VERSION";
-
-/// What [`migrate`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Migration {
-    /// The version the directory was in.
-    pub from: u32,
-    /// Files rewritten.
-    pub files: usize,
-    /// Rows in them.
-    pub rows: u64,
-}
 
 /// The schema version of `data_dir` (1 when it has data but no version file).
 pub fn schema_version(data_dir: &Path) -> io::Result<u32> {
@@ -47,51 +36,6 @@ pub fn schema_version(data_dir: &Path) -> io::Result<u32> {
     }
 }
 
-/// Brings `data_dir` to the current schema version: every data file with fewer columns than
-/// the current schema is validated and rewritten in place (atomically, one file at a time, so
-/// an interrupted migration resumes where it stopped), then the version file is written. A
-/// directory of a newer version is refused. A missing directory is left alone.
-pub fn migrate(data_dir: &Path) -> Result<Migration, crate::ingest::IngestError> {
-    use cxfed_queries::schema::SCHEMA_VERSION;
-    let io = |e: io::Error| crate::ingest::IngestError::Io {
-        path: data_dir.to_path_buf(),
-        source: e,
-    };
-    if !data_dir.exists() {
-        return Ok(Migration {
-            from: SCHEMA_VERSION,
-            ..Migration::default()
-        });
-    }
-    refuse_newer(data_dir)?;
-    let from = schema_version(data_dir).map_err(io)?;
-    let mut done = Migration {
-        from,
-        ..Migration::default()
-    };
-    if from == SCHEMA_VERSION {
-        return Ok(done);
-    }
-    let mut any = false;
-    for table in Table::ALL {
-        let want = table.columns().len();
-        for file in data_files(data_dir, table).map_err(io)? {
-            any = true;
-            let columns = parquet_columns(&file).map_err(io)?;
-            if columns < want {
-                done.rows += crate::ingest::upgrade_file(table, &file)?;
-                done.files += 1;
-                tracing::info!(file = %file.display(), from, to = SCHEMA_VERSION, "upgraded data file");
-            }
-        }
-    }
-    // A directory without data has no version yet (ingest marks it when it adds a file).
-    if any {
-        mark_version(data_dir).map_err(io)?;
-    }
-    Ok(done)
-}
-
 /// Records that `data_dir` is in the current schema version.
 pub fn mark_version(data_dir: &Path) -> io::Result<()> {
     let text = format!("{}\n", cxfed_queries::schema::SCHEMA_VERSION);
@@ -105,7 +49,7 @@ pub fn mark_version(data_dir: &Path) -> io::Result<()> {
     write_atomic(&data_dir.join(VERSION_FILE), text.as_bytes(), false)
 }
 
-fn parquet_columns(file: &Path) -> io::Result<usize> {
+pub(crate) fn parquet_columns(file: &Path) -> io::Result<usize> {
     let f = std::fs::File::open(file)?;
     let reader = datafusion::parquet::file::reader::SerializedFileReader::new(f)
         .map_err(io::Error::other)?;
@@ -153,21 +97,17 @@ fn ingest_time(file: &Path) -> Option<chrono::DateTime<chrono::Utc>> {
 }
 
 /// Refuses a data directory written by a newer cxfed (without changing anything).
-pub fn refuse_newer(data_dir: &Path) -> Result<(), crate::ingest::IngestError> {
+pub fn refuse_newer(data_dir: &Path) -> io::Result<()> {
     use cxfed_queries::schema::SCHEMA_VERSION;
-    let io = |e: io::Error| crate::ingest::IngestError::Io {
-        path: data_dir.to_path_buf(),
-        source: e,
-    };
     if !data_dir.exists() {
         return Ok(());
     }
-    let version = schema_version(data_dir).map_err(io)?;
+    let version = schema_version(data_dir)?;
     if version > SCHEMA_VERSION {
-        return Err(io(io::Error::other(format!(
+        return Err(io::Error::other(format!(
             "the data directory is in schema version {version}, written by a newer cxfed; this \
              one reads version {SCHEMA_VERSION}"
-        ))));
+        )));
     }
     Ok(())
 }
@@ -252,6 +192,20 @@ pub fn append_durably(
             Ok(()) => Err((e, None)),
             Err(rollback) => Err((e, Some(rollback))),
         },
+    }
+}
+
+/// Runs `f`, a write and fsync that may block for milliseconds, without stalling the async
+/// runtime: on a multi-threaded runtime the worker hands its other tasks to another thread
+/// first (`block_in_place`), so a node waiting on its disk still plans and runs other queries;
+/// elsewhere (a single-threaded test runtime, or no runtime) `f` simply runs. Synchronous, so
+/// a caller cancelled meanwhile never leaves a write half done.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 

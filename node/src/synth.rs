@@ -26,6 +26,10 @@
 //!   employee helpfulness is mostly missing for self-service channels.
 //! - Identifiers are pseudonyms prefixed by the agency (`SSA-P-…`, `SSA-C-…`, `SSA-R-…`), so they
 //!   never collide across agencies.
+//!
+//! [`journeys`] generates the agencies of a Priority Life Experience together, with people who
+//! visit several of them (`cxfed synth --journeys`); the single-agency output above does not
+//! depend on it (its bytes are pinned by a test).
 
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -37,6 +41,8 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::ingest::{days_from_civil, is_agency_code, push_date};
+
+pub mod journeys;
 
 /// What to generate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +76,9 @@ pub enum SynthError {
     /// The agency is not a valid agency code.
     #[error("invalid agency {0:?}: expected 2-12 uppercase ASCII letters or digits, e.g. SSA")]
     InvalidAgency(String),
+    /// The journeys' overlap is not a share.
+    #[error("invalid overlap {0}: expected a share between 0 and 1, e.g. 0.3")]
+    InvalidOverlap(f64),
     /// Creating or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -671,6 +680,16 @@ struct Person {
     age: Option<usize>,
     /// Effect on every score this person gives.
     effect: f64,
+    /// What earlier agencies of a journey left (see [`journeys`]); 0 otherwise.
+    carry: f64,
+}
+
+/// Whether a case went badly for the person: denied, abandoned, or an hour's wait on the phone
+/// or in person.
+fn went_badly(case: &Case) -> bool {
+    case.outcome == DENIED
+        || case.abandoned == Some(true)
+        || (matches!(case.channel, PHONE | IN_PERSON) && case.wait.is_some_and(|w| w > 60))
 }
 
 struct Generator<'a> {
@@ -741,13 +760,35 @@ impl<'a> Generator<'a> {
             let service = pick(&mut self.rng, &self.services);
             let life = self.profile.services[service].life;
             let person = self.person(life);
+            let (cases, responses, _) = self.cases(op, exp, &person, service, None)?;
+            n_op += cases;
+            n_exp += responses;
+        }
+        Ok((n_op, n_exp))
+    }
+
+    /// Writes one person's 1–3 cases of `service` and their survey responses. The first case
+    /// opens on `first`, or on a day drawn from the window. Returns (cases, responses, whether
+    /// the first case went badly — see [`went_badly`]).
+    fn cases(
+        &mut self,
+        op: &mut impl Write,
+        exp: &mut impl Write,
+        person: &Person,
+        service: usize,
+        first: Option<i32>,
+    ) -> io::Result<(u64, u64, Option<bool>)> {
+        let (mut n_op, mut n_exp, mut first_bad) = (0u64, 0u64, None);
+        {
             let cases = match self.rng.random_range(0..100u32) {
                 0..52 => 1,
                 52..83 => 2,
                 _ => 3,
             };
             let mut stage = pick(&mut self.rng, &self.start_stage);
-            let mut opened = self.start + self.rng.random_range(0..=(self.end - self.start));
+            // Drawn even when `first` is given, so that the stream is the same either way.
+            let drawn = self.start + self.rng.random_range(0..=(self.end - self.start));
+            let mut opened = first.unwrap_or(drawn);
             let mut channel = None;
             for _ in 0..cases {
                 if opened > self.end {
@@ -760,14 +801,15 @@ impl<'a> Generator<'a> {
                 };
                 channel = Some(ch);
                 let case = self.case(service, stage, ch, opened);
-                self.write_case(op, &person, &case)?;
+                self.write_case(op, person, &case)?;
+                first_bad.get_or_insert(went_badly(&case));
                 n_op += 1;
                 let mut respond = self.profile.response;
                 if case.abandoned == Some(true) {
                     respond *= 0.35;
                 }
                 if chance(&mut self.rng, respond) {
-                    self.write_response(exp, &person, &case)?;
+                    self.write_response(exp, person, &case)?;
                     n_exp += 1;
                 }
                 // The next case: an appeal after a denial, a retry after giving up, else onwards.
@@ -780,7 +822,7 @@ impl<'a> Generator<'a> {
                 opened = after + self.rng.random_range(0..21);
             }
         }
-        Ok((n_op, n_exp))
+        Ok((n_op, n_exp, first_bad))
     }
 
     fn person(&mut self, life: usize) -> Person {
@@ -800,6 +842,7 @@ impl<'a> Generator<'a> {
             state,
             age,
             effect,
+            carry: 0.0,
         }
     }
 
@@ -944,8 +987,12 @@ impl<'a> Generator<'a> {
         let date = (base + lag).min(self.end).max(base);
 
         // Latent satisfaction and what drags it down.
-        let mut latent =
-            LATENT_BASE + self.profile.base + person.effect + RESPONSE_SD * normal(rng);
+        // `carry` is 0 outside journeys, and x + 0.0 == x: single-agency output is unchanged.
+        let mut latent = LATENT_BASE
+            + self.profile.base
+            + person.effect
+            + person.carry
+            + RESPONSE_SD * normal(rng);
         if chance(rng, DISAFFECTED) {
             latent -= 3.5;
         }
@@ -1071,6 +1118,53 @@ mod tests {
             .map(|rec| rec.expect("record").iter().map(str::to_string).collect())
             .collect();
         (header, rows)
+    }
+
+    /// SHA-256 of `operational.csv` and `experience.csv` as `cxfed synth` wrote them before
+    /// journeys existed (commit dfcb92c): the single-agency output must never change.
+    const GOLDEN: [(&str, usize, u64, &str, &str); 3] = [
+        (
+            "SSA",
+            700,
+            1,
+            "ca0acded11070391c4d54f1c3ee7d789da4909834559c2f922bb0a0faa66d34d",
+            "883b9d3f5c1aa8141e38a7e675697fcf62afd0173e6ce05e6b7e84f1089f5e8c",
+        ),
+        (
+            "FEMA",
+            500,
+            7,
+            "1e3f76d2e312a83d4ba0a60e759fb8100a98efa799ee3ca96f57b861c3728804",
+            "9a3d352a65ad5113aaed25e14011d8d3bc714b9084f9a5d9916acd924e9b8b23",
+        ),
+        (
+            "XYZ",
+            300,
+            3,
+            "9bee98004b5754e1019c93b95ae59ea09316b31c90357319482539278ac66b36",
+            "b10737022f0182c9d53189c342a95fde0dd8d6679fdff98a6d9b7946e5114662",
+        ),
+    ];
+
+    #[test]
+    fn single_agency_output_is_byte_identical_to_before_journeys() {
+        let sha = |p: &Path| {
+            let bytes = std::fs::read(p).expect("read");
+            cxfed_protocol::signing::hex(
+                ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref(),
+            )
+        };
+        let got: Vec<(String, String)> = GOLDEN
+            .iter()
+            .map(|&(agency, people, seed, _, _)| {
+                let (_d, s) = synth(agency, people, seed);
+                (sha(&s.operational_path), sha(&s.experience_path))
+            })
+            .collect();
+        for ((agency, _, _, op, exp), (got_op, got_exp)) in GOLDEN.iter().zip(&got) {
+            assert_eq!(got_op, op, "{agency} operational.csv changed: {got:?}");
+            assert_eq!(got_exp, exp, "{agency} experience.csv changed: {got:?}");
+        }
     }
 
     #[test]

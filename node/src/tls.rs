@@ -7,7 +7,11 @@
 //! - [`client_config`]: trusts only the federation CA and presents our certificate.
 //! - [`peer_identity`]: the identity of a verified peer, from the certificates rustls kept.
 //!
-//! The `[tls]` section of `node.toml` is a [`TlsFiles`].
+//! The `[tls]` section of `node.toml` is a [`TlsFiles`]. Its optional `crl` files (PEM
+//! `X509 CRL` blocks, e.g. from `cxfed certs revoke`) are given to every webpki verifier built
+//! here: a revoked client or server certificate is refused at the handshake, and the refusal is
+//! logged with the identity and serial it presented. A certificate whose CA published no CRL
+//! is not refused for that (so a CA roll-over works before the new CA has revoked anything).
 
 use std::fmt;
 use std::fs;
@@ -21,7 +25,7 @@ use cxfed_protocol::{Identity, IdentityError, Role};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{PemObject, SectionKind};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{
@@ -120,6 +124,14 @@ pub enum TlsError {
     /// The configured federation name is not a valid SPIFFE trust domain segment.
     #[error("invalid federation: {0}")]
     Federation(#[source] IdentityError),
+    /// A CRL file is unusable: not a CRL, not parseable, or not issued by a CA in the bundle.
+    #[error("CRL {}: {reason}", path.display())]
+    BadCrl {
+        /// The CRL file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// rustls refused the configuration (a bug or an unsupported key).
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
@@ -128,37 +140,221 @@ pub enum TlsError {
     HttpClient(#[source] reqwest::Error),
 }
 
-/// The `[tls]` section of `node.toml`: CA, certificate and key PEM files.
+/// The `[tls]` section of `node.toml`: CA, certificate and key PEM files, and optional CRLs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
-    /// The federation CA certificate (the only trust anchor).
+    /// The federation CA certificates (every one in the file is a trust anchor: during a CA
+    /// roll-over the file holds the old and the new CA).
     pub ca: PathBuf,
     /// Our certificate (leaf first, then any intermediates).
     pub cert: PathBuf,
     /// Our private key (PKCS#8, SEC1 or PKCS#1 PEM).
     pub key: PathBuf,
+    /// Certificate revocation lists (PEM), one path or a list; none by default.
+    #[serde(
+        default,
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub crl: Vec<PathBuf>,
+}
+
+/// `crl = "a.pem"` or `crl = ["a.pem", "b.pem"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 impl TlsFiles {
+    /// CA, certificate and key, no CRL.
+    pub fn new(ca: PathBuf, cert: PathBuf, key: PathBuf) -> TlsFiles {
+        TlsFiles {
+            ca,
+            cert,
+            key,
+            crl: Vec::new(),
+        }
+    }
+
     /// The same files with relative paths resolved against `dir` (e.g. the config file's folder).
     pub fn relative_to(&self, dir: &Path) -> TlsFiles {
         TlsFiles {
             ca: dir.join(&self.ca),
             cert: dir.join(&self.cert),
             key: dir.join(&self.key),
+            crl: self.crl.iter().map(|c| dir.join(c)).collect(),
         }
+    }
+
+    /// Every file, for watching: CA, certificate, key, then the CRLs.
+    pub fn paths(&self) -> Vec<&Path> {
+        let mut v = vec![self.ca.as_path(), self.cert.as_path(), self.key.as_path()];
+        v.extend(self.crl.iter().map(PathBuf::as_path));
+        v
+    }
+
+    /// The trust anchors and CRLs of these files.
+    pub fn trust(&self) -> Result<Trust, TlsError> {
+        Trust::load(&self.ca, &self.crl)
     }
 
     /// [`server_config`] for these files.
     pub fn server_config(&self, federation: &str) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        server_config(&self.ca, &self.cert, &self.key, federation)
+        server_config(self, federation)
     }
 
     /// [`client_config`] for these files.
     pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
-        client_config(&self.ca, &self.cert, &self.key)
+        client_config(self)
     }
+}
+
+/// What a verifier trusts: the CA bundle and the revocation lists, as read from their files.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    /// The CA file (named in errors).
+    pub ca_path: PathBuf,
+    /// Every certificate of the CA file, as trust anchors.
+    pub roots: Arc<RootCertStore>,
+    /// The CRLs, DER.
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// How many certificates the CRLs revoke, in total.
+    pub revoked: usize,
+}
+
+impl Trust {
+    /// Reads the CA bundle `ca` and the CRLs `crls`. Each CRL must parse and be issued by a CA
+    /// of the bundle (else it could never apply: a typo or a CRL of another federation).
+    pub fn load(ca: &Path, crls: &[PathBuf]) -> Result<Trust, TlsError> {
+        let ca_certs = load_certs(ca)?;
+        let mut roots = RootCertStore::empty();
+        for cert in &ca_certs {
+            roots.add(cert.clone()).map_err(|e| TlsError::BadCa {
+                path: ca.to_owned(),
+                reason: e.to_string(),
+            })?;
+        }
+        let parsed: Vec<x509_parser::certificate::X509Certificate<'_>> = ca_certs
+            .iter()
+            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, x)| x))
+            .collect();
+        let mut all = Vec::new();
+        let mut revoked = 0;
+        for path in crls {
+            let bad = |reason: String| TlsError::BadCrl {
+                path: path.clone(),
+                reason,
+            };
+            let found: Vec<CertificateRevocationListDer<'static>> = read_pem(path)?
+                .into_iter()
+                .filter(|(kind, _)| *kind == SectionKind::Crl)
+                .map(|(_, der)| CertificateRevocationListDer::from(der))
+                .collect();
+            if found.is_empty() {
+                return Err(bad("contains no X509 CRL block".into()));
+            }
+            for der in found {
+                let (_, crl) = x509_parser::parse_x509_crl(&der)
+                    .map_err(|e| bad(format!("does not parse: {e}")))?;
+                let named: Vec<_> = parsed
+                    .iter()
+                    .filter(|c| c.subject().as_raw() == crl.issuer().as_raw())
+                    .collect();
+                if named.is_empty() {
+                    return Err(bad(format!(
+                        "issued by \"{}\", which is not a CA in {}",
+                        crl.issuer(),
+                        ca.display()
+                    )));
+                }
+                if !named
+                    .iter()
+                    .any(|c| crl.verify_signature(c.public_key()).is_ok())
+                {
+                    return Err(bad(format!(
+                        "its signature does not verify with the key of any CA named \"{}\" in {} \
+                         (a CRL of another CA of the same name?)",
+                        crl.issuer(),
+                        ca.display()
+                    )));
+                }
+                if let Some(next) = crl.next_update()
+                    && next.timestamp() < UnixTime::now().as_secs() as i64
+                {
+                    tracing::warn!(
+                        crl = %path.display(),
+                        next_update = %next,
+                        "CRL is past its nextUpdate; issue a fresh one (cxfed certs revoke --ca-dir ...)"
+                    );
+                }
+                revoked += crl.iter_revoked_certificates().count();
+                all.push(der);
+            }
+        }
+        Ok(Trust {
+            ca_path: ca.to_owned(),
+            roots: Arc::new(roots),
+            crls: all,
+            revoked,
+        })
+    }
+
+    /// How many CA certificates the bundle holds.
+    pub fn cas(&self) -> usize {
+        self.roots.len()
+    }
+
+    /// A webpki client-certificate verifier of this trust (CRLs applied; a certificate whose
+    /// issuer published no CRL is not refused for it).
+    pub fn client_verifier(
+        &self,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        let mut b = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider);
+        if !self.crls.is_empty() {
+            b = b
+                .with_crls(self.crls.iter().cloned())
+                .allow_unknown_revocation_status();
+        }
+        b.build().map_err(|e| TlsError::BadCa {
+            path: self.ca_path.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// A webpki server-certificate verifier of this trust (CRLs applied as for clients).
+    pub fn server_verifier(
+        &self,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
+        let mut b = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider);
+        if !self.crls.is_empty() {
+            b = b
+                .with_crls(self.crls.iter().cloned())
+                .allow_unknown_revocation_status();
+        }
+        b.build().map_err(|e| TlsError::BadCa {
+            path: self.ca_path.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The serial number of a certificate, hex with `:` (as `openssl x509 -serial` groups it),
+/// or `unparseable`.
+pub fn serial_of(cert: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(cert)
+        .map(|(_, x)| x.raw_serial_as_string())
+        .unwrap_or_else(|_| "unparseable".to_owned())
 }
 
 /// The crypto provider used everywhere: ring.
@@ -221,16 +417,16 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// http/1.1, client certificate required and checked by [`FederationClientVerifier`].
 ///
 /// Checks that `cert` and `key` are a pair, that `cert` names a `node` of `federation`, and that
-/// it is currently accepted by the CA in `ca` (a node is also a client of its peers).
+/// it is currently accepted by the CA in `ca` and not revoked by the CRLs (a node is also a
+/// client of its peers).
 pub fn server_config(
-    ca: &Path,
-    cert: &Path,
-    key: &Path,
+    files: &TlsFiles,
     federation: &str,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let (ca, cert, key) = (&files.ca, &files.cert, &files.key);
     identity::check_segment(Part::Federation, federation).map_err(TlsError::Federation)?;
     let provider = provider();
-    let roots = Arc::new(load_roots(ca)?);
+    let trust = files.trust()?;
     let chain = load_certs(cert)?;
     let private_key = load_key(key)?;
 
@@ -245,7 +441,7 @@ pub fn server_config(
         });
     }
 
-    let verifier = FederationClientVerifier::new(roots, provider.clone(), federation, ca)?;
+    let verifier = FederationClientVerifier::with_trust(&trust, provider.clone(), federation)?;
     if let Err(e) = verifier
         .inner
         .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
@@ -268,21 +464,18 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// The client configuration: TLS 1.3 only, ring, trusts only the federation CA in `ca`, and
-/// presents `cert`/`key`. Offers ALPN h2 and http/1.1.
-pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::ClientConfig, TlsError> {
+/// The client configuration: TLS 1.3 only, ring, trusts only the federation CA of `files`
+/// (minus what its CRLs revoke), and presents its certificate and key. Offers ALPN h2 and
+/// http/1.1.
+pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, TlsError> {
+    let (cert, key) = (&files.cert, &files.key);
     let provider = provider();
-    let roots = Arc::new(load_roots(ca)?);
+    let trust = files.trust()?;
     let chain = load_certs(cert)?;
     let private_key = load_key(key)?;
     // A certificate without an identity would be refused by every node: say so now.
     own_identity_of(cert, &chain)?;
-    let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| TlsError::BadCa {
-            path: ca.to_owned(),
-            reason: e.to_string(),
-        })?;
+    let server_verifier = trust.server_verifier(provider.clone())?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_webpki_verifier(server_verifier)
@@ -346,15 +539,24 @@ impl FederationClientVerifier {
         federation: &str,
         ca_path: &Path,
     ) -> Result<FederationClientVerifier, TlsError> {
+        let trust = Trust {
+            ca_path: ca_path.to_owned(),
+            roots,
+            crls: Vec::new(),
+            revoked: 0,
+        };
+        Self::with_trust(&trust, provider, federation)
+    }
+
+    /// A verifier of `trust` (CA bundle and CRLs) for `federation`.
+    pub fn with_trust(
+        trust: &Trust,
+        provider: Arc<CryptoProvider>,
+        federation: &str,
+    ) -> Result<FederationClientVerifier, TlsError> {
         identity::check_segment(Part::Federation, federation).map_err(TlsError::Federation)?;
-        let inner = WebPkiClientVerifier::builder_with_provider(roots, provider)
-            .build()
-            .map_err(|e| TlsError::BadCa {
-                path: ca_path.to_owned(),
-                reason: e.to_string(),
-            })?;
         Ok(FederationClientVerifier {
-            inner,
+            inner: trust.client_verifier(provider)?,
             federation: federation.to_owned(),
         })
     }
@@ -395,9 +597,15 @@ impl ClientCertVerifier for FederationClientVerifier {
             .inner
             .verify_client_cert(end_entity, intermediates, now)
         {
+            let revoked = matches!(
+                e,
+                rustls::Error::InvalidCertificate(CertificateError::Revoked)
+            );
             tracing::warn!(
                 peer = %claimed_str,
+                serial = %serial_of(end_entity),
                 reason = %e,
+                revoked,
                 "refused client certificate"
             );
             return Err(e);
@@ -587,6 +795,7 @@ mod tests {
                 ca: self.certs.ca_cert.clone(),
                 cert: cert_path,
                 key: key_path,
+                crl: Vec::new(),
             }
         }
     }
@@ -873,6 +1082,164 @@ mod tests {
     }
 
     #[test]
+    fn crl_refuses_a_revoked_client_at_the_handshake_and_logs_its_serial() {
+        let f = fixture();
+        let crl = f.root.join(certs::CRL_FILE);
+        let revoked = f.files("SSA", Role::Analyst);
+        let written = certs::revoke(&f.root, &crl, std::slice::from_ref(&revoked.cert), None, 30)
+            .expect("revoke");
+        let serial = written.certs[0].serial.clone();
+        let mut node = f.files("SSA", Role::Node);
+        node.crl = vec![crl.clone()];
+        let server = node.server_config(FED).expect("server config");
+
+        let outcome = handshake(server.clone(), revoked.client_config().expect("client"));
+        assert_refused(&outcome, "Revoked");
+
+        // The refusal is logged with the identity and serial (the handshake's server thread
+        // logs to the global subscriber; check the verifier itself here).
+        let trust = node.trust().expect("trust");
+        assert_eq!((trust.crls.len(), trust.revoked), (1, 1));
+        let verifier =
+            FederationClientVerifier::with_trust(&trust, provider(), FED).expect("verifier");
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let chain = load_certs(&revoked.cert).expect("cert");
+            let e = verifier
+                .verify_client_cert(&chain[0], &[], UnixTime::now())
+                .expect_err("revoked");
+            assert_eq!(
+                e,
+                rustls::Error::InvalidCertificate(CertificateError::Revoked)
+            );
+        });
+        let log = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf8");
+        assert!(log.contains("refused client certificate"), "{log}");
+        assert!(
+            log.contains("spiffe://cx-demo/SSA/analyst/ssa-analyst"),
+            "{log}"
+        );
+        assert!(
+            log.contains(&serial) && log.contains("revoked=true"),
+            "{log}"
+        );
+
+        // Every other certificate of the CA is still accepted, the same node's too.
+        for (agency, role) in [("CMS", Role::Analyst), ("SSA", Role::Steward)] {
+            let outcome = handshake(
+                server.clone(),
+                f.files(agency, role).client_config().expect("c"),
+            );
+            assert_eq!(outcome.client, Ok(()), "{agency} {role}");
+        }
+        // Without the CRL the same certificate is accepted (the CRL is what refuses it).
+        let outcome = handshake(f.server(), revoked.client_config().expect("client"));
+        assert_eq!(outcome.client, Ok(()));
+    }
+
+    #[test]
+    fn crl_refuses_a_revoked_server_and_a_revoked_own_certificate() {
+        let f = fixture();
+        let crl = f.root.join(certs::CRL_FILE);
+        let cms_node = f.files("CMS", Role::Node);
+        certs::revoke(
+            &f.root,
+            &crl,
+            std::slice::from_ref(&cms_node.cert),
+            None,
+            30,
+        )
+        .expect("revoke");
+        // A client with the CRL refuses the revoked node's server certificate.
+        let mut analyst = f.files("SSA", Role::Analyst);
+        analyst.crl = vec![crl.clone()];
+        let cms_server = cms_node.server_config(FED).expect("server");
+        let outcome = handshake(cms_server, analyst.client_config().expect("client"));
+        assert!(outcome.client.is_err(), "client accepted a revoked server");
+        // A node refuses to serve with its own revoked certificate, naming it.
+        let mut own = cms_node.clone();
+        own.crl = vec![crl];
+        let err = own.server_config(FED).expect_err("revoked own cert");
+        assert!(err.to_string().contains("node.pem"), "{err}");
+        assert!(err.to_string().contains("Revoked"), "{err}");
+    }
+
+    #[test]
+    fn bad_crl_files_are_refused_naming_the_file() {
+        let f = fixture();
+        let mut files = f.files("SSA", Role::Node);
+        files.crl = vec![f.root.join("missing-crl.pem")];
+        let err = files.server_config(FED).expect_err("missing");
+        assert!(err.to_string().contains("missing-crl.pem"), "{err}");
+
+        files.crl = vec![files.cert.clone()];
+        let err = files.server_config(FED).expect_err("not a CRL");
+        assert!(matches!(err, TlsError::BadCrl { .. }), "{err}");
+        assert!(err.to_string().contains("no X509 CRL"), "{err}");
+
+        // A CRL of another CA could never apply: refused.
+        let other = tempfile::tempdir().expect("tempdir");
+        certs::dev(FED, &["SSA".into()], other.path(), 30, false).expect("dev");
+        let foreign = other.path().join(certs::CRL_FILE);
+        certs::revoke(other.path(), &foreign, &[], None, 30).expect("empty crl");
+        files.crl = vec![foreign];
+        let err = files.server_config(FED).expect_err("foreign CRL");
+        assert!(matches!(err, TlsError::BadCrl { .. }), "{err}");
+        // Same CA name (both dev CAs are "cx-demo federation CA"), another key.
+        assert!(err.to_string().contains("does not verify"), "{err}");
+        assert!(
+            err.to_string()
+                .contains(other.path().to_str().expect("utf8")),
+            "{err}"
+        );
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        certs::dev("elsewhere", &["SSA".into()], elsewhere.path(), 30, false).expect("dev");
+        let named = elsewhere.path().join(certs::CRL_FILE);
+        certs::revoke(elsewhere.path(), &named, &[], None, 30).expect("empty crl");
+        files.crl = vec![named];
+        let err = files.server_config(FED).expect_err("foreign CRL");
+        assert!(err.to_string().contains("not a CA in"), "{err}");
+    }
+
+    #[test]
+    fn a_ca_bundle_of_two_cas_accepts_both_during_a_roll_over() {
+        let f = fixture();
+        let (new_ca, new_key) = certs::new_ca(FED).expect("new ca");
+        let new_cert = f.custom(
+            "rolled",
+            "spiffe://cx-demo/CMS/analyst/cms-analyst",
+            Some((&new_ca, &new_key)),
+            now() - Duration::hours(1),
+            now() + Duration::days(1),
+        );
+        let bundle = f.root.join("bundle.pem");
+        let old = fs::read_to_string(&f.certs.ca_cert).expect("ca");
+        fs::write(&bundle, format!("{old}{new_ca}")).expect("write");
+        let mut node = f.files("SSA", Role::Node);
+        // Before the roll-over the new CA's certificate is refused (same CA name, other key) ...
+        let outcome = handshake(f.server(), {
+            let mut c = new_cert.clone();
+            c.ca = bundle.clone();
+            c.client_config().expect("client")
+        });
+        assert_refused(&outcome, "BadSignature");
+        // ... with the bundle, both CAs' certificates are accepted.
+        node.ca = bundle.clone();
+        let server = node.server_config(FED).expect("server");
+        let mut rolled = new_cert;
+        rolled.ca = bundle;
+        for client in [rolled, f.files("CMS", Role::Analyst)] {
+            let outcome = handshake(server.clone(), client.client_config().expect("client"));
+            assert_eq!(outcome.client, Ok(()));
+        }
+    }
+
+    #[test]
     fn refuses_tls12_only_client() {
         let f = fixture();
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -1054,13 +1421,18 @@ impl rustls::client::danger::ServerCertVerifier for NodeServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let verified = self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
+        let verified = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .inspect_err(|e| {
+                tracing::warn!(
+                    server = ?server_name,
+                    peer = %claimed(end_entity),
+                    serial = %serial_of(end_entity),
+                    reason = %e,
+                    "refused server certificate"
+                );
+            })?;
         let wrong = match identity::from_certificate_der(end_entity) {
             Err(e) => Some(format!("no usable identity: {e}")),
             Ok(id) if id.role() != Role::Node => Some(format!("{id} is not a node")),
@@ -1113,16 +1485,11 @@ pub fn node_client_config(
     agency: Option<&str>,
 ) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
-    let roots = Arc::new(load_roots(&files.ca)?);
+    let trust = files.trust()?;
     let chain = load_certs(&files.cert)?;
     let private_key = load_key(&files.key)?;
     own_identity_of(&files.cert, &chain)?;
-    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| TlsError::BadCa {
-            path: files.ca.clone(),
-            reason: e.to_string(),
-        })?;
+    let inner = trust.server_verifier(provider.clone())?;
     let verifier = NodeServerVerifier {
         inner,
         federation: federation.to_string(),

@@ -78,6 +78,7 @@ async fn sigkill_during_a_query_storm_leaves_a_log_that_verifies() {
         ca: dir.path().join("certs/ca.pem"),
         cert: dir.path().join(format!("certs/ssa/{role}.pem")),
         key: dir.path().join(format!("certs/ssa/{role}.key")),
+        crl: Vec::new(),
     };
     let analyst = AnalystClient::new(&tls("analyst"), Duration::from_secs(10)).unwrap();
     let auditor = cxfed::client::http_client(&tls("auditor"), Duration::from_secs(10)).unwrap();
@@ -96,9 +97,9 @@ async fn sigkill_during_a_query_storm_leaves_a_log_that_verifies() {
                     } else {
                         "SELECT channel, COUNT(*) FROM experience GROUP BY channel"
                     };
-                    match cxfed::cli::send_query(&analyst, &url, &QueryRequest::new(sql)).await {
+                    match cxfed::client::send_query(&analyst, &url, &QueryRequest::new(sql)).await {
                         Ok(r) => answered.push(r.query_id),
-                        Err(cxfed::cli::QueryFailure::Refused(_)) => {}
+                        Err(cxfed::client::QueryFailure::Refused(_)) => {}
                         Err(_) => break, // the node is gone
                     }
                 }
@@ -161,7 +162,7 @@ async fn sigkill_during_a_query_storm_leaves_a_log_that_verifies() {
 
     // A graceful stop closes the log on disk with a signed checkpoint after the last query.
     let sql = "SELECT COUNT(*) FROM experience";
-    cxfed::cli::send_query(&analyst, &url, &QueryRequest::new(sql))
+    cxfed::client::send_query(&analyst, &url, &QueryRequest::new(sql))
         .await
         .unwrap();
     let status = Command::new("kill")

@@ -5,9 +5,13 @@
 //!   verified X.509 certificates.
 //! - [`wire`]: the JSON bodies of `/v1/*` and the Arrow IPC conventions of `/v1/partial`.
 //! - [`signing`]: analyst request signatures (what is signed, signing, checking a signature).
+//! - [`epsilon_json`]: how an ε travels in JSON, NaN and ±∞ included (used by both).
+//! - [`psi`]: private set intersection cardinality over ristretto255 (pure; not yet on the wire).
 #![forbid(unsafe_code)]
 
+pub mod epsilon_json;
 pub mod identity;
+pub mod psi;
 pub mod signing;
 pub mod wire;
 

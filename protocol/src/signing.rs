@@ -47,7 +47,9 @@ pub struct Claims<'a> {
     pub coordinator: &'a str,
     /// The SQL, byte for byte.
     pub sql: &'a str,
-    /// ε the analyst asked to spend per node (`null`: each node's default).
+    /// ε the analyst asked to spend per node (`null`: each node's default; NaN and ±∞ as
+    /// the strings of [`crate::epsilon_json`], so they are not signed as the default).
+    #[serde(serialize_with = "crate::epsilon_json::serialize")]
     pub epsilon: Option<f64>,
     /// Whether every node must answer.
     pub require_all: bool,
@@ -419,6 +421,25 @@ mod tests {
             signer.sign("", "SELECT 1", None, true).err(),
             Some(SignatureError::NoCoordinator)
         );
+    }
+
+    #[test]
+    fn a_signed_nan_epsilon_is_not_a_signed_default() {
+        let signer = analyst();
+        for eps in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let sig = signer
+                .sign("SSA", "SELECT 1", Some(eps), true)
+                .expect("sign");
+            assert!(
+                verify(&sig, "f", "SELECT 1", Some(eps), true).is_ok(),
+                "{eps}"
+            );
+            assert_eq!(
+                verify(&sig, "f", "SELECT 1", None, true).err(),
+                Some(SignatureError::Mismatch),
+                "{eps} signed as no ε"
+            );
+        }
     }
 
     #[test]

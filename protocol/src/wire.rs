@@ -22,6 +22,10 @@ pub const META_PARTIAL: &str = "cxfed.partial";
 /// Arrow schema metadata key: the agency of the node that produced the partial.
 pub const META_AGENCY: &str = "cxfed.agency";
 
+/// Code and kind of the refusal of an ε no node can spend: what nodes answer, and what an
+/// analyst's client answers when it refuses one before sending.
+pub const BAD_EPSILON: (&str, &str) = ("CXF-A400", "bad-epsilon");
+
 /// HTTP header carrying the query id on every response.
 pub const HEADER_QUERY_ID: &str = "x-cxfed-query-id";
 
@@ -44,7 +48,12 @@ pub struct QueryRequest {
     #[serde(default = "default_true")]
     pub require_all: bool,
     /// ε to spend on each node (at most each node's `epsilon_per_query`; default: that).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Non-finite values travel as strings ([`crate::epsilon_json`]) so that nodes refuse them.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::epsilon_json"
+    )]
     pub epsilon: Option<f64>,
     /// The analyst's signature over this request (see [`crate::signing`]). Nodes refuse
     /// unsigned queries.
@@ -91,6 +100,38 @@ pub enum NodeState {
     Unreachable,
 }
 
+/// How a person reads one output column of a [`QueryResponse`]: what the query itself says
+/// about it (its `ROUND`, its calendar unit) and the whole range its values can take.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ColumnFormat {
+    /// Digits after the decimal point the query rounded this column to (`ROUND(x, d)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decimals: Option<u32>,
+    /// The calendar unit the column names, when it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calendar: Option<Calendar>,
+    /// Width of the whole range the column's values can take (e.g. 4 for `AVG` of a 1–5
+    /// score): a noise interval wider than this says nothing about the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<f64>,
+}
+
+/// Calendar units of an output column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Calendar {
+    /// A day (a date, or a time truncated to a day, week, month or year): shown without a
+    /// time of day.
+    Date,
+    /// `date_trunc('quarter', …)`: the first day of a calendar quarter, which is also a
+    /// federal fiscal quarter (shown as the date and its label, e.g. `FY2025 Q1`).
+    Quarter,
+    /// The federal fiscal year (FY N runs Oct 1 N−1 .. Sep 30 N): shown as `FY2025`.
+    FiscalYear,
+    /// The federal fiscal quarter (1–4, Q1 = Oct–Dec): shown as `Q1`.
+    FiscalQuarter,
+}
+
 /// `POST /v1/query` response.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct QueryResponse {
@@ -106,6 +147,28 @@ pub struct QueryResponse {
     /// holds 1 to k − 1 people (`k-only`; NULL in `rows`): by the coordinator plus by nodes.
     #[serde(default)]
     pub suppressed_cells: u64,
+    /// Cells released as NULL (in `rows`) because a node that returned their group withheld
+    /// its part of them (fewer than its k people there): the other nodes' parts alone are not
+    /// the federation's number, so no number is released.
+    #[serde(default)]
+    pub incomplete_cells: u64,
+    /// Rows released without some answering node's part: that node returned nothing for the
+    /// group (it holds none of its rows, or fewer than its k — below its DP threshold in `dp`
+    /// mode; nobody but that node knows which). They are named per row in `missing_parts`.
+    #[serde(default)]
+    pub incomplete_groups: u64,
+    /// Per row, the agencies of the answering nodes that returned nothing for its group
+    /// (empty list: every answering node contributed). Empty when no row lacks a part.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_parts: Vec<Vec<String>>,
+    /// Per output column, how a person reads it (rounding, calendar unit, whole range); empty
+    /// from an older node (then every column is shown as it comes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub formats: Vec<ColumnFormat>,
+    /// Per row, the columns whose noise interval is wider than the measure's whole range
+    /// ([`ColumnFormat::range`]): released, but not informative. Empty when no cell is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_informative: Vec<Vec<String>>,
     /// One entry per node of the federation, this node included.
     pub nodes: Vec<NodeStatus>,
     /// False when some node did not contribute (only with `require_all = false`).
@@ -174,8 +237,13 @@ pub struct PartialRequest {
     pub sql: String,
     /// The analyst identity the coordinator names (must be the signature's).
     pub analyst: String,
-    /// ε the analyst asked to spend (each node spends at most its own maximum).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// ε the analyst asked to spend (each node spends at most its own maximum), as signed
+    /// ([`crate::epsilon_json`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::epsilon_json"
+    )]
     pub epsilon: Option<f64>,
     /// The analyst's `require_all`, as signed.
     #[serde(default = "default_true")]
@@ -315,6 +383,40 @@ mod tests {
             r#"{"query_id":"q","sql":"s","analyst":"a","k":1}"#,
         );
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn a_non_finite_epsilon_is_not_sent_as_no_epsilon() {
+        for (eps, json) in [
+            (f64::NAN, r#""NaN""#),
+            (f64::INFINITY, r#""inf""#),
+            (f64::NEG_INFINITY, r#""-inf""#),
+            (0.5, "0.5"),
+            (-1.0, "-1.0"),
+        ] {
+            let req = QueryRequest::new("SELECT 1").epsilon(Some(eps));
+            let text = serde_json::to_string(&req).expect("json");
+            assert!(text.contains(&format!(r#""epsilon":{json}"#)), "{text}");
+            let back: QueryRequest = serde_json::from_str(&text).expect("parse");
+            let got = back.epsilon.expect("an epsilon, not the default");
+            assert!(
+                got == eps || (got.is_nan() && eps.is_nan()),
+                "{got} vs {eps}"
+            );
+        }
+        let none = serde_json::to_string(&QueryRequest::new("SELECT 1")).expect("json");
+        assert!(!none.contains("epsilon"), "{none}");
+        let r: PartialRequest =
+            serde_json::from_str(r#"{"query_id":"q","sql":"s","analyst":"a","epsilon":null}"#)
+                .expect("parse");
+        assert_eq!(r.epsilon, None);
+        let bad = serde_json::from_str::<QueryRequest>(r#"{"sql":"s","epsilon":"lots"}"#)
+            .expect_err("refused");
+        assert!(
+            bad.to_string()
+                .contains(r#"epsilon "lots" is not a number"#),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -15,12 +15,13 @@
 //! state is one entry per person and one slot per (person, group); [`Bounder::allocated`]
 //! reports its size so the node can hold it against its memory pool.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch};
-use arrow::datatypes::{DataType, SchemaRef};
-use arrow::row::{RowConverter, SortField};
+use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, UInt32Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::logical_expr::EmitTo;
+use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
 use crate::dp::{RandomSource, uniform_below};
 use crate::validate::QueryError;
@@ -57,24 +58,30 @@ struct Slot {
 }
 
 /// The bounding pass: feed it row batches with [`Bounder::push`], then [`Bounder::finish`].
+///
+/// Group keys and people are numbered by DataFusion's own hash-aggregation tables
+/// ([`GroupValues`]: exact, specialised per type, text hashed in place from its Arrow buffers),
+/// one vectorised call per batch, so that each row then costs a slot lookup and a few adds.
 pub struct Bounder {
     spec: Arc<BoundingSpec>,
-    keys: Option<RowConverter>,
-    person: Option<RowConverter>,
-    groups: HashMap<Box<[u8]>, u32, foldhash::fast::RandomState>,
-    group_keys: Vec<Box<[u8]>>,
-    persons: HashMap<Box<[u8]>, u32, foldhash::fast::RandomState>,
+    keys: Option<Box<dyn GroupValues>>,
+    persons: Option<Box<dyn GroupValues>>,
+    /// Group ids of the current batch's rows (reused between batches).
+    group_ids: Vec<usize>,
+    /// Person ids of the current batch's rows (reused between batches).
+    person_ids: Vec<usize>,
     heads: Vec<u32>,
     slots: Vec<Slot>,
     values: Vec<i64>,
-    key_bytes: usize,
+    /// Bytes held by the two tables after the last batch.
+    tables: usize,
 }
 
 impl std::fmt::Debug for Bounder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never prints people or values.
         f.debug_struct("Bounder")
-            .field("groups", &self.group_keys.len())
+            .field("groups", &self.keys.as_ref().map_or(0, |k| k.len()))
             .field("persons", &self.heads.len())
             .field("slots", &self.slots.len())
             .finish()
@@ -85,43 +92,40 @@ fn internal(e: impl std::fmt::Display) -> QueryError {
     QueryError::Internal(format!("contribution bounding: {e}"))
 }
 
+/// A DataFusion group table for rows of `columns`' types.
+fn table(columns: &[ArrayRef]) -> Result<Box<dyn GroupValues>, QueryError> {
+    let fields: Vec<Field> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Field::new(format!("c{i}"), c.data_type().clone(), true))
+        .collect();
+    new_group_values(Arc::new(Schema::new(fields)), &GroupOrdering::None).map_err(internal)
+}
+
 impl Bounder {
     /// A bounding pass for `spec`.
     pub fn new(spec: Arc<BoundingSpec>) -> Self {
         Bounder {
             spec,
             keys: None,
-            person: None,
-            groups: HashMap::default(),
-            group_keys: Vec::new(),
-            persons: HashMap::default(),
+            persons: None,
+            group_ids: Vec::new(),
+            person_ids: Vec::new(),
             heads: Vec::new(),
             slots: Vec::new(),
             values: Vec::new(),
-            key_bytes: 0,
+            tables: 0,
         }
     }
 
     /// Bytes of state held so far (an estimate that counts every allocation it makes).
     pub fn allocated(&self) -> usize {
-        let entry = std::mem::size_of::<(Box<[u8]>, u32)>() + 1;
-        self.key_bytes
-            + (self.persons.capacity() + self.groups.capacity()) * entry
+        self.tables
+            + (self.group_ids.capacity() + self.person_ids.capacity())
+                * std::mem::size_of::<usize>()
             + self.heads.capacity() * 4
             + self.slots.capacity() * std::mem::size_of::<Slot>()
             + self.values.capacity() * 8
-            + self.group_keys.capacity() * std::mem::size_of::<Box<[u8]>>()
-    }
-
-    fn converter(
-        slot: &mut Option<RowConverter>,
-        types: impl Iterator<Item = DataType>,
-    ) -> Result<&RowConverter, QueryError> {
-        if slot.is_none() {
-            let fields = types.map(SortField::new).collect();
-            *slot = Some(RowConverter::new(fields).map_err(internal)?);
-        }
-        slot.as_ref().ok_or_else(|| internal("no converter"))
     }
 
     /// Adds one batch of rows: group keys, person, then one Int64 column per statistic.
@@ -135,24 +139,9 @@ impl Bounder {
                 batch.num_columns()
             )));
         }
-        let key_cols: Vec<ArrayRef> = batch.columns()[..ng].to_vec();
-        let key_rows = if ng > 0 {
-            let conv = Self::converter(
-                &mut self.keys,
-                key_cols.iter().map(|c| c.data_type().clone()),
-            )?;
-            Some(conv.convert_columns(&key_cols).map_err(internal)?)
-        } else {
-            None
-        };
-        let person_col = Arc::clone(batch.column(ng));
-        let person_conv = Self::converter(
-            &mut self.person,
-            std::iter::once(person_col.data_type().clone()),
-        )?;
-        let person_rows = person_conv
-            .convert_columns(&[person_col])
-            .map_err(internal)?;
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
         let stats: Vec<&Int64Array> = batch.columns()[ng + 1..]
             .iter()
             .map(|c| {
@@ -161,54 +150,53 @@ impl Bounder {
                     .ok_or_else(|| internal(format!("a statistic is {}", c.data_type())))
             })
             .collect::<Result<_, _>>()?;
+        self.group_ids.clear();
+        if ng > 0 {
+            let key_cols = &batch.columns()[..ng];
+            let keys = match &mut self.keys {
+                Some(k) => k,
+                slot @ None => slot.insert(table(key_cols)?),
+            };
+            keys.intern(key_cols, &mut self.group_ids)
+                .map_err(internal)?;
+        } else {
+            self.group_ids.resize(batch.num_rows(), 0);
+        }
+        let person_col = &batch.columns()[ng..=ng];
+        let persons = match &mut self.persons {
+            Some(p) => p,
+            slot @ None => slot.insert(table(person_col)?),
+        };
+        self.person_ids.clear();
+        persons
+            .intern(person_col, &mut self.person_ids)
+            .map_err(internal)?;
+        let n_persons = persons.len();
+        let n_groups = self.keys.as_ref().map_or(1, |k| k.len());
+        if n_persons >= NONE as usize || n_groups >= NONE as usize {
+            return Err(internal("too many people or groups"));
+        }
+        self.tables = persons.size() + self.keys.as_ref().map_or(0, |k| k.size());
+        self.heads.resize(n_persons, NONE);
         for r in 0..batch.num_rows() {
-            let group = match &key_rows {
-                None => {
-                    if self.group_keys.is_empty() {
-                        self.group_keys.push(Box::default());
-                    }
-                    0
-                }
-                Some(rows) => {
-                    let key = rows.row(r);
-                    match self.groups.get(key.as_ref()) {
-                        Some(&g) => g,
-                        None => {
-                            let g = u32::try_from(self.group_keys.len())
-                                .map_err(|_| internal("too many groups"))?;
-                            let owned: Box<[u8]> = key.as_ref().into();
-                            self.key_bytes += 2 * owned.len();
-                            self.groups.insert(owned.clone(), g);
-                            self.group_keys.push(owned);
-                            g
-                        }
-                    }
-                }
-            };
-            let key = person_rows.row(r);
-            let person = match self.persons.get(key.as_ref()) {
-                Some(&p) => p,
-                None => {
-                    let p =
-                        u32::try_from(self.heads.len()).map_err(|_| internal("too many people"))?;
-                    self.key_bytes += key.as_ref().len();
-                    self.persons.insert(key.as_ref().into(), p);
-                    self.heads.push(NONE);
-                    p
-                }
-            };
+            // Both below NONE (checked above).
+            let group = self.group_ids[r] as u32;
+            let person = self.person_ids[r];
             // A person's slots are few (≤ their groups): a list walk beats a second map.
-            let mut s = self.heads[person as usize];
+            let mut s = self.heads[person];
             while s != NONE && self.slots[s as usize].group != group {
                 s = self.slots[s as usize].next;
             }
             if s == NONE {
-                s = u32::try_from(self.slots.len()).map_err(|_| internal("too many slots"))?;
+                s = u32::try_from(self.slots.len())
+                    .ok()
+                    .filter(|&s| s != NONE)
+                    .ok_or_else(|| internal("too many slots"))?;
                 self.slots.push(Slot {
                     group,
-                    next: self.heads[person as usize],
+                    next: self.heads[person],
                 });
-                self.heads[person as usize] = s;
+                self.heads[person] = s;
                 self.values.extend(std::iter::repeat_n(0, ns));
             }
             let base = s as usize * ns;
@@ -227,13 +215,20 @@ impl Bounder {
     /// Chooses at most G groups per person (uniformly, from `rng`), clamps each kept
     /// (person, group) to its caps, and sums per group. Groups no kept person reached are
     /// absent, except the single group of a query without GROUP BY, which is always present.
-    pub fn finish(self, rng: &mut dyn RandomSource) -> Result<RecordBatch, QueryError> {
+    pub fn finish(mut self, rng: &mut dyn RandomSource) -> Result<RecordBatch, QueryError> {
         let ns = self.spec.caps.len();
         let width = ns + 1;
-        let n_groups = self
-            .group_keys
-            .len()
-            .max(usize::from(self.spec.groups == 0));
+        // The people's table is not needed any more.
+        self.persons = None;
+        let key_columns = match self.keys.as_mut() {
+            Some(k) => Some(k.emit(EmitTo::All).map_err(internal)?),
+            None => None,
+        };
+        let n_groups = match (&key_columns, self.spec.groups) {
+            (_, 0) => 1,
+            (Some(cols), _) => cols.first().map_or(0, |c| c.len()),
+            (None, _) => 0,
+        };
         let mut acc = vec![0i64; n_groups * width];
         let g = usize::try_from(self.spec.max_groups.max(1)).unwrap_or(usize::MAX);
         let mut mine: Vec<u32> = Vec::new();
@@ -266,28 +261,34 @@ impl Bounder {
                 acc[out + ns] += 1;
             }
         }
-        let keep: Vec<usize> = (0..n_groups)
+        // Group ids are below NONE (checked as they were made).
+        let keep: Vec<u32> = (0..n_groups)
             .filter(|&i| self.spec.groups == 0 || acc[i * width + ns] > 0)
+            .map(|i| i as u32)
             .collect();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.spec.groups + width);
         if self.spec.groups > 0 {
-            let conv = match &self.keys {
-                Some(c) => c,
-                None => {
-                    // No row at all: the key columns are empty arrays of the output's types.
-                    let types = self.spec.output.fields()[..self.spec.groups]
-                        .iter()
-                        .map(|f| f.data_type().clone());
-                    return finish_empty(&self.spec, types);
-                }
+            let Some(keys) = key_columns else {
+                // No row at all: the key columns are empty arrays of the output's types.
+                let types = self.spec.output.fields()[..self.spec.groups]
+                    .iter()
+                    .map(|f| f.data_type().clone());
+                return finish_empty(&self.spec, types);
             };
-            let parser = conv.parser();
-            let rows = keep.iter().map(|&i| parser.parse(&self.group_keys[i]));
-            columns.extend(conv.convert_rows(rows).map_err(internal)?);
+            let indices = UInt32Array::from(keep.clone());
+            for (k, field) in keys.iter().zip(self.spec.output.fields()) {
+                let taken = arrow::compute::take(k, &indices, None).map_err(internal)?;
+                // The table may hand a key back in another layout than the output's.
+                columns.push(if taken.data_type() == field.data_type() {
+                    taken
+                } else {
+                    arrow::compute::cast(&taken, field.data_type()).map_err(internal)?
+                });
+            }
         }
         for j in 0..width {
             columns.push(Arc::new(Int64Array::from_iter_values(
-                keep.iter().map(|&i| acc[i * width + j]),
+                keep.iter().map(|&i| acc[i as usize * width + j]),
             )));
         }
         RecordBatch::try_new(Arc::clone(&self.spec.output), columns).map_err(internal)
@@ -485,6 +486,74 @@ mod tests {
             // person +2 per kept row, capped at R·h per group.
             let s = col("__a1_s");
             assert_eq!(s.iter().sum::<i64>(), -2 * total_light + 2 * (g * r) as i64);
+        }
+    }
+
+    #[test]
+    fn caps_hold_for_a_heavy_person_keyed_by_number_or_text() {
+        // Group key, person, one count statistic: "heavy" holds 10,000 rows over 50 groups.
+        for text in [false, true] {
+            let person_type = if text {
+                DataType::Utf8View
+            } else {
+                DataType::Int64
+            };
+            let output = Arc::new(Schema::new(vec![
+                Field::new("__g0", DataType::Int64, false),
+                Field::new("__a0_n", DataType::Int64, false),
+                Field::new(crate::rewrite::PERSONS, DataType::Int64, false),
+            ]));
+            let spec = Arc::new(BoundingSpec {
+                groups: 1,
+                caps: vec![Cap {
+                    lo: i64::MIN,
+                    hi: 3,
+                }],
+                max_groups: 2,
+                output,
+            });
+            let mut b = Bounder::new(spec);
+            let n = 10_000 + 200;
+            let groups: Vec<i64> = (0..n).map(|i| (i % 50) as i64).collect();
+            // Person 0 is the heavy one; 200 others hold one row each.
+            let ids: Vec<i64> = (0..n)
+                .map(|i| if i < 10_000 { 0 } else { i as i64 })
+                .collect();
+            let person: ArrayRef = if text {
+                Arc::new(arrow::array::StringViewArray::from_iter_values(
+                    ids.iter().map(|i| format!("p{i}")),
+                ))
+            } else {
+                Arc::new(Int64Array::from(ids))
+            };
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("g", DataType::Int64, false),
+                Field::new("p", person_type, false),
+                Field::new("n", DataType::Int64, false),
+            ]));
+            // In two batches, so state carries over between pushes.
+            let all = RecordBatch::try_new(
+                schema,
+                vec![
+                    Arc::new(Int64Array::from(groups)),
+                    person,
+                    Arc::new(Int64Array::from(vec![1i64; n])),
+                ],
+            )
+            .expect("batch");
+            b.push(&all.slice(0, 6_000)).expect("push");
+            b.push(&all.slice(6_000, n - 6_000)).expect("push");
+            let out = b.finish(&mut Seeded(3)).expect("finish");
+            let sum = |j: usize| -> i64 {
+                out.column(j)
+                    .as_primitive::<Int64Type>()
+                    .values()
+                    .iter()
+                    .sum()
+            };
+            // The heavy person: ≤ 2 groups, ≤ 3 rows each; the others: 1 row, 1 group each.
+            assert_eq!(sum(2), 200 + 2, "people (text = {text})");
+            assert_eq!(sum(1), 200 + 2 * 3, "rows (text = {text})");
         }
     }
 

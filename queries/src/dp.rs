@@ -113,6 +113,74 @@ pub fn discrete_laplace(rng: &mut dyn RandomSource, t: u64, s: u64) -> Result<i6
 /// Denominator used to turn ε into an exact rational (ε is read in thousandths).
 pub const EPSILON_DENOMINATOR: u64 = 1_000;
 
+/// The smallest ε exact noise can be calibrated for: ε is read in whole thousandths, rounded
+/// down ([`Scale::for_epsilon`]), so anything below one thousandth would be no noise scale at all.
+pub const MIN_EPSILON: f64 = 1.0 / EPSILON_DENOMINATOR as f64;
+
+/// Which range of ε a check is made against, for the message of a refusal.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum EpsilonRange {
+    /// The analyst's client, before sending: it does not know the nodes' maxima.
+    Federation,
+    /// A node in `k-only` mode (it spends no ε, but no node could calibrate a bad one).
+    KOnly,
+    /// A node in `dp` mode spending at most `max` (its `epsilon_per_query`) per query.
+    Node {
+        /// The node's `epsilon_per_query`.
+        max: f64,
+    },
+}
+
+/// An ε that cannot be spent: not a number, not finite, not positive, or below
+/// [`MIN_EPSILON`]. The message names ε, the value received and the range accepted.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("{}", describe_bad_epsilon(*.value, *.range))]
+pub struct BadEpsilon {
+    /// The value received.
+    pub value: f64,
+    /// The range it was checked against.
+    pub range: EpsilonRange,
+}
+
+fn describe_bad_epsilon(value: f64, range: EpsilonRange) -> String {
+    let why = if value.is_nan() {
+        "is not a number".to_string()
+    } else if value.is_infinite() {
+        "is not finite".to_string()
+    } else if value <= 0.0 {
+        "is not positive".to_string()
+    } else {
+        format!(
+            "is below {MIN_EPSILON}, the smallest ε exact noise can be calibrated for (ε is \
+             read in thousandths)"
+        )
+    };
+    let accepted = match range {
+        EpsilonRange::Federation => format!(
+            "nodes accept ε from {MIN_EPSILON} up to their epsilon_per_query (a larger ε is spent \
+             as that)"
+        ),
+        EpsilonRange::KOnly => format!(
+            "this node accepts ε from {MIN_EPSILON} up (it runs in k-only mode and spends none)"
+        ),
+        EpsilonRange::Node { max } => format!(
+            "this node accepts ε from {MIN_EPSILON} up to {max} (its epsilon_per_query; a \
+             larger ε is spent as {max})"
+        ),
+    };
+    format!("epsilon (ε) = {value} {why}; {accepted}")
+}
+
+/// Checks an ε an analyst asked for: it must be a finite number of at least [`MIN_EPSILON`].
+/// An ε above a node's maximum is not an error (the node spends its maximum).
+pub fn check_epsilon(value: f64, range: EpsilonRange) -> Result<(), BadEpsilon> {
+    if value.is_finite() && value >= MIN_EPSILON {
+        Ok(())
+    } else {
+        Err(BadEpsilon { value, range })
+    }
+}
+
 /// A noise scale as the exact rational `t/s`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scale {
@@ -307,6 +375,51 @@ mod tests {
         assert_eq!(Scale::for_epsilon(1, f64::NAN), None);
         assert_eq!(Scale::for_epsilon(0, 1.0), None);
         assert_eq!(Scale::for_epsilon(1, 1.0009).map(Scale::value), Some(1.0));
+    }
+
+    #[test]
+    fn epsilon_outside_the_calibratable_range_is_refused_with_the_range() {
+        let node = EpsilonRange::Node { max: 1.0 };
+        for bad in [
+            0.0,
+            1e-9,
+            -1.0,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            0.000_999,
+        ] {
+            let err = check_epsilon(bad, node).expect_err("refused");
+            let msg = err.to_string();
+            assert!(msg.starts_with(&format!("epsilon (ε) = {bad} ")), "{msg}");
+            assert!(msg.contains("from 0.001 up to 1 "), "{msg}");
+            // Every ε it accepts can be calibrated; every ε it refuses could not be.
+            assert_eq!(Scale::for_epsilon(1, bad), None, "{bad}");
+        }
+        assert!(
+            check_epsilon(f64::NAN, node)
+                .expect_err("refused")
+                .to_string()
+                .contains("not a number")
+        );
+        assert!(
+            check_epsilon(-1.0, node)
+                .expect_err("refused")
+                .to_string()
+                .contains("not positive")
+        );
+        for good in [MIN_EPSILON, 0.5, 1.0, 7.0] {
+            assert_eq!(check_epsilon(good, node), Ok(()));
+            assert!(Scale::for_epsilon(1, good).is_some(), "{good}");
+        }
+        let client = check_epsilon(f64::INFINITY, EpsilonRange::Federation).expect_err("refused");
+        assert!(client.to_string().contains("not finite"), "{client}");
+        assert!(
+            client.to_string().contains("their epsilon_per_query"),
+            "{client}"
+        );
+        let k_only = check_epsilon(0.0, EpsilonRange::KOnly).expect_err("refused");
+        assert!(k_only.to_string().contains("k-only"), "{k_only}");
     }
 
     #[test]

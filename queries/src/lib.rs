@@ -19,6 +19,7 @@
 //! - [`bounding`]: the per-person contribution bounds of the DP partial, in one hash pass.
 //! - [`dp`]: exact discrete Laplace noise, calibration, partition selection.
 //! - [`explain`]: the plan, partial plan, merge and privacy rules of a query, or its refusal.
+//! - [`present`]: how a person reads each output column (rounding, calendar unit, whole range).
 #![forbid(unsafe_code)]
 
 pub mod bounding;
@@ -26,6 +27,7 @@ pub mod cells;
 pub mod context;
 pub mod dp;
 pub mod explain;
+pub mod present;
 pub mod privacy;
 pub mod rewrite;
 pub mod rules;

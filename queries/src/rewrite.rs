@@ -7,6 +7,8 @@
 //!                → drop groups with __persons < node k            (suppress)
 //!  coordinator:  SUM every partial column per group              (merge)
 //!                → drop groups with Σ __persons < federation k
+//!                → NULL a cell some node withheld while returning its group  (incomplete)
+//!                → note, per group, which nodes returned it                  (contributors)
 //!                → final values (AVG = s/n, VAR = (q - s²/n)/(n-1) ...)
 //!                → the query's own HAVING, SELECT, ORDER BY, LIMIT
 //! ```
@@ -24,6 +26,7 @@ use datafusion::catalog::default_table_source::provider_as_source;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SessionContext;
 use datafusion::functions::math::expr_fn::sqrt;
+use datafusion::functions_aggregate::bit_and_or_xor::bit_or_udaf;
 use datafusion::functions_aggregate::{count::count_udaf, sum::sum_udaf};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
@@ -158,7 +161,7 @@ impl ApprovedQuery {
     }
 
     /// Declared bounds of aggregate `i`'s argument, when it has them.
-    fn argument_bounds(&self, i: usize) -> Option<(f64, f64)> {
+    pub(crate) fn argument_bounds(&self, i: usize) -> Option<(f64, f64)> {
         match self.aggregate.aggr_expr.get(i)?.clone().unalias() {
             Expr::AggregateFunction(af) => crate::privacy::bounds(af.params.args.first()?),
             _ => None,
@@ -262,24 +265,29 @@ impl ApprovedQuery {
             for p in ['s', 'q', 'v', 'w', 'u'] {
                 fields.push(Field::new(part_name(i, p), DataType::Float64, true));
             }
+            fields.push(Field::new(part_name(i, WITHHELD), DataType::Int64, true));
         }
         for name in self.region_names()?.into_iter().flatten() {
             fields.push(Field::new(name, DataType::Int64, true));
         }
         fields.push(Field::new(PERSONS, DataType::Int64, true));
         fields.push(Field::new(PERSONS_VARIANCE, DataType::Float64, true));
+        fields.push(Field::new(NODES, DataType::Int64, true));
         Ok(Arc::new(Schema::new(fields)))
     }
 
     /// Rewrites one node's checked partial into the canonical schema: s = s'/F + c·n,
     /// q = q'/F² + 2c·s'/F + c²·n, and the noise variances of n (`v`) and of the *centred*
     /// sums s'/F (`w`) and q'/F² (`u`) — independent draws, unlike s and q, whose noises share
-    /// the count's through the centre.
+    /// the count's through the centre. Each row also says that node `node` returned the group
+    /// ([`NODES`], bit `node`) and, per aggregate, whether the node withheld its part of the
+    /// cell ([`WITHHELD`]: 1 when its count is NULL).
     fn normalize(
         &self,
         batch: &RecordBatch,
         meta: &PartialMeta,
         canonical: &SchemaRef,
+        node: usize,
     ) -> Result<RecordBatch, QueryError> {
         let internal = |e: arrow::error::ArrowError| QueryError::Internal(e.to_string());
         let rows = batch.num_rows();
@@ -334,12 +342,14 @@ impl ApprovedQuery {
             let vn = var_of(&part_name(i, 'n'));
             let vs = var_of(&part_name(i, 's')) / (f * f);
             let vq = var_of(&part_name(i, 'q')) / f.powi(4);
+            let withheld: Int64Array = (0..rows).map(|r| Some(i64::from(n.is_null(r)))).collect();
             columns.push(Arc::new(n));
             columns.push(Arc::new(s));
             columns.push(Arc::new(q));
             columns.push(Arc::new(Float64Array::from(vec![vn; rows])));
             columns.push(Arc::new(Float64Array::from(vec![vs; rows])));
             columns.push(Arc::new(Float64Array::from(vec![vq; rows])));
+            columns.push(Arc::new(withheld));
         }
         for name in self.region_names()?.into_iter().flatten() {
             columns.push(if meta.dp {
@@ -350,6 +360,14 @@ impl ApprovedQuery {
         }
         columns.push(Arc::new(int(PERSONS)?));
         columns.push(Arc::new(Float64Array::from(vec![var_of(PERSONS); rows])));
+        let bit = u32::try_from(node)
+            .ok()
+            .and_then(|b| 1i64.checked_shl(b))
+            .filter(|_| node < MAX_NODES)
+            .ok_or_else(|| {
+                QueryError::Internal(format!("more than {MAX_NODES} partials to merge"))
+            })?;
+        columns.push(Arc::new(Int64Array::from(vec![bit; rows])));
         RecordBatch::try_new(Arc::clone(canonical), columns).map_err(internal)
     }
 
@@ -375,6 +393,11 @@ impl ApprovedQuery {
     /// Merges every node's partials, withholds groups whose summed person count is below `k`,
     /// and applies the query's own projection, HAVING, ORDER BY and LIMIT. Each released
     /// aggregate carries a 95% noise interval when nodes added noise.
+    ///
+    /// A released number is the federation's number (see [`Merged::incomplete_cells`] and
+    /// [`Merged::contributors`]): a cell one node withheld while returning its group is NULL,
+    /// never the other nodes' parts alone; a group some node did not return is released with
+    /// the list of the nodes that did.
     pub async fn merge_partials(
         &self,
         ctx: &SessionContext,
@@ -384,12 +407,12 @@ impl ApprovedQuery {
         let canonical = self.canonical_schema()?;
         let mut batches = Vec::new();
         let mut dp = false;
-        for p in &partials {
+        for (node, p) in partials.iter().enumerate() {
             dp |= p.meta.dp;
             for b in &p.batches {
                 self.check_partial(&b.schema(), &p.meta)
                     .map_err(QueryError::Internal)?;
-                batches.push(self.normalize(b, &p.meta, &canonical)?);
+                batches.push(self.normalize(b, &p.meta, &canonical, node)?);
             }
         }
         // 1. Sum the partial columns per group.
@@ -398,7 +421,16 @@ impl ApprovedQuery {
         let group_cols: Vec<Expr> = (0..n_groups).map(|j| col(group_name(j))).collect();
         let sums: Vec<Expr> = canonical.fields()[n_groups..]
             .iter()
-            .map(|f| agg(sum_udaf(), col(f.name()), false, None).alias(f.name()))
+            .map(|f| {
+                // Which nodes returned the group: an OR of their bits (a node repeating a
+                // group cannot make it look returned by another).
+                let func = if f.name() == NODES {
+                    bit_or_udaf()
+                } else {
+                    sum_udaf()
+                };
+                agg(func, col(f.name()), false, None).alias(f.name())
+            })
             .collect();
         let plan = LogicalPlanBuilder::scan("partials", provider_as_source(Arc::new(mem)), None)?
             .aggregate(group_cols, sums)?
@@ -413,6 +445,8 @@ impl ApprovedQuery {
         } else {
             crate::cells::suppress_cells(&kept, &self.cells(&['n', 's', 'q', 'v', 'w', 'u'])?, k)?
         };
+        // 2b. A cell a node withheld while returning its group has no federation number.
+        let (kept, incomplete_cells) = withhold_incomplete(&kept, self.kinds.len())?;
         let min_released_persons = kept
             .iter()
             .filter_map(|b| {
@@ -452,7 +486,12 @@ impl ApprovedQuery {
             };
             finals.push(value.alias_qualified(qualifier.cloned(), field.name()));
         }
-        let ci_cols: Vec<Expr> = (0..self.kinds.len()).map(|i| col(ci_name(i))).collect();
+        finals.push(col(NODES));
+        // Carried through the upper plan beside the output: the intervals, then NODES.
+        let ci_cols: Vec<Expr> = (0..self.kinds.len())
+            .map(|i| col(ci_name(i)))
+            .chain(std::iter::once(col(NODES)))
+            .collect();
         for (i, kind) in self.kinds.iter().enumerate() {
             // Nodes centre each argument on the middle of its bounds (see `privacy`).
             let center = self
@@ -481,7 +520,19 @@ impl ApprovedQuery {
         let schema = crate::cells::nullable(&Arc::new(self.plan.schema().as_arrow().clone()));
         let mut batches = Vec::with_capacity(full.len());
         let mut ci95 = Vec::new();
+        let mut contributors = Vec::new();
         for b in &full {
+            let nodes = b
+                .column_by_name(NODES)
+                .and_then(|a| a.as_any().downcast_ref::<Int64Array>().cloned())
+                .ok_or_else(|| QueryError::Internal(format!("{NODES} lost in the merge")))?;
+            contributors.extend((0..nodes.len()).map(|r| {
+                if nodes.is_valid(r) {
+                    nodes.value(r) as u64
+                } else {
+                    0
+                }
+            }));
             let cols: Vec<ArrayRef> = b.columns().iter().take(out_fields).cloned().collect();
             batches.push(
                 RecordBatch::try_new(Arc::clone(&schema), cols)
@@ -507,6 +558,8 @@ impl ApprovedQuery {
             batches,
             suppressed_groups,
             suppressed_cells,
+            incomplete_cells,
+            contributors,
             ci95,
             dp,
             min_released_persons,
@@ -517,6 +570,60 @@ impl ApprovedQuery {
 /// Name of the persons-count noise variance column.
 pub const PERSONS_VARIANCE: &str = "__persons_v";
 
+/// Name of the merged column of which nodes returned a group: bit `p` for the `p`-th partial.
+pub const NODES: &str = "__nodes";
+
+/// Most partials one merge can tell apart in [`NODES`].
+pub const MAX_NODES: usize = 63;
+
+/// Part of each aggregate that counts the nodes that withheld their part of the cell.
+const WITHHELD: char = 'x';
+
+/// NULLs every cell (count and sums of one aggregate in one group) that some node withheld
+/// while returning the group ([`WITHHELD`] > 0) and that would otherwise be released from the
+/// other nodes' parts; returns the batches and how many cells were so NULLed.
+fn withhold_incomplete(
+    batches: &[RecordBatch],
+    aggregates: usize,
+) -> Result<(Vec<RecordBatch>, u64), QueryError> {
+    let internal = |e: arrow::error::ArrowError| QueryError::Internal(e.to_string());
+    let mut nulled = 0u64;
+    let mut out = Vec::with_capacity(batches.len());
+    for b in batches {
+        let schema = b.schema();
+        let mut columns: Vec<ArrayRef> = b.columns().to_vec();
+        for i in 0..aggregates {
+            let index = |p: char| {
+                schema
+                    .index_of(&part_name(i, p))
+                    .map_err(|e| QueryError::Internal(e.to_string()))
+            };
+            let (n_idx, x_idx) = (index('n')?, index(WITHHELD)?);
+            let n = b.column(n_idx);
+            let withheld = b
+                .column(x_idx)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .ok_or_else(|| {
+                    QueryError::Internal(format!("{} is not Int64", part_name(i, WITHHELD)))
+                })?;
+            let mask: BooleanArray = (0..b.num_rows())
+                .map(|r| Some(n.is_valid(r) && withheld.is_valid(r) && withheld.value(r) > 0))
+                .collect();
+            if mask.true_count() == 0 {
+                continue;
+            }
+            nulled += mask.true_count() as u64;
+            for p in ['n', 's', 'q'] {
+                let idx = index(p)?;
+                columns[idx] = arrow::compute::nullif(&columns[idx], &mask).map_err(internal)?;
+            }
+        }
+        out.push(RecordBatch::try_new(schema, columns).map_err(internal)?);
+    }
+    Ok((out, nulled))
+}
+
 fn ci_name(i: usize) -> String {
     format!("__ci{i}")
 }
@@ -526,7 +633,7 @@ fn ci_name(i: usize) -> String {
 /// aggregate itself, renamed, cast or rounded (factor 1), shifted by a constant (1), or
 /// multiplied or divided by a constant. Anything else (e.g. a ratio of two aggregates) has no
 /// derived interval.
-fn aggregate_index(e: &Expr, names: &[String]) -> Option<(usize, f64)> {
+pub(crate) fn aggregate_index(e: &Expr, names: &[String]) -> Option<(usize, f64)> {
     fn constant(e: &Expr) -> Option<f64> {
         match e {
             Expr::Literal(v, _) => match v.cast_to(&DataType::Float64).ok()? {
@@ -729,6 +836,14 @@ pub struct Merged {
     /// Cells (one aggregate of one released group) the coordinator withheld: some region of
     /// rows it reads holds 1 to k − 1 people across the nodes (`k-only`).
     pub suppressed_cells: u64,
+    /// Cells released as NULL because a node that returned the group withheld its part of
+    /// the cell (its region there held 1 to k − 1 people): the other nodes' parts alone are
+    /// not the federation's number. Counted over every merged group the federation k kept.
+    pub incomplete_cells: u64,
+    /// Per output row, the partials that returned its group (bit `p` for the `p`-th partial
+    /// given to the merge). A partial without the bit holds none of the group's rows or
+    /// withheld them (below its k, or its DP threshold): the coordinator cannot tell which.
+    pub contributors: Vec<u64>,
     /// Per output row and column: half-width of the 95% noise interval, when noised.
     pub ci95: Vec<Vec<Option<f64>>>,
     /// Whether any node added noise.

@@ -544,6 +544,17 @@ pub const PERSON_ID: &str = "person_id";
 /// The only column two tables may be joined on.
 pub const JOIN_KEY: &str = "case_id";
 
+/// Names under which the linkage key (the identifier agencies share, the SSN in practice) could
+/// be asked for. It is never a column of any table nor a table of its own (a node keeps it
+/// keyed, outside the query engine's catalog): a query naming any of these, as a column or as
+/// a table, in any case, is refused as an identifier (`CXF-Q012`) before it is planned.
+pub const LINKAGE_NAMES: &[&str] = &["ssn", "social_security_number", "linkage_key", "linkage"];
+
+/// Whether `name` (an SQL identifier, any case) names the linkage key.
+pub fn is_linkage_name(name: &str) -> bool {
+    LINKAGE_NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
 /// Declared contribution bounds of a measure for differential privacy: values are clamped to
 /// these before noise is calibrated. Tighter than the validation ranges where the long tail
 /// carries little signal (a wait over 4 hours counts as 4 hours; processing over a year as a
@@ -634,6 +645,18 @@ mod tests {
                 "{y}-{m}-{d}"
             );
         }
+    }
+
+    #[test]
+    fn the_linkage_key_is_in_no_table() {
+        for t in Table::ALL {
+            for c in t.columns() {
+                assert!(!is_linkage_name(c.name), "{} in {}", c.name, t.name());
+            }
+            assert!(!is_linkage_name(t.name()));
+        }
+        assert!(is_linkage_name("SSN") && is_linkage_name("Linkage_Key"));
+        assert!(!is_linkage_name("person_id"));
     }
 
     #[test]

@@ -236,6 +236,7 @@ pub async fn approve(state: &SessionState, sql: &str) -> Result<ApprovedQuery, Q
         .into());
     }
     let statement = parse_one(state, sql)?;
+    refuse_linkage_key(&statement)?;
     refuse_before_planning(&statement)?;
     // DataFusion's planner is the first code to see a hostile query's meaning; a panic in it
     // (one is known: see `refuse_before_planning`) becomes a refusal, never a dead request.
@@ -257,6 +258,61 @@ pub async fn approve(state: &SessionState, sql: &str) -> Result<ApprovedQuery, Q
         .map_err(|e| Rejection::new(Rule::NotAQuery, first_line(&e.to_string())))?;
     let checked = check(sql, plan)?;
     harden(state, checked)
+}
+
+/// Refuses any mention of the linkage key ([`schema::LINKAGE_NAMES`]: `ssn`, `linkage_key`
+/// ...), as a column (bare or qualified) or as a table, on the parsed SQL: no table has such a
+/// column and no node registers such a table, so planning would fail anyway, but the refusal
+/// should say why, name the rule (an identifier) and never depend on what the catalog holds.
+fn refuse_linkage_key(statement: &DFStatement) -> Result<(), QueryError> {
+    use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Ident, ObjectName, Visit, Visitor};
+    use std::ops::ControlFlow;
+
+    struct Linkage;
+    fn named(ident: &Ident) -> ControlFlow<Ident> {
+        if schema::is_linkage_name(&ident.value) {
+            ControlFlow::Break(ident.clone())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+    impl Visitor for Linkage {
+        type Break = Ident;
+        fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<Ident> {
+            for part in &relation.0 {
+                if let Some(ident) = part.as_ident() {
+                    named(ident)?;
+                }
+            }
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_expr(&mut self, e: &SqlExpr) -> ControlFlow<Ident> {
+            match e {
+                SqlExpr::Identifier(ident) => named(ident),
+                SqlExpr::CompoundIdentifier(parts) => parts.iter().try_for_each(named),
+                _ => ControlFlow::Continue(()),
+            }
+        }
+    }
+    let DFStatement::Statement(statement) = statement else {
+        return Ok(());
+    };
+    match statement.visit(&mut Linkage) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(ident) => Err(Rejection {
+            rule: Rule::IdentifierNotAllowed,
+            reason: format!(
+                "`{}` names the linkage key, which is never queryable: it is no column of any \
+                 table, and only the private journey protocol uses it, blinded",
+                ident.value
+            ),
+            position: (ident.span.start.line > 0).then_some(crate::rules::Position {
+                line: ident.span.start.line,
+                column: ident.span.start.column,
+            }),
+        }
+        .into()),
+    }
 }
 
 /// Refuses, before DataFusion plans anything, the nesting cxfed never accepts: subqueries in
@@ -1351,6 +1407,52 @@ mod tests {
                 Err(got) => assert_eq!(got, rule, "{sql}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn refuses_the_linkage_key_anywhere_with_its_position() {
+        let ctx = planning_context().expect("context");
+        for (sql, line, column) in [
+            (
+                "SELECT count(*) FROM experience WHERE ssn = '123456789'",
+                1,
+                39,
+            ),
+            (
+                "SELECT count(*)\nFROM experience e\nWHERE e.SSN IS NOT NULL",
+                3,
+                9,
+            ),
+            (
+                "SELECT agency, count(*) FROM experience GROUP BY agency, linkage_key",
+                1,
+                58,
+            ),
+            ("SELECT count(DISTINCT ssn) FROM operational", 1, 23),
+            ("SELECT count(*) FROM linkage", 1, 22),
+            (
+                "SELECT count(*) FROM experience e JOIN linkage l ON e.person_id = l.person_id",
+                1,
+                40,
+            ),
+            (
+                "SELECT avg(trust) FILTER (WHERE \"ssn\" > '0') FROM experience",
+                1,
+                33,
+            ),
+        ] {
+            let r = match approve(&ctx.state(), sql).await {
+                Err(QueryError::Rejected(r)) => r,
+                other => panic!("{sql}: expected a refusal, got {other:?}"),
+            };
+            assert_eq!(r.rule, Rule::IdentifierNotAllowed, "{sql}: {}", r.reason);
+            assert!(r.reason.contains("linkage key"), "{sql}: {}", r.reason);
+            let at = r.position.map(|p| (p.line, p.column));
+            assert_eq!(at, Some((line, column)), "{sql}");
+        }
+        // A string that happens to say ssn is only a string.
+        let q = verdict("SELECT count(*) FROM experience WHERE service = 'ssn'").await;
+        assert!(q.is_ok());
     }
 
     #[tokio::test]

@@ -20,8 +20,8 @@ use datafusion::prelude::SessionContext;
 use datafusion::scalar::ScalarValue;
 use serde_json::Value;
 
-use cxfed::cli::{QueryFailure, send_query};
 use cxfed::client::AnalystClient;
+use cxfed::client::{QueryFailure, send_query};
 use cxfed::demo::{LocalFederation, start_federation};
 use cxfed_protocol::wire::{QueryRequest, QueryResponse};
 use cxfed_queries::schema::Table;
@@ -201,6 +201,18 @@ pub fn pooled_context(dir: &std::path::Path) -> SessionContext {
     ctx
 }
 
+/// What the pooled reference answers for a [`Case`].
+#[derive(Debug, Clone)]
+pub struct Pooled {
+    pub rows: Vec<Vec<Value>>,
+    /// Groups withheld by nodes and by the coordinator.
+    pub suppressed_groups: u64,
+    /// (node, group, aggregate) cells the nodes withheld.
+    pub withheld_cells: u64,
+    /// Merged cells NULL because some node withheld its part.
+    pub incomplete_cells: u64,
+}
+
 /// A query given by parts, so that the pooled reference can apply the same suppression.
 #[derive(Debug, Clone, Copy)]
 pub struct Case {
@@ -315,6 +327,13 @@ impl Case {
     /// below `K` are dropped as the coordinator would. Returns the rows, the number of
     /// suppressed groups and the number of cells the nodes withheld.
     pub async fn pooled_answer(&self, ctx: &SessionContext) -> (Vec<Vec<Value>>, u64, u64) {
+        let p = self.pooled_reference(ctx).await;
+        (p.rows, p.suppressed_groups, p.withheld_cells)
+    }
+
+    /// [`Case::pooled_answer`] with the cells the federation releases as NULL because a node
+    /// withheld its part of them (the rows already hold those NULLs).
+    pub async fn pooled_reference(&self, ctx: &SessionContext) -> Pooled {
         // 1. The cells each node would withhold.
         let keys: Vec<String> = std::iter::once(self.agency.to_string())
             .chain(self.group.iter().map(|g| g.to_string()))
@@ -406,7 +425,7 @@ impl Case {
             .create_logical_plan(&sql)
             .await
             .unwrap_or_else(|e| panic!("pooled reference failed to plan {sql}: {e}"));
-        let (plan, node_cells) = self.withhold_cells(ctx, plan).await;
+        let (plan, node_cells, incomplete_cells) = self.withhold_cells(ctx, plan).await;
         let batches = ctx
             .execute_logical_plan(plan)
             .await
@@ -414,25 +433,33 @@ impl Case {
             .collect()
             .await
             .unwrap_or_else(|e| panic!("pooled reference failed to run {sql}: {e}"));
-        (
-            cxfed::output::rows(&batches).unwrap(),
-            node_suppressed + coordinator_suppressed,
-            node_cells,
-        )
+        Pooled {
+            rows: cxfed::output::rows(&batches).unwrap(),
+            suppressed_groups: node_suppressed + coordinator_suppressed,
+            withheld_cells: node_cells,
+            incomplete_cells,
+        }
     }
 
     /// Cells each node would withhold (k per cell: every region of rows an aggregate reads —
     /// its FILTER, a non-NULL value, each branch of a CASE — must hold 0 or ≥ K people at that
     /// node), excluded from each aggregate of `plan` with an extra FILTER. Implemented here
-    /// independently of `cxfed_queries::cells`, on the pooled plan. Returns the plan and how
-    /// many (node, group, aggregate) cells were withheld.
+    /// independently of `cxfed_queries::cells`, on the pooled plan. The federation's rule for
+    /// them: the merged aggregate of a group in which some node withheld its cell is NULL (not
+    /// the other nodes' parts). Returns the plan, how many (node, group, aggregate) cells were
+    /// withheld, and how many merged cells (of groups the federation k keeps) that rule NULLs
+    /// where some other node's part was there.
     pub async fn withhold_cells(
         &self,
         ctx: &SessionContext,
         plan: LogicalPlan,
-    ) -> (LogicalPlan, u64) {
+    ) -> (LogicalPlan, u64, u64) {
         use datafusion::common::tree_node::{Transformed, TreeNode};
         let mut withheld_total = 0u64;
+        let mut incomplete_total = 0u64;
+        // (aggregate index, extra column index) of each aggregate with withheld node cells.
+        let mut incomplete: Vec<(usize, usize)> = Vec::new();
+        let mut extra: Vec<Expr> = Vec::new();
         let mut found = None;
         plan.apply(|n| {
             if let LogicalPlan::Aggregate(a) = n {
@@ -443,7 +470,7 @@ impl Case {
         })
         .unwrap();
         let Some(aggregate) = found else {
-            return (plan, 0);
+            return (plan, 0, 0);
         };
         let agency = Expr::Column(Column::from_qualified_name(self.agency));
         let mut keys = vec![agency];
@@ -540,24 +567,104 @@ impl Case {
             small.sort_by_key(|c| format!("{c}"));
             small.dedup_by_key(|c| format!("{c}"));
             withheld_total += small.len() as u64;
-            let keep = Expr::Not(Box::new(small.into_iter().reduce(Expr::or).unwrap()));
-            let keep = Expr::IsTrue(Box::new(keep));
-            let mut af = af.clone();
-            af.params.filter = Some(Box::new(match filter {
-                Some(f) => f.and(keep),
-                None => keep,
-            }));
-            let (_, name) = e.qualified_name();
-            new_aggs.push(Expr::AggregateFunction(af).alias(name));
+            // The federation's rule: a merged cell some node withheld is NULL, never the other
+            // nodes' parts alone. `flag` marks the rows of the (node, group) cells withheld.
+            let flag = datafusion::logical_expr::when(
+                Expr::IsTrue(Box::new(small.into_iter().reduce(Expr::or).unwrap())),
+                lit(1i64),
+            )
+            .otherwise(lit(0i64))
+            .unwrap();
+            let max = datafusion::functions_aggregate::min_max::max(flag.clone());
+            let min = datafusion::functions_aggregate::min_max::min(flag);
+            let persons = Expr::AggregateFunction(
+                datafusion::logical_expr::expr::AggregateFunction::new_udf(
+                    datafusion::functions_aggregate::count::count_udaf(),
+                    vec![person.clone()],
+                    true,
+                    None,
+                    vec![],
+                    None,
+                ),
+            );
+            // Counted where the federation k keeps the group and some node that returned it
+            // did not withhold the cell (otherwise there is no number to NULL).
+            let counting = LogicalPlanBuilder::from(Arc::clone(&aggregate.input))
+                .aggregate(
+                    aggregate.group_expr.clone(),
+                    vec![
+                        max.clone().alias("__max"),
+                        min.alias("__min"),
+                        persons.alias("__p"),
+                    ],
+                )
+                .unwrap()
+                .build()
+                .unwrap();
+            for b in ctx
+                .execute_logical_plan(counting)
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap()
+            {
+                let int = |name: &str| {
+                    b.column_by_name(name)
+                        .unwrap()
+                        .as_any()
+                        .downcast_ref::<arrow::array::Int64Array>()
+                        .unwrap()
+                        .clone()
+                };
+                let (mx, mn, p) = (int("__max"), int("__min"), int("__p"));
+                incomplete_total += (0..b.num_rows())
+                    .filter(|&r| mx.value(r) == 1 && mn.value(r) == 0 && p.value(r) as u64 >= K)
+                    .count() as u64;
+            }
+            let i = new_aggs.len();
+            new_aggs.push(e.clone());
+            incomplete.push((i, extra.len()));
+            extra.push(max.alias(format!("__inc{i}")));
         }
-        let new = LogicalPlan::Aggregate(
+        let n_keys = aggregate.group_expr.len();
+        let mut all_aggs = new_aggs;
+        all_aggs.extend(extra);
+        let widened = LogicalPlan::Aggregate(
             datafusion::logical_expr::Aggregate::try_new(
                 Arc::clone(&aggregate.input),
                 aggregate.group_expr.clone(),
-                new_aggs,
+                all_aggs,
             )
             .unwrap(),
         );
+        // Back to the aggregate's own columns, with the incomplete cells NULL.
+        let projection: Vec<Expr> = aggregate
+            .schema
+            .iter()
+            .enumerate()
+            .map(|(idx, (qualifier, field))| {
+                let c = Expr::Column(Column::new(qualifier.cloned(), field.name()));
+                let inc = idx
+                    .checked_sub(n_keys)
+                    .and_then(|i| incomplete.iter().find(|(a, _)| *a == i));
+                match inc {
+                    None => c,
+                    Some((i, _)) => datafusion::logical_expr::when(
+                        Expr::Column(Column::from_name(format!("__inc{i}"))).eq(lit(1i64)),
+                        Expr::Literal(ScalarValue::try_from(field.data_type()).unwrap(), None),
+                    )
+                    .otherwise(c)
+                    .unwrap()
+                    .alias_qualified(qualifier.cloned(), field.name()),
+                }
+            })
+            .collect();
+        let new = LogicalPlanBuilder::from(widened)
+            .project(projection)
+            .unwrap()
+            .build()
+            .unwrap();
         let plan = plan
             .transform_down(|n| {
                 Ok(if matches!(n, LogicalPlan::Aggregate(_)) {
@@ -568,7 +675,7 @@ impl Case {
             })
             .unwrap()
             .data;
-        (plan, withheld_total)
+        (plan, withheld_total, incomplete_total)
     }
 }
 

@@ -59,10 +59,10 @@ async fn a_version_1_data_dir_is_migrated_in_place() {
     .await;
     assert_eq!(before.len(), 25);
 
-    let m = cxfed::storage::migrate(&data).unwrap();
+    let m = cxfed::ingest::migrate(&data).unwrap();
     assert_eq!((m.from, m.files, m.rows), (1, 2, 25 + 63));
     assert_eq!(cxfed::storage::schema_version(&data).unwrap(), 2);
-    let again = cxfed::storage::migrate(&data).unwrap();
+    let again = cxfed::ingest::migrate(&data).unwrap();
     assert_eq!(
         (again.from, again.files),
         (2, 0),
@@ -117,7 +117,7 @@ async fn a_version_1_data_dir_is_migrated_in_place() {
 
     // A directory from a newer cxfed is refused.
     std::fs::write(data.join("SCHEMA_VERSION"), "3\n").unwrap();
-    let err = cxfed::storage::migrate(&data).unwrap_err().to_string();
+    let err = cxfed::ingest::migrate(&data).unwrap_err().to_string();
     assert!(err.contains("newer cxfed"), "{err}");
 }
 

@@ -264,6 +264,29 @@ async fn console_guards_its_session_and_refuses_what_it_must() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("unknown field `k`"));
+    // An ε no node can spend, typed or sent as a number, is refused naming ε and the range.
+    for eps in [r#""NaN""#, r#""inf""#, "0", "-1", "1e-9", r#""lots""#] {
+        let r: serde_json::Value = http
+            .post(format!("{}/api/query", base(analyst)))
+            .header("cookie", &cookie)
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"sql":"SELECT agency, COUNT(*) FROM experience GROUP BY agency","epsilon":{eps}}}"#
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["ok"], false, "{eps}: {r}");
+        assert_eq!(r["error"]["kind"], "bad-epsilon", "{eps}: {r}");
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("epsilon (ε) = ") && message.contains("0.001"),
+            "{eps}: {message}"
+        );
+    }
     // Only whitelisted, read-only node endpoints pass through.
     let r = http
         .get(format!("{}/api/node/0/partial", base(analyst)))
@@ -861,8 +884,19 @@ async fn each_role_page_shows_what_a_person_needs() {
     assert!(rows.len() >= 9, "{rows:?}");
     assert!(rows.iter().any(|r| r[0] == "OPM"), "{rows:?}");
     assert!(
-        rows.iter().all(|r| r.last().unwrap().contains('±')),
+        rows.iter()
+            .all(|r| r[2].contains('±') && r[3].contains('±')),
         "each noisy number with its interval: {rows:?}"
+    );
+    // Dates as dates, with their federal label; the nodes whose part a row lacks, named.
+    assert!(
+        rows.iter()
+            .all(|r| r[1].ends_with(')') && r[1].contains(" (FY") && !r[1].contains('T')),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().all(|r| r.len() == 5 && !r[4].contains(&r[0])),
+        "a row's own agency is never missing from it: {rows:?}"
     );
     let fig = chart(&dom, "line chart");
     assert_eq!(
@@ -1117,6 +1151,24 @@ async fn analyst_page_works_on_a_k_only_federation() {
     );
     assert!(dom.find(fig, "line", Some("err")).is_empty(), "no whiskers");
     assert!(dom.table_rows("rows").len() >= 3);
+
+    // Numbers as a person reads them: the query's ROUND, dates as dates, federal labels.
+    let sql = "SELECT date_trunc('quarter', response_date) AS q, fiscal_year, fiscal_quarter, \
+               ROUND(AVG(trust), 2) AS t FROM experience GROUP BY 1, 2, 3 ORDER BY 1";
+    let url = run_url(&cs[0], &format!("sql={}", encode(sql)));
+    let dom = open_async(&browser, profiles.path().join("k2"), url, None).await;
+    let rows = dom.table_rows("rows");
+    assert!(rows.len() >= 4, "{rows:?}");
+    for r in &rows {
+        let (fy, q) = (r[1].clone(), r[2].clone());
+        assert!(
+            fy.starts_with("FY") && q.starts_with('Q') && r[0].ends_with(&format!("({fy} {q})")),
+            "{r:?}"
+        );
+        assert!(!r[0].contains('T'), "a date, not a time: {r:?}");
+        let decimals = r[3].split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(decimals <= 2, "rounded as asked: {r:?}");
+    }
 
     for c in cs {
         c.shutdown().await;

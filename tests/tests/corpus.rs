@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use cxfed::cli::{QueryFailure, send_query};
+use cxfed::client::{QueryFailure, send_query};
 use cxfed_e2e::{AGENCIES, assert_rows_match, pooled_context, signed_partial};
 use cxfed_protocol::wire::{ErrorBody, QueryRequest};
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cxfed::cli::QueryFailure;
+use cxfed::client::QueryFailure;
 use cxfed_e2e::{AGENCIES, Case, Fed, assert_rows_match};
 use cxfed_protocol::wire::{NodeState, PartialRequest};
 use cxfed_protocol::{Identity, Role};
@@ -55,6 +55,7 @@ async fn federated_answers_equal_pooled_answers() {
     let pooled = fed.pooled();
     let mut suppressed_total = 0;
     let mut cells_total = 0;
+    let mut incomplete_total = 0;
     for case in CASES {
         let sql = case.sql();
         let got = fed
@@ -68,19 +69,33 @@ async fn federated_answers_equal_pooled_answers() {
             "{sql}: {:?}",
             got.nodes
         );
-        let (want, suppressed, cells) = case.pooled_answer(&pooled).await;
-        assert_rows_match(&sql, &got.rows, &want);
+        let reference = case.pooled_reference(&pooled).await;
+        let (want, suppressed, cells) = (
+            &reference.rows,
+            reference.suppressed_groups,
+            reference.withheld_cells,
+        );
+        assert_rows_match(&sql, &got.rows, want);
         assert_eq!(
             got.suppressed_groups, suppressed,
             "{sql}: suppressed groups"
         );
         assert_eq!(got.suppressed_cells, cells, "{sql}: withheld cells");
+        assert_eq!(
+            got.incomplete_cells, reference.incomplete_cells,
+            "{sql}: cells NULL for a node's missing part"
+        );
         suppressed_total += suppressed;
         cells_total += cells;
+        incomplete_total += reference.incomplete_cells;
     }
     assert!(CASES.len() >= 20);
     assert!(suppressed_total > 0, "some case must exercise suppression");
     assert!(cells_total > 0, "some case must exercise cell suppression");
+    assert!(
+        incomplete_total > 0,
+        "some case must exercise a cell NULL for a node's missing part"
+    );
     // Any node can coordinate, with the same answer.
     let sql = CASES[2].sql();
     let a = fed.query_at(0, &sql, true).await.unwrap();
@@ -395,6 +410,7 @@ fn client_with(fed: &Fed, cert: &str, key: &str) -> reqwest::Client {
         ca: fed.fed.certs.join("ca.pem"),
         cert: dir.join("c.pem"),
         key: dir.join("c.key"),
+        crl: Vec::new(),
     };
     cxfed::client::http_client(&files, Duration::from_secs(5)).unwrap()
 }
@@ -463,7 +479,9 @@ async fn slow_node_times_out() {
     let started = std::time::Instant::now();
     let req = cxfed_protocol::wire::QueryRequest::new("SELECT COUNT(*) FROM experience")
         .require_all(false);
-    let resp = cxfed::cli::send_query(&client, &url, &req).await.unwrap();
+    let resp = cxfed::client::send_query(&client, &url, &req)
+        .await
+        .unwrap();
     assert!(started.elapsed() < Duration::from_secs(15));
     let opm = resp.nodes.iter().find(|n| n.agency == "OPM").unwrap();
     assert_eq!(opm.status, NodeState::Unreachable);
@@ -566,7 +584,7 @@ async fn coordinator_refuses_a_peer_presenting_another_agencys_certificate() {
     let url = format!("https://127.0.0.1:{}", node.addr.port());
     let req = cxfed_protocol::wire::QueryRequest::new("SELECT COUNT(*) FROM experience")
         .require_all(false);
-    let resp = cxfed::cli::send_query(&fed.analyst, &url, &req)
+    let resp = cxfed::client::send_query(&fed.analyst, &url, &req)
         .await
         .unwrap();
     for agency in ["CMS", "OPM"] {
@@ -575,5 +593,66 @@ async fn coordinator_refuses_a_peer_presenting_another_agencys_certificate() {
     }
     assert!(!resp.complete);
     node.shutdown().await;
+    fed.fed.shutdown().await;
+}
+
+/// A row some node returned nothing for names that node, exactly as the pooled data says:
+/// the nodes holding fewer than k of the group's people (none included) — never silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_without_a_nodes_part_name_it_as_the_pooled_data_says() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let fed = Fed::start().await;
+    let sql = "SELECT life_experience, channel, COUNT(*) AS n, AVG(trust) AS t, COUNT(trust) AS nt \
+               FROM experience GROUP BY life_experience, channel ORDER BY life_experience, channel";
+    let got = fed.query(sql).await.unwrap();
+    // People per (group, agency), from the pooled data.
+    let pooled = fed.pooled();
+    let batches = pooled
+        .sql(
+            "SELECT life_experience, channel, agency, COUNT(DISTINCT person_id) AS p \
+             FROM experience GROUP BY 1, 2, 3",
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let mut people: BTreeMap<(String, String), BTreeMap<String, i64>> = BTreeMap::new();
+    for row in cxfed::output::rows(&batches).unwrap() {
+        let text = |i: usize| row[i].as_str().unwrap().to_string();
+        people
+            .entry((text(0), text(1)))
+            .or_default()
+            .insert(text(2), row[3].as_i64().unwrap());
+    }
+    let mut marked = 0;
+    for (r, row) in got.rows.iter().enumerate() {
+        let key = (
+            row[0].as_str().unwrap().to_string(),
+            row[1].as_str().unwrap().to_string(),
+        );
+        let want: BTreeSet<&str> = AGENCIES
+            .iter()
+            .copied()
+            .filter(|a| people[&key].get(*a).copied().unwrap_or(0) < cxfed_e2e::K as i64)
+            .collect();
+        let missing: BTreeSet<&str> = got
+            .missing_parts
+            .get(r)
+            .map(|m| m.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        assert_eq!(missing, want, "{key:?}: {people:?}");
+        marked += usize::from(!want.is_empty());
+    }
+    assert!(marked > 0, "some released row must lack a node's part");
+    assert_eq!(got.incomplete_groups, marked as u64);
+    // Every output says so: the table and CSV name the missing nodes per row.
+    let table = cxfed::output::render(&got, cxfed::output::Format::Table);
+    assert!(table.contains("missing parts") && table.contains("without every node's part"));
+    let csv = cxfed::output::render(&got, cxfed::output::Format::Csv);
+    assert!(
+        csv.lines().next().unwrap().ends_with(",missing_parts"),
+        "{csv}"
+    );
     fed.fed.shutdown().await;
 }

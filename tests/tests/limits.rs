@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use cxfed::audit::Decision;
-use cxfed::cli::QueryFailure;
+use cxfed::client::QueryFailure;
 use cxfed::server::{BODY_TOO_LARGE, MAX_BODY_BYTES};
 use cxfed_e2e::Fed;
 use cxfed_protocol::wire::{ErrorBody, QueryRequest};

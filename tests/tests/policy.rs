@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use cxfed::cli::QueryFailure;
+use cxfed::client::QueryFailure;
 use cxfed_e2e::Fed;
 use cxfed_protocol::wire::NodeState;
 use serde_json::Value;
@@ -151,7 +151,7 @@ async fn steward_policy_is_enforced_by_each_node_and_reloads_live() {
     );
     // Another analyst, through the same coordinator, is not held back by SSA's analyst.
     let cms = fed.analyst_of("CMS");
-    let r = cxfed::cli::send_query(
+    let r = cxfed::client::send_query(
         &cms,
         &fed.fed.url(0),
         &cxfed_protocol::wire::QueryRequest::new("SELECT COUNT(*) FROM experience"),
@@ -186,7 +186,7 @@ async fn node_keeps_answering_good_queries_under_a_flood() {
             let sql = bad[i % bad.len()].to_string();
             tokio::spawn(async move {
                 let req = cxfed_protocol::wire::QueryRequest::new(sql);
-                match cxfed::cli::send_query(&client, &url, &req).await {
+                match cxfed::client::send_query(&client, &url, &req).await {
                     Ok(_) => (true, false),
                     Err(QueryFailure::Refused(b)) => (
                         false,
@@ -323,7 +323,7 @@ async fn time_and_memory_limits_refuse_with_their_codes() {
     let small = cxfed::server::start(config, None).await.unwrap();
     let url = format!("https://127.0.0.1:{}", small.addr.port());
     let ask = |sql: &str| cxfed_protocol::wire::QueryRequest::new(sql).require_all(false);
-    let r = cxfed::cli::send_query(&fed.analyst, &url, &ask(heavy))
+    let r = cxfed::client::send_query(&fed.analyst, &url, &ask(heavy))
         .await
         .unwrap();
     let ssa = r.nodes.iter().find(|n| n.agency == "SSA").unwrap();
@@ -333,7 +333,7 @@ async fn time_and_memory_limits_refuse_with_their_codes() {
         ssa.error.as_deref().unwrap().starts_with("CXF-P006"),
         "{ssa:?}"
     );
-    let r = cxfed::cli::send_query(&fed.analyst, &url, &ask(light))
+    let r = cxfed::client::send_query(&fed.analyst, &url, &ask(light))
         .await
         .unwrap();
     assert!(r.rows[0][0].as_i64().unwrap() > 0);

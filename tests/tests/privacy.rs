@@ -3,7 +3,7 @@
 //! recovering a person.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use cxfed::cli::QueryFailure;
+use cxfed::client::QueryFailure;
 use cxfed::policy::DpSettings;
 use cxfed_e2e::Fed;
 
@@ -127,7 +127,7 @@ async fn budget_runs_out_survives_a_crash_and_is_reported_to_stewards() {
     config.listen = "127.0.0.1:0".parse().unwrap();
     let restarted = cxfed::server::start(config, None).await.unwrap();
     let url = format!("https://127.0.0.1:{}", restarted.addr.port());
-    let r = cxfed::cli::send_query(
+    let r = cxfed::client::send_query(
         &fed.analyst,
         &url,
         &cxfed_protocol::wire::QueryRequest::new(sql),
@@ -139,7 +139,8 @@ async fn budget_runs_out_survives_a_crash_and_is_reported_to_stewards() {
     );
     // Another analyst still has budget.
     let cms = fed.analyst_of("CMS");
-    let r = cxfed::cli::send_query(&cms, &url, &cxfed_protocol::wire::QueryRequest::new(sql)).await;
+    let r =
+        cxfed::client::send_query(&cms, &url, &cxfed_protocol::wire::QueryRequest::new(sql)).await;
     assert!(r.is_ok(), "{r:?}");
     restarted.shutdown().await;
     fed.fed.shutdown().await;
@@ -180,5 +181,59 @@ async fn differencing_attack_fails_under_differential_privacy() {
     }
     assert!(refused, "the budget (ε = 10, 1 per query) must run out");
     assert!(diffs.len() <= 5, "{}", diffs.len());
+    fed.fed.shutdown().await;
+}
+
+/// A value whose 95% noise interval is wider than its measure's whole range says nothing: the
+/// answer names it (per row, by column), and the table and CSV mark it — and only it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_whose_interval_exceeds_the_range_are_marked_not_informative() {
+    let fed = Fed::start_dp(600, settings(10.0)).await;
+    // A few dozen people per channel answer trust = 1 (or satisfaction = 1): those averages
+    // are mostly noise (yet rarely without any value), while the plain averages are not.
+    let sql = "SELECT channel, AVG(trust) AS t, \
+               AVG(ease) FILTER (WHERE trust = 1) AS rare, \
+               ROUND(AVG(satisfaction), 2) AS s, \
+               AVG(ease) FILTER (WHERE satisfaction = 1) AS rare2 \
+               FROM experience GROUP BY channel ORDER BY channel";
+    let got = fed.query(sql).await.unwrap();
+    let ranges: Vec<Option<f64>> = got.formats.iter().map(|f| f.range).collect();
+    assert_eq!(
+        ranges,
+        vec![None, Some(4.0), Some(4.0), Some(4.0), Some(4.0)]
+    );
+    assert_eq!(got.formats[3].decimals, Some(2));
+    let mut marked = 0;
+    for (r, row_ci) in got.ci95.iter().enumerate() {
+        for (c, ci) in row_ci.iter().enumerate() {
+            let wide = matches!((ci, ranges[c]), (Some(ci), Some(range)) if 2.0 * ci > range);
+            let listed = got
+                .not_informative
+                .get(r)
+                .is_some_and(|cols| cols.contains(&got.columns[c]));
+            assert_eq!(wide, listed, "row {r} column {c}: ± {ci:?}");
+            marked += usize::from(listed);
+        }
+    }
+    assert!(
+        marked > 0,
+        "the rare average must be marked: {:?}",
+        got.ci95
+    );
+    let table = cxfed::output::render(&got, cxfed::output::Format::Table);
+    assert_eq!(
+        table.matches("(not informative)").count(),
+        marked,
+        "{table}"
+    );
+    assert!(
+        table.contains("not informative: the noise interval is wider"),
+        "{table}"
+    );
+    let csv = cxfed::output::render(&got, cxfed::output::Format::Csv);
+    assert!(
+        csv.lines().next().unwrap().ends_with(",not_informative"),
+        "{csv}"
+    );
     fed.fed.shutdown().await;
 }

@@ -45,6 +45,36 @@ function fmt(v, digits) {
   return String(v);
 }
 
+/** A result cell as a person reads it: the query's ROUND, dates as dates, federal labels. */
+function cellText(v, f) {
+  if (v === null || v === undefined || !f) return fmt(v);
+  if (typeof v === "number" && f.decimals != null && !Number.isInteger(v)) {
+    return v.toLocaleString("en-US", {minimumFractionDigits: f.decimals, maximumFractionDigits: f.decimals});
+  }
+  if (typeof v === "number" && f.calendar === "fiscal_year") return `FY${v}`;
+  if (typeof v === "number" && f.calendar === "fiscal_quarter") return `Q${v}`;
+  if (typeof v === "string" && (f.calendar === "date" || f.calendar === "quarter")) {
+    const day = asDate(v);
+    return f.calendar === "quarter" && fiscalQuarter(day) ? `${day} (${fiscalQuarter(day)})` : day;
+  }
+  return fmt(v);
+}
+
+/** A timestamp at midnight as its date. */
+function asDate(s) {
+  const m = /^(\d{4}-\d{2}-\d{2})T[0:.]*$/.exec(s);
+  return m ? m[1] : s;
+}
+
+/** The federal fiscal quarter of a YYYY-MM-DD date (FY N runs Oct 1 N−1 .. Sep 30 N). */
+function fiscalQuarter(day) {
+  const m = /^(\d{4})-(\d{2})/.exec(day);
+  if (!m) return null;
+  const y = Number(m[1]), mo = Number(m[2]);
+  if (mo < 1 || mo > 12) return null;
+  return mo >= 10 ? `FY${y + 1} Q1` : `FY${y} Q${Math.floor((mo - 1) / 3) + 2}`;
+}
+
 function table(node, headers, rows, numeric) {
   node.replaceChildren(
     el("thead", {}, el("tr", {}, headers.map((h) => el("th", {scope: "col"}, h)))),
@@ -191,9 +221,25 @@ function toCsv(result) {
   const ci95 = result.ci95 || [];
   const noisy = result.columns.map((_, i) => ci95.some((r) => r && r[i] != null));
   const head = result.columns.flatMap((c, i) => noisy[i] ? [c, c + "_ci95"] : [c]);
+  // Rows without every node's part name the missing nodes in a last column.
+  const missing = result.incomplete_groups ? (result.missing_parts || []) : null;
+  if (missing) head.push("missing_parts");
+  const uninformative = (result.not_informative || []).length ? result.not_informative : null;
+  if (uninformative) head.push("not_informative");
+  const formats = result.formats || [];
+  // Machine-readable: dates without a time of day, numbers as the query rounded them.
+  const csvValue = (v, i) => {
+    const f = formats[i] || {};
+    if (typeof v === "string" && (f.calendar === "date" || f.calendar === "quarter")) return asDate(v);
+    if (typeof v === "number" && f.decimals != null && !Number.isInteger(v)) return v.toFixed(f.decimals);
+    return v;
+  };
   const lines = [head.map(q).join(",")];
   result.rows.forEach((row, r) => {
-    lines.push(row.flatMap((v, i) => noisy[i] ? [v, (ci95[r] || [])[i]] : [v]).map(q).join(","));
+    const cells = row.flatMap((v, i) => noisy[i] ? [csvValue(v, i), (ci95[r] || [])[i]] : [csvValue(v, i)]);
+    if (missing) cells.push((missing[r] || []).join(";"));
+    if (uninformative) cells.push((uninformative[r] || []).join(";"));
+    lines.push(cells.map(q).join(","));
   });
   return lines.join("\r\n") + "\r\n";
 }
@@ -216,11 +262,26 @@ function showResult(raw) {
   const prefer = measures.find((i) => /avg|mean|share|trust|satisf/i.test(result.columns[i]));
   if (prefer !== undefined) $("measure").value = String(prefer);
   const numeric = result.columns.map((_, i) => measures.includes(i));
+  const formats = result.formats || [];
+  const uninformative = (r, i) => ((result.not_informative || [])[r] || []).includes(result.columns[i]);
   const rows = result.rows.map((row, r) => row.map((v, i) => {
     const ci = (result.ci95[r] || [])[i];
-    return ci != null ? el("span", {}, fmt(v), el("span", {class: "pm"}, ` ± ${fmt(ci, 3)}`)) : v;
+    const f = formats[i];
+    const text = cellText(v, f);
+    if (ci == null) return f ? el("span", {}, text) : v;
+    const span = el("span", {}, text, el("span", {class: "pm"}, ` ± ${fmt(ci, f && f.decimals != null ? f.decimals : 3)}`));
+    if (uninformative(r, i)) {
+      span.append(el("span", {class: "uninformative", title: "The noise interval is wider than the measure's whole range: this value says nothing."}, " (not informative)"));
+    }
+    return span;
   }));
-  table($("rows"), result.columns, rows, numeric);
+  // A row without every node's part says whose part it lacks.
+  const headers = [...result.columns];
+  if (result.incomplete_groups) {
+    headers.push("missing parts");
+    rows.forEach((row, r) => row.push(((result.missing_parts || [])[r] || []).join(", ")));
+  }
+  table($("rows"), headers, rows, numeric);
   for (const td of $("rows").querySelectorAll("tbody td")) {
     if (numeric[td.cellIndex]) td.classList.add("num");
   }
@@ -230,6 +291,9 @@ function showResult(raw) {
   $("result").hidden = false;
   $("status").textContent = `${result.rows.length} rows from ${result.nodes.length} nodes · privacy ${result.privacy}` +
     (result.suppressed_groups ? ` · ${result.suppressed_groups} groups withheld` : "") +
+    (result.incomplete_cells ? ` · ${result.incomplete_cells} cells NULL: a node withheld its part (fewer than its k people there)` : "") +
+    (result.incomplete_groups ? ` · ${result.incomplete_groups} rows without every node's part (see missing parts: that node has none of the group's rows, or fewer than its k)` : "") +
+    ((result.not_informative || []).flat().length ? ` · ${(result.not_informative || []).flat().length} values not informative: the noise interval is wider than the measure's whole range (too few people for this ε)` : "") +
     ` · query ${result.query_id}` + (result.complete ? "" : " · PARTIAL: not every node contributed");
 }
 
@@ -270,7 +334,9 @@ async function runQuery() {
   $("status").textContent = "Running on every node…";
   const t = performance.now();
   try {
-    const r = await api("query", {sql, epsilon: eps ? Number(eps) : null, allow_partial: $("partial").checked});
+    // ε goes as typed: the console refuses what is not a number it can spend (Number() would
+    // turn "abc" into NaN, which JSON sends as null — "the node's maximum").
+    const r = await api("query", {sql, epsilon: eps || null, allow_partial: $("partial").checked});
     if (r.ok) {
       showResult(r.result);
       $("status").textContent += ` · ${Math.round(performance.now() - t)} ms`;

@@ -798,7 +798,7 @@ SELECT COUNT(nosuch) FROM experience
 -- expect: CXF-Q004
 SELECT AVG(wait_minutes) FROM experience
 ;;
--- expect: CXF-Q004
+-- expect: CXF-Q012
 SELECT COUNT(*) FROM experience WHERE ssn = '1'
 ;;
 -- expect: CXF-Q004
