@@ -803,8 +803,16 @@ async fn dispatch(command: Command) -> Result<(), String> {
             sql,
         } => {
             let ctx = cxfed_queries::context::planning_context().map_err(|e| e.to_string())?;
-            let dp = (!k_only).then(|| crate::policy::DpSettings::DEFAULT.params(k, None));
-            let e = cxfed_queries::explain::explain_with(&ctx.state(), &sql, k, k, dp.as_ref())
+            let defaults = crate::policy::DpSettings::DEFAULT;
+            let params = (!k_only).then(|| defaults.params(k, None));
+            let dp = params
+                .as_ref()
+                .map(|params| cxfed_queries::explain::DpContext {
+                    params,
+                    public_keys: &defaults.public_keys,
+                    max_groups: crate::policy::DEFAULT_MAX_GROUPS,
+                });
+            let e = cxfed_queries::explain::explain_with(&ctx.state(), &sql, k, k, dp)
                 .await
                 .map_err(|e| e.to_string())?;
             match format {

@@ -27,6 +27,10 @@
 //! max_groups_per_person = 1       # contribution bounds (G, R)
 //! max_rows_per_person = 1
 //!
+//! [privacy.public_keys]           # dimensions whose values are public: every group of a
+//! agency = ["SSA"]                # query grouped only by public keys is released, noisy,
+//! fiscal_year = "2022..2026"      # with no partition selection (vocabularies already are)
+//!
 //! [query]
 //! timeout_secs = 30               # per-node time limit during fan-out
 //!
@@ -42,6 +46,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use cxfed_queries::keyset::PublicKeys;
 
 use crate::policy::{DpSettings, Policy, PolicyConfig};
 use crate::tls::TlsFiles;
@@ -123,6 +129,8 @@ struct RawPrivacy {
     budget_period_days: Option<u64>,
     max_groups_per_person: Option<u64>,
     max_rows_per_person: Option<u64>,
+    #[serde(default)]
+    public_keys: std::collections::BTreeMap<String, toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +194,7 @@ fn dp_settings(p: &RawPrivacy) -> Result<Option<DpSettings>, (String, String)> {
             .unwrap_or(d.budget_period),
         max_groups_per_person: p.max_groups_per_person.unwrap_or(d.max_groups_per_person),
         max_rows_per_person: p.max_rows_per_person.unwrap_or(d.max_rows_per_person),
+        public_keys: public_keys(&p.public_keys)?,
     };
     if !(s.epsilon_per_query >= 0.001 && s.epsilon_per_query <= 10.0) {
         return bad("epsilon_per_query", "must be between 0.001 and 10");
@@ -209,6 +218,41 @@ fn dp_settings(p: &RawPrivacy) -> Result<Option<DpSettings>, (String, String)> {
         return bad("max_rows_per_person", "must be between 1 and 100");
     }
     Ok(Some(s))
+}
+
+/// `[privacy.public_keys]`: per dimension, a list of text values (`service = ["…"]`,
+/// `agency = ["SSA"]`) or an integer range (`fiscal_year = "2022..2026"`).
+fn public_keys(
+    raw: &std::collections::BTreeMap<String, toml::Value>,
+) -> Result<PublicKeys, (String, String)> {
+    let mut keys = PublicKeys::schema_only();
+    for (column, value) in raw {
+        let field = format!("privacy.public_keys.{column}");
+        let declared = match value {
+            toml::Value::Array(items) => {
+                let texts: Option<Vec<String>> = items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect();
+                match texts {
+                    Some(t) => keys.declare_text(column, &t),
+                    None => Err("must list text values, e.g. [\"SSA\", \"CMS\"]".into()),
+                }
+            }
+            toml::Value::String(range) => match range.split_once("..") {
+                Some((lo, hi)) => match (lo.trim().parse(), hi.trim().parse()) {
+                    (Ok(lo), Ok(hi)) => keys.declare_range(column, lo, hi),
+                    _ => Err(format!("{range:?} is not an integer range \"lo..hi\"")),
+                },
+                None => Err(format!(
+                    "{range:?} is not an integer range \"lo..hi\" (a list of text values is written [\"…\"])"
+                )),
+            },
+            _ => Err("must be a list of text values or an integer range \"lo..hi\"".into()),
+        };
+        declared.map_err(|m| (field, m))?;
+    }
+    Ok(keys)
 }
 
 impl NodeConfig {
@@ -494,6 +538,52 @@ url = "https://127.0.0.1:7002"
         assert!(err.contains("privacy.epsilon_per_query"), "{err}");
         let text = format!("{GOOD}\n[privacy]\nmode = \"fuzzy\"\n");
         assert!(NodeConfig::parse(&text, Path::new("node.toml")).is_err());
+    }
+
+    #[test]
+    fn public_keys_are_declared_per_dimension_and_checked() {
+        let text = format!(
+            "{GOOD}\n[privacy.public_keys]\nagency = [\"SSA\", \"CMS\"]\nfiscal_year = \"2023..2026\"\n"
+        );
+        let c = NodeConfig::parse(&text, Path::new("node.toml")).expect("valid");
+        let declared: Vec<(String, usize)> = c
+            .policy
+            .dp
+            .expect("dp")
+            .public_keys
+            .declared()
+            .map(|(c, n)| (c.to_string(), n))
+            .collect();
+        assert_eq!(
+            declared,
+            [("agency".to_string(), 2), ("fiscal_year".to_string(), 4)]
+        );
+        for (bad, says) in [
+            (
+                "agency = [\"ssa\"]",
+                "\"ssa\" is not a possible value of agency",
+            ),
+            ("trust = [\"1\"]", "trust is not a dimension"),
+            ("person_id = [\"p1\"]", "person_id is not a dimension"),
+            ("nope = [\"x\"]", "nope is not a column"),
+            ("fiscal_year = \"2026..2023\"", "not a range within"),
+            ("fiscal_year = \"recent\"", "not an integer range"),
+            (
+                "fiscal_year = 2024",
+                "must be a list of text values or an integer range",
+            ),
+            ("service = [1, 2]", "must list text values"),
+            ("service = []", "lists no value"),
+        ] {
+            let text = format!("{GOOD}\n[privacy.public_keys]\n{bad}\n");
+            let err = NodeConfig::parse(&text, Path::new("node.toml"))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                err.contains("privacy.public_keys.") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -151,7 +151,7 @@ pub async fn start_federation_with(
         let peer_agencies: Vec<&str> = peers.iter().map(|p| p.agency.as_str()).collect();
         let mut policy = Policy::resolve(&PolicyConfig::default(), agency, &peer_agencies, k)
             .map_err(|(f, m)| err(format!("{f}: {m}")))?;
-        policy.dp = dp;
+        policy.dp = dp.clone();
         let config = NodeConfig {
             policy,
             source: None,
@@ -221,7 +221,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
         opts.people,
         crate::config::DEFAULT_K,
         Duration::from_secs(60),
-        Some(dp),
+        Some(dp.clone()),
     )
     .await?;
     for (i, a) in AGENCIES.iter().enumerate() {

@@ -142,7 +142,12 @@ pub async fn run(
         Some(settings) => {
             let params = settings.params(policy.k, charge.requested_epsilon);
             let epsilon = params.epsilon;
-            let dp = approved.dp_partial(&params)?;
+            // Every group of a public key set, or partition selection; a public cross
+            // product over the steward's cap is refused before it is built or charged.
+            let keys = approved
+                .group_keys_under(&settings.public_keys, policy.max_groups)
+                .map_err(|e| PolicyRefusal::groups(e.to_string()))?;
+            let dp = approved.dp_partial(&params)?.with_keys(keys);
             // Charged and synced before any data is read.
             match charge
                 .ledger

@@ -21,8 +21,12 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use cxfed_protocol::Identity;
+use cxfed_queries::keyset::PublicKeys;
 use cxfed_queries::schema::{self, Kind};
 use cxfed_queries::validate::ApprovedQuery;
+
+/// Groups one partial may hold unless `[policy] max_groups` says otherwise.
+pub const DEFAULT_MAX_GROUPS: u64 = 10_000;
 
 /// The `[policy]` table as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -136,7 +140,7 @@ pub struct Policy {
 }
 
 /// The node's differential-privacy settings (`[privacy]` in node.toml).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DpSettings {
     /// ε a query spends on this node at most (an analyst may ask for less).
     pub epsilon_per_query: f64,
@@ -150,6 +154,8 @@ pub struct DpSettings {
     pub max_groups_per_person: u64,
     /// Rows one person may contribute to one group.
     pub max_rows_per_person: u64,
+    /// Key values the steward declared public (`[privacy.public_keys]`), beside the schema's.
+    pub public_keys: PublicKeys,
 }
 
 impl DpSettings {
@@ -179,6 +185,7 @@ impl DpSettings {
         budget_period: Duration::from_secs(30 * 86_400),
         max_groups_per_person: 1,
         max_rows_per_person: 1,
+        public_keys: PublicKeys::schema_only(),
     };
 }
 
@@ -230,7 +237,7 @@ impl Policy {
         if min_k == 0 {
             return Err(("policy.min_k".into(), "must be at least 1".into()));
         }
-        let max_groups = raw.max_groups.unwrap_or(10_000);
+        let max_groups = raw.max_groups.unwrap_or(DEFAULT_MAX_GROUPS);
         if max_groups == 0 {
             return Err(("policy.max_groups".into(), "must be at least 1".into()));
         }

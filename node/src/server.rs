@@ -801,20 +801,30 @@ async fn explain(
     node.record_access("/v1/explain", &who, Some(req.sql.clone()))
         .await?;
     let policy = node.policy();
-    let dp = policy.dp.as_ref().map(|d| d.params(policy.k, None));
-    let mut explanation = cxfed_queries::explain::explain_with(
-        &node.ctx.state(),
-        &req.sql,
-        policy.k,
-        policy.k,
-        dp.as_ref(),
-    )
-    .await?;
+    let params = policy.dp.as_ref().map(|d| d.params(policy.k, None));
+    let dp = policy.dp.as_ref().zip(params.as_ref()).map(|(d, params)| {
+        cxfed_queries::explain::DpContext {
+            params,
+            public_keys: &d.public_keys,
+            max_groups: policy.max_groups,
+        }
+    });
+    let mut explanation =
+        cxfed_queries::explain::explain_with(&node.ctx.state(), &req.sql, policy.k, policy.k, dp)
+            .await?;
     if matches!(
         explanation,
         cxfed_queries::explain::Explanation::Accepted { .. }
     ) && let Ok(approved) = cxfed_queries::validate::approve(&node.ctx.state(), &req.sql).await
-        && let Err(p) = policy.check_query(&approved)
+        && let Err(p) = policy
+            .check_query(&approved)
+            .and_then(|()| match &policy.dp {
+                Some(d) => approved
+                    .group_keys_under(&d.public_keys, policy.max_groups)
+                    .map(|_| ())
+                    .map_err(|e| crate::policy::PolicyRefusal::groups(e.to_string())),
+                None => Ok(()),
+            })
     {
         explanation = cxfed_queries::explain::Explanation::Refused {
             code: p.code.into(),

@@ -7,6 +7,7 @@ use std::fmt;
 use datafusion::execution::context::SessionState;
 use serde::Serialize;
 
+use crate::keyset::{GroupKeys, PublicKeys};
 use crate::privacy::DpParams;
 use crate::rewrite::PERSONS;
 use crate::rules::Rejection;
@@ -69,14 +70,26 @@ pub async fn explain(
     explain_with(state, sql, node_k, federation_k, None).await
 }
 
+/// A node's `dp` settings, as explain needs them.
+#[derive(Debug, Clone, Copy)]
+pub struct DpContext<'a> {
+    /// The query's parameters at this node.
+    pub params: &'a DpParams,
+    /// The key values this node treats as public.
+    pub public_keys: &'a PublicKeys,
+    /// The steward's cap on groups (a larger public key set is refused).
+    pub max_groups: u64,
+}
+
 /// Explains `sql` as a node would run it, in `dp` mode when `dp` is given.
 pub async fn explain_with(
     state: &SessionState,
     sql: &str,
     node_k: u64,
     federation_k: u64,
-    dp: Option<&DpParams>,
+    dp_context: Option<DpContext<'_>>,
 ) -> Result<Explanation, QueryError> {
+    let dp = dp_context.map(|c| c.params);
     let approved = match approve(state, sql).await {
         Ok(a) => a,
         Err(QueryError::Rejected(r)) => return Ok(Explanation::from(&r)),
@@ -122,6 +135,7 @@ pub async fn explain_with(
         })
         .collect();
     let mut privacy = Vec::new();
+    let mut public = false;
     if let (Some(d), Some(p)) = (&dp_partial, dp) {
         privacy.push(format!(
             "differential privacy: each node spends ε = {} on this query, clamps values to declared bounds, keeps at most {} group(s) and {} row(s) per person",
@@ -137,10 +151,26 @@ pub async fn explain_with(
             "discrete Laplace noise scales per released value: {}",
             scales.join(", ")
         ));
-        privacy.push(format!(
-            "a group is released only if its noisy {PERSONS} ≥ τ = {:.1} (δ = {}, k = {node_k})",
-            d.threshold, p.delta
-        ));
+        let keys = dp_context.map(|c| approved.group_keys_under(c.public_keys, c.max_groups));
+        let threshold = |reason: String| {
+            format!(
+                "{reason}a group is released only if its noisy {PERSONS} ≥ τ = {:.1} (δ = {}, k = {node_k})",
+                d.threshold, p.delta
+            )
+        };
+        public = matches!(keys, Some(Ok(GroupKeys::Public(_))));
+        privacy.push(match keys {
+            Some(Ok(GroupKeys::Public(set))) => format!(
+                "group keys are public ({}): every one of the {} groups is released, noisy even where it holds nobody; no ε or δ is spent on choosing groups, and the coordinator withholds none",
+                set.describe(),
+                set.len()
+            ),
+            Some(Ok(GroupKeys::DataDependent { key, why })) => {
+                threshold(format!("group key {key} is not public ({why}): "))
+            }
+            Some(Err(e)) => format!("every node refuses this query: {e}"),
+            None => threshold(String::new()),
+        });
     }
     if dp.is_none() {
         privacy.push(format!(
@@ -167,8 +197,10 @@ pub async fn explain_with(
             ));
         }
     }
+    if !public {
+        privacy.push(format!("the coordinator releases a merged group only if the nodes' {PERSONS} add up to at least its k ({federation_k})"));
+    }
     privacy.extend([
-        format!("the coordinator releases a merged group only if the nodes' {PERSONS} add up to at least its k ({federation_k})"),
         "no raw row, identifier or withheld group leaves a node; each node re-validates the analyst's SQL itself".into(),
         "HAVING, ORDER BY and LIMIT run only at the coordinator, after suppression".into(),
     ]);
@@ -242,6 +274,7 @@ fn indent(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::context::planning_context;
+    use crate::keyset::PublicKeys;
 
     #[tokio::test]
     async fn explains_accepted_and_refused_queries() {
@@ -272,5 +305,60 @@ mod tests {
         assert_eq!(json["status"], "refused");
         assert_eq!(json["code"], "CXF-Q012");
         assert_eq!(json["column"], 8);
+    }
+
+    #[tokio::test]
+    async fn says_whether_group_keys_are_public() {
+        let ctx = planning_context().expect("context");
+        let params = DpParams {
+            epsilon: 1.0,
+            delta: 1e-6,
+            max_groups_per_person: 1,
+            max_rows_per_person: 1,
+            k: 10,
+        };
+        let keys = PublicKeys::schema_only();
+        let dp = |max_groups| DpContext {
+            params: &params,
+            public_keys: &keys,
+            max_groups,
+        };
+        let text = |sql: &'static str, max_groups: u64| {
+            let state = ctx.state();
+            async move {
+                explain_with(&state, sql, 10, 10, Some(dp(max_groups)))
+                    .await
+                    .expect("explain")
+                    .to_string()
+            }
+        };
+        let t = text(
+            "SELECT channel, COUNT(*) FROM experience GROUP BY channel",
+            100,
+        )
+        .await;
+        assert!(
+            t.contains(&format!(
+                "group keys are public (channel ({}, the schema's vocabulary))",
+                crate::schema::CHANNELS.len()
+            )) && t.contains("no ε or δ is spent on choosing groups")
+                && !t.contains("τ ="),
+            "{t}"
+        );
+        let t = text(
+            "SELECT service, COUNT(*) FROM experience GROUP BY service",
+            100,
+        )
+        .await;
+        assert!(
+            t.contains("group key service is not public") && t.contains("τ ="),
+            "{t}"
+        );
+        let t = text(
+            "SELECT channel, state, COUNT(*) FROM experience GROUP BY channel, state",
+            100,
+        )
+        .await;
+        assert!(t.contains("every node refuses this query"), "{t}");
     }
 }

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bounding::{BoundingSpec, Cap};
 use crate::dp::{RandomSource, Scale, partition_threshold};
+use crate::keyset::{GroupKeys, KeySet};
 use crate::rewrite::{Encoding, PERSONS, PartialMeta};
 use crate::rules::{Rejection, Rule};
 use crate::schema;
@@ -72,8 +73,12 @@ pub struct DpPartial {
     pub meta: PartialMeta,
     /// Scales of every noised column, by name.
     scales: BTreeMap<String, Scale>,
-    /// Release threshold on the noisy person count.
+    /// Release threshold on the noisy person count (partition selection; unused when
+    /// [`DpPartial::keys`] is set).
     pub threshold: f64,
+    /// The public key set every group of which is released (see [`crate::keyset`]); `None`:
+    /// partition selection by [`DpPartial::threshold`].
+    pub keys: Option<KeySet>,
 }
 
 fn lit_f64(v: f64) -> Expr {
@@ -492,6 +497,7 @@ impl ApprovedQuery {
         let threshold = partition_threshold(scales[PERSONS].value(), params.delta, params.k, g);
         let meta = PartialMeta {
             dp: true,
+            public_keys: false,
             epsilon: Some(params.epsilon),
             encodings,
             scales: scales.iter().map(|(k, v)| (k.clone(), v.value())).collect(),
@@ -509,18 +515,45 @@ impl ApprovedQuery {
             meta,
             scales,
             threshold,
+            keys: None,
         })
     }
 }
 
 impl DpPartial {
-    /// Adds noise to every statistic of every group, and keeps only groups whose noisy person
-    /// count reaches the threshold. The true values never leave this function.
+    /// Chooses how groups are released: every group of a public key set (no partition
+    /// selection), or by the noisy threshold when a key depends on the data.
+    pub fn with_keys(mut self, keys: GroupKeys) -> Self {
+        self.keys = match keys {
+            GroupKeys::Public(set) => Some(set),
+            GroupKeys::DataDependent { .. } => None,
+        };
+        self.meta.public_keys = self.keys.is_some();
+        self
+    }
+
+    /// Adds noise to every statistic of every group. With a public key set, every group of
+    /// the set is released in its canonical order (absent ones as zeros before noise, rows
+    /// outside it dropped); otherwise only groups whose noisy person count reaches the
+    /// threshold. The true values never leave this function.
     pub fn add_noise(
         &self,
         batches: &[RecordBatch],
         rng: &mut dyn RandomSource,
     ) -> Result<Vec<RecordBatch>, QueryError> {
+        let dense;
+        let batches = match &self.keys {
+            Some(keys) => {
+                dense = [densify(batches, keys, self.bounding.groups)?];
+                &dense[..]
+            }
+            None => batches,
+        };
+        let threshold = if self.keys.is_some() {
+            f64::NEG_INFINITY
+        } else {
+            self.threshold
+        };
         let mut out = Vec::with_capacity(batches.len());
         for b in batches {
             let schema = b.schema();
@@ -551,7 +584,7 @@ impl DpPartial {
                 let noisy = Int64Array::from(noisy);
                 if field.name() == PERSONS {
                     for (r, k) in keep.iter_mut().enumerate() {
-                        *k = noisy.value(r) as f64 >= self.threshold;
+                        *k = noisy.value(r) as f64 >= threshold;
                     }
                 }
                 columns.push(Arc::new(noisy));
@@ -566,6 +599,61 @@ impl DpPartial {
         }
         Ok(out)
     }
+}
+
+/// One batch holding every group of `keys` in canonical order: the statistics of the groups
+/// `batches` hold (the first `groups` columns are the keys), zeros for the others; rows whose
+/// key is not in the set are dropped.
+fn densify(
+    batches: &[RecordBatch],
+    keys: &KeySet,
+    groups: usize,
+) -> Result<RecordBatch, QueryError> {
+    let internal = |e: String| QueryError::Internal(e);
+    let schema = match batches.first() {
+        Some(b) => b.schema(),
+        None => return Err(internal("no batch to release".into())),
+    };
+    let stats = schema.fields().len() - groups;
+    let mut dense = vec![vec![0i64; keys.len()]; stats];
+    for b in batches {
+        let canonical: Vec<ArrayRef> = (0..groups)
+            .map(|j| keys.canonical_column(j, b.column(j)))
+            .collect::<Result<_, _>>()
+            .map_err(internal)?;
+        let values: Vec<&Int64Array> = (groups..b.num_columns())
+            .map(|c| {
+                b.column(c)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .ok_or_else(|| internal(format!("{} is not Int64", schema.field(c).name())))
+            })
+            .collect::<Result<_, _>>()?;
+        for r in 0..b.num_rows() {
+            let key: Vec<ScalarValue> = canonical
+                .iter()
+                .map(|a| ScalarValue::try_from_array(a, r))
+                .collect::<Result<_, _>>()
+                .map_err(|e| internal(e.to_string()))?;
+            let Some(at) = keys.index_of(&key) else {
+                continue;
+            };
+            for (s, v) in values.iter().enumerate() {
+                dense[s][at] = dense[s][at].saturating_add(v.value(r));
+            }
+        }
+    }
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for j in 0..groups {
+        columns.push(
+            keys.column(j, schema.field(j).data_type())
+                .map_err(internal)?,
+        );
+    }
+    for values in dense {
+        columns.push(Arc::new(Int64Array::from(values)));
+    }
+    RecordBatch::try_new(schema, columns).map_err(|e| internal(e.to_string()))
 }
 
 #[cfg(test)]
@@ -797,6 +885,77 @@ mod tests {
             }
             assert!((1..=2).contains(&p1_groups), "p1 in {p1_groups} groups");
         }
+    }
+
+    /// With a public key set every group is released in canonical order, absent ones from
+    /// zeros, and none is dropped by the threshold however small.
+    #[tokio::test]
+    async fn public_keys_release_every_group_in_canonical_order() {
+        use crate::keyset::PublicKeys;
+        use crate::testdata::{all, batch, context};
+        let e = batch(
+            crate::schema::Table::Experience,
+            &[
+                ("person_id", all(&["p1", "p2", "p3"])),
+                ("channel", all(&["website", "phone", "website"])),
+                ("trust", all(&["5", "1", "4"])),
+            ],
+        );
+        let ctx = context(vec![e], vec![]);
+        let q = approve(
+            &ctx.state(),
+            "SELECT channel, COUNT(*), SUM(trust) FROM experience GROUP BY channel",
+        )
+        .await
+        .expect("approve");
+        let keys = q
+            .group_keys_under(&PublicKeys::schema_only(), 100)
+            .expect("public");
+        let dp = q
+            .dp_partial(&DpParams { k: 10, ..params() })
+            .expect("dp")
+            .with_keys(keys);
+        assert!(dp.meta.public_keys);
+        let exact = ctx
+            .execute_logical_plan(dp.plan.clone())
+            .await
+            .expect("plan")
+            .collect()
+            .await
+            .expect("run");
+        let dense = densify(&exact, dp.keys.as_ref().expect("keys"), 1).expect("dense");
+        assert_eq!(dense.num_rows(), crate::schema::CHANNELS.len());
+        let channel = |r: usize| {
+            arrow::util::display::array_value_to_string(dense.column(0), r).expect("fmt")
+        };
+        let persons = dense
+            .column_by_name(PERSONS)
+            .expect("persons")
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("int")
+            .clone();
+        for (r, name) in crate::schema::CHANNELS.iter().enumerate() {
+            assert_eq!(channel(r), *name);
+            let want = match *name {
+                "website" => 2,
+                "phone" => 1,
+                _ => 0,
+            };
+            assert_eq!(persons.value(r), want, "{name}");
+        }
+        // Noised: all rows stay, though every count is far below τ.
+        let mut rng = crate::dp::SplitMix64(7);
+        let noisy = dp.add_noise(&exact, &mut rng).expect("noise");
+        let rows: usize = noisy.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, crate::schema::CHANNELS.len());
+        // Partition selection drops them all at k = 10.
+        let selected = q
+            .dp_partial(&DpParams { k: 10, ..params() })
+            .expect("dp")
+            .add_noise(&exact, &mut rng)
+            .expect("noise");
+        assert!(selected.iter().map(|b| b.num_rows()).sum::<usize>() < 3);
     }
 
     #[tokio::test]

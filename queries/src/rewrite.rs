@@ -148,6 +148,7 @@ impl ApprovedQuery {
     pub fn k_only_meta(&self) -> PartialMeta {
         PartialMeta {
             dp: false,
+            public_keys: false,
             epsilon: None,
             encodings: vec![
                 Encoding {
@@ -407,6 +408,9 @@ impl ApprovedQuery {
         let canonical = self.canonical_schema()?;
         let mut batches = Vec::new();
         let mut dp = false;
+        // Every node released the whole public key set: no group is chosen by the data, so
+        // none is withheld here either (a noisy count below k is still a DP release).
+        let public = !partials.is_empty() && partials.iter().all(|p| p.meta.public_keys);
         for (node, p) in partials.iter().enumerate() {
             dp |= p.meta.dp;
             for b in &p.batches {
@@ -439,7 +443,11 @@ impl ApprovedQuery {
         let merged = ctx.execute_logical_plan(plan).await?.collect().await?;
 
         // 2. Federation k, for groups and (k-only: no node noised its numbers) for cells.
-        let (kept, suppressed_groups) = suppress(&merged, k)?;
+        let (kept, suppressed_groups) = if public {
+            (merged, 0)
+        } else {
+            suppress(&merged, k)?
+        };
         let (kept, suppressed_cells) = if dp {
             (kept, 0)
         } else {
@@ -691,6 +699,10 @@ pub struct Encoding {
 pub struct PartialMeta {
     /// Whether the node added noise (differential-privacy mode).
     pub dp: bool,
+    /// Whether the node released every group of the query's public key set (no partition
+    /// selection; see [`crate::keyset`]).
+    #[serde(default)]
+    pub public_keys: bool,
     /// ε the node spent on this query.
     pub epsilon: Option<f64>,
     /// One per aggregate of the query.
@@ -848,7 +860,8 @@ pub struct Merged {
     pub ci95: Vec<Vec<Option<f64>>>,
     /// Whether any node added noise.
     pub dp: bool,
-    /// The smallest (summed) person count among the groups released; never below `k`.
+    /// The smallest (summed) person count among the groups released; never below `k`, except
+    /// for a public key set, whose every group is released (see [`crate::keyset`]).
     pub min_released_persons: Option<u64>,
 }
 
