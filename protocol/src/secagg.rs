@@ -6,17 +6,15 @@
 //! ([`encode_i64`], [`decode_i64`]). Pure: no I/O; signing the roster, refusing a repeated query
 //! id and carrying vectors belong to the caller.
 //!
-//! # Threat model
-//! - The coordinator (and any coalition of it with nodes) sees every masked vector and learns
-//!   only the sum of the honest nodes' vectors, as long as at least two members are honest: each
-//!   honest vector is masked by a pseudorandom word per pair with another honest member, which the
-//!   coalition cannot compute (X25519 secrets are fresh per query and never leave the node).
-//! - This holds only if the roster is the signed one, pinned to the federation's mTLS identities
-//!   (else the coordinator could add fake members whose keys it owns), and if a node masks once
-//!   per query id (else two sums with one node changed would isolate it). Both checks are the
-//!   caller's; here a different roster, query id or vector length gives unrelated masks.
-//! - No integrity: a node can send any vector (clip inputs first), and a node that fails aborts
-//!   the run (no Shamir recovery); a rerun must use a new query id and new keys.
+//! # Threat model (semi-honest nodes, a curious coordinator)
+//! - The coordinator, even with a coalition of nodes, learns only the sum of the other nodes'
+//!   vectors if at least two of those are honest: an honest vector carries a mask per honest peer
+//!   that the coalition cannot compute (X25519 secrets are fresh per query, never leave the node).
+//! - Only if the roster is the signed one, pinned to the mTLS identities (else the coordinator
+//!   adds members whose keys it owns), and a node masks once per query id (else two sums differing
+//!   in one node isolate it): both checks are the caller's. Another roster, query id or length
+//!   gives unrelated masks. No integrity (a node can send any vector: clip inputs), no dropout
+//!   recovery (a failed node aborts the run; a rerun needs a new query id and new keys).
 
 use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -551,17 +549,7 @@ mod tests {
         let zeros = vec![0u64; 32_768];
         for (agency, key) in &nodes {
             let masked = mask(&zeros, agency, key, &roster).expect("mask");
-            let mut counts = [0u64; 256];
-            for w in &masked {
-                for b in w.to_le_bytes() {
-                    counts[b as usize] += 1;
-                }
-            }
-            let expected = (masked.len() * 8) as f64 / 256.0;
-            let chi2: f64 = counts
-                .iter()
-                .map(|&c| (c as f64 - expected).powi(2) / expected)
-                .sum();
+            let chi2 = byte_chi_square(&masked);
             assert!(chi2 < 400.0, "{agency}: χ² = {chi2:.1} with 255 df");
             // No word of zeros came through unmasked.
             assert!(
@@ -569,6 +557,46 @@ mod tests {
                 "{agency}: a word left unmasked"
             );
         }
+    }
+
+    /// Pearson's χ² of the bytes of `words` over the 256 byte values.
+    fn byte_chi_square(words: &[u64]) -> f64 {
+        let mut counts = [0u64; 256];
+        for w in words {
+            for b in w.to_le_bytes() {
+                counts[b as usize] += 1;
+            }
+        }
+        let expected = (words.len() * 8) as f64 / 256.0;
+        counts
+            .iter()
+            .map(|&c| (c as f64 - expected).powi(2) / expected)
+            .sum()
+    }
+
+    #[test]
+    fn secagg_a_coalition_missing_two_honest_keys_still_sees_uniform_words() {
+        // Members irs < ssa < va. The coordinator colludes with va (knows its secret) and strips
+        // the irs–va mask from irs's vector of zeros; the irs–ssa mask remains, so what is left
+        // is still uniform. Knowing ssa's secret too (only irs honest) strips it to the plain
+        // vector: with one honest member left, its partial is exposed, as the module says.
+        let (nodes, roster) = federation(3, "q-coalition", 21);
+        let key = |a: &str| &nodes.iter().find(|(n, _)| n == a).expect("node").1;
+        let member = |a: &str| &roster.members()[roster.position(a).expect("member")];
+        let h = roster.hash();
+        let len = 32_768;
+        let masked_irs = mask(&vec![0u64; len], "irs", key("irs"), &roster).expect("mask");
+        // irs is first: it added both masks; the coalition subtracts the one it can compute.
+        let mut stripped = masked_irs.clone();
+        let va_seed = pairwise_seed(key("va"), member("irs"), "va", "irs", &h, len).expect("seed");
+        apply_stream(&va_seed, &mut stripped, false);
+        assert_ne!(stripped, masked_irs);
+        let chi2 = byte_chi_square(&stripped);
+        assert!(chi2 < 400.0, "χ² = {chi2:.1} with 255 df");
+        let ssa_seed =
+            pairwise_seed(key("ssa"), member("irs"), "ssa", "irs", &h, len).expect("seed");
+        apply_stream(&ssa_seed, &mut stripped, false);
+        assert!(stripped.iter().all(|&w| w == 0));
     }
 
     #[test]

@@ -33,6 +33,16 @@
 //! ln G + 0.58 pairs of uniform draws per geometric: logarithmic in the scale, so the large scales
 //! of sums and sums of squares stay cheap.
 //!
+//! # What the shares protect, and against whom
+//! The steward's `assume_honest_nodes` h says how many of a query's n nodes are trusted not to
+//! collude with the coordinator. The coordinator plus up to n − h nodes can subtract their own
+//! shares from the released sum, and what remains still holds at least h honest shares: at
+//! least one full discrete Laplace, so the release keeps its ε against that coalition. A share
+//! for h > 1 is *not* enough noise on its own: a node's partial with one share must never be
+//! seen alone, only inside a secure-aggregation sum (see `cxfed_protocol::secagg`). With h = 1
+//! each share is a full draw and each node's partial is ε-DP by itself, at n times the central
+//! variance; with h = n the released sum carries exactly the central variance.
+//!
 //! A magnitude beyond `i64::MAX` (probability below 2^-60 at every scale cxfed uses) is clamped,
 //! as in [`crate::dp`].
 
