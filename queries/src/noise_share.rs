@@ -89,10 +89,19 @@ pub fn negative_binomial(
     h: u64,
 ) -> Result<u64, RandomFailure> {
     assert!(h >= 1, "a noise share needs at least one honest node");
-    let mut rest = geometric(rng, t, s)?;
+    let g = geometric(rng, t, s)?;
     if h == 1 {
-        return Ok(rest);
+        return Ok(g);
     }
+    keep_cycles(rng, g, h)
+}
+
+/// Cuts {1, …, g} into the cycles of a uniform random permutation (Feller coupling) and returns
+/// the number of points in the cycles kept, each with probability 1/h. Given g, this is
+/// Beta-binomial(g, 1/h, 1 − 1/h): the law of one NB(1/h) given the sum of it and an independent
+/// NB(1 − 1/h).
+fn keep_cycles(rng: &mut dyn RandomSource, g: u64, h: u64) -> Result<u64, RandomFailure> {
+    let mut rest = g;
     let mut kept = 0u64;
     while rest > 0 {
         // The cycle through the smallest remaining point: length uniform on 1..=rest.
@@ -228,6 +237,58 @@ mod tests {
     }
 
     const DRAWS: usize = 200_000;
+
+    /// Beta-binomial(g, a, 1 − a) pmf: C(g, k) · a^(k↑) (1 − a)^((g−k)↑) / g!, with x^(m↑) the
+    /// rising factorial (a + b = 1, so the denominator (a + b)^(g↑) is g!).
+    fn beta_binomial(g: u64, a: f64, k: u64) -> f64 {
+        let rising = |x: f64, m: u64| (0..m).map(|i| x + i as f64).product::<f64>();
+        let choose = (0..k)
+            .map(|i| (g - i) as f64 / (i + 1) as f64)
+            .product::<f64>();
+        let factorial = (1..=g).map(|i| i as f64).product::<f64>();
+        choose * rising(a, k) * rising(1.0 - a, g - k) / factorial
+    }
+
+    #[test]
+    fn noise_share_cycle_cut_law_is_the_beta_binomial() {
+        // Exactly, by the recursion the algorithm follows: P_g(k) = (1/g) Σ_c [(1/h) P_{g−c}(k−c)
+        // + (1 − 1/h) P_{g−c}(k)]. It equals the Beta-binomial for every g ≤ 40, which is the
+        // conditional law an NB(1/h) variable must have given the geometric it is part of.
+        for h in [2u64, 3, 5] {
+            let p = 1.0 / h as f64;
+            let mut law: Vec<Vec<f64>> = vec![vec![1.0]];
+            for g in 1..=40usize {
+                let mut next = vec![0.0; g + 1];
+                for c in 1..=g {
+                    for (k, &q) in law[g - c].iter().enumerate() {
+                        next[k + c] += q * p / g as f64;
+                        next[k] += q * (1.0 - p) / g as f64;
+                    }
+                }
+                for (k, &q) in next.iter().enumerate() {
+                    let want = beta_binomial(g as u64, p, k as u64);
+                    assert!((q - want).abs() < 1e-12, "h={h} g={g} k={k}: {q} vs {want}");
+                }
+                law.push(next);
+            }
+        }
+        // And the code draws it: χ² of keep_cycles against the Beta-binomial.
+        for (g, h) in [(10u64, 3u64), (25, 2)] {
+            let mut rng = SplitMix64(g * h);
+            let xs: Vec<i64> = (0..100_000)
+                .map(|_| keep_cycles(&mut rng, g, h).expect("rng") as i64)
+                .collect();
+            let pmf = |k: i64| {
+                if (0..=g as i64).contains(&k) {
+                    beta_binomial(g, 1.0 / h as f64, k as u64)
+                } else {
+                    0.0
+                }
+            };
+            let (stat, df) = chi_square(&xs, &pmf);
+            assert!(stat < threshold(df), "g={g} h={h}: χ² = {stat:.1}, {df} df");
+        }
+    }
 
     #[test]
     fn noise_share_sum_of_h_shares_is_the_discrete_laplace() {
