@@ -21,8 +21,8 @@
 //! - By Cauchy's formula a uniform permutation of g points has a_k cycles of length k with
 //!   probability Π_k (1/k)^(a_k) / a_k! (Σ k·a_k = g). Times P(G = g) = (1 − α) Π_k α^(k·a_k), and
 //!   since 1 − α = Π_k e^(−α^k/k), the a_k are *independent* Poisson(α^k / k) (Arratia, Barbour &
-//!   Tavaré, *Logarithmic Combinatorial Structures*, EMS 2003, §1 and §4.1: the conditioning
-//!   relation with θ = 1).
+//!   Tavaré, *Logarithmic Combinatorial Structures: a Probabilistic Approach*, EMS 2003: the
+//!   conditioning relation for permutations, θ = 1; the Feller coupling is in the same book).
 //! - Keeping each cycle with probability 1/h thins them to independent Poisson(α^k / (h k)), so
 //!   the kept total has generating function Π_k exp((α^k / (h k))(z^k − 1)) =
 //!   ((1 − α) / (1 − αz))^(1/h): that of NB(1/h, α) (its compound-Poisson form with logarithmic
