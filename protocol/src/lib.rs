@@ -7,11 +7,13 @@
 //! - [`signing`]: analyst request signatures (what is signed, signing, checking a signature).
 //! - [`epsilon_json`]: how an ε travels in JSON, NaN and ±∞ included (used by both).
 //! - [`psi`]: private set intersection cardinality over ristretto255 (pure; not yet on the wire).
+//! - [`secagg`]: secure aggregation by pairwise masking over Z_2^64 (pure; not yet on the wire).
 #![forbid(unsafe_code)]
 
 pub mod epsilon_json;
 pub mod identity;
 pub mod psi;
+pub mod secagg;
 pub mod signing;
 pub mod wire;
 

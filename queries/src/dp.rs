@@ -61,7 +61,11 @@ fn bernoulli(rng: &mut dyn RandomSource, num: u128, den: u128) -> Result<bool, R
 }
 
 /// Bernoulli(exp(-num/den)), exactly (CKS20 Algorithm 1).
-fn bernoulli_exp(rng: &mut dyn RandomSource, num: u64, den: u64) -> Result<bool, RandomFailure> {
+pub(crate) fn bernoulli_exp(
+    rng: &mut dyn RandomSource,
+    num: u64,
+    den: u64,
+) -> Result<bool, RandomFailure> {
     if num <= den {
         // γ = num/den ∈ [0, 1]: K is the first k with Bernoulli(γ/k) false; return K odd.
         let mut k: u128 = 1;
