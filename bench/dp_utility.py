@@ -108,14 +108,24 @@ def main():
         # The demo spent SSA's analyst budget on its own queries; CMS and OPM analysts have 10 each.
         analysts = ["CMS"] * 10 + ["OPM"] * 10
         for i in range(a.runs):
+            q0 = time.time()
             fed = cxfed_query(url, d, analysts[i], a.epsilon)
+            q_secs = time.time() - q0
             odp = opendp_release(d, a.epsilon, seed=i + 1)
             both = sorted(set(fed) & set(odp) & set(tru))
             fe, oe = rel_errors(fed, tru, both), rel_errors(odp, tru, both)
-            runs.append({"groups_truth": len(tru), "groups_cxfed": len(fed), "groups_opendp": len(odp),
+            # Over every true group: a group a method did not release (or released as NULL) is
+            # read as the middle of the 1-5 scale, what an analyst without it would assume.
+            every = sorted(tru)
+            fa = rel_errors({k: fed.get(k, 3.0) for k in every}, tru, every)
+            oa = rel_errors({k: odp.get(k, 3.0) for k in every}, tru, every)
+            runs.append({"groups_truth": len(tru), "groups_cxfed": len(set(fed) & set(tru)),
+                         "groups_opendp": len(set(odp) & set(tru)),
                          "groups_compared": len(both),
                          "cxfed_median": statistics.median(fe), "cxfed_p90": pct(fe, 0.9),
-                         "opendp_median": statistics.median(oe), "opendp_p90": pct(oe, 0.9)})
+                         "opendp_median": statistics.median(oe), "opendp_p90": pct(oe, 0.9),
+                         "cxfed_median_all": statistics.median(fa), "opendp_median_all": statistics.median(oa),
+                         "seconds_cxfed_query": round(q_secs, 2)})
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
@@ -123,17 +133,22 @@ def main():
     summary = {"people_per_agency": a.people, "agencies": 3, "epsilon": a.epsilon, "runs": runs,
                "cxfed_median_rel_error": med("cxfed_median"), "opendp_median_rel_error": med("opendp_median"),
                "ratio_cxfed_over_opendp": med("cxfed_median") / med("opendp_median"),
+               "cxfed_median_rel_error_all_groups": med("cxfed_median_all"),
+               "opendp_median_rel_error_all_groups": med("opendp_median_all"),
                "seconds": round(time.time() - t0, 1)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(summary, indent=2) + "\n")
     md = [f"# DP utility: AVG(trust) by life_experience x journey_stage x channel, eps = {a.epsilon}, 3 x {a.people} people", "",
-          "| run | groups (truth / cxfed / OpenDP / both) | cxfed median | cxfed p90 | OpenDP median | OpenDP p90 |",
-          "|---|---|---|---|---|---|"]
+          "| run | true groups released (truth / cxfed / OpenDP / both) | cxfed median | cxfed p90 | OpenDP median | OpenDP p90 | cxfed median, all groups | OpenDP median, all groups |",
+          "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(runs):
         md.append(f"| {i+1} | {r['groups_truth']} / {r['groups_cxfed']} / {r['groups_opendp']} / {r['groups_compared']} | "
-                  f"{r['cxfed_median']:.2%} | {r['cxfed_p90']:.2%} | {r['opendp_median']:.2%} | {r['opendp_p90']:.2%} |")
-    md += ["", f"Median over runs: cxfed {summary['cxfed_median_rel_error']:.2%}, OpenDP {summary['opendp_median_rel_error']:.2%}, "
-           f"ratio {summary['ratio_cxfed_over_opendp']:.2f} (target: cxfed <= 2%)."]
+                  f"{r['cxfed_median']:.2%} | {r['cxfed_p90']:.2%} | {r['opendp_median']:.2%} | {r['opendp_p90']:.2%} | "
+                  f"{r['cxfed_median_all']:.2%} | {r['opendp_median_all']:.2%} |")
+    md += ["", f"Median over runs, groups both released: cxfed {summary['cxfed_median_rel_error']:.2%}, OpenDP {summary['opendp_median_rel_error']:.2%}, "
+           f"ratio {summary['ratio_cxfed_over_opendp']:.2f}; over all {runs[0]['groups_truth']} true groups (an unreleased group read as 3): "
+           f"cxfed {summary['cxfed_median_rel_error_all_groups']:.2%}, OpenDP {summary['opendp_median_rel_error_all_groups']:.2%}.",
+           f"Binary: {BIN}."]
     Path(a.out).with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

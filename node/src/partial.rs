@@ -147,7 +147,7 @@ pub async fn run(
             let keys = approved
                 .group_keys_under(&settings.public_keys, policy.max_groups)
                 .map_err(|e| PolicyRefusal::groups(e.to_string()))?;
-            let dp = approved.dp_partial(&params)?.with_keys(keys);
+            let dp = approved.dp_partial(&params)?.with_keys(keys)?;
             // Charged and synced before any data is read.
             match charge
                 .ledger

@@ -95,7 +95,15 @@ pub async fn explain_with(
         Err(QueryError::Rejected(r)) => return Ok(Explanation::from(&r)),
         Err(e) => return Err(e),
     };
-    let dp_partial = match dp.map(|p| approved.dp_partial(p)).transpose() {
+    let keys = dp_context.map(|c| approved.group_keys_under(c.public_keys, c.max_groups));
+    let with_keys = |d: crate::privacy::DpPartial| match &keys {
+        Some(Ok(k)) => d.with_keys(k.clone()),
+        _ => Ok(d),
+    };
+    let dp_partial = match dp
+        .map(|p| approved.dp_partial(p).and_then(with_keys))
+        .transpose()
+    {
         Ok(d) => d,
         Err(QueryError::Rejected(r)) => return Ok(Explanation::from(&r)),
         Err(e) => return Err(e),
@@ -151,7 +159,6 @@ pub async fn explain_with(
             "discrete Laplace noise scales per released value: {}",
             scales.join(", ")
         ));
-        let keys = dp_context.map(|c| approved.group_keys_under(c.public_keys, c.max_groups));
         let threshold = |reason: String| {
             format!(
                 "{reason}a group is released only if its noisy {PERSONS} ≥ τ = {:.1} (δ = {}, k = {node_k})",

@@ -79,6 +79,10 @@ pub struct DpPartial {
     /// The public key set every group of which is released (see [`crate::keyset`]); `None`:
     /// partition selection by [`DpPartial::threshold`].
     pub keys: Option<KeySet>,
+    /// The statistics each group releases, with their per-person bounds.
+    stats: Vec<Stat>,
+    /// ε of the query at this node.
+    epsilon: f64,
 }
 
 fn lit_f64(v: f64) -> Expr {
@@ -305,6 +309,7 @@ fn checked(factors: &[u64]) -> Result<u64, QueryError> {
 }
 
 /// The per-person bound of a statistic, and its name.
+#[derive(Debug, Clone)]
 struct Stat {
     name: String,
     sensitivity: u64,
@@ -481,19 +486,7 @@ impl ApprovedQuery {
             .aggregate(groups, group_aggs)?
             .build()?;
 
-        // ε split evenly over the m statistics of a group.
-        let m = stats.len() as u64;
-        let mut scales = BTreeMap::new();
-        for s in &stats {
-            let scale = Scale::for_epsilon(checked(&[s.sensitivity, m])?, params.epsilon)
-                .ok_or_else(|| {
-                    QueryError::Internal(format!(
-                        "cannot calibrate noise for ε = {}",
-                        params.epsilon
-                    ))
-                })?;
-            scales.insert(s.name.clone(), scale);
-        }
+        let scales = calibrate(&stats, params.epsilon)?;
         let threshold = partition_threshold(scales[PERSONS].value(), params.delta, params.k, g);
         let meta = PartialMeta {
             dp: true,
@@ -516,20 +509,46 @@ impl ApprovedQuery {
             scales,
             threshold,
             keys: None,
+            stats,
+            epsilon: params.epsilon,
         })
     }
+}
+
+/// Noise scales for `stats`: ε split evenly over them (each group releases all of them).
+fn calibrate(stats: &[Stat], epsilon: f64) -> Result<BTreeMap<String, Scale>, QueryError> {
+    let m = stats.len() as u64;
+    let mut scales = BTreeMap::new();
+    for s in stats {
+        let scale =
+            Scale::for_epsilon(checked(&[s.sensitivity, m])?, epsilon).ok_or_else(|| {
+                QueryError::Internal(format!("cannot calibrate noise for ε = {epsilon}"))
+            })?;
+        scales.insert(s.name.clone(), scale);
+    }
+    Ok(scales)
 }
 
 impl DpPartial {
     /// Chooses how groups are released: every group of a public key set (no partition
     /// selection), or by the noisy threshold when a key depends on the data.
-    pub fn with_keys(mut self, keys: GroupKeys) -> Self {
-        self.keys = match keys {
-            GroupKeys::Public(set) => Some(set),
-            GroupKeys::DataDependent { .. } => None,
+    ///
+    /// With public keys the person count chooses nothing, so it is not released (zeros, no
+    /// noise) and ε is split over the other statistics only.
+    pub fn with_keys(mut self, keys: GroupKeys) -> Result<Self, QueryError> {
+        let GroupKeys::Public(set) = keys else {
+            return Ok(self);
         };
-        self.meta.public_keys = self.keys.is_some();
-        self
+        self.stats.retain(|s| s.name != PERSONS);
+        self.scales = calibrate(&self.stats, self.epsilon)?;
+        self.meta.scales = self
+            .scales
+            .iter()
+            .map(|(k, v)| (k.clone(), v.value()))
+            .collect();
+        self.meta.public_keys = true;
+        self.keys = Some(set);
+        Ok(self)
     }
 
     /// Adds noise to every statistic of every group. With a public key set, every group of
@@ -650,8 +669,14 @@ fn densify(
                 .map_err(internal)?,
         );
     }
-    for values in dense {
-        columns.push(Arc::new(Int64Array::from(values)));
+    for (s, values) in dense.into_iter().enumerate() {
+        // The person count is not released under public keys (see `with_keys`).
+        let released = if schema.field(groups + s).name() == PERSONS {
+            vec![0; values.len()]
+        } else {
+            values
+        };
+        columns.push(Arc::new(Int64Array::from(released)));
     }
     RecordBatch::try_new(schema, columns).map_err(|e| internal(e.to_string()))
 }
@@ -914,8 +939,13 @@ mod tests {
         let dp = q
             .dp_partial(&DpParams { k: 10, ..params() })
             .expect("dp")
-            .with_keys(keys);
+            .with_keys(keys)
+            .expect("keys");
         assert!(dp.meta.public_keys);
+        // ε is split over COUNT(*)'s count and SUM's count and sum (m = 3, not 4): the
+        // person count is not released.
+        assert!(!dp.meta.scales.contains_key(PERSONS));
+        assert_eq!(dp.meta.scales["__a0_n"], 3.0);
         let exact = ctx
             .execute_logical_plan(dp.plan.clone())
             .await
@@ -928,9 +958,17 @@ mod tests {
         let channel = |r: usize| {
             arrow::util::display::array_value_to_string(dense.column(0), r).expect("fmt")
         };
-        let persons = dense
+        let zeros = dense
             .column_by_name(PERSONS)
             .expect("persons")
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("int")
+            .clone();
+        assert!(zeros.iter().all(|v| v == Some(0)), "persons not released");
+        let persons = dense
+            .column_by_name("__a0_n")
+            .expect("count")
             .as_any()
             .downcast_ref::<Int64Array>()
             .expect("int")
