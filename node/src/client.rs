@@ -152,27 +152,7 @@ impl AnalystClient {
     }
 }
 
-/// The request signer made of the key and certificate in `tls` (the key must be PKCS#8, as
-/// `cxfed certs dev` writes it).
-pub fn signer(tls: &TlsFiles) -> Result<Signer, TlsError> {
-    let chain = tls::load_certs(&tls.cert)?;
-    let leaf = chain.first().ok_or_else(|| TlsError::NoCertificate {
-        path: tls.cert.clone(),
-    })?;
-    let key = tls::load_key(&tls.key)?;
-    let rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8) = key else {
-        return Err(TlsError::BadKey {
-            path: tls.key.clone(),
-            reason: "request signing needs a PKCS#8 key (BEGIN PRIVATE KEY); convert it with \
-                     `openssl pkcs8 -topk8 -nocrypt`"
-                .into(),
-        });
-    };
-    Signer::new(pkcs8.secret_pkcs8_der(), leaf.to_vec()).map_err(|e| TlsError::BadKey {
-        path: tls.key.clone(),
-        reason: e.to_string(),
-    })
-}
+pub use crate::tls::signer;
 
 /// The identity in our own certificate (the leaf of the PEM file at `cert_path`).
 pub fn own_identity(cert_path: &Path) -> Result<Identity, TlsError> {

@@ -31,6 +31,9 @@
 //! agency = ["SSA"]                # query grouped only by public keys is released, noisy,
 //! fiscal_year = "2022..2026"      # with no partition selection (vocabularies already are)
 //!
+//! assume_honest_nodes = "all"     # (in [privacy]) secure aggregation: honest nodes assumed
+//!                                 # among a query's roster ("all" or 1..63; see README)
+//!
 //! [query]
 //! timeout_secs = 30               # per-node time limit during fan-out
 //!
@@ -131,6 +134,7 @@ struct RawPrivacy {
     max_rows_per_person: Option<u64>,
     #[serde(default)]
     public_keys: std::collections::BTreeMap<String, toml::Value>,
+    assume_honest_nodes: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -195,6 +199,17 @@ fn dp_settings(p: &RawPrivacy) -> Result<Option<DpSettings>, (String, String)> {
         max_groups_per_person: p.max_groups_per_person.unwrap_or(d.max_groups_per_person),
         max_rows_per_person: p.max_rows_per_person.unwrap_or(d.max_rows_per_person),
         public_keys: public_keys(&p.public_keys)?,
+        assume_honest_nodes: match &p.assume_honest_nodes {
+            None => None,
+            Some(toml::Value::String(s)) if s == "all" => None,
+            Some(toml::Value::Integer(h)) if (1..=63).contains(h) => Some(*h as u64),
+            Some(_) => {
+                return bad(
+                    "assume_honest_nodes",
+                    "must be \"all\" or a number from 1 to 63",
+                );
+            }
+        },
     };
     if !(s.epsilon_per_query >= 0.001 && s.epsilon_per_query <= 10.0) {
         return bad("epsilon_per_query", "must be between 0.001 and 10");

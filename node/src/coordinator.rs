@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use cxfed_protocol::Identity;
 use cxfed_protocol::wire::{
     ARROW_STREAM, ErrorBody, NodeState, NodeStatus, PROTOCOL_VERSION, PartialRequest, QueryRequest,
-    QueryResponse,
+    QueryResponse, SecAggKey, SecAggKeyRequest, SecAggRound,
 };
 use cxfed_queries::dp::Z95;
 use cxfed_queries::rewrite::Partial;
@@ -82,6 +82,47 @@ pub async fn query(
         None => drop(approved.k_partial()?),
     }
 
+    // dp with public group keys and peers to add to: only the sum of the nodes' partials is
+    // ever readable here (round 1 gathers each node's one-time key; see `crate::secagg`).
+    let secure = policy.dp.as_ref().is_some_and(|d| {
+        !node.config.peers.is_empty()
+            && matches!(
+                approved.group_keys_under(&d.public_keys, policy.max_groups),
+                Ok(cxfed_queries::keyset::GroupKeys::Public(_))
+            )
+    });
+    let mut round_failures = Vec::new();
+    let round = if secure {
+        let (roster, failures) = gather_keys(node, query_id, req).await;
+        if !failures.is_empty() && req.require_all {
+            return Err(CoordinatorError::NodesFailed(
+                query_id.to_string(),
+                failures,
+            ));
+        }
+        if roster.len() < 2 {
+            let mut statuses = failures;
+            statuses.extend(roster.iter().map(|k| NodeStatus {
+                agency: k.agency.clone(),
+                status: NodeState::Ok,
+                ..Default::default()
+            }));
+            return Err(CoordinatorError::NodesFailed(
+                query_id.to_string(),
+                statuses,
+            ));
+        }
+        round_failures = failures;
+        Some(SecAggRound { roster })
+    } else {
+        None
+    };
+    let in_round = |agency: &str| {
+        round
+            .as_ref()
+            .is_none_or(|r| r.roster.iter().any(|k| k.agency == agency))
+    };
+
     let mut local_refusal = None;
     let local = async {
         let r = node
@@ -97,6 +138,7 @@ pub async fn query(
                     received_at,
                 },
                 Some(&approved),
+                round.as_ref(),
             )
             .await;
         let r = r.map_err(|e| {
@@ -117,15 +159,20 @@ pub async fn query(
         });
         (node.config.agency.clone(), r)
     };
-    let remote = node.config.peers.iter().map(|p| async {
-        (
-            p.agency.clone(),
-            ask_peer(node, p, query_id, &analyst_uri, req).await,
-        )
-    });
+    let remote = node
+        .config
+        .peers
+        .iter()
+        .filter(|p| in_round(&p.agency))
+        .map(|p| async {
+            (
+                p.agency.clone(),
+                ask_peer(node, p, query_id, &analyst_uri, req, round.as_ref()).await,
+            )
+        });
     let (local, remote) = futures::join!(local, join_all(remote));
 
-    let mut statuses = Vec::new();
+    let mut statuses = round_failures;
     let mut partials = Vec::new();
     // For each partial, its node's index in `statuses`.
     let mut contributing: Vec<usize> = Vec::new();
@@ -206,6 +253,26 @@ pub async fn query(
             query_id.to_string(),
             statuses,
         ));
+    }
+    if let Some(round) = &round {
+        // Masks cancel only over the whole roster: a member that failed aborts the run (a
+        // rerun is a new query id, with new keys and new noise).
+        let answered = round.roster.len() == partials.len();
+        if !answered {
+            warn!(
+                query_id,
+                "a secure-aggregation member failed; the run is aborted"
+            );
+            return Err(CoordinatorError::NodesFailed(
+                query_id.to_string(),
+                statuses,
+            ));
+        }
+        partials = vec![add_masked(&approved, partials).map_err(|e| {
+            warn!(query_id, error = %e, "masked partials do not add up");
+            CoordinatorError::Internal(format!("adding the masked partials: {e}"))
+        })?];
+        contributing.truncate(1);
     }
 
     let merged = approved
@@ -292,14 +359,161 @@ pub async fn query(
     })
 }
 
-/// Sends the analyst's signed request to one peer and decodes its partial; also returns the
-/// SHA-256 of the bytes received.
+/// Round 1 of secure aggregation: every node's signed one-time key for `query_id` (this
+/// node's in-process), and the status of each node that gave none.
+async fn gather_keys(
+    node: &Node,
+    query_id: &str,
+    req: &QueryRequest,
+) -> (Vec<SecAggKey>, Vec<NodeStatus>) {
+    let ask = SecAggKeyRequest {
+        protocol: PROTOCOL_VERSION,
+        query_id: query_id.to_string(),
+        sql: req.sql.clone(),
+        epsilon: req.epsilon,
+    };
+    let me = format!("{} (coordinator)", node.config.agency);
+    let local = async {
+        let r = node.secagg_key(&me, &ask).await.map_err(|e| {
+            let state = match &e {
+                PartialError::Query(QueryError::Rejected(_))
+                | PartialError::Policy(_)
+                | PartialError::Epsilon(_) => NodeState::Refused,
+                PartialError::Query(_) => NodeState::Error,
+            };
+            (state, e.to_string())
+        });
+        (node.config.agency.clone(), r)
+    };
+    let remote = node.config.peers.iter().map(|p| {
+        let ask = &ask;
+        async move {
+            let url = format!("{}/v1/secagg/key", p.url.trim_end_matches('/'));
+            let r = async {
+                let resp = post(node, &p.agency, &url, ask).await?;
+                let status = resp.status();
+                let bytes = resp
+                    .bytes()
+                    .await
+                    .map_err(|e| (NodeState::Unreachable, describe_reqwest(&e)))?;
+                if status.is_success() {
+                    serde_json::from_slice::<SecAggKey>(&bytes)
+                        .map_err(|e| (NodeState::Error, format!("invalid key: {e}")))
+                } else {
+                    Err(error_of(status, &bytes))
+                }
+            }
+            .await;
+            (p.agency.clone(), r)
+        }
+    });
+    let (local, remote) = futures::join!(local, join_all(remote));
+    let mut keys = Vec::new();
+    let mut failures = Vec::new();
+    for (agency, r) in std::iter::once(local).chain(remote) {
+        match r {
+            // Each node checks every entry; here only that it names the node asked.
+            Ok(k) if k.agency == agency => keys.push(k),
+            Ok(k) => failures.push(NodeStatus {
+                agency: agency.clone(),
+                status: NodeState::Error,
+                error: Some(format!("answered with a key for {}", k.agency)),
+                ..Default::default()
+            }),
+            Err((status, error)) => {
+                warn!(query_id, node = %agency, %error, "no secure-aggregation key");
+                failures.push(NodeStatus {
+                    agency,
+                    status,
+                    error: Some(error),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    (keys, failures)
+}
+
+/// The sum of the roster's masked partials, as one partial: the masks cancel; noise variances
+/// add (each node's share counts `variance_factor` of one draw). Every member must have
+/// calibrated alike (each node checked the others' signed calibration before masking).
+fn add_masked(
+    approved: &cxfed_queries::validate::ApprovedQuery,
+    partials: Vec<Partial>,
+) -> Result<Partial, String> {
+    let first = partials.first().ok_or("no partial")?;
+    let mut meta = first.meta.clone();
+    meta.variance_factor = 0.0;
+    let mut batches = Vec::with_capacity(partials.len());
+    for p in &partials {
+        let mut same = p.meta.clone();
+        same.variance_factor = first.meta.variance_factor;
+        if same != first.meta || !p.meta.public_keys {
+            return Err("members sent partials of another calibration".into());
+        }
+        meta.variance_factor += p.meta.variance_factor;
+        match p.batches.as_slice() {
+            [b] => batches.push(b.clone()),
+            _ => return Err("a masked partial must be one dense batch".into()),
+        }
+    }
+    let sum = crate::secagg::unmask(&batches, approved.group_keys().len())?;
+    Ok(Partial {
+        batches: vec![sum],
+        meta,
+    })
+}
+
+/// POSTs `body` as JSON to `url` with the mTLS client for peer `agency` in force now.
+async fn post<T: serde::Serialize>(
+    node: &Node,
+    agency: &str,
+    url: &str,
+    body: &T,
+) -> Result<reqwest::Response, (NodeState, String)> {
+    // The client in force now: after a certificate rotation, new connections present the new
+    // certificate; a request already sent keeps the connection it was sent on.
+    let client = node
+        .tls
+        .peer(agency)
+        .ok_or_else(|| (NodeState::Error, format!("no client for peer {agency}")))?;
+    client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| (NodeState::Unreachable, describe_reqwest(&e)))
+}
+
+/// A peer's refusal or failure, from its status and [`ErrorBody`].
+fn error_of(status: reqwest::StatusCode, bytes: &[u8]) -> (NodeState, String) {
+    let state = if [
+        reqwest::StatusCode::BAD_REQUEST,
+        reqwest::StatusCode::FORBIDDEN,
+        reqwest::StatusCode::TOO_MANY_REQUESTS,
+    ]
+    .contains(&status)
+    {
+        NodeState::Refused
+    } else {
+        NodeState::Error
+    };
+    let message = match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(b) => format!("{} {}: {}", b.code, b.kind, b.message),
+        Err(_) => format!("HTTP {status}"),
+    };
+    (state, message)
+}
+
+/// Sends the analyst's signed request to one peer (with the secure-aggregation roster, when
+/// there is one) and decodes its partial; also returns the SHA-256 of the bytes received.
 async fn ask_peer(
     node: &Node,
     peer: &Peer,
     query_id: &str,
     analyst: &str,
     req: &QueryRequest,
+    secagg: Option<&SecAggRound>,
 ) -> Result<(DecodedPartial, String), (NodeState, String)> {
     let url = format!("{}/v1/partial", peer.url.trim_end_matches('/'));
     let body = PartialRequest {
@@ -310,21 +524,9 @@ async fn ask_peer(
         epsilon: req.epsilon,
         require_all: req.require_all,
         signature: req.signature.clone(),
+        secagg: secagg.cloned(),
     };
-    // The client in force now: after a certificate rotation, new connections present the new
-    // certificate; a request already sent keeps the connection it was sent on.
-    let client = node.tls.peer(&peer.agency).ok_or_else(|| {
-        (
-            NodeState::Error,
-            format!("no client for peer {}", peer.agency),
-        )
-    })?;
-    let resp = client
-        .post(&url)
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| (NodeState::Unreachable, describe_reqwest(&e)))?;
+    let resp = post(node, &peer.agency, &url, &body).await?;
     let status = resp.status();
     if let Some(len) = resp.content_length()
         && len as usize > MAX_PARTIAL_BYTES
@@ -351,22 +553,7 @@ async fn ask_peer(
             .map(|p| (p, digest))
             .map_err(|e| (NodeState::Error, e));
     }
-    let state = if [
-        reqwest::StatusCode::BAD_REQUEST,
-        reqwest::StatusCode::FORBIDDEN,
-        reqwest::StatusCode::TOO_MANY_REQUESTS,
-    ]
-    .contains(&status)
-    {
-        NodeState::Refused
-    } else {
-        NodeState::Error
-    };
-    let message = match serde_json::from_slice::<ErrorBody>(&bytes) {
-        Ok(b) => format!("{} {}: {}", b.code, b.kind, b.message),
-        Err(_) => format!("HTTP {status}"),
-    };
-    Err((state, message))
+    Err(error_of(status, &bytes))
 }
 
 fn describe_reqwest(e: &reqwest::Error) -> String {

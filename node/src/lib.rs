@@ -23,6 +23,7 @@
 //! - [`partial`]: what a node runs for a coordinator: re-validate, execute, suppress, encode.
 //! - [`row_bounds`]: the most rows one person holds per data file, to bound people from row counts.
 //! - [`coordinator`]: fan-out to every node, merge, final suppression.
+//! - [`secagg`]: secure aggregation: one-time keys, roster checks, masking, noise shares.
 //! - [`policy`]: the steward's policy (who may ask, hidden dimensions, k floor, limits).
 //! - [`audit`]: the hash-chained, signed query log a node writes.
 //! - [`auditor`]: what an auditor does with fetched logs: verify, reconcile.
@@ -64,6 +65,7 @@ pub mod report;
 pub mod requests;
 pub mod rotation;
 pub mod row_bounds;
+pub mod secagg;
 pub mod seed;
 pub mod server;
 pub mod shutdown;

@@ -45,6 +45,8 @@ pub struct Node {
     pub row_bounds: Arc<crate::row_bounds::RowBounds>,
     /// Queries already validated here, by SQL text.
     pub approvals: crate::approvals::Approvals,
+    /// One-time secure-aggregation keys issued, by query id.
+    pub secagg_keys: crate::secagg::KeyStore,
 }
 
 impl std::fmt::Debug for Node {
@@ -134,6 +136,7 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
         ledger,
         requests,
         approvals: crate::approvals::Approvals::default(),
+        secagg_keys: crate::secagg::KeyStore::default(),
     })
 }
 
@@ -208,6 +211,9 @@ impl Node {
     /// audits it with the analyst's signature and the digest of what leaves.
     /// `approved` is the query as this node already approved it, when it coordinates (the
     /// same SQL against the same tables: no need to plan it twice).
+    ///
+    /// With `secagg`, the partial leaves masked for the roster it names (see
+    /// [`crate::secagg`]).
     pub async fn answer_partial(
         &self,
         peer: &str,
@@ -215,6 +221,7 @@ impl Node {
         query_id: &str,
         req: Received<'_>,
         approved: Option<&cxfed_queries::validate::ApprovedQuery>,
+        secagg: Option<&cxfed_protocol::wire::SecAggRound>,
     ) -> Result<PartialOutput, PartialError> {
         let analyst = analyst.to_string();
         let charge = crate::partial::Charge {
@@ -238,6 +245,17 @@ impl Node {
                 match cached {
                     Err(e) => Err(PartialError::Query(e)),
                     Ok(cached) => {
+                        let known = self.known_agencies();
+                        let secagg = secagg.map(|round| crate::partial::Masking {
+                            round,
+                            keys: &self.secagg_keys,
+                            check: crate::secagg::RosterCheck {
+                                federation: &self.config.federation,
+                                me: &self.config.agency,
+                                known: &known,
+                                certificates: &self.requests,
+                            },
+                        });
                         crate::partial::run(
                             &self.ctx,
                             &self.config.agency,
@@ -246,21 +264,14 @@ impl Node {
                             charge,
                             &self.row_bounds,
                             approved.or(cached.as_deref()),
+                            secagg,
                         )
                         .await
                     }
                 }
             }
         };
-        let (decision, code) = match &result {
-            Ok(_) => (Decision::Executed, None),
-            Err(PartialError::Query(QueryError::Rejected(r))) => {
-                (Decision::Refused, Some(r.rule.code().to_string()))
-            }
-            Err(PartialError::Policy(p)) => (Decision::Refused, Some(p.code.to_string())),
-            Err(PartialError::Epsilon(_)) => (Decision::Refused, Some(BAD_EPSILON.0.to_string())),
-            Err(_) => (Decision::Failed, Some("CXF-A500".to_string())),
-        };
+        let (decision, code) = decision(&result);
         if let Err(e) = &result {
             warn!(query_id, peer, code = ?code, error = %e, "partial not answered");
         }
@@ -287,5 +298,82 @@ impl Node {
             .await
             .map_err(|e| QueryError::Internal(format!("audit log: {e}")))?;
         result
+    }
+    /// This node's agency and its peers'.
+    pub fn known_agencies(&self) -> Vec<&str> {
+        std::iter::once(self.config.agency.as_str())
+            .chain(self.config.peers.iter().map(|p| p.agency.as_str()))
+            .collect()
+    }
+
+    /// Round 1 of secure aggregation for a coordinator (`peer`): validates the query under
+    /// this node's policy, calibrates its noise, and issues its one-time key for `query_id`,
+    /// signed with this node's certificate. Audited like any request.
+    pub async fn secagg_key(
+        &self,
+        peer: &str,
+        req: &cxfed_protocol::wire::SecAggKeyRequest,
+    ) -> Result<cxfed_protocol::wire::SecAggKey, PartialError> {
+        let result = self.issue_secagg_key(req).await;
+        let (decision, code) = decision(&result);
+        if let Err(e) = &result {
+            warn!(query_id = %req.query_id, peer, code = ?code, error = %e, "secure-aggregation key refused");
+        }
+        self.audit
+            .append(Record {
+                query_id: req.query_id.clone(),
+                endpoint: "/v1/secagg/key".into(),
+                peer: peer.to_string(),
+                sql: Some(req.sql.clone()),
+                requested_epsilon: req.epsilon,
+                decision: Some(decision),
+                code,
+                ..Record::default()
+            })
+            .await
+            .map_err(|e| QueryError::Internal(format!("audit log: {e}")))?;
+        result
+    }
+
+    async fn issue_secagg_key(
+        &self,
+        req: &cxfed_protocol::wire::SecAggKeyRequest,
+    ) -> Result<cxfed_protocol::wire::SecAggKey, PartialError> {
+        let policy = self.policy();
+        crate::partial::check_epsilon(&policy, req.epsilon)?;
+        let Some(settings) = &policy.dp else {
+            return Err(PolicyRefusal::secure_aggregation(
+                "this node runs in k-only mode: secure aggregation is for dp partials".into(),
+            )
+            .into());
+        };
+        let approved = self.approvals.approve(&self.ctx, &req.sql).await?;
+        policy.check_query(&approved)?;
+        let calibration =
+            crate::partial::secagg_calibration(&approved, &policy, settings, req.epsilon)?;
+        let public = self.secagg_keys.issue(&req.query_id, &calibration)?;
+        let signer = crate::tls::signer(&self.tls.files())
+            .map_err(|e| QueryError::Internal(format!("node signing key: {e}")))?;
+        Ok(crate::secagg::signed_key(
+            &signer,
+            &self.config.federation,
+            &req.query_id,
+            &self.config.agency,
+            public,
+            &calibration,
+        )?)
+    }
+}
+
+/// How the audit log records the outcome of a request this node answered.
+fn decision<T>(result: &Result<T, PartialError>) -> (Decision, Option<String>) {
+    match result {
+        Ok(_) => (Decision::Executed, None),
+        Err(PartialError::Query(QueryError::Rejected(r))) => {
+            (Decision::Refused, Some(r.rule.code().to_string()))
+        }
+        Err(PartialError::Policy(p)) => (Decision::Refused, Some(p.code.to_string())),
+        Err(PartialError::Epsilon(_)) => (Decision::Refused, Some(BAD_EPSILON.0.to_string())),
+        Err(_) => (Decision::Failed, Some("CXF-A500".to_string())),
     }
 }

@@ -81,6 +81,51 @@ pub struct Charge<'a> {
     pub requested_epsilon: Option<f64>,
 }
 
+/// A partial that leaves masked for a secure-aggregation roster (see [`crate::secagg`]).
+pub struct Masking<'a> {
+    /// The roster the coordinator sent.
+    pub round: &'a cxfed_protocol::wire::SecAggRound,
+    /// The keys this node issued.
+    pub keys: &'a crate::secagg::KeyStore,
+    /// How the roster is checked.
+    pub check: crate::secagg::RosterCheck<'a>,
+}
+
+/// The dp partial this node would release for `approved` with public keys, and its
+/// calibration digest (what a secure-aggregation key commits to). Refuses data-dependent keys
+/// and a public product over the cap.
+fn secagg_partial(
+    approved: &cxfed_queries::validate::ApprovedQuery,
+    policy: &Policy,
+    settings: &crate::policy::DpSettings,
+    requested_epsilon: Option<f64>,
+) -> Result<(DpPartial, String), PartialError> {
+    let keys = approved
+        .group_keys_under(&settings.public_keys, policy.max_groups)
+        .map_err(|e| PolicyRefusal::groups(e.to_string()))?;
+    if let cxfed_queries::keyset::GroupKeys::DataDependent { key, why } = &keys {
+        return Err(PolicyRefusal::secure_aggregation(format!(
+            "secure aggregation needs public group keys; {key} is not ({why})"
+        ))
+        .into());
+    }
+    let dp = approved
+        .dp_partial(&settings.params(policy.k, requested_epsilon))?
+        .with_keys(keys)?;
+    let digest = crate::secagg::calibration_digest(&dp.calibration()?);
+    Ok((dp, digest))
+}
+
+/// The calibration digest of `approved` at this node (round 1 of secure aggregation).
+pub fn secagg_calibration(
+    approved: &cxfed_queries::validate::ApprovedQuery,
+    policy: &Policy,
+    settings: &crate::policy::DpSettings,
+    requested_epsilon: Option<f64>,
+) -> Result<String, PartialError> {
+    secagg_partial(approved, policy, settings, requested_epsilon).map(|(_, d)| d)
+}
+
 /// Validates `sql`, checks it against `policy`, charges the analyst's budget (in `dp` mode),
 /// runs its partial plan on this node's data within the policy's time limit, then suppresses
 /// groups and cells (`k-only`) or noises and selects groups (`dp`), and encodes what may leave.
@@ -92,6 +137,7 @@ pub async fn run(
     charge: Charge<'_>,
     row_bounds: &Arc<RowBounds>,
     approved: Option<&cxfed_queries::validate::ApprovedQuery>,
+    masking: Option<Masking<'_>>,
 ) -> Result<PartialOutput, PartialError> {
     check_epsilon(policy, charge.requested_epsilon)?;
     let approved = match approved {
@@ -102,6 +148,12 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + policy.query_timeout;
     let run_plan = |plan: LogicalPlan| execute(ctx, plan, deadline, policy);
     let (fields, kept, suppressed_groups, suppressed_cells, meta) = match &policy.dp {
+        None if masking.is_some() => {
+            return Err(PolicyRefusal::secure_aggregation(
+                "this node runs in k-only mode: secure aggregation is for dp partials".into(),
+            )
+            .into());
+        }
         None => {
             let kp = approved.k_partial()?;
             let fields = nullable(&Arc::new(kp.exact.schema().as_arrow().clone()))
@@ -144,10 +196,45 @@ pub async fn run(
             let epsilon = params.epsilon;
             // Every group of a public key set, or partition selection; a public cross
             // product over the steward's cap is refused before it is built or charged.
-            let keys = approved
-                .group_keys_under(&settings.public_keys, policy.max_groups)
-                .map_err(|e| PolicyRefusal::groups(e.to_string()))?;
-            let dp = approved.dp_partial(&params)?.with_keys(keys)?;
+            let (dp, mask) = match &masking {
+                None => {
+                    let keys = approved
+                        .group_keys_under(&settings.public_keys, policy.max_groups)
+                        .map_err(|e| PolicyRefusal::groups(e.to_string()))?;
+                    (approved.dp_partial(&params)?.with_keys(keys)?, None)
+                }
+                Some(m) => {
+                    // Secure aggregation: the roster is checked before anything is charged
+                    // or read, and this query id's key is used up whatever happens next.
+                    let (dp, calibration) =
+                        secagg_partial(&approved, policy, settings, charge.requested_epsilon)?;
+                    let refuse = PolicyRefusal::secure_aggregation;
+                    let (key, issued) = m.keys.take(charge.query_id).ok_or_else(|| {
+                        refuse(format!(
+                            "no secure-aggregation key waits for query id {}: none was issued, it expired, or it was used (a query id runs once)",
+                            charge.query_id
+                        ))
+                    })?;
+                    if issued != calibration {
+                        return Err(refuse(
+                            "the query's calibration changed since this node issued its key".into(),
+                        )
+                        .into());
+                    }
+                    let roster = crate::secagg::check_roster(
+                        m.round,
+                        charge.query_id,
+                        &key,
+                        &calibration,
+                        &m.check,
+                    )?;
+                    let honest = crate::secagg::honest_for(
+                        settings.assume_honest_nodes,
+                        roster.members().len(),
+                    );
+                    (dp.with_noise_shares(honest)?, Some((key, roster)))
+                }
+            };
             // Charged and synced before any data is read.
             match charge
                 .ledger
@@ -167,7 +254,15 @@ pub async fn run(
             let fields = dp.plan.schema().as_arrow().fields().clone();
             let mut rng = OsRandom::default();
             let batches = vec![execute_bounded(ctx, &dp, deadline, policy, &mut rng).await?];
-            let noisy = dp.add_noise(&batches, &mut rng)?;
+            let mut noisy = dp.add_noise(&batches, &mut rng)?;
+            if let Some((key, roster)) = &mask {
+                let groups = approved.group_keys().len();
+                noisy = noisy
+                    .iter()
+                    .map(|b| crate::secagg::mask_batch(b, groups, agency, key, roster))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| QueryError::Internal(format!("masking the partial: {e}")))?;
+            }
             // How many groups fell below the DP threshold is not itself protected: not reported.
             (fields, noisy, 0, 0, dp.meta.clone())
         }

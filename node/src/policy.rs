@@ -103,10 +103,15 @@ impl PolicyRefusal {
     pub fn budget(reason: String) -> Self {
         Self::new("CXF-P007", "budget-exhausted", 429, reason)
     }
+    /// A secure-aggregation step was refused (a repeated query id, a roster this node does
+    /// not accept, keys that are not public).
+    pub fn secure_aggregation(reason: String) -> Self {
+        Self::new("CXF-P008", "secure-aggregation-refused", 403, reason)
+    }
 }
 
 /// Every policy code, for documentation and tests.
-pub const POLICY_CODES: [(&str, &str); 7] = [
+pub const POLICY_CODES: [(&str, &str); 8] = [
     ("CXF-P001", "analyst-agency-not-allowed"),
     ("CXF-P002", "dimension-hidden"),
     ("CXF-P003", "rate-limited"),
@@ -114,6 +119,7 @@ pub const POLICY_CODES: [(&str, &str); 7] = [
     ("CXF-P005", "query-timeout"),
     ("CXF-P006", "memory-limit"),
     ("CXF-P007", "budget-exhausted"),
+    ("CXF-P008", "secure-aggregation-refused"),
 ];
 
 /// The policy in force: resolved defaults, checked values.
@@ -156,6 +162,9 @@ pub struct DpSettings {
     pub max_rows_per_person: u64,
     /// Key values the steward declared public (`[privacy.public_keys]`), beside the schema's.
     pub public_keys: PublicKeys,
+    /// Honest nodes the steward assumes among a secure-aggregation roster
+    /// (`[privacy] assume_honest_nodes`; `None`: all of them).
+    pub assume_honest_nodes: Option<u64>,
 }
 
 impl DpSettings {
@@ -186,6 +195,7 @@ impl DpSettings {
         max_groups_per_person: 1,
         max_rows_per_person: 1,
         public_keys: PublicKeys::schema_only(),
+        assume_honest_nodes: None,
     };
 }
 

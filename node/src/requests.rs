@@ -129,6 +129,15 @@ impl RequestChecker {
         *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = verifier;
     }
 
+    /// Whether the federation CA (and CRLs) in force accept `cert` (DER) now.
+    pub fn certificate_accepted(&self, cert: &[u8]) -> Result<(), String> {
+        let verifier = Arc::clone(&self.verifier.read().unwrap_or_else(|p| p.into_inner()));
+        verifier
+            .verify_client_cert(&CertificateDer::from(cert.to_vec()), &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// Records the nonce of a request accepted before (read back from the audit log after a
     /// restart: only lines whose signature was accepted); nonces too old to be accepted again are
     /// not kept.

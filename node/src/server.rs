@@ -273,6 +273,7 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/query", post(query))
         .route("/v1/partial", post(partial))
+        .route("/v1/secagg/key", post(secagg_key))
         .route("/v1/explain", post(explain))
         .route("/v1/schema", get(schema))
         .route("/v1/health", get(health))
@@ -308,6 +309,19 @@ pub enum ApiError {
     TooLarge(usize),
     /// A bug or engine failure; details are logged, not returned.
     Internal(String),
+}
+
+impl ApiError {
+    /// The same error, naming the query it answers (refusals only).
+    fn for_query(self, query_id: &str) -> ApiError {
+        let id = Some(query_id.to_string());
+        match self {
+            ApiError::Rejected(r, _) => ApiError::Rejected(r, id),
+            ApiError::Policy(p, _) => ApiError::Policy(p, id),
+            ApiError::BadEpsilon(e, _) => ApiError::BadEpsilon(e, id),
+            other => other,
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -698,12 +712,7 @@ async fn query(
         })
         .await?;
         info!(decision = ?decision, code = ?code, "query answered");
-        result.map_err(|e| match e {
-            ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(query_id.clone())),
-            ApiError::Policy(p, _) => ApiError::Policy(p, Some(query_id.clone())),
-            ApiError::BadEpsilon(e, _) => ApiError::BadEpsilon(e, Some(query_id.clone())),
-            other => other,
-        })?;
+        result.map_err(|e| e.for_query(&query_id))?;
         let mut response = (
             [(header::CONTENT_TYPE, "application/json")],
             answer.unwrap_or_default(),
@@ -758,18 +767,47 @@ async fn partial(
                 received,
             )
             .await?;
-        node.answer_partial(&peer.to_string(), &analyst, &req.query_id, received, None)
-            .await
-            .map_err(|e| match ApiError::from(e) {
-                ApiError::Rejected(r, _) => ApiError::Rejected(r, Some(req.query_id.clone())),
-                ApiError::Policy(p, _) => ApiError::Policy(p, Some(req.query_id.clone())),
-                ApiError::BadEpsilon(e, _) => ApiError::BadEpsilon(e, Some(req.query_id.clone())),
-                other => other,
-            })
+        node.answer_partial(
+            &peer.to_string(),
+            &analyst,
+            &req.query_id,
+            received,
+            None,
+            req.secagg.as_ref(),
+        )
+        .await
+        .map_err(|e| ApiError::from(e).for_query(&req.query_id))
     }
     .instrument(span)
     .await
     .map(|out| ([(header::CONTENT_TYPE, ARROW_STREAM)], out.ipc).into_response())
+}
+
+/// Round 1 of secure aggregation (role node): this node's one-time key for a query.
+async fn secagg_key(
+    State(node): State<Arc<Node>>,
+    Extension(tls): Extension<Arc<TlsInfo>>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Response, ApiError> {
+    let peer = node
+        .authorize(&tls, "/v1/secagg/key", &[Role::Node])
+        .await?;
+    let req: cxfed_protocol::wire::SecAggKeyRequest =
+        node.parse_body(&body, "/v1/secagg/key", &peer, "").await?;
+    if req.protocol != PROTOCOL_VERSION {
+        let message = format!(
+            "protocol {} is not spoken here (this node speaks {PROTOCOL_VERSION})",
+            req.protocol
+        );
+        return Err(node
+            .bad_request("/v1/secagg/key", &peer, &req.query_id, message)
+            .await);
+    }
+    let query_id = req.query_id.clone();
+    node.secagg_key(&peer.to_string(), &req)
+        .await
+        .map(|key| axum::Json(key).into_response())
+        .map_err(|e| ApiError::from(e).for_query(&query_id))
 }
 
 async fn explain(

@@ -726,6 +726,30 @@ fn key_error(e: rustls::Error, cert: &Path, key: &Path) -> TlsError {
     }
 }
 
+/// The request signer made of the key and certificate in `tls` (the key must be PKCS#8, as
+/// `cxfed certs dev` writes it).
+pub fn signer(tls: &TlsFiles) -> Result<cxfed_protocol::signing::Signer, TlsError> {
+    let chain = load_certs(&tls.cert)?;
+    let leaf = chain.first().ok_or_else(|| TlsError::NoCertificate {
+        path: tls.cert.clone(),
+    })?;
+    let key = load_key(&tls.key)?;
+    let rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8) = key else {
+        return Err(TlsError::BadKey {
+            path: tls.key.clone(),
+            reason: "request signing needs a PKCS#8 key (BEGIN PRIVATE KEY); convert it with \
+                     `openssl pkcs8 -topk8 -nocrypt`"
+                .into(),
+        });
+    };
+    cxfed_protocol::signing::Signer::new(pkcs8.secret_pkcs8_der(), leaf.to_vec()).map_err(|e| {
+        TlsError::BadKey {
+            path: tls.key.clone(),
+            reason: e.to_string(),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};

@@ -260,6 +260,55 @@ impl Signer {
     }
 }
 
+impl Signer {
+    /// The certificate (DER).
+    pub fn certificate(&self) -> &[u8] {
+        &self.certificate
+    }
+
+    /// Signs `message` (already domain-separated by the caller) with the key.
+    pub fn sign_bytes(&self, message: &[u8]) -> Result<Vec<u8>, SignatureError> {
+        Ok(match &self.key {
+            SigningKey::Ecdsa(k) => k
+                .sign(&self.rng, message)
+                .map_err(|_| SignatureError::Random)?
+                .as_ref()
+                .to_vec(),
+            SigningKey::Ed25519(k) => k.sign(message).as_ref().to_vec(),
+        })
+    }
+}
+
+/// Checks that `signature` signs `message` with the key of certificate `cert_der` and returns
+/// the identity the certificate claims. Does **not** check the certificate's chain.
+pub fn verify_bytes(
+    cert_der: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> Result<Identity, SignatureError> {
+    let identity = identity::from_certificate_der(cert_der)?;
+    check_signature(cert_der, message, signature)?;
+    Ok(identity)
+}
+
+fn check_signature(cert_der: &[u8], message: &[u8], sig: &[u8]) -> Result<(), SignatureError> {
+    let key = public_key(cert_der)?;
+    let algorithm: &dyn signature::VerificationAlgorithm = match key.len() {
+        65 => &signature::ECDSA_P256_SHA256_ASN1,
+        97 => &signature::ECDSA_P384_SHA384_ASN1,
+        32 => &signature::ED25519,
+        n => {
+            return Err(SignatureError::Malformed {
+                what: "certificate",
+                reason: format!("unsupported {n}-byte public key"),
+            });
+        }
+    };
+    signature::UnparsedPublicKey::new(algorithm, &key)
+        .verify(message, sig)
+        .map_err(|_| SignatureError::Mismatch)
+}
+
 /// Checks that `sig` signs the claims made of `federation`, the request's `sql`, `epsilon` and
 /// `require_all`, and `sig`'s own coordinator, nonce and time, with the key of its certificate,
 /// and returns the certificate and the identity it claims. Does **not** check the certificate's
@@ -281,18 +330,6 @@ pub fn verify(
         reason: "not hex".into(),
     })?;
     let identity = identity::from_certificate_der(&cert)?;
-    let key = public_key(&cert)?;
-    let algorithm: &dyn signature::VerificationAlgorithm = match key.len() {
-        65 => &signature::ECDSA_P256_SHA256_ASN1,
-        97 => &signature::ECDSA_P384_SHA384_ASN1,
-        32 => &signature::ED25519,
-        n => {
-            return Err(SignatureError::Malformed {
-                what: "certificate",
-                reason: format!("unsupported {n}-byte public key"),
-            });
-        }
-    };
     let claims = Claims {
         federation,
         coordinator: &sig.coordinator,
@@ -307,9 +344,7 @@ pub fn verify(
     } else {
         claims.message()
     };
-    signature::UnparsedPublicKey::new(algorithm, &key)
-        .verify(&message, &signature)
-        .map_err(|_| SignatureError::Mismatch)?;
+    check_signature(&cert, &message, &signature)?;
     Ok((cert, identity))
 }
 

@@ -251,6 +251,75 @@ pub struct PartialRequest {
     /// The analyst's signature, forwarded unchanged. Nodes refuse partials without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<RequestSignature>,
+    /// Secure aggregation: the roster of nodes whose masked partials the coordinator will add
+    /// (every node checks it, then masks its partial so only the sum is readable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secagg: Option<SecAggRound>,
+}
+
+/// `POST /v1/secagg/key` (role node), round 1 of secure aggregation: the coordinator asks a
+/// node for its one-time key for a query. The node validates the query and computes its noise
+/// calibration first, so the key it returns commits to both.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggKeyRequest {
+    /// Protocol version of the coordinator.
+    #[serde(default = "default_protocol")]
+    pub protocol: u32,
+    /// The query id the coordinator assigned (a node issues one key per query id, ever).
+    pub query_id: String,
+    /// The analyst's SQL.
+    pub sql: String,
+    /// ε the analyst asked to spend ([`crate::epsilon_json`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::epsilon_json"
+    )]
+    pub epsilon: Option<f64>,
+}
+
+/// A node's one-time X25519 key for one query, with the digest of the noise calibration it
+/// will use (scales, encodings and public key set), signed with its node certificate's key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggKey {
+    /// The node's agency.
+    pub agency: String,
+    /// Its X25519 public key for this query (hex, 32 bytes).
+    pub public_key: String,
+    /// SHA-256 of its calibration (hex): every member must have the same.
+    pub calibration: String,
+    /// Its node certificate (DER, hex).
+    pub certificate: String,
+    /// Its signature over [`SecAggKey::message`] (hex).
+    pub signature: String,
+}
+
+impl SecAggKey {
+    /// What a node signs: the federation, query id, agency, key and calibration.
+    pub fn message(&self, federation: &str, query_id: &str) -> Vec<u8> {
+        let mut m = b"cxfed-secagg-key-v1\n".to_vec();
+        for field in [
+            federation,
+            query_id,
+            &self.agency,
+            &self.public_key,
+            &self.calibration,
+        ] {
+            m.extend_from_slice(&(field.len() as u64).to_be_bytes());
+            m.extend_from_slice(field.as_bytes());
+        }
+        m
+    }
+}
+
+/// Round 2 of secure aggregation, carried by [`PartialRequest::secagg`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggRound {
+    /// Every member's signed key (the coordinator's own included).
+    pub roster: Vec<SecAggKey>,
 }
 
 /// Error body of every non-2xx response.

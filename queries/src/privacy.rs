@@ -83,6 +83,9 @@ pub struct DpPartial {
     stats: Vec<Stat>,
     /// ε of the query at this node.
     epsilon: f64,
+    /// Noise shares shaped for this many honest nodes (secure aggregation), or `None`: this
+    /// node's own full noise.
+    honest: Option<u64>,
 }
 
 fn lit_f64(v: f64) -> Expr {
@@ -491,6 +494,7 @@ impl ApprovedQuery {
         let meta = PartialMeta {
             dp: true,
             public_keys: false,
+            variance_factor: 1.0,
             epsilon: Some(params.epsilon),
             encodings,
             scales: scales.iter().map(|(k, v)| (k.clone(), v.value())).collect(),
@@ -511,6 +515,7 @@ impl ApprovedQuery {
             keys: None,
             stats,
             epsilon: params.epsilon,
+            honest: None,
         })
     }
 }
@@ -549,6 +554,31 @@ impl DpPartial {
         self.meta.public_keys = true;
         self.keys = Some(set);
         Ok(self)
+    }
+
+    /// Makes this node add a noise *share* shaped for `honest` nodes instead of a full draw:
+    /// for a partial that only leaves masked, whose sum over nodes is all anyone reads (see
+    /// [`crate::noise_share`]). Only with a public key set (a dense, fixed-length partial).
+    pub fn with_noise_shares(mut self, honest: u64) -> Result<Self, QueryError> {
+        if self.keys.is_none() {
+            return Err(QueryError::Internal(
+                "noise shares need a public key set".into(),
+            ));
+        }
+        let h = honest.max(1);
+        self.honest = Some(h);
+        self.meta.variance_factor = 1.0 / h as f64;
+        Ok(self)
+    }
+
+    /// A digest of everything the noise depends on — scales, encodings, ε, the public key
+    /// set — so that nodes adding noise shares can check they all calibrated alike.
+    pub fn calibration(&self) -> Result<Vec<u8>, QueryError> {
+        // Every key value in order: nodes whose dense vectors mean different groups differ.
+        let keys = self.keys.as_ref().map(|k| format!("{k:?}"));
+        let mut meta = self.meta.clone();
+        meta.variance_factor = 1.0;
+        serde_json::to_vec(&(meta, keys)).map_err(|e| QueryError::Internal(e.to_string()))
     }
 
     /// Adds noise to every statistic of every group. With a public key set, every group of
@@ -595,9 +625,11 @@ impl DpPartial {
                     if values.is_null(r) {
                         return Err(QueryError::Internal(format!("{} is null", field.name())));
                     }
-                    let noise = scale
-                        .sample(rng)
-                        .map_err(|e| QueryError::Internal(e.to_string()))?;
+                    let noise = match self.honest {
+                        Some(h) => scale.sample_share(rng, h),
+                        None => scale.sample(rng),
+                    }
+                    .map_err(|e| QueryError::Internal(e.to_string()))?;
                     noisy.push(Some(values.value(r).saturating_add(noise)));
                 }
                 let noisy = Int64Array::from(noisy);

@@ -149,6 +149,7 @@ impl ApprovedQuery {
         PartialMeta {
             dp: false,
             public_keys: false,
+            variance_factor: 1.0,
             epsilon: None,
             encodings: vec![
                 Encoding {
@@ -244,6 +245,7 @@ impl ApprovedQuery {
                 .iter()
                 .any(|e| !e.center.is_finite() || !e.scale.is_finite() || e.scale < 1.0)
             || meta.scales.values().any(|b| !b.is_finite() || *b < 0.0)
+            || !(meta.variance_factor.is_finite() && meta.variance_factor > 0.0)
         {
             return Err("partial metadata is malformed".into());
         }
@@ -308,8 +310,10 @@ impl ApprovedQuery {
                 .and_then(|a| a.as_any().downcast_ref::<Int64Array>().cloned())
                 .ok_or_else(|| QueryError::Internal(format!("{name} missing or not Int64")))
         };
-        let var_of =
-            |name: &str| crate::dp::variance(meta.scales.get(name).copied().unwrap_or(0.0));
+        let var_of = |name: &str| {
+            crate::dp::variance(meta.scales.get(name).copied().unwrap_or(0.0))
+                * meta.variance_factor
+        };
         let mut columns: Vec<ArrayRef> =
             (0..n_groups).map(|j| Arc::clone(batch.column(j))).collect();
         for (i, enc) in meta.encodings.iter().enumerate() {
@@ -709,6 +713,20 @@ pub struct PartialMeta {
     pub encodings: Vec<Encoding>,
     /// Noise scale of each noised column.
     pub scales: BTreeMap<String, f64>,
+    /// The noise variance of each column relative to one draw at its scale: 1 for a node's
+    /// own noise, 1/h for a noise share shaped for h honest nodes, and their sum for the
+    /// secure-aggregated sum of several nodes' partials.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub variance_factor: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 /// One node's partial, as received by the coordinator.

@@ -168,6 +168,7 @@ pub fn signed_partial(
         epsilon,
         require_all: true,
         signature: Some(signature),
+        secagg: None,
     }
 }
 
