@@ -22,8 +22,8 @@ SQL = ("SELECT life_experience, journey_stage, channel, AVG(trust) AS t FROM exp
        "GROUP BY life_experience, journey_stage, channel")
 
 
-def start_demo(people, d):
-    proc = subprocess.Popen([str(BIN), "demo", "--serve", "--dir", d, "--people", str(people)],
+def start_demo(people, d, flags=()):
+    proc = subprocess.Popen([str(BIN), "demo", "--serve", "--dir", d, "--people", str(people), *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = []
     deadline = time.time() + 600
@@ -90,21 +90,21 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--people", type=int, default=20000)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--epsilon", type=float, default=1.0)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dp_utility.json"))
-    a = ap.parse_args()
-    if not BIN.exists():
-        raise SystemExit(f"{BIN} missing: run `cargo build --release` first")
+# Each setting runs the same data (the demo's seeds are fixed) in a fresh federation.
+SETTINGS = [
+    ("h = n (default)", []),
+    ("h = n - 1", ["--assume-honest-nodes", "2"]),
+    ("h = 1", ["--assume-honest-nodes", "1"]),
+    ("no secure aggregation", ["--no-secure-aggregation"]),
+]
+
+
+def measure(a, flags):
     d = tempfile.mkdtemp(prefix="cxfed-dp-utility-")
-    t0 = time.time()
-    proc, url = start_demo(a.people, d)
+    proc, url = start_demo(a.people, d, flags)
+    runs = []
     try:
         tru = truth(d)
-        runs = []
         # The demo spent SSA's analyst budget on its own queries; CMS and OPM analysts have 10 each.
         analysts = ["CMS"] * 10 + ["OPM"] * 10
         for i in range(a.runs):
@@ -125,30 +125,52 @@ def main():
                          "cxfed_median": statistics.median(fe), "cxfed_p90": pct(fe, 0.9),
                          "opendp_median": statistics.median(oe), "opendp_p90": pct(oe, 0.9),
                          "cxfed_median_all": statistics.median(fa), "opendp_median_all": statistics.median(oa),
-                         "seconds_cxfed_query": round(q_secs, 2)})
+                         "seconds_cxfed_query": round(q_secs, 3)})
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
     med = lambda k: statistics.median(r[k] for r in runs)
-    summary = {"people_per_agency": a.people, "agencies": 3, "epsilon": a.epsilon, "runs": runs,
-               "cxfed_median_rel_error": med("cxfed_median"), "opendp_median_rel_error": med("opendp_median"),
-               "ratio_cxfed_over_opendp": med("cxfed_median") / med("opendp_median"),
-               "cxfed_median_rel_error_all_groups": med("cxfed_median_all"),
-               "opendp_median_rel_error_all_groups": med("opendp_median_all"),
-               "seconds": round(time.time() - t0, 1)}
+    return {"runs": runs,
+            "cxfed_median_rel_error": med("cxfed_median"), "opendp_median_rel_error": med("opendp_median"),
+            "ratio_cxfed_over_opendp": med("cxfed_median") / med("opendp_median"),
+            "cxfed_median_rel_error_all_groups": med("cxfed_median_all"),
+            "opendp_median_rel_error_all_groups": med("opendp_median_all"),
+            "median_query_seconds": med("seconds_cxfed_query")}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--people", type=int, default=20000)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--epsilon", type=float, default=1.0)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dp_utility.json"))
+    a = ap.parse_args()
+    if not BIN.exists():
+        raise SystemExit(f"{BIN} missing: run `cargo build --release` first")
+    t0 = time.time()
+    settings = {name: measure(a, flags) for name, flags in SETTINGS}
+    head = settings[SETTINGS[0][0]]
+    summary = {"people_per_agency": a.people, "agencies": 3, "epsilon": a.epsilon, "binary": str(BIN),
+               **{k: v for k, v in head.items() if k != "runs"}, "runs": head["runs"],
+               "settings": settings, "seconds": round(time.time() - t0, 1)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(summary, indent=2) + "\n")
     md = [f"# DP utility: AVG(trust) by life_experience x journey_stage x channel, eps = {a.epsilon}, 3 x {a.people} people", "",
+          f"Default setting ({SETTINGS[0][0]}), per run:", "",
           "| run | true groups released (truth / cxfed / OpenDP / both) | cxfed median | cxfed p90 | OpenDP median | OpenDP p90 | cxfed median, all groups | OpenDP median, all groups |",
           "|---|---|---|---|---|---|---|---|"]
-    for i, r in enumerate(runs):
+    for i, r in enumerate(head["runs"]):
         md.append(f"| {i+1} | {r['groups_truth']} / {r['groups_cxfed']} / {r['groups_opendp']} / {r['groups_compared']} | "
                   f"{r['cxfed_median']:.2%} | {r['cxfed_p90']:.2%} | {r['opendp_median']:.2%} | {r['opendp_p90']:.2%} | "
                   f"{r['cxfed_median_all']:.2%} | {r['opendp_median_all']:.2%} |")
-    md += ["", f"Median over runs, groups both released: cxfed {summary['cxfed_median_rel_error']:.2%}, OpenDP {summary['opendp_median_rel_error']:.2%}, "
-           f"ratio {summary['ratio_cxfed_over_opendp']:.2f}; over all {runs[0]['groups_truth']} true groups (an unreleased group read as 3): "
-           f"cxfed {summary['cxfed_median_rel_error_all_groups']:.2%}, OpenDP {summary['opendp_median_rel_error_all_groups']:.2%}.",
-           f"Binary: {BIN}."]
+    md += ["", "Every setting, medians over runs (groups both released; all true groups, an unreleased one read as 3):", "",
+           "| setting | cxfed | OpenDP (pooled, central) | ratio | cxfed, all groups | OpenDP, all groups | query latency (s, CLI end to end) |",
+           "|---|---|---|---|---|---|---|"]
+    for name, r in settings.items():
+        md.append(f"| {name} | {r['cxfed_median_rel_error']:.2%} | {r['opendp_median_rel_error']:.2%} | "
+                  f"{r['ratio_cxfed_over_opendp']:.2f} | {r['cxfed_median_rel_error_all_groups']:.2%} | "
+                  f"{r['opendp_median_rel_error_all_groups']:.2%} | {r['median_query_seconds']:.3f} |")
+    md += ["", f"Binary: {BIN}."]
     Path(a.out).with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

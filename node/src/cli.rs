@@ -246,6 +246,12 @@ pub enum Command {
         /// People per agency.
         #[arg(long, default_value_t = 20_000)]
         people: usize,
+        /// Every node's `[privacy] assume_honest_nodes` (default: all of a query's roster).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=63))]
+        assume_honest_nodes: Option<u64>,
+        /// Run public-key queries without secure aggregation (every node adds its full noise).
+        #[arg(long)]
+        no_secure_aggregation: bool,
     },
 }
 
@@ -811,6 +817,7 @@ async fn dispatch(command: Command) -> Result<(), String> {
                     params,
                     public_keys: &defaults.public_keys,
                     max_groups: crate::policy::DEFAULT_MAX_GROUPS,
+                    secure_aggregation: defaults.secure_aggregation,
                 });
             let e = cxfed_queries::explain::explain_with(&ctx.state(), &sql, k, k, dp)
                 .await
@@ -987,11 +994,21 @@ async fn dispatch(command: Command) -> Result<(), String> {
             gw.shutdown().await;
             Ok(())
         }
-        Command::Demo { dir, serve, people } => {
-            crate::demo::run(crate::demo::DemoOptions { dir, serve, people })
-                .await
-                .map_err(|e| e.to_string())
-        }
+        Command::Demo {
+            dir,
+            serve,
+            people,
+            assume_honest_nodes,
+            no_secure_aggregation,
+        } => crate::demo::run(crate::demo::DemoOptions {
+            dir,
+            serve,
+            people,
+            assume_honest_nodes,
+            secure_aggregation: !no_secure_aggregation,
+        })
+        .await
+        .map_err(|e| e.to_string()),
     }
 }
 

@@ -26,13 +26,12 @@
 //! budget_period_days = 30
 //! max_groups_per_person = 1       # contribution bounds (G, R)
 //! max_rows_per_person = 1
+//! assume_honest_nodes = "all"     # secure aggregation: honest nodes assumed in a roster
+//! secure_aggregation = true       # as coordinator, mask public-key queries (see README)
 //!
 //! [privacy.public_keys]           # dimensions whose values are public: every group of a
 //! agency = ["SSA"]                # query grouped only by public keys is released, noisy,
 //! fiscal_year = "2022..2026"      # with no partition selection (vocabularies already are)
-//!
-//! assume_honest_nodes = "all"     # (in [privacy]) secure aggregation: honest nodes assumed
-//!                                 # among a query's roster ("all" or 1..63; see README)
 //!
 //! [query]
 //! timeout_secs = 30               # per-node time limit during fan-out
@@ -135,6 +134,7 @@ struct RawPrivacy {
     #[serde(default)]
     public_keys: std::collections::BTreeMap<String, toml::Value>,
     assume_honest_nodes: Option<toml::Value>,
+    secure_aggregation: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +210,7 @@ fn dp_settings(p: &RawPrivacy) -> Result<Option<DpSettings>, (String, String)> {
                 );
             }
         },
+        secure_aggregation: p.secure_aggregation.unwrap_or(true),
     };
     if !(s.epsilon_per_query >= 0.001 && s.epsilon_per_query <= 10.0) {
         return bad("epsilon_per_query", "must be between 0.001 and 10");

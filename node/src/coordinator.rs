@@ -85,7 +85,8 @@ pub async fn query(
     // dp with public group keys and peers to add to: only the sum of the nodes' partials is
     // ever readable here (round 1 gathers each node's one-time key; see `crate::secagg`).
     let secure = policy.dp.as_ref().is_some_and(|d| {
-        !node.config.peers.is_empty()
+        d.secure_aggregation
+            && !node.config.peers.is_empty()
             && matches!(
                 approved.group_keys_under(&d.public_keys, policy.max_groups),
                 Ok(cxfed_queries::keyset::GroupKeys::Public(_))

@@ -30,6 +30,10 @@ pub struct DemoOptions {
     pub serve: bool,
     /// People per agency.
     pub people: usize,
+    /// Every node's `[privacy] assume_honest_nodes` (`None`: all).
+    pub assume_honest_nodes: Option<u64>,
+    /// Whether public-key queries run under secure aggregation.
+    pub secure_aggregation: bool,
 }
 
 /// Errors of the demo.
@@ -214,7 +218,11 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
         "  making certificates, {} synthetic people per agency, and starting three mTLS nodes...",
         opts.people
     );
-    let dp = DpSettings::DEFAULT;
+    let dp = DpSettings {
+        assume_honest_nodes: opts.assume_honest_nodes,
+        secure_aggregation: opts.secure_aggregation,
+        ..DpSettings::DEFAULT
+    };
     let fed = start_federation_with(
         &dir,
         &AGENCIES,

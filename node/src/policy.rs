@@ -165,6 +165,9 @@ pub struct DpSettings {
     /// Honest nodes the steward assumes among a secure-aggregation roster
     /// (`[privacy] assume_honest_nodes`; `None`: all of them).
     pub assume_honest_nodes: Option<u64>,
+    /// Whether this node, as coordinator, runs public-key queries under secure aggregation
+    /// (`[privacy] secure_aggregation`, default true); off, every node adds its full noise.
+    pub secure_aggregation: bool,
 }
 
 impl DpSettings {
@@ -196,6 +199,7 @@ impl DpSettings {
         max_rows_per_person: 1,
         public_keys: PublicKeys::schema_only(),
         assume_honest_nodes: None,
+        secure_aggregation: true,
     };
 }
 

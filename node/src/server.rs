@@ -845,6 +845,7 @@ async fn explain(
             params,
             public_keys: &d.public_keys,
             max_groups: policy.max_groups,
+            secure_aggregation: d.secure_aggregation && !node.config.peers.is_empty(),
         }
     });
     let mut explanation =

@@ -79,6 +79,8 @@ pub struct DpContext<'a> {
     pub public_keys: &'a PublicKeys,
     /// The steward's cap on groups (a larger public key set is refused).
     pub max_groups: u64,
+    /// Whether this node, as coordinator, adds public-key partials by secure aggregation.
+    pub secure_aggregation: bool,
 }
 
 /// Explains `sql` as a node would run it, in `dp` mode when `dp` is given.
@@ -166,6 +168,9 @@ pub async fn explain_with(
             )
         };
         public = matches!(keys, Some(Ok(GroupKeys::Public(_))));
+        if public && dp_context.is_some_and(|c| c.secure_aggregation) {
+            privacy.push("secure aggregation (with more than one node): each node adds a noise share instead of a full draw and masks its dense partial; the coordinator reads only the sum, whose noise is one central draw when every node is honest".into());
+        }
         privacy.push(match keys {
             Some(Ok(GroupKeys::Public(set))) => format!(
                 "group keys are public ({}): every one of the {} groups is released, noisy even where it holds nobody; no ε or δ is spent on choosing groups, and the coordinator withholds none",
@@ -329,6 +334,7 @@ mod tests {
             params: &params,
             public_keys: &keys,
             max_groups,
+            secure_aggregation: true,
         };
         let text = |sql: &'static str, max_groups: u64| {
             let state = ctx.state();
