@@ -1024,7 +1024,12 @@ async fn audit(cmd: AuditCommand) -> Result<(), String> {
             if prev.is_some() && nodes.len() > 1 {
                 return Err("--prev names one log's head: fetch one node at a time".into());
             }
-            let client = crate::client::http_client(&tls.into(), Duration::from_secs(300))
+            let tls: crate::tls::TlsFiles = tls.into();
+            let federation = crate::client::own_identity(&tls.cert)
+                .map_err(|e| e.to_string())?
+                .federation()
+                .to_string();
+            let client = crate::client::http_client(&tls, Duration::from_secs(300))
                 .map_err(|e| e.to_string())?;
             let into_dir = nodes.len() > 1 || out.is_dir();
             if into_dir {
@@ -1032,24 +1037,20 @@ async fn audit(cmd: AuditCommand) -> Result<(), String> {
             }
             for node in &nodes {
                 let url = format!("{}/v1/audit?since={since}", node.trim_end_matches('/'));
-                let resp = client
-                    .get(&url)
-                    .send()
-                    .await
-                    .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
-                let status = resp.status();
-                let bytes = resp.bytes().await.map_err(|e| format!("{url}: {e}"))?;
-                if !status.is_success() {
-                    return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                        Ok(b) => format!("{url}: {}", describe(&b)),
-                        Err(_) => format!("{url}: HTTP {status}"),
-                    });
-                }
+                let crate::client::FetchedLog { served_by, bytes } =
+                    crate::client::fetch_audit(&client, node, since, &federation).await?;
                 let last = bytes
                     .split(|b| *b == b'\n')
                     .rfind(|l| !l.is_empty())
                     .and_then(|l| crate::audit::parse_line(l).ok())
                     .ok_or_else(|| format!("{url}: the node sent no log lines"))?;
+                // A log is the node's that served it, whatever its lines say.
+                if last.node != served_by.agency() {
+                    return Err(format!(
+                        "{url}: TAMPERED — served by {served_by}, but its last entry names {}",
+                        last.node
+                    ));
+                }
                 if let Some(p) = &prev {
                     crate::auditor::check_prev(&bytes, since, p)
                         .map_err(|e| format!("{url}: TAMPERED — entry {e}"))?;

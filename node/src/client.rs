@@ -113,19 +113,8 @@ impl AnalystClient {
             .send()
             .await
             .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
-        let leaf = resp
-            .extensions()
-            .get::<reqwest::tls::TlsInfo>()
-            .and_then(|t| t.peer_certificate())
-            .ok_or_else(|| format!("{url}: the connection carries no server certificate"))?;
-        let id = cxfed_protocol::identity::from_certificate_der(leaf)
-            .map_err(|e| format!("{url}: the server certificate names no node: {e}"))?;
-        let federation = self.signer.identity().federation();
-        if id.role() != Role::Node || id.federation() != federation {
-            return Err(format!(
-                "{url}: {id} is not a node of federation {federation}"
-            ));
-        }
+        let id = served_by(&resp, self.signer.identity().federation())
+            .map_err(|e| format!("{url}: {e}"))?;
         let agency = id.agency().to_string();
         self.coordinators
             .lock()
@@ -481,4 +470,60 @@ mod tests {
         let err = http_client(&files, Duration::from_secs(1)).expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
     }
+}
+
+/// The node of `federation` whose TLS certificate served `resp` (refused when it is not a node
+/// of that federation): who actually answered, whatever the body says.
+pub fn served_by(resp: &reqwest::Response, federation: &str) -> Result<Identity, String> {
+    let der = resp
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|i| i.peer_certificate())
+        .ok_or("no server certificate to tell which node answered")?;
+    let id = cxfed_protocol::identity::from_certificate_der(der)
+        .map_err(|e| format!("the server certificate has no usable identity: {e}"))?;
+    if id.role() != Role::Node || id.federation() != federation {
+        return Err(format!(
+            "answered by {id}, which is not a node of federation {federation}"
+        ));
+    }
+    Ok(id)
+}
+
+/// A node's audit log (or its lines after `since`) as an auditor fetched it.
+#[derive(Debug)]
+pub struct FetchedLog {
+    /// The node whose certificate served it.
+    pub served_by: Identity,
+    /// The JSON lines, as received.
+    pub bytes: Vec<u8>,
+}
+
+/// `GET {node}/v1/audit?since=…` with an auditor's (or steward's) client: the bytes and the node
+/// of `federation` that served them. Errors name the URL and the node's refusal.
+pub async fn fetch_audit(
+    http: &reqwest::Client,
+    node: &str,
+    since: u64,
+    federation: &str,
+) -> Result<FetchedLog, String> {
+    let url = format!("{}/v1/audit?since={since}", node.trim_end_matches('/'));
+    let resp = http
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: unreachable: {}", error_chain(&e)))?;
+    let served_by = served_by(&resp, federation).map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|e| format!("{url}: {e}"))?;
+    if !status.is_success() {
+        return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => format!("{url}: {}", describe(&b)),
+            Err(_) => format!("{url}: HTTP {status}"),
+        });
+    }
+    Ok(FetchedLog {
+        served_by,
+        bytes: bytes.to_vec(),
+    })
 }

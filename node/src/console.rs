@@ -596,18 +596,18 @@ async fn audit(State(console): State<Arc<Console>>) -> Response {
     for node in &console.nodes {
         let url = format!("{node}/v1/audit");
         let fail = |message: String| json!({"url": node, "error": message});
-        let resp = match console.client.http.get(&url).send().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, %url, "console could not reach a node");
-                nodes.push(fail(format!("{url}: unreachable: {e}")));
-                continue;
-            }
-        };
-        let served_by = match served_by(&resp, console.identity.federation()) {
-            Ok(id) => id,
+        let fetched = crate::client::fetch_audit(
+            &console.client.http,
+            node,
+            0,
+            console.identity.federation(),
+        )
+        .await;
+        let crate::client::FetchedLog { served_by, bytes } = match fetched {
+            Ok(f) => f,
             Err(message) => {
-                nodes.push(fail(format!("{url}: {message}")));
+                tracing::warn!(error = %message, %url, "console could not fetch a node's log");
+                nodes.push(fail(message));
                 continue;
             }
         };
@@ -619,21 +619,6 @@ async fn audit(State(console): State<Arc<Console>>) -> Response {
             continue;
         }
         fetched_from.insert(agency.clone(), node.clone());
-        let status = resp.status();
-        let bytes = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                nodes.push(fail(format!("{url}: {e}")));
-                continue;
-            }
-        };
-        if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|b| format!("{} {}", b.code, b.message))
-                .unwrap_or_else(|_| format!("HTTP {status}"));
-            nodes.push(fail(message));
-            continue;
-        }
         let (value, entries) = check_log(
             &served_by,
             node,
@@ -657,23 +642,6 @@ async fn audit(State(console): State<Arc<Console>>) -> Response {
         },
     }))
     .into_response()
-}
-
-/// The node identity in the TLS certificate that served `resp`.
-fn served_by(resp: &reqwest::Response, federation: &str) -> Result<Identity, String> {
-    let der = resp
-        .extensions()
-        .get::<reqwest::tls::TlsInfo>()
-        .and_then(|i| i.peer_certificate())
-        .ok_or("no server certificate to tell which node answered")?;
-    let id = cxfed_protocol::identity::from_certificate_der(der)
-        .map_err(|e| format!("the server certificate has no usable identity: {e}"))?;
-    if id.role() != Role::Node || id.federation() != federation {
-        return Err(format!(
-            "answered by {id}, which is not a node of federation {federation}"
-        ));
-    }
-    Ok(id)
 }
 
 /// Checks one fetched log of the node `served_by`: every line must name that node, then the

@@ -362,15 +362,16 @@ async fn audit_federation(fed: &LocalFederation, dir: &Path) -> Result<(), DemoE
     let mut keys = std::collections::BTreeMap::new();
     for (i, agency) in AGENCIES.iter().enumerate() {
         let lower = agency.to_lowercase();
-        let bytes = auditor
-            .get(format!("{}/v1/audit", fed.url(i)))
-            .send()
+        let fetched = crate::client::fetch_audit(&auditor, &fed.url(i), 0, FEDERATION)
             .await
-            .and_then(|r| r.error_for_status())
-            .map_err(err)?
-            .bytes()
-            .await
-            .map_err(err)?;
+            .map_err(DemoError)?;
+        if fetched.served_by.agency() != *agency {
+            return Err(DemoError(format!(
+                "{} served {}'s log URL",
+                fetched.served_by, agency
+            )));
+        }
+        let bytes = fetched.bytes;
         let key_file = dir
             .join("data")
             .join(&lower)
