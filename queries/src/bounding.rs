@@ -35,6 +35,34 @@ pub struct Cap {
     pub hi: i64,
 }
 
+/// Statistic columns whose per-person values in one group are capped *jointly* (the buckets
+/// of a histogram, see [`crate::percentile`]): when a person's values there add up to more than
+/// `total`, each becomes ⌊v · total / Σv⌋, so that together they stay within `total` (their
+/// L1 norm) while keeping the person's shape. Applied before the per-column [`Cap`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// Index of the first column (among the statistics).
+    pub first: usize,
+    /// Number of columns.
+    pub len: usize,
+    /// Largest sum of the columns one person may contribute to one group.
+    pub total: i64,
+}
+
+impl Share {
+    /// Scales `values` (non-negative counts) down to a sum of at most `total`.
+    pub fn apply(&self, values: &mut [i64]) {
+        let sum: i128 = values.iter().map(|v| i128::from(*v)).sum();
+        if sum <= i128::from(self.total) || sum <= 0 {
+            return;
+        }
+        for v in values {
+            // 0 ≤ v ≤ sum, so the quotient is at most total and fits.
+            *v = i64::try_from(i128::from(*v) * i128::from(self.total) / sum).unwrap_or(0);
+        }
+    }
+}
+
 /// What the bounding pass needs to know about the row stream and its output.
 #[derive(Debug, Clone)]
 pub struct BoundingSpec {
@@ -42,6 +70,8 @@ pub struct BoundingSpec {
     pub groups: usize,
     /// Per statistic column (after the keys and the person column), its per-person cap.
     pub caps: Vec<Cap>,
+    /// Groups of statistic columns capped jointly, before `caps`.
+    pub shares: Vec<Share>,
     /// Groups one person may contribute to (G).
     pub max_groups: u64,
     /// The output schema: group keys, one column per statistic, then the person count.
@@ -232,6 +262,7 @@ impl Bounder {
         let mut acc = vec![0i64; n_groups * width];
         let g = usize::try_from(self.spec.max_groups.max(1)).unwrap_or(usize::MAX);
         let mut mine: Vec<u32> = Vec::new();
+        let mut scratch: Vec<i64> = Vec::with_capacity(ns);
         for &head in &self.heads {
             mine.clear();
             let mut s = head;
@@ -251,8 +282,14 @@ impl Bounder {
             for &s in &mine {
                 let slot = self.slots[s as usize];
                 let out = slot.group as usize * width;
-                let vals = &self.values[s as usize * ns..(s as usize + 1) * ns];
-                for (j, (v, cap)) in vals.iter().zip(&self.spec.caps).enumerate() {
+                scratch.clear();
+                scratch.extend_from_slice(&self.values[s as usize * ns..(s as usize + 1) * ns]);
+                for share in &self.spec.shares {
+                    if let Some(v) = scratch.get_mut(share.first..share.first + share.len) {
+                        share.apply(v);
+                    }
+                }
+                for (j, (v, cap)) in scratch.iter().zip(&self.spec.caps).enumerate() {
                     let capped = (*v).clamp(cap.lo, cap.hi);
                     acc[out + j] = acc[out + j]
                         .checked_add(capped)
@@ -509,6 +546,7 @@ mod tests {
                     lo: i64::MIN,
                     hi: 3,
                 }],
+                shares: vec![],
                 max_groups: 2,
                 output,
             });

@@ -117,6 +117,9 @@ pub async fn explain_with(
                 AggKind::Stddev { population: true } => {
                     format!("√((Σq − (Σs)²/Σn) / Σn) over __a{i}_{{n,s,q}}")
                 }
+                AggKind::Percentile { p } => {
+                    crate::percentile::merge_formula(i, *p, approved.percentile_grid(i).as_ref())
+                }
             };
             format!("{name} = {formula}")
         })
@@ -137,6 +140,25 @@ pub async fn explain_with(
             "discrete Laplace noise scales per released value: {}",
             scales.join(", ")
         ));
+        // A histogram is one statistic however many buckets it has.
+        let grids: Vec<_> = (0..approved.aggregate_kinds().len())
+            .filter_map(|i| Some((i, approved.percentile_grid(i)?)))
+            .collect();
+        let m = d.meta.scales.len()
+            - grids
+                .iter()
+                .map(|(_, g)| g.buckets().saturating_sub(1))
+                .sum::<usize>();
+        let names = approved.aggregate_names();
+        for (i, grid) in &grids {
+            let scale = d
+                .meta
+                .scales
+                .get(&crate::percentile::bucket_name(*i, 0))
+                .copied();
+            let name = names.get(*i).map_or("?", String::as_str);
+            privacy.push(crate::percentile::explain_lines(*i, name, grid, scale, m));
+        }
         privacy.push(format!(
             "a group is released only if its noisy {PERSONS} ≥ τ = {:.1} (δ = {}, k = {node_k})",
             d.threshold, p.delta

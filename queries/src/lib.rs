@@ -18,6 +18,7 @@
 //! - [`context`]: a planning context with the CX schema and no data.
 //! - [`bounding`]: the per-person contribution bounds of the DP partial, in one hash pass.
 //! - [`dp`]: exact discrete Laplace noise, calibration, partition selection.
+//! - [`percentile`]: MEDIAN and percentiles in `dp` mode: noisy histograms over public grids.
 //! - [`explain`]: the plan, partial plan, merge and privacy rules of a query, or its refusal.
 //! - [`present`]: how a person reads each output column (rounding, calendar unit, whole range).
 #![forbid(unsafe_code)]
@@ -27,6 +28,7 @@ pub mod cells;
 pub mod context;
 pub mod dp;
 pub mod explain;
+pub mod percentile;
 pub mod present;
 pub mod privacy;
 pub mod rewrite;

@@ -86,7 +86,7 @@ fn clamp(x: Expr, lo: Expr, hi: Expr) -> datafusion::error::Result<Expr> {
         .otherwise(x)
 }
 
-fn sum(x: Expr) -> Expr {
+pub(crate) fn sum(x: Expr) -> Expr {
     Expr::AggregateFunction(AggregateFunction::new_udf(
         sum_udaf(),
         vec![x],
@@ -299,10 +299,11 @@ fn checked(factors: &[u64]) -> Result<u64, QueryError> {
         .ok_or_else(|| QueryError::Internal(format!("sensitivity {factors:?} overflows")))
 }
 
-/// The per-person bound of a statistic, and its name.
-struct Stat {
-    name: String,
-    sensitivity: u64,
+/// The per-person bound (L1) of a statistic, and the columns it is released in (one for a
+/// count or a sum; every bucket of a percentile's histogram, whose buckets are disjoint).
+pub(crate) struct Stat {
+    pub(crate) names: Vec<String>,
+    pub(crate) sensitivity: u64,
 }
 
 impl ApprovedQuery {
@@ -323,9 +324,10 @@ impl ApprovedQuery {
         let mut person_aggs = Vec::new();
         let mut capped = Vec::new();
         let mut caps = Vec::new();
+        let mut shares = Vec::new();
         let mut group_aggs = Vec::new();
         let mut stats = vec![Stat {
-            name: PERSONS.into(),
+            names: vec![PERSONS.into()],
             sensitivity: g,
         }];
         let mut encodings = Vec::new();
@@ -334,6 +336,20 @@ impl ApprovedQuery {
                 Expr::AggregateFunction(af) => af,
                 other => return Err(QueryError::Internal(format!("not an aggregate: {other}"))),
             };
+            if let AggKind::Percentile { .. } = kind {
+                let parts = crate::percentile::DpParts {
+                    row_exprs: &mut row_exprs,
+                    person_aggs: &mut person_aggs,
+                    capped: &mut capped,
+                    caps: &mut caps,
+                    shares: &mut shares,
+                    group_aggs: &mut group_aggs,
+                    stats: &mut stats,
+                    encodings: &mut encodings,
+                };
+                crate::percentile::dp_parts(&self.sql, i, &af, parts, g, r)?;
+                continue;
+            }
             let arg = af.params.args.first().cloned().unwrap_or_else(|| lit(1i64));
             let mut cond = arg.clone().is_not_null();
             if let Some(f) = af.params.filter.clone() {
@@ -358,7 +374,7 @@ impl ApprovedQuery {
             });
             group_aggs.push(sum(col(&n)).alias(n.clone()));
             stats.push(Stat {
-                name: n.clone(),
+                names: vec![n.clone()],
                 sensitivity: checked(&[g, n_cap])?,
             });
             if matches!(kind, AggKind::Count | AggKind::CountPersons) {
@@ -421,7 +437,7 @@ impl ApprovedQuery {
             });
             group_aggs.push(sum(col(&s)).alias(s.clone()));
             stats.push(Stat {
-                name: s,
+                names: vec![s],
                 sensitivity: checked(&[g, r, half])?,
             });
             if matches!(kind, AggKind::Variance { .. } | AggKind::Stddev { .. }) {
@@ -440,7 +456,7 @@ impl ApprovedQuery {
                 });
                 group_aggs.push(sum(col(&q)).alias(q.clone()));
                 stats.push(Stat {
-                    name: q,
+                    names: vec![q],
                     sensitivity: checked(&[g, r, half, half])?,
                 });
             }
@@ -487,7 +503,9 @@ impl ApprovedQuery {
                         params.epsilon
                     ))
                 })?;
-            scales.insert(s.name.clone(), scale);
+            for name in &s.names {
+                scales.insert(name.clone(), scale);
+            }
         }
         let threshold = partition_threshold(scales[PERSONS].value(), params.delta, params.k, g);
         let meta = PartialMeta {
@@ -499,6 +517,7 @@ impl ApprovedQuery {
         let bounding = Arc::new(BoundingSpec {
             groups: n_groups,
             caps,
+            shares,
             max_groups: g,
             output: Arc::new(plan.schema().as_arrow().clone()),
         });

@@ -572,6 +572,45 @@ pub fn dp_bounds(name: &str) -> Option<(f64, f64)> {
     }
 }
 
+/// Bucket edges of wait_minutes' public percentile grid (see [`percentile_grid`]): one
+/// minute wide up to 6, then widening with the waits (2, 5, 10, 15 and 30 minutes), closed at
+/// its DP bound of 240.
+pub const WAIT_MINUTES_GRID: &[f64] = &[
+    0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0,
+    75.0, 90.0, 120.0, 150.0, 180.0, 210.0, 240.0,
+];
+
+/// Bucket edges of processing_days' public percentile grid: days up to 3, then about weekly,
+/// then monthly, closed at its DP bound of 365.
+pub const PROCESSING_DAYS_GRID: &[f64] = &[
+    0.0, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 14.0, 21.0, 30.0, 45.0, 60.0, 90.0, 120.0, 150.0, 180.0,
+    240.0, 300.0, 365.0,
+];
+
+/// The public bucket grid a percentile of a measure is read from in differential-privacy mode:
+/// ascending bucket edges e₀ < e₁ < … < e_B, bucket b holding values in [e_b, e_{b+1}) (the
+/// last one closed), covering the measure's [`dp_bounds`]. Declared, never derived from data:
+/// nodes release one noisy count per bucket. wait_minutes and processing_days have the grids
+/// above (fine where values are common, coarse in the tail); an integer-valued measure with at
+/// most 20 values (the 1–5 scores) has one bucket per integer v, [v − ½, v + ½). `None`: the
+/// measure has no grid, and no percentile of it is answered.
+pub fn percentile_grid(name: &str) -> Option<Vec<f64>> {
+    match name {
+        "wait_minutes" => Some(WAIT_MINUTES_GRID.to_vec()),
+        "processing_days" => Some(PROCESSING_DAYS_GRID.to_vec()),
+        _ => match column_anywhere(name)? {
+            Column {
+                kind: Kind::Measure,
+                domain: Domain::Range(lo, hi),
+                ..
+            } if hi > lo && hi - lo <= 20 => {
+                Some((*lo..=*hi + 1).map(|v| v as f64 - 0.5).collect())
+            }
+            _ => None,
+        },
+    }
+}
+
 /// Looks a column up in either table (the kind of a name is the same in both).
 pub fn column_anywhere(name: &str) -> Option<&'static Column> {
     Table::ALL.into_iter().find_map(|t| t.column(name))
