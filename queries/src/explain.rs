@@ -130,11 +130,19 @@ pub async fn explain_with(
             "differential privacy: each node spends ε = {} on this query, clamps values to declared bounds, keeps at most {} group(s) and {} row(s) per person",
             p.epsilon, p.max_groups_per_person, p.max_rows_per_person
         ));
+        // A histogram's buckets share one scale: shown once, as a range.
         let scales: Vec<String> = d
             .meta
             .scales
             .iter()
-            .map(|(c, b)| format!("{c}: {b}"))
+            .filter_map(|(c, b)| match crate::percentile::bucket_of(c) {
+                None => Some(format!("{c}: {b}")),
+                Some((i, 0)) => {
+                    let last = approved.percentile_grid(i)?.buckets().saturating_sub(1);
+                    Some(format!("__a{i}_h0..h{last}: {b} each"))
+                }
+                Some(_) => None,
+            })
             .collect();
         privacy.push(format!(
             "discrete Laplace noise scales per released value: {}",

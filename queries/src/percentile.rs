@@ -572,9 +572,15 @@ pub(crate) fn read_quantiles(
 pub fn merge_formula(i: usize, p: f64, grid: Option<&Grid>) -> String {
     let b = grid.map_or(0, Grid::buckets);
     format!(
-        "the {p} quantile of Σ __a{i}_h0..h{} (each clamped at 0), linear inside its bucket; 95% interval: the quantiles at ranks p·N ± 1.96·σ_rank",
+        "the {p} quantile of the CDF of Σ __a{i}_h0..h{} made monotone and ≥ 0 (isotonic regression), linear inside its bucket; 95% interval: the quantiles at ranks p·N ± 1.96·σ_rank",
         b.saturating_sub(1)
     )
+}
+
+/// The (aggregate, bucket) a partial column name `__a{i}_h{b}` names, if it is a bucket.
+pub fn bucket_of(name: &str) -> Option<(usize, usize)> {
+    let (i, b) = name.strip_prefix("__a")?.split_once("_h")?;
+    Some((i.parse().ok()?, b.parse().ok()?))
 }
 
 /// The privacy lines explain shows for percentile `i` with per-bucket noise `scale`, among
@@ -1011,7 +1017,7 @@ mod tests {
         assert!(e.contains("one of the 3 statistics"), "{e}");
         assert!(e.contains("-0.5, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 7.5"), "{e}");
         assert!(e.contains("scale 3 per bucket"), "{e}");
-        assert!(e.contains("__a1_h23: 3"), "{e}");
+        assert!(e.contains("__a1_h0..h23: 3 each"), "{e}");
     }
 
     #[test]
