@@ -36,9 +36,11 @@ pub struct Cap {
 }
 
 /// Statistic columns whose per-person values in one group are capped *jointly* (the buckets
-/// of a histogram, see [`crate::percentile`]): when a person's values there add up to more than
-/// `total`, each becomes ⌊v · total / Σv⌋, so that together they stay within `total` (their
-/// L1 norm) while keeping the person's shape. Applied before the per-column [`Cap`]s.
+/// of a histogram, see [`crate::percentile`]): when a person's values there (row counts) add
+/// up to more than `total`, `total` of the person's rows are kept, drawn uniformly without
+/// replacement (CSPRNG), so that together they stay within `total` (their L1 norm) and the
+/// person's rows are represented as a sample, whatever their spread. Applied before the
+/// per-column [`Cap`]s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Share {
     /// Index of the first column (among the statistics).
@@ -50,16 +52,35 @@ pub struct Share {
 }
 
 impl Share {
-    /// Scales `values` (non-negative counts) down to a sum of at most `total`.
-    pub fn apply(&self, values: &mut [i64]) {
-        let sum: i128 = values.iter().map(|v| i128::from(*v)).sum();
-        if sum <= i128::from(self.total) || sum <= 0 {
-            return;
+    /// Keeps `total` of the rows counted in `values` (non-negative counts), drawn uniformly
+    /// without replacement from `rng`, when they are more.
+    pub fn apply(&self, values: &mut [i64], rng: &mut dyn RandomSource) -> Result<(), QueryError> {
+        if values.iter().any(|v| *v < 0) {
+            return Err(internal("a histogram count is negative"));
         }
-        for v in values {
-            // 0 ≤ v ≤ sum, so the quotient is at most total and fits.
-            *v = i64::try_from(i128::from(*v) * i128::from(self.total) / sum).unwrap_or(0);
+        let mut left: i64 = values
+            .iter()
+            .try_fold(0i64, |a, v| a.checked_add(*v))
+            .ok_or_else(|| internal("a person's rows overflow"))?;
+        if left <= self.total {
+            return Ok(());
         }
+        let mut kept = vec![0i64; values.len()];
+        for _ in 0..self.total.max(0) {
+            // A uniform one of the rows not drawn yet.
+            let mut u = uniform_below(rng, left as u64).map_err(internal)? as i64;
+            for (v, k) in values.iter_mut().zip(kept.iter_mut()) {
+                if u < *v {
+                    *v -= 1;
+                    *k += 1;
+                    break;
+                }
+                u -= *v;
+            }
+            left -= 1;
+        }
+        values.copy_from_slice(&kept);
+        Ok(())
     }
 }
 
@@ -286,7 +307,7 @@ impl Bounder {
                 scratch.extend_from_slice(&self.values[s as usize * ns..(s as usize + 1) * ns]);
                 for share in &self.spec.shares {
                     if let Some(v) = scratch.get_mut(share.first..share.first + share.len) {
-                        share.apply(v);
+                        share.apply(v, rng)?;
                     }
                 }
                 for (j, (v, cap)) in scratch.iter().zip(&self.spec.caps).enumerate() {

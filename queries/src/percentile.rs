@@ -5,14 +5,16 @@
 //! ```text
 //!  node:        per row: clamp(x, lo, hi) → one indicator per bucket of the measure's grid
 //!                                            (schema::percentile_grid)  __a{i}_h0 … __a{i}_h{B−1}
-//!               per (person, group): bucket counts; if they add up to more than R, each
-//!                                    becomes ⌊h·R/Σh⌋ (bounding::Share) — L1 ≤ R
+//!               per (person, group): bucket counts; if they add up to more than R, R of
+//!                                    the person's rows drawn at random (bounding::Share)
+//!                                    — L1 ≤ R
 //!               ≤ G groups per person → L1 sensitivity of the whole histogram G·R
 //!               + discrete Laplace on every bucket at scale G·R·m/ε: the histogram is ONE of
 //!                 the m statistics of the group (its buckets are disjoint)
 //!  coordinator: Σ buckets over nodes → the noisy CDF (running sums) made monotone and ≥ 0
 //!               by isotonic regression ([`consistent`]) → quantile at rank p·N, linear
-//!               inside its bucket → 95% interval: the quantiles at ranks p·N ± 1.96·σ_rank
+//!               inside its bucket, read at whole units on a whole-unit grid
+//!               ([`to_whole_unit`]) → 95% interval: the quantiles at ranks p·N ± 1.96·σ_rank
 //! ```
 //!
 //! **Interval.** With per-bucket noise variance σ² (summed over the nodes) and the estimate at
@@ -20,9 +22,10 @@
 //! the noisy total is off by (1 − p)·Σ_{b<j} η_b − p·Σ_{b≥j} η_b, of variance
 //! σ_rank² = σ²·((1 − p)²·j + p²·(B − j)). The interval is [Q(p·N − 1.96 σ_rank),
 //! Q(p·N + 1.96 σ_rank)] read off the same noisy CDF, and is reported (like every cxfed
-//! interval) as one half-width: the wider of its two sides. It covers the noiseless
-//! grid-interpolated quantile; the grid's own resolution (values spread evenly inside a
-//! bucket) is a declared property of the answer, not noise.
+//! interval) as one half-width: the wider of its two sides. It covers the noiseless grid
+//! quantile (about 95% before the whole-unit reading, which only widens it); the grid's own
+//! resolution (values spread evenly inside a bucket) is a declared property of the answer,
+//! not noise.
 //!
 //! **k-only** mode refuses percentiles (`CXF-Q021`): an exact percentile is one person's raw
 //! value, which no k rule on counts can hide.
@@ -294,7 +297,8 @@ pub(crate) fn dp_parts(
         parts.caps.push(Cap { lo: 0, hi: r_i });
         names.push(h);
     }
-    // The plan's form of the joint cap (the bounding pass applies `Share`).
+    // The plan's form of the joint cap, ⌊h·R/Σh⌋ (same L1 bound; the bounding pass that
+    // nodes run instead keeps R of the person's rows drawn at random, `Share`).
     let total = names
         .iter()
         .map(col)
@@ -447,9 +451,45 @@ pub fn consistent(counts: &[f64]) -> Vec<f64> {
     fitted.windows(2).map(|w| (w[1] - w[0]).max(0.0)).collect()
 }
 
+/// Whether a grid is of a whole-unit measure: every edge halfway between two integers, so a
+/// bucket holds whole values (0, 1, 6–7 …).
+pub fn whole_units(edges: &[f64]) -> bool {
+    edges.iter().all(|e| (e + 0.5).fract() == 0.0)
+}
+
+/// The whole value a continuous reading `x` of a whole-unit grid falls on: the bucket's values
+/// spread evenly over its whole units, the smallest v whose CDF F(v + ½) reaches the rank —
+/// so a median inside a run of zeros is 0, not 0.06 (a rounding error's worth below an edge
+/// is taken as the edge).
+pub fn to_whole_unit(x: f64) -> f64 {
+    // `+ 0.0`: −0 (from a reading just below ½) becomes 0.
+    (x - 0.5 - 1e-9).ceil() + 0.0
+}
+
 /// The p-quantile of noisy bucket `counts` over `edges` and its 95% interval, given the noise
-/// variance of one bucket (see the module docs); clamped to `bounds`.
+/// variance of one bucket (see the module docs); clamped to `bounds`, and read at whole units
+/// on a whole-unit grid ([`to_whole_unit`]) — which can only widen the interval's coverage.
 pub fn estimate(
+    counts: &[f64],
+    edges: &[f64],
+    p: f64,
+    bucket_variance: f64,
+    bounds: (f64, f64),
+) -> Option<Estimate> {
+    let e = estimate_continuous(counts, edges, p, bucket_variance, bounds)?;
+    if !whole_units(edges) {
+        return Some(e);
+    }
+    let whole = |x: f64| to_whole_unit(x).clamp(bounds.0, bounds.1);
+    Some(Estimate {
+        value: whole(e.value),
+        lo: whole(e.lo),
+        hi: whole(e.hi),
+    })
+}
+
+/// [`estimate`] before reading at whole units: the continuous grid quantile.
+pub fn estimate_continuous(
     counts: &[f64],
     edges: &[f64],
     p: f64,
@@ -629,6 +669,11 @@ mod tests {
             let m = (a + b) / 2.0;
             if cdf(m) >= t - 1e-12 { b = m } else { a = m }
         }
+        let b = if whole_units(edges) {
+            to_whole_unit(b)
+        } else {
+            b
+        };
         b.clamp(bounds.0, bounds.1)
     }
 
@@ -688,13 +733,17 @@ mod tests {
     }
 
     /// Over many seeded noisy draws (3 nodes, ε = 1 shared by 3 statistics, one person one
-    /// row), the 95% interval covers the noiseless grid quantile about 95% of the time.
+    /// row), the 95% interval of the continuous grid quantile covers the noiseless one about 95%
+    /// of the time; the released whole-minute reading, and its one half-width, at least that.
+    type Estimator = fn(&[f64], &[f64], f64, f64, (f64, f64)) -> Option<Estimate>;
+
     #[test]
     fn intervals_cover_the_noiseless_quantile_about_95_percent() {
         let grid = grid_of(&col("wait_minutes")).expect("grid");
         let scale = Scale::for_epsilon(3, 1.0).expect("scale");
         let var = 3.0 * crate::dp::variance(scale.value());
         let mut rng = SplitMix64(2026);
+        let inside = |e: &Estimate, truth: f64| e.lo - 1e-9 <= truth && truth <= e.hi + 1e-9;
         for (n, p) in [
             (300, 0.5),
             (300, 0.9),
@@ -702,11 +751,17 @@ mod tests {
             (2_000, 0.9),
             (100, 0.5),
         ] {
-            let (mut covered, mut inside, draws) = (0, 0, 2_000);
+            let draws = 2_000;
+            let (mut continuous, mut released, mut half_width) = (0, 0, 0);
             for d in 0..draws {
                 let values = waits(n, 1_000 + d);
                 let c = counts(&values, &grid);
-                let truth = estimate(&c, &grid.edges, p, 0.0, grid.bounds).expect("truth");
+                let exact = |f: Estimator| {
+                    f(&c, &grid.edges, p, 0.0, grid.bounds)
+                        .expect("truth")
+                        .value
+                };
+                let (truth_c, truth) = (exact(estimate_continuous), exact(estimate));
                 let noisy: Vec<f64> = c
                     .iter()
                     .map(|x| {
@@ -715,40 +770,42 @@ mod tests {
                     })
                     .collect();
                 // No answer (the noisy CDF fits to nobody) counts as not covered.
-                let Some(e) = estimate(&noisy, &grid.edges, p, var, grid.bounds) else {
+                let (Some(ec), Some(e)) = (
+                    estimate_continuous(&noisy, &grid.edges, p, var, grid.bounds),
+                    estimate(&noisy, &grid.edges, p, var, grid.bounds),
+                ) else {
                     continue;
                 };
-                // Reported as one half-width around the estimate, as cxfed releases it.
+                continuous += usize::from(inside(&ec, truth_c));
+                released += usize::from(inside(&e, truth));
+                // As cxfed releases it: one half-width (the wider side) around the value.
                 let h = (e.hi - e.value).max(e.value - e.lo);
-                if (truth.value - e.value).abs() <= h + 1e-9 {
-                    covered += 1;
-                }
-                if e.lo - 1e-9 <= truth.value && truth.value <= e.hi + 1e-9 {
-                    inside += 1;
-                }
+                half_width += usize::from((truth - e.value).abs() <= h + 1e-9);
             }
-            let (rate, two_sided) = (covered as f64 / draws as f64, inside as f64 / draws as f64);
+            let rate = |k: usize| k as f64 / draws as f64;
+            let (c, r, h) = (rate(continuous), rate(released), rate(half_width));
             eprintln!(
-                "n {n} p {p}: released ± half-width covers {rate:.3}, [lo, hi] {two_sided:.3}"
+                "n {n} p {p}: continuous [lo, hi] covers {c:.3}; released whole minutes [lo, hi] {r:.3}, ± half-width {h:.3}"
             );
             assert!(
-                (0.88..=0.99).contains(&two_sided),
-                "n {n} p {p}: [lo, hi] covers {two_sided}"
+                (0.92..=0.98).contains(&c),
+                "n {n} p {p}: continuous covers {c}"
             );
             assert!(
-                (0.95..=0.999).contains(&rate),
-                "n {n} p {p}: ± half-width covers {rate}"
+                r >= 0.94 && h >= r,
+                "n {n} p {p}: released covers {r}, ± {h}"
             );
         }
     }
 
     /// One node's DP partial for `sql` over `rows`, noise off, by the path nodes run (row
-    /// values + [`crate::bounding::Bounder`]), checked equal to the DP plan's own output.
+    /// values + [`crate::bounding::Bounder`]), and the DP plan's own output (the same when no
+    /// person has more than R rows in a group: then nothing is sampled).
     async fn node_partial(
         sql: &str,
         rows: RecordBatch,
         params: &crate::privacy::DpParams,
-    ) -> crate::rewrite::Partial {
+    ) -> (crate::rewrite::Partial, Vec<RecordBatch>) {
         use futures::StreamExt;
         let ctx = crate::testdata::context(vec![], vec![rows]);
         let q = crate::validate::approve(&ctx.state(), sql)
@@ -789,18 +846,23 @@ mod tests {
             out.sort();
             out
         };
-        assert_eq!(
-            text(&reference),
-            text(std::slice::from_ref(&bounded)),
-            "plan = bounding"
-        );
+        if params.max_rows_per_person >= 100 || !sql.contains("heavy") {
+            assert_eq!(
+                text(&reference),
+                text(std::slice::from_ref(&bounded)),
+                "plan = bounding"
+            );
+        }
         let mut meta = dp.meta.clone();
         // Noise off: nothing added, so no variance either.
         meta.scales.values_mut().for_each(|v| *v = 0.0);
-        crate::rewrite::Partial {
-            batches: vec![bounded],
-            meta,
-        }
+        (
+            crate::rewrite::Partial {
+                batches: vec![bounded],
+                meta,
+            },
+            reference,
+        )
     }
 
     /// Shard `s`: 400 people, one case each, over three channels; waits spread over 0..300
@@ -852,7 +914,7 @@ mod tests {
         let mut pooled: Vec<(String, Option<f64>)> = Vec::new();
         for s in 0..3 {
             let (rows, truth) = shard(s);
-            partials.push(node_partial(sql, rows, &params).await);
+            partials.push(node_partial(sql, rows, &params).await.0);
             pooled.extend(truth);
         }
         let ctx = crate::context::planning_context().expect("ctx");
@@ -943,21 +1005,32 @@ mod tests {
             max_rows_per_person: 2,
             k: 1,
         };
-        let sql = "SELECT channel, MEDIAN(wait_minutes) FROM operational GROUP BY channel";
-        let partial = node_partial(sql, rows, &params).await;
-        let b = &partial.batches[0];
-        let total: i64 = (0..grid_of(&col("wait_minutes")).expect("grid").buckets())
-            .map(|k| {
-                b.column_by_name(&bucket_name(0, k))
-                    .expect("bucket")
-                    .as_any()
-                    .downcast_ref::<Int64Array>()
-                    .expect("int")
-                    .value(0)
-            })
-            .sum();
-        // heavy: 9 rows, 3 per bucket → ⌊3·2/9⌋ = 0 each; a and b: 1 each.
-        assert_eq!(total, 2);
+        // (The SQL names no one; "heavy" only tells `node_partial` that the plan's ⌊h·R/Σh⌋
+        // and the bounding pass's sample differ here.)
+        let sql = "SELECT channel, MEDIAN(wait_minutes) AS heavy FROM operational GROUP BY channel";
+        let buckets = grid_of(&col("wait_minutes")).expect("grid").buckets();
+        let total = |b: &RecordBatch| -> Vec<i64> {
+            (0..buckets)
+                .map(|k| {
+                    b.column_by_name(&bucket_name(0, k))
+                        .expect("bucket")
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .expect("int")
+                        .value(0)
+                })
+                .collect()
+        };
+        for _ in 0..5 {
+            let (partial, plan) = node_partial(sql, rows.clone(), &params).await;
+            // Bounding pass: 2 of heavy's 9 rows, wherever they fall, plus a's and b's.
+            let h = total(&partial.batches[0]);
+            assert_eq!(h.iter().sum::<i64>(), 4, "{h:?}");
+            // Buckets "1", "3", "4", 50–59, 180–209: heavy's two land in 1, 50–59 or 180–209.
+            assert_eq!(h[1] + h[15] + h[21], 2, "{h:?}");
+            // The plan: 3 rows per bucket → ⌊3·2/9⌋ = 0 each; a and b: 1 each.
+            assert_eq!(total(&plan[0]).iter().sum::<i64>(), 2);
+        }
     }
 
     #[tokio::test]
@@ -1021,6 +1094,14 @@ mod tests {
     }
 
     #[test]
+    fn whole_unit_readings_are_never_negative_zero() {
+        assert_eq!(to_whole_unit(0.2).to_string(), "0");
+        assert_eq!(to_whole_unit(0.5).to_string(), "0");
+        assert_eq!(to_whole_unit(0.51), 1.0);
+        assert_eq!(to_whole_unit(15.5 + 1e-12), 15.0);
+    }
+
+    #[test]
     fn arguments_without_a_grid_are_named() {
         let e = grid_of(&(col("wait_minutes") + lit(1))).expect_err("expression");
         assert!(e.contains("expression"), "{e}");
@@ -1035,11 +1116,26 @@ mod tests {
             len: 3,
             total: 2,
         };
-        let mut v = [5, 3, 2];
-        share.apply(&mut v);
-        assert!(v.iter().sum::<i64>() <= 2, "{v:?}");
+        let mut rng = SplitMix64(9);
+        let mut seen = [0i64; 3];
+        for _ in 0..3_000 {
+            let mut v = [5, 3, 2];
+            share.apply(&mut v, &mut rng).expect("apply");
+            assert_eq!(v.iter().sum::<i64>(), 2, "{v:?}");
+            assert!(
+                v.iter()
+                    .zip([5, 3, 2])
+                    .all(|(k, had)| (0..=had).contains(k)),
+                "{v:?}"
+            );
+            seen.iter_mut().zip(v).for_each(|(s, k)| *s += k);
+        }
+        // A uniform sample of the 10 rows: 2 · 5/10, 2 · 3/10, 2 · 2/10 per draw.
+        for (s, want) in seen.iter().zip([3_000.0, 1_800.0, 1_200.0]) {
+            assert!((*s as f64 - want).abs() < 0.08 * want, "{seen:?}");
+        }
         let mut v = [1, 1, 0];
-        share.apply(&mut v);
+        share.apply(&mut v, &mut rng).expect("apply");
         assert_eq!(v, [1, 1, 0]);
     }
 }

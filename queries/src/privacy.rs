@@ -11,9 +11,11 @@
 //! ```
 //!
 //! One person changes at most G groups, and in each at most: the person count by 1, a count by
-//! R, a centred sum by R·h, a sum of squares by R·h² (h = half the declared range, ×F). The ε
-//! of the query is split evenly over the m statistics each group releases, so the whole
-//! release is ε-DP for the counts and sums, and (ε, δ)-DP with partition selection.
+//! R, a centred sum by R·h, a sum of squares by R·h² (h = half the declared range, ×F), a
+//! percentile's histogram by R in all its buckets together ([`crate::percentile`]). The ε
+//! of the query is split evenly over the m statistics each group releases (a histogram is
+//! one), so the whole release is ε-DP for the counts and sums, and (ε, δ)-DP with partition
+//! selection.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
