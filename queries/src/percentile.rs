@@ -1093,6 +1093,67 @@ mod tests {
         assert!(e.contains("__a1_h0..h23: 3 each"), "{e}");
     }
 
+    /// A peer's partial whose buckets are missing, renamed or not integers is refused by the
+    /// merge with an error, never a panic or a number.
+    #[tokio::test]
+    async fn malformed_bucket_columns_are_refused_by_the_merge() {
+        let sql = "SELECT channel, MEDIAN(wait_minutes) FROM operational GROUP BY channel";
+        let params = crate::privacy::DpParams {
+            epsilon: 1.0,
+            delta: 1e-6,
+            max_groups_per_person: 1,
+            max_rows_per_person: 1,
+            k: 1,
+        };
+        let (good, _) = node_partial(sql, shard(0).0, &params).await;
+        let ctx = crate::context::planning_context().expect("ctx");
+        let q = crate::validate::approve(&ctx.state(), sql)
+            .await
+            .expect("approve");
+        let b = &good.batches[0];
+        let h3 = b.schema().index_of(&bucket_name(0, 3)).expect("bucket");
+        let as_float = |b: &RecordBatch| {
+            let mut fields: Vec<Field> = b
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
+            fields[h3] = Field::new(bucket_name(0, 3), DataType::Float64, false);
+            let mut columns = b.columns().to_vec();
+            columns[h3] = arrow::compute::cast(&columns[h3], &DataType::Float64).expect("cast");
+            RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)
+                .expect("batch")
+        };
+        let renamed = |b: &RecordBatch| {
+            let mut fields: Vec<Field> = b
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
+            fields[h3] = Field::new("__a0_h99", DataType::Int64, false);
+            RecordBatch::try_new(
+                Arc::new(arrow::datatypes::Schema::new(fields)),
+                b.columns().to_vec(),
+            )
+            .expect("batch")
+        };
+        let dropped = |b: &RecordBatch| {
+            let mut b = b.clone();
+            b.remove_column(h3);
+            b
+        };
+        for bad in [as_float(b), renamed(b), dropped(b)] {
+            let partial = crate::rewrite::Partial {
+                batches: vec![bad],
+                meta: good.meta.clone(),
+            };
+            let r = q.merge_partials(&ctx, vec![good.clone(), partial], 1).await;
+            assert!(matches!(r, Err(QueryError::Internal(_))), "{r:?}");
+        }
+    }
+
     #[test]
     fn whole_unit_readings_are_never_negative_zero() {
         assert_eq!(to_whole_unit(0.2).to_string(), "0");
