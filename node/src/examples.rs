@@ -19,6 +19,10 @@ pub const QUERIES: &[(&str, &str)] = &[
         "Processing time by agency and outcome (closed cases)",
         "SELECT agency, outcome, COUNT(*) AS cases,\n       ROUND(AVG(processing_days), 1) AS avg_days, ROUND(STDDEV(processing_days), 1) AS sd_days\nFROM operational\nWHERE life_experience = 'approaching_retirement' AND outcome <> 'pending'\nGROUP BY agency, outcome\nORDER BY agency, outcome",
     ),
+    (
+        "Median and 90th-percentile wait by channel (dp mode: read off noisy histograms over a public grid)",
+        "SELECT channel, COUNT(*) AS cases,\n       ROUND(MEDIAN(wait_minutes), 1) AS median_wait_min,\n       ROUND(PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY wait_minutes), 1) AS p90_wait_min\nFROM operational\nWHERE wait_minutes IS NOT NULL\nGROUP BY channel\nORDER BY channel",
+    ),
 ];
 
 /// A query the demo shows being refused.

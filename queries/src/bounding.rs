@@ -35,6 +35,55 @@ pub struct Cap {
     pub hi: i64,
 }
 
+/// Statistic columns whose per-person values in one group are capped *jointly* (the buckets
+/// of a histogram, see [`crate::percentile`]): when a person's values there (row counts) add
+/// up to more than `total`, `total` of the person's rows are kept, drawn uniformly without
+/// replacement (CSPRNG), so that together they stay within `total` (their L1 norm) and the
+/// person's rows are represented as a sample, whatever their spread. Applied before the
+/// per-column [`Cap`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// Index of the first column (among the statistics).
+    pub first: usize,
+    /// Number of columns.
+    pub len: usize,
+    /// Largest sum of the columns one person may contribute to one group.
+    pub total: i64,
+}
+
+impl Share {
+    /// Keeps `total` of the rows counted in `values` (non-negative counts), drawn uniformly
+    /// without replacement from `rng`, when they are more.
+    pub fn apply(&self, values: &mut [i64], rng: &mut dyn RandomSource) -> Result<(), QueryError> {
+        if values.iter().any(|v| *v < 0) {
+            return Err(internal("a histogram count is negative"));
+        }
+        let mut left: i64 = values
+            .iter()
+            .try_fold(0i64, |a, v| a.checked_add(*v))
+            .ok_or_else(|| internal("a person's rows overflow"))?;
+        if left <= self.total {
+            return Ok(());
+        }
+        let mut kept = vec![0i64; values.len()];
+        for _ in 0..self.total.max(0) {
+            // A uniform one of the rows not drawn yet.
+            let mut u = uniform_below(rng, left as u64).map_err(internal)? as i64;
+            for (v, k) in values.iter_mut().zip(kept.iter_mut()) {
+                if u < *v {
+                    *v -= 1;
+                    *k += 1;
+                    break;
+                }
+                u -= *v;
+            }
+            left -= 1;
+        }
+        values.copy_from_slice(&kept);
+        Ok(())
+    }
+}
+
 /// What the bounding pass needs to know about the row stream and its output.
 #[derive(Debug, Clone)]
 pub struct BoundingSpec {
@@ -42,6 +91,8 @@ pub struct BoundingSpec {
     pub groups: usize,
     /// Per statistic column (after the keys and the person column), its per-person cap.
     pub caps: Vec<Cap>,
+    /// Groups of statistic columns capped jointly, before `caps`.
+    pub shares: Vec<Share>,
     /// Groups one person may contribute to (G).
     pub max_groups: u64,
     /// The output schema: group keys, one column per statistic, then the person count.
@@ -232,6 +283,7 @@ impl Bounder {
         let mut acc = vec![0i64; n_groups * width];
         let g = usize::try_from(self.spec.max_groups.max(1)).unwrap_or(usize::MAX);
         let mut mine: Vec<u32> = Vec::new();
+        let mut scratch: Vec<i64> = Vec::with_capacity(ns);
         for &head in &self.heads {
             mine.clear();
             let mut s = head;
@@ -251,8 +303,14 @@ impl Bounder {
             for &s in &mine {
                 let slot = self.slots[s as usize];
                 let out = slot.group as usize * width;
-                let vals = &self.values[s as usize * ns..(s as usize + 1) * ns];
-                for (j, (v, cap)) in vals.iter().zip(&self.spec.caps).enumerate() {
+                scratch.clear();
+                scratch.extend_from_slice(&self.values[s as usize * ns..(s as usize + 1) * ns]);
+                for share in &self.spec.shares {
+                    if let Some(v) = scratch.get_mut(share.first..share.first + share.len) {
+                        share.apply(v, rng)?;
+                    }
+                }
+                for (j, (v, cap)) in scratch.iter().zip(&self.spec.caps).enumerate() {
                     let capped = (*v).clamp(cap.lo, cap.hi);
                     acc[out + j] = acc[out + j]
                         .checked_add(capped)
@@ -509,6 +567,7 @@ mod tests {
                     lo: i64::MIN,
                     hi: 3,
                 }],
+                shares: vec![],
                 max_groups: 2,
                 output,
             });

@@ -77,7 +77,8 @@ impl ApprovedQuery {
         let mut out = Vec::with_capacity(self.kinds.len());
         for (e, kind) in self.aggregate.aggr_expr.iter().zip(&self.kinds) {
             let af = aggregate_function(e)?;
-            if *kind == AggKind::CountPersons {
+            // A percentile has no k-only partial (`build_k_partial` refuses it).
+            if matches!(kind, AggKind::CountPersons | AggKind::Percentile { .. }) {
                 out.push(vec![]);
                 continue;
             }
@@ -152,6 +153,7 @@ impl ApprovedQuery {
     }
 
     fn build_k_partial(&self) -> Result<KPartial, QueryError> {
+        self.refuse_exact_percentiles()?;
         let regions = self.cell_regions()?;
         let person = Expr::Column(self.person.clone());
         let groups: Vec<Expr> = self

@@ -140,6 +140,9 @@ pub async fn explain_with(
                 AggKind::Stddev { population: true } => {
                     format!("√((Σq − (Σs)²/Σn) / Σn) over __a{i}_{{n,s,q}}")
                 }
+                AggKind::Percentile { p } => {
+                    crate::percentile::merge_formula(i, *p, approved.percentile_grid(i).as_ref())
+                }
             };
             format!("{name} = {formula}")
         })
@@ -151,16 +154,43 @@ pub async fn explain_with(
             "differential privacy: each node spends ε = {} on this query, clamps values to declared bounds, keeps at most {} group(s) and {} row(s) per person",
             p.epsilon, p.max_groups_per_person, p.max_rows_per_person
         ));
+        // A histogram's buckets share one scale: shown once, as a range.
         let scales: Vec<String> = d
             .meta
             .scales
             .iter()
-            .map(|(c, b)| format!("{c}: {b}"))
+            .filter_map(|(c, b)| match crate::percentile::bucket_of(c) {
+                None => Some(format!("{c}: {b}")),
+                Some((i, 0)) => {
+                    let last = approved.percentile_grid(i)?.buckets().saturating_sub(1);
+                    Some(format!("__a{i}_h0..h{last}: {b} each"))
+                }
+                Some(_) => None,
+            })
             .collect();
         privacy.push(format!(
             "discrete Laplace noise scales per released value: {}",
             scales.join(", ")
         ));
+        // A histogram is one statistic however many buckets it has.
+        let grids: Vec<_> = (0..approved.aggregate_kinds().len())
+            .filter_map(|i| Some((i, approved.percentile_grid(i)?)))
+            .collect();
+        let m = d.meta.scales.len()
+            - grids
+                .iter()
+                .map(|(_, g)| g.buckets().saturating_sub(1))
+                .sum::<usize>();
+        let names = approved.aggregate_names();
+        for (i, grid) in &grids {
+            let scale = d
+                .meta
+                .scales
+                .get(&crate::percentile::bucket_name(*i, 0))
+                .copied();
+            let name = names.get(*i).map_or("?", String::as_str);
+            privacy.push(crate::percentile::explain_lines(*i, name, grid, scale, m));
+        }
         let threshold = |reason: String| {
             format!(
                 "{reason}a group is released only if its noisy {PERSONS} ≥ τ = {:.1} (δ = {}, k = {node_k})",

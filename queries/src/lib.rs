@@ -20,7 +20,8 @@
 //! - [`dp`]: exact discrete Laplace noise, calibration, partition selection.
 //! - [`keyset`]: public key sets: groups released without partition selection.
 //! - [`noise_share`]: exact noise shares, so the noise of any h honest nodes sums to one central
-//!   discrete Laplace draw (pure; not yet used by the partials).
+//!   discrete Laplace draw.
+//! - [`percentile`]: MEDIAN and percentiles in `dp` mode: noisy histograms over public grids.
 //! - [`explain`]: the plan, partial plan, merge and privacy rules of a query, or its refusal.
 //! - [`present`]: how a person reads each output column (rounding, calendar unit, whole range).
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod dp;
 pub mod explain;
 pub mod keyset;
 pub mod noise_share;
+pub mod percentile;
 pub mod present;
 pub mod privacy;
 pub mod rewrite;

@@ -82,7 +82,8 @@ pub fn not_informative(formats: &[ColumnFormat], ci95: &[Vec<Option<f64>>]) -> V
 fn whole_range(kind: AggKind, width: f64) -> Option<f64> {
     match kind {
         AggKind::Count | AggKind::CountPersons | AggKind::Sum => None,
-        AggKind::Avg => Some(width),
+        // A mean or a percentile lies within the argument's bounds.
+        AggKind::Avg | AggKind::Percentile { .. } => Some(width),
         // Population variance of values in [lo, hi] is at most width²/4; the sample variance
         // at most width²/2 (two values, one at each end).
         AggKind::Variance { population: true } => Some(width * width / 4.0),

@@ -11,9 +11,11 @@
 //! ```
 //!
 //! One person changes at most G groups, and in each at most: the person count by 1, a count by
-//! R, a centred sum by R·h, a sum of squares by R·h² (h = half the declared range, ×F). The ε
-//! of the query is split evenly over the m statistics each group releases, so the whole
-//! release is ε-DP for the counts and sums, and (ε, δ)-DP with partition selection.
+//! R, a centred sum by R·h, a sum of squares by R·h² (h = half the declared range, ×F), a
+//! percentile's histogram by R in all its buckets together ([`crate::percentile`]). The ε
+//! of the query is split evenly over the m statistics each group releases (a histogram is
+//! one), so the whole release is ε-DP for the counts and sums, and (ε, δ)-DP with partition
+//! selection.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -98,7 +100,7 @@ fn clamp(x: Expr, lo: Expr, hi: Expr) -> datafusion::error::Result<Expr> {
         .otherwise(x)
 }
 
-fn sum(x: Expr) -> Expr {
+pub(crate) fn sum(x: Expr) -> Expr {
     Expr::AggregateFunction(AggregateFunction::new_udf(
         sum_udaf(),
         vec![x],
@@ -311,11 +313,12 @@ fn checked(factors: &[u64]) -> Result<u64, QueryError> {
         .ok_or_else(|| QueryError::Internal(format!("sensitivity {factors:?} overflows")))
 }
 
-/// The per-person bound of a statistic, and its name.
+/// The per-person bound (L1) of a statistic, and the columns it is released in (one for a
+/// count or a sum; every bucket of a percentile's histogram, whose buckets are disjoint).
 #[derive(Debug, Clone)]
-struct Stat {
-    name: String,
-    sensitivity: u64,
+pub(crate) struct Stat {
+    pub(crate) names: Vec<String>,
+    pub(crate) sensitivity: u64,
 }
 
 impl ApprovedQuery {
@@ -336,9 +339,10 @@ impl ApprovedQuery {
         let mut person_aggs = Vec::new();
         let mut capped = Vec::new();
         let mut caps = Vec::new();
+        let mut shares = Vec::new();
         let mut group_aggs = Vec::new();
         let mut stats = vec![Stat {
-            name: PERSONS.into(),
+            names: vec![PERSONS.into()],
             sensitivity: g,
         }];
         let mut encodings = Vec::new();
@@ -347,6 +351,20 @@ impl ApprovedQuery {
                 Expr::AggregateFunction(af) => af,
                 other => return Err(QueryError::Internal(format!("not an aggregate: {other}"))),
             };
+            if let AggKind::Percentile { .. } = kind {
+                let parts = crate::percentile::DpParts {
+                    row_exprs: &mut row_exprs,
+                    person_aggs: &mut person_aggs,
+                    capped: &mut capped,
+                    caps: &mut caps,
+                    shares: &mut shares,
+                    group_aggs: &mut group_aggs,
+                    stats: &mut stats,
+                    encodings: &mut encodings,
+                };
+                crate::percentile::dp_parts(&self.sql, i, &af, parts, g, r)?;
+                continue;
+            }
             let arg = af.params.args.first().cloned().unwrap_or_else(|| lit(1i64));
             let mut cond = arg.clone().is_not_null();
             if let Some(f) = af.params.filter.clone() {
@@ -371,7 +389,7 @@ impl ApprovedQuery {
             });
             group_aggs.push(sum(col(&n)).alias(n.clone()));
             stats.push(Stat {
-                name: n.clone(),
+                names: vec![n.clone()],
                 sensitivity: checked(&[g, n_cap])?,
             });
             if matches!(kind, AggKind::Count | AggKind::CountPersons) {
@@ -434,7 +452,7 @@ impl ApprovedQuery {
             });
             group_aggs.push(sum(col(&s)).alias(s.clone()));
             stats.push(Stat {
-                name: s,
+                names: vec![s],
                 sensitivity: checked(&[g, r, half])?,
             });
             if matches!(kind, AggKind::Variance { .. } | AggKind::Stddev { .. }) {
@@ -453,7 +471,7 @@ impl ApprovedQuery {
                 });
                 group_aggs.push(sum(col(&q)).alias(q.clone()));
                 stats.push(Stat {
-                    name: q,
+                    names: vec![q],
                     sensitivity: checked(&[g, r, half, half])?,
                 });
             }
@@ -502,6 +520,7 @@ impl ApprovedQuery {
         let bounding = Arc::new(BoundingSpec {
             groups: n_groups,
             caps,
+            shares,
             max_groups: g,
             output: Arc::new(plan.schema().as_arrow().clone()),
         });
@@ -529,7 +548,9 @@ fn calibrate(stats: &[Stat], epsilon: f64) -> Result<BTreeMap<String, Scale>, Qu
             Scale::for_epsilon(checked(&[s.sensitivity, m])?, epsilon).ok_or_else(|| {
                 QueryError::Internal(format!("cannot calibrate noise for ε = {epsilon}"))
             })?;
-        scales.insert(s.name.clone(), scale);
+        for name in &s.names {
+            scales.insert(name.clone(), scale);
+        }
     }
     Ok(scales)
 }
@@ -544,7 +565,7 @@ impl DpPartial {
         let GroupKeys::Public(set) = keys else {
             return Ok(self);
         };
-        self.stats.retain(|s| s.name != PERSONS);
+        self.stats.retain(|s| s.names.iter().all(|n| n != PERSONS));
         self.scales = calibrate(&self.stats, self.epsilon)?;
         self.meta.scales = self
             .scales

@@ -122,6 +122,11 @@ impl ApprovedQuery {
                         agg(sum_udaf(), as_f64(arg)?, false, filter).alias(part_name(i, 's')),
                     );
                 }
+                AggKind::Percentile { .. } => {
+                    return Err(QueryError::Internal(
+                        "a percentile has no k-only partial".into(),
+                    ));
+                }
                 AggKind::Variance { .. } | AggKind::Stddev { .. } => {
                     let x = as_f64(arg.clone())?;
                     aggs.push(
@@ -176,7 +181,23 @@ impl ApprovedQuery {
             AggKind::Count | AggKind::CountPersons => &['n'],
             AggKind::Sum | AggKind::Avg => &['n', 's'],
             AggKind::Variance { .. } | AggKind::Stddev { .. } => &['n', 's', 'q'],
+            // One count per bucket (see `crate::percentile`).
+            AggKind::Percentile { .. } => &[],
         }
+    }
+
+    /// The types of the group keys, as every partial carries them (`__g{j}` is the query's own
+    /// group expression).
+    fn group_fields(&self) -> Vec<Field> {
+        let n_groups = self.aggregate.group_expr.len();
+        self.aggregate
+            .schema
+            .fields()
+            .iter()
+            .take(n_groups)
+            .enumerate()
+            .map(|(j, f)| f.as_ref().clone().with_name(group_name(j)))
+            .collect()
     }
 
     /// Checks a peer's partial (untrusted): group columns of the query's types, exactly the
@@ -186,11 +207,14 @@ impl ApprovedQuery {
         batch_schema: &SchemaRef,
         meta: &PartialMeta,
     ) -> Result<(), String> {
-        let expected = self.partial_schema().map_err(|e| e.to_string())?;
+        let expected = self.group_fields();
         let n_groups = self.aggregate.group_expr.len();
         let mut names: Vec<String> = (0..n_groups).map(group_name).collect();
         for i in 0..self.kinds.len() {
             names.extend(self.parts(i).iter().map(|p| part_name(i, *p)));
+            if let Some(grid) = self.percentile_grid(i) {
+                names.extend((0..grid.buckets()).map(|b| crate::percentile::bucket_name(i, b)));
+            }
         }
         // k-only partials carry the people in each region of each aggregate; DP partials don't.
         if !meta.dp {
@@ -210,12 +234,12 @@ impl ApprovedQuery {
             ));
         }
         for (j, f) in fields.iter().take(n_groups).enumerate() {
-            if f.data_type() != expected.field(j).data_type() {
+            if f.data_type() != expected[j].data_type() {
                 return Err(format!(
                     "group column {} has type {}, expected {}",
                     f.name(),
                     f.data_type(),
-                    expected.field(j).data_type()
+                    expected[j].data_type()
                 ));
             }
         }
@@ -255,13 +279,10 @@ impl ApprovedQuery {
     /// The schema every partial is normalized to before merging: values back in the units of
     /// the data, noise variances alongside.
     fn canonical_schema(&self) -> Result<SchemaRef, QueryError> {
-        let partial = self.partial_schema()?;
-        let n_groups = self.aggregate.group_expr.len();
-        let mut fields: Vec<Field> = partial
-            .fields()
-            .iter()
-            .take(n_groups)
-            .map(|f| f.as_ref().clone().with_nullable(true))
+        let mut fields: Vec<Field> = self
+            .group_fields()
+            .into_iter()
+            .map(|f| f.with_nullable(true))
             .collect();
         for i in 0..self.kinds.len() {
             fields.push(Field::new(part_name(i, 'n'), DataType::Int64, true));
@@ -269,6 +290,7 @@ impl ApprovedQuery {
                 fields.push(Field::new(part_name(i, p), DataType::Float64, true));
             }
             fields.push(Field::new(part_name(i, WITHHELD), DataType::Int64, true));
+            fields.extend(crate::percentile::canonical_fields(self, i));
         }
         for name in self.region_names()?.into_iter().flatten() {
             fields.push(Field::new(name, DataType::Int64, true));
@@ -317,6 +339,10 @@ impl ApprovedQuery {
         let mut columns: Vec<ArrayRef> =
             (0..n_groups).map(|j| Arc::clone(batch.column(j))).collect();
         for (i, enc) in meta.encodings.iter().enumerate() {
+            if let Some(grid) = self.percentile_grid(i) {
+                crate::percentile::normalize(batch, i, &grid, meta, &mut columns)?;
+                continue;
+            }
             let (c, f) = (enc.center, enc.scale);
             let n = int(&part_name(i, 'n'))?;
             let s_raw = float(&part_name(i, 's'))?;
@@ -459,6 +485,8 @@ impl ApprovedQuery {
         };
         // 2b. A cell a node withheld while returning its group has no federation number.
         let (kept, incomplete_cells) = withhold_incomplete(&kept, self.kinds.len())?;
+        // 2c. Percentiles: the quantile and its interval from the summed noisy buckets.
+        let kept = crate::percentile::read_quantiles(self, kept)?;
         let min_released_persons = kept
             .iter()
             .filter_map(|b| {
@@ -787,6 +815,8 @@ fn final_value(
         }
         AggKind::Variance { population } => variance(population)?,
         AggKind::Stddev { population } => sqrt(variance(population)?),
+        // Read off the merged histogram by `crate::percentile::read_quantiles`.
+        AggKind::Percentile { .. } => s(),
     })
 }
 
@@ -799,6 +829,8 @@ fn interval(kind: AggKind, i: usize, c: f64) -> datafusion::error::Result<Expr> 
     let (vn, ws) = (|| col(part_name(i, 'v')), || col(part_name(i, 'w')));
     let sc = || s() - lit(c) * n();
     let var = match kind {
+        // The half-width itself, from `crate::percentile::read_quantiles`.
+        AggKind::Percentile { .. } => return Ok(col(part_name(i, 'q'))),
         AggKind::Count | AggKind::CountPersons => vn(),
         AggKind::Sum => ws() + lit(c * c) * vn(),
         // avg = c + s_c/n.

@@ -53,11 +53,14 @@ pub enum Rule {
     /// In `k-only` mode, an aggregate's argument is more than measures, constants, linear
     /// arithmetic (at most a product of two measures) and one CASE over them.
     ArgumentNotAllowed,
+    /// In `k-only` mode, a percentile (MEDIAN, PERCENTILE_CONT, APPROX_PERCENTILE_CONT): an
+    /// exact percentile is one person's raw value.
+    ExactPercentile,
 }
 
 impl Rule {
     /// Every rule, in code order.
-    pub const ALL: [Rule; 20] = [
+    pub const ALL: [Rule; 21] = [
         Rule::SyntaxError,
         Rule::MultipleStatements,
         Rule::NotAQuery,
@@ -78,6 +81,7 @@ impl Rule {
         Rule::QueryTooLarge,
         Rule::UnboundedArgument,
         Rule::ArgumentNotAllowed,
+        Rule::ExactPercentile,
     ];
 
     /// The stable code, e.g. `CXF-Q012`.
@@ -103,6 +107,7 @@ impl Rule {
             Rule::QueryTooLarge => "CXF-Q018",
             Rule::UnboundedArgument => "CXF-Q019",
             Rule::ArgumentNotAllowed => "CXF-Q020",
+            Rule::ExactPercentile => "CXF-Q021",
         }
     }
 
@@ -129,6 +134,7 @@ impl Rule {
             Rule::QueryTooLarge => "query-too-large",
             Rule::UnboundedArgument => "unbounded-argument",
             Rule::ArgumentNotAllowed => "argument-not-allowed",
+            Rule::ExactPercentile => "exact-percentile",
         }
     }
 

@@ -572,6 +572,49 @@ pub fn dp_bounds(name: &str) -> Option<(f64, f64)> {
     }
 }
 
+/// Bucket edges of wait_minutes' public percentile grid (see [`percentile_grid`]). Waits are
+/// whole minutes, so edges sit halfway between them and a bucket holds the minutes 0, 1, 2, 3,
+/// 4, 5, 6–7, 8–9, 10–11, 12–14, 15–19, 20–24, 25–29, 30–39, 40–49, 50–59, 60–74, 75–89,
+/// 90–119, 120–149, 150–179, 180–209, 210–239, and 240 (every longer wait, clamped to the DP
+/// bound): one minute wide where waits are common, widening with the tail.
+pub const WAIT_MINUTES_GRID: &[f64] = &[
+    -0.5, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 7.5, 9.5, 11.5, 14.5, 19.5, 24.5, 29.5, 39.5, 49.5, 59.5,
+    74.5, 89.5, 119.5, 149.5, 179.5, 209.5, 239.5, 240.5,
+];
+
+/// Bucket edges of processing_days' public percentile grid: the days 0, 1, 2, 3–4, 5–6, 7–9,
+/// 10–13, 14–20, 21–29, 30–44, 45–59, 60–89, 90–119, 120–149, 150–179, 180–239, 240–299,
+/// 300–364, and 365 (a year or more, clamped to the DP bound).
+pub const PROCESSING_DAYS_GRID: &[f64] = &[
+    -0.5, 0.5, 1.5, 2.5, 4.5, 6.5, 9.5, 13.5, 20.5, 29.5, 44.5, 59.5, 89.5, 119.5, 149.5, 179.5,
+    239.5, 299.5, 364.5, 365.5,
+];
+
+/// The public bucket grid a percentile of a measure is read from in differential-privacy mode:
+/// ascending bucket edges e₀ < e₁ < … < e_B, bucket b holding values in [e_b, e_{b+1}) (the
+/// last one closed), covering the measure's [`dp_bounds`]; an answer spreads a bucket's values
+/// evenly over it. Declared, never derived from data: nodes release one noisy count per
+/// bucket. wait_minutes and processing_days have the grids above (fine where values are
+/// common, coarse in the tail, the clamped tail a bucket of its own); an integer-valued
+/// measure with at most 20 values (the 1–5 scores) has one bucket per integer v,
+/// [v − ½, v + ½). `None`: the measure has no grid, and no percentile of it is answered.
+pub fn percentile_grid(name: &str) -> Option<Vec<f64>> {
+    match name {
+        "wait_minutes" => Some(WAIT_MINUTES_GRID.to_vec()),
+        "processing_days" => Some(PROCESSING_DAYS_GRID.to_vec()),
+        _ => match column_anywhere(name)? {
+            Column {
+                kind: Kind::Measure,
+                domain: Domain::Range(lo, hi),
+                ..
+            } if hi > lo && hi - lo <= 20 => {
+                Some((*lo..=*hi + 1).map(|v| v as f64 - 0.5).collect())
+            }
+            _ => None,
+        },
+    }
+}
+
 /// Looks a column up in either table (the kind of a name is the same in both).
 pub fn column_anywhere(name: &str) -> Option<&'static Column> {
     Table::ALL.into_iter().find_map(|t| t.column(name))

@@ -86,7 +86,7 @@ impl From<DataFusionError> for QueryError {
 }
 
 /// What one aggregate of the query computes, and so which partials it needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AggKind {
     /// `COUNT(*)` or `COUNT(expr)`.
     Count,
@@ -106,6 +106,13 @@ pub enum AggKind {
         /// Population rather than sample.
         population: bool,
     },
+    /// `MEDIAN(x)`, `PERCENTILE_CONT(p) WITHIN GROUP (ORDER BY x)` or
+    /// `APPROX_PERCENTILE_CONT(x, p)`: answered in `dp` mode only, from a noisy histogram
+    /// over the measure's public grid (see [`crate::percentile`]).
+    Percentile {
+        /// The fraction of values at or below the answer, in [0, 1] (0.5 for MEDIAN).
+        p: f64,
+    },
 }
 
 impl fmt::Display for AggKind {
@@ -119,6 +126,7 @@ impl fmt::Display for AggKind {
             AggKind::Variance { population: true } => "var_pop",
             AggKind::Stddev { population: false } => "stddev",
             AggKind::Stddev { population: true } => "stddev_pop",
+            AggKind::Percentile { p } => return write!(f, "percentile({p})"),
         };
         f.write_str(s)
     }
@@ -1249,24 +1257,29 @@ fn check_aggregate(sql: &str, e: &Expr) -> Result<AggKind, Rejection> {
     };
     let name = af.func.name();
     let refuse = |why: String| Rejection::new(Rule::AggregateNotAllowed, why).at_word(sql, name);
-    if !af.params.order_by.is_empty() {
+    let percentile = crate::percentile::classify(sql, af)?;
+    if percentile.is_none() && !af.params.order_by.is_empty() {
         return Err(refuse(format!(
             "ordered aggregates ({name} with ORDER BY / WITHIN GROUP) are not allowed"
         )));
     }
-    let kind = match name {
-        "count" if is_count_persons(af) => AggKind::CountPersons,
-        "count" => AggKind::Count,
-        "sum" => AggKind::Sum,
-        "avg" => AggKind::Avg,
-        "var" => AggKind::Variance { population: false },
-        "var_pop" => AggKind::Variance { population: true },
-        "stddev" => AggKind::Stddev { population: false },
-        "stddev_pop" => AggKind::Stddev { population: true },
-        other => {
-            return Err(refuse(format!(
-                "aggregate {other} is not allowed; allowed: COUNT, COUNT(DISTINCT person_id), SUM, AVG, STDDEV, STDDEV_POP, VARIANCE, VAR_POP"
-            )));
+    let kind = if let Some(k) = percentile {
+        k
+    } else {
+        match name {
+            "count" if is_count_persons(af) => AggKind::CountPersons,
+            "count" => AggKind::Count,
+            "sum" => AggKind::Sum,
+            "avg" => AggKind::Avg,
+            "var" => AggKind::Variance { population: false },
+            "var_pop" => AggKind::Variance { population: true },
+            "stddev" => AggKind::Stddev { population: false },
+            "stddev_pop" => AggKind::Stddev { population: true },
+            other => {
+                return Err(refuse(format!(
+                    "aggregate {other} is not allowed; allowed: COUNT, COUNT(DISTINCT person_id), SUM, AVG, STDDEV, STDDEV_POP, VARIANCE, VAR_POP, and (dp mode) MEDIAN, PERCENTILE_CONT, APPROX_PERCENTILE_CONT"
+                )));
+            }
         }
     };
     if af.params.distinct && kind != AggKind::CountPersons {

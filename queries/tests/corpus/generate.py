@@ -62,7 +62,7 @@ for cols in ["*", "trust", "trust, satisfaction", "agency, trust", "agency", "wa
 r("CXF-Q005", "SELECT e.trust, o.wait_minutes FROM experience e JOIN operational o ON e.case_id = o.case_id")
 
 # Aggregates outside the allow-list (CXF-Q011).
-for f in ["MIN", "MAX", "ARRAY_AGG", "MEDIAN", "FIRST_VALUE", "LAST_VALUE", "BIT_AND", "BIT_OR",
+for f in ["MIN", "MAX", "ARRAY_AGG", "FIRST_VALUE", "LAST_VALUE", "BIT_AND", "BIT_OR",
           "BOOL_AND", "APPROX_DISTINCT", "APPROX_MEDIAN", "CORR", "COVAR", "REGR_SLOPE", "NTH_VALUE"]:
     args = "trust" if f not in ("CORR", "COVAR", "REGR_SLOPE") else "trust, ease"
     if f == "NTH_VALUE":
@@ -72,7 +72,6 @@ for f in ["MIN", "MAX", "ARRAY_AGG", "MEDIAN", "FIRST_VALUE", "LAST_VALUE", "BIT
     r("CXF-Q011", f"SELECT {f}({args}) FROM experience")
     r("CXF-Q011", f"SELECT agency, {f}({args}) FROM experience GROUP BY agency")
 r("CXF-Q011", "SELECT STRING_AGG(agency, ',') FROM experience")
-r("CXF-Q011", "SELECT APPROX_PERCENTILE_CONT(trust, 0.5) FROM experience")
 r("CXF-Q011", "SELECT MAX(wait_minutes) FROM operational WHERE channel = 'phone'")
 r("CXF-Q011", "SELECT MIN(response_date) FROM experience")
 
@@ -188,9 +187,21 @@ r("CXF-Q012", "SELECT COUNT(*) FROM experience WHERE agency = 'SSA' /* harmless 
 r("CXF-Q006", "SELECT COUNT(*) FROM \"\u0435xperience\"")
 r("CXF-Q004", "SELECT COUNT(*) FROM experience WHERE \"person\u200b_id\" = 'x'")
 r("CXF-Q001", "SELECT COUNT(*) FROM experience WHERE trust \uff1e 3")
-# Percentiles and ordered aggregates of raw values (CXF-Q011).
-r("CXF-Q011", "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY wait_minutes) FROM operational")
-r("CXF-Q011", "SELECT approx_percentile_cont(wait_minutes, 0.99) FROM operational")
+# Percentiles: of an expression or of a column without a public bucket grid (CXF-Q019, in
+# every mode); with a percentile that is no literal in [0, 1], a centroid count or an ordering
+# by something else (CXF-Q011). Percentiles of measures with a grid are in allowed.sql.
+r("CXF-Q019", "SELECT MEDIAN(wait_minutes + 1) FROM operational")
+r("CXF-Q019", "SELECT channel, PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY wait_minutes * 2) FROM operational GROUP BY channel")
+r("CXF-Q019", "SELECT MEDIAN(CASE WHEN trust > 3 THEN trust END) FROM experience")
+r("CXF-Q019", "SELECT APPROX_PERCENTILE_CONT(date_part('year', response_date), 0.5) FROM experience")
+r("CXF-Q019", "SELECT MEDIAN(fiscal_quarter) FROM operational")
+r("CXF-Q019", "SELECT e.agency, MEDIAN(o.wait_minutes / 60.0) FROM experience e JOIN operational o ON e.case_id = o.case_id GROUP BY e.agency")
+r("CXF-Q011", "SELECT PERCENTILE_CONT(1.5) WITHIN GROUP (ORDER BY wait_minutes) FROM operational")
+r("CXF-Q011", "SELECT PERCENTILE_CONT(-0.1) WITHIN GROUP (ORDER BY trust) FROM experience")
+r("CXF-Q011", "SELECT APPROX_PERCENTILE_CONT(wait_minutes, trust) FROM operational o JOIN experience e ON e.case_id = o.case_id")
+r("CXF-Q011", "SELECT APPROX_PERCENTILE_CONT(wait_minutes, 0.5, 100) FROM operational")
+r("CXF-Q012", "SELECT MEDIAN(CASE WHEN person_id = 'x' THEN trust END) FROM experience")
+r("CXF-Q015", "SELECT MEDIAN(DISTINCT trust) FROM experience")
 # Table functions reading files (CXF-Q006).
 r("CXF-Q006", "SELECT COUNT(*) FROM read_parquet('/etc/passwd')")
 r("CXF-Q006", "SELECT COUNT(*) FROM read_csv('data/ssa/experience.csv')")
@@ -232,6 +243,8 @@ r("CXF-Q018", "SELECT COUNT(*) FROM experience WHERE " + "(" * 300 + "trust > 1"
 r("CXF-Q018", "SELECT " + " + ".join(["COUNT(*)"] * 3000) + " FROM experience")
 
 allowed = []
+# Answered only by a differential-privacy federation; a k-only one refuses them (CXF-Q021).
+dp_only = []
 dims = ["agency", "service", "life_experience", "journey_stage", "channel", "state", "age_band"]
 for d in dims:
     allowed.append(f"SELECT {d}, COUNT(*), AVG(trust) FROM experience GROUP BY {d} ORDER BY {d}")
@@ -282,6 +295,22 @@ allowed += [
     "SELECT channel, AVG(wait_minutes / 60.0) FROM operational GROUP BY channel ORDER BY channel",
 ]
 
+dp_only += [
+    "SELECT MEDIAN(trust) FROM experience",
+    "SELECT agency, MEDIAN(trust) FROM experience GROUP BY agency ORDER BY agency",
+    "SELECT APPROX_PERCENTILE_CONT(trust, 0.5) FROM experience",
+    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY wait_minutes) FROM operational",
+    "SELECT approx_percentile_cont(wait_minutes, 0.99) FROM operational",
+    "SELECT channel, MEDIAN(wait_minutes), PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY wait_minutes) AS p90 FROM operational GROUP BY channel ORDER BY channel",
+    "SELECT channel, PERCENTILE_CONT(0.1) WITHIN GROUP (ORDER BY wait_minutes DESC) FROM operational GROUP BY channel ORDER BY channel",
+    "SELECT outcome, PERCENTILE_CONT(0.5) WITHIN GROUP (ORDER BY processing_days), COUNT(*) FROM operational GROUP BY outcome ORDER BY outcome",
+    "SELECT agency, MEDIAN(satisfaction), APPROX_PERCENTILE_CONT(ease, 0.25), AVG(trust) FROM experience GROUP BY agency ORDER BY agency",
+    "SELECT e.channel, MEDIAN(o.wait_minutes) FILTER (WHERE e.trust <= 2) FROM experience e JOIN operational o ON e.case_id = o.case_id GROUP BY e.channel ORDER BY e.channel",
+    "SELECT journey_stage, quantile_cont(processing_days, 0.75) FROM operational WHERE outcome = 'approved' GROUP BY journey_stage ORDER BY journey_stage",
+]
+for d in dims:
+    dp_only.append(f"SELECT {d}, MEDIAN(wait_minutes), MEDIAN(processing_days) FROM operational GROUP BY {d} ORDER BY {d}")
+
 out = ["-- Refused queries: each block is `-- expect: CODE`, the SQL, then a line `;;`.",
        "-- Generated by generate.py; checked by queries/tests/corpus.rs (validator) and",
        "-- tests/tests/corpus.rs (coordinator and node over mTLS).", ""]
@@ -289,8 +318,12 @@ for code, sql in refused:
     out += [f"-- expect: {code}", sql, ";;"]
 (HERE / "refused.sql").write_text("\n".join(out) + "\n")
 out = ["-- Allowed queries: the SQL, then a line `;;`. Every one orders by all its group keys.",
-       "-- Generated by generate.py; federated answers must equal pooled answers.", ""]
+       "-- Generated by generate.py; federated answers must equal pooled answers.",
+       "-- Blocks with `-- expect: CXF-Q021` (percentiles) are answered in dp mode only: a k-only",
+       "-- federation refuses them with that code.", ""]
 for sql in allowed:
     out += [sql, ";;"]
+for sql in dp_only:
+    out += ["-- expect: CXF-Q021", sql, ";;"]
 (HERE / "allowed.sql").write_text("\n".join(out) + "\n")
-print(f"{len(refused)} refused, {len(allowed)} allowed")
+print(f"{len(refused)} refused, {len(allowed)} allowed, {len(dp_only)} allowed in dp mode only")

@@ -311,12 +311,6 @@ SELECT ARRAY_AGG(trust) FROM experience
 SELECT agency, ARRAY_AGG(trust) FROM experience GROUP BY agency
 ;;
 -- expect: CXF-Q011
-SELECT MEDIAN(trust) FROM experience
-;;
--- expect: CXF-Q011
-SELECT agency, MEDIAN(trust) FROM experience GROUP BY agency
-;;
--- expect: CXF-Q011
 SELECT FIRST_VALUE(trust) FROM experience
 ;;
 -- expect: CXF-Q011
@@ -384,9 +378,6 @@ SELECT agency, NTH_VALUE(trust, 1) FROM experience GROUP BY agency
 ;;
 -- expect: CXF-Q011
 SELECT STRING_AGG(agency, ',') FROM experience
-;;
--- expect: CXF-Q011
-SELECT APPROX_PERCENTILE_CONT(trust, 0.5) FROM experience
 ;;
 -- expect: CXF-Q011
 SELECT MAX(wait_minutes) FROM operational WHERE channel = 'phone'
@@ -732,11 +723,41 @@ SELECT COUNT(*) FROM experience WHERE "person​_id" = 'x'
 -- expect: CXF-Q001
 SELECT COUNT(*) FROM experience WHERE trust ＞ 3
 ;;
--- expect: CXF-Q011
-SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY wait_minutes) FROM operational
+-- expect: CXF-Q019
+SELECT MEDIAN(wait_minutes + 1) FROM operational
+;;
+-- expect: CXF-Q019
+SELECT channel, PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY wait_minutes * 2) FROM operational GROUP BY channel
+;;
+-- expect: CXF-Q019
+SELECT MEDIAN(CASE WHEN trust > 3 THEN trust END) FROM experience
+;;
+-- expect: CXF-Q019
+SELECT APPROX_PERCENTILE_CONT(date_part('year', response_date), 0.5) FROM experience
+;;
+-- expect: CXF-Q019
+SELECT MEDIAN(fiscal_quarter) FROM operational
+;;
+-- expect: CXF-Q019
+SELECT e.agency, MEDIAN(o.wait_minutes / 60.0) FROM experience e JOIN operational o ON e.case_id = o.case_id GROUP BY e.agency
 ;;
 -- expect: CXF-Q011
-SELECT approx_percentile_cont(wait_minutes, 0.99) FROM operational
+SELECT PERCENTILE_CONT(1.5) WITHIN GROUP (ORDER BY wait_minutes) FROM operational
+;;
+-- expect: CXF-Q011
+SELECT PERCENTILE_CONT(-0.1) WITHIN GROUP (ORDER BY trust) FROM experience
+;;
+-- expect: CXF-Q011
+SELECT APPROX_PERCENTILE_CONT(wait_minutes, trust) FROM operational o JOIN experience e ON e.case_id = o.case_id
+;;
+-- expect: CXF-Q011
+SELECT APPROX_PERCENTILE_CONT(wait_minutes, 0.5, 100) FROM operational
+;;
+-- expect: CXF-Q012
+SELECT MEDIAN(CASE WHEN person_id = 'x' THEN trust END) FROM experience
+;;
+-- expect: CXF-Q015
+SELECT MEDIAN(DISTINCT trust) FROM experience
 ;;
 -- expect: CXF-Q006
 SELECT COUNT(*) FROM read_parquet('/etc/passwd')
