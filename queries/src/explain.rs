@@ -140,9 +140,11 @@ pub async fn explain_with(
                 AggKind::Stddev { population: true } => {
                     format!("√((Σq − (Σs)²/Σn) / Σn) over __a{i}_{{n,s,q}}")
                 }
-                AggKind::Percentile { p } => {
-                    crate::percentile::merge_formula(i, *p, approved.percentile_grid(i).as_ref())
-                }
+                AggKind::Percentile { p } => crate::percentile::merge_formula(
+                    approved.histogram_of(i).unwrap_or(i),
+                    *p,
+                    approved.percentile_grid(i).as_ref(),
+                ),
             };
             format!("{name} = {formula}")
         })
@@ -172,24 +174,40 @@ pub async fn explain_with(
             "discrete Laplace noise scales per released value: {}",
             scales.join(", ")
         ));
-        // A histogram is one statistic however many buckets it has.
+        // A histogram is one statistic however many buckets it has, and percentiles of one
+        // measure and FILTER read one histogram.
         let grids: Vec<_> = (0..approved.aggregate_kinds().len())
-            .filter_map(|i| Some((i, approved.percentile_grid(i)?)))
+            .filter_map(|i| Some((i, approved.percentile_grid(i)?, approved.histogram_of(i)?)))
             .collect();
         let m = d.meta.scales.len()
             - grids
                 .iter()
-                .map(|(_, g)| g.buckets().saturating_sub(1))
+                .filter(|(i, _, src)| i == src)
+                .map(|(_, g, _)| g.buckets().saturating_sub(1))
                 .sum::<usize>();
         let names = approved.aggregate_names();
-        for (i, grid) in &grids {
+        let name = |i: usize| names.get(i).map_or("?", String::as_str);
+        for (i, grid, src) in &grids {
+            if i != src {
+                privacy.push(format!(
+                    "{}: read off the histogram of {} (same measure and FILTER: no further ε)",
+                    name(*i),
+                    name(*src)
+                ));
+                continue;
+            }
             let scale = d
                 .meta
                 .scales
                 .get(&crate::percentile::bucket_name(*i, 0))
                 .copied();
-            let name = names.get(*i).map_or("?", String::as_str);
-            privacy.push(crate::percentile::explain_lines(*i, name, grid, scale, m));
+            privacy.push(crate::percentile::explain_lines(
+                *i,
+                name(*i),
+                grid,
+                scale,
+                m,
+            ));
         }
         let threshold = |reason: String| {
             format!(

@@ -188,6 +188,36 @@ impl ApprovedQuery {
             _ => None,
         }
     }
+
+    /// The aggregate whose histogram percentile `i` is read from: the first percentile of the
+    /// query with the same measure and FILTER (`i` itself when none comes before it). MEDIAN
+    /// and p90 of one measure share one histogram, and so one share of ε.
+    pub fn histogram_of(&self, i: usize) -> Option<usize> {
+        self.percentile_grid(i)?;
+        let key = |j: usize| match (
+            self.kinds.get(j),
+            self.aggregate.aggr_expr.get(j).map(|e| e.clone().unalias()),
+        ) {
+            (Some(AggKind::Percentile { .. }), Some(Expr::AggregateFunction(af))) => Some((
+                af.params.args.first().map(|a| strip(a).clone()),
+                af.params.filter.clone(),
+            )),
+            _ => None,
+        };
+        let mine = key(i)?;
+        (0..=i).find(|&j| key(j).as_ref() == Some(&mine))
+    }
+
+    /// The bucket columns a partial carries for aggregate `i` (none when it reads another
+    /// aggregate's histogram, or is no percentile).
+    pub(crate) fn bucket_columns(&self, i: usize) -> Vec<String> {
+        match (self.histogram_of(i), self.percentile_grid(i)) {
+            (Some(j), Some(grid)) if j == i => {
+                (0..grid.buckets()).map(|b| bucket_name(i, b)).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
 }
 
 impl ApprovedQuery {
@@ -239,7 +269,7 @@ pub(crate) struct DpParts<'a> {
 /// one statistic of L1 sensitivity G·R. Refuses (CXF-Q019, at the function's name) an
 /// argument without a grid.
 pub(crate) fn dp_parts(
-    sql: &str,
+    q: &ApprovedQuery,
     i: usize,
     af: &AggregateFunction,
     parts: DpParts<'_>,
@@ -258,8 +288,16 @@ pub(crate) fn dp_parts(
             Rule::UnboundedArgument,
             format!("in differential-privacy mode a percentile ({name}) needs a public bucket grid: {why}"),
         )
-        .at_word(sql, name)
+        .at_word(&q.sql, name)
     })?;
+    // Another percentile of the same measure and FILTER already releases this histogram.
+    if q.histogram_of(i).is_some_and(|j| j != i) {
+        parts.encodings.push(Encoding {
+            center: 0.0,
+            scale: 1.0,
+        });
+        return Ok(());
+    }
     let mut cond = arg.clone().is_not_null();
     if let Some(f) = af.params.filter.clone() {
         cond = cond.and(*f);
@@ -334,13 +372,10 @@ pub(crate) fn dp_parts(
 
 /// The canonical (coordinator-side) bucket columns of aggregate `i`.
 pub(crate) fn canonical_fields(q: &ApprovedQuery, i: usize) -> Vec<Field> {
-    q.percentile_grid(i)
-        .map(|g| {
-            (0..g.buckets())
-                .map(|b| Field::new(bucket_name(i, b), DataType::Int64, true))
-                .collect()
-        })
-        .unwrap_or_default()
+    q.bucket_columns(i)
+        .into_iter()
+        .map(|b| Field::new(b, DataType::Int64, true))
+        .collect()
 }
 
 /// Normalizes one node's percentile aggregate `i` into the canonical columns, in their order:
@@ -348,6 +383,7 @@ pub(crate) fn canonical_fields(q: &ApprovedQuery, i: usize) -> Vec<Field> {
 /// v = the noise variance of *one* bucket, w = u = 0, x = 0 (a DP node never withholds a
 /// cell), then the buckets.
 pub(crate) fn normalize(
+    q: &ApprovedQuery,
     batch: &RecordBatch,
     i: usize,
     grid: &Grid,
@@ -355,9 +391,10 @@ pub(crate) fn normalize(
     columns: &mut Vec<ArrayRef>,
 ) -> Result<(), QueryError> {
     let rows = batch.num_rows();
+    let src = q.histogram_of(i).unwrap_or(i);
     let mut buckets = Vec::with_capacity(grid.buckets());
     for b in 0..grid.buckets() {
-        let name = bucket_name(i, b);
+        let name = bucket_name(src, b);
         let a = batch
             .column_by_name(&name)
             .and_then(|a| a.as_any().downcast_ref::<Int64Array>().cloned())
@@ -375,7 +412,12 @@ pub(crate) fn normalize(
             })
         })
         .collect();
-    let var = crate::dp::variance(meta.scales.get(&bucket_name(i, 0)).copied().unwrap_or(0.0));
+    let var = crate::dp::variance(
+        meta.scales
+            .get(&bucket_name(src, 0))
+            .copied()
+            .unwrap_or(0.0),
+    );
     let zeros = || Arc::new(Float64Array::from(vec![0.0; rows])) as ArrayRef;
     columns.push(Arc::new(n));
     columns.push(zeros());
@@ -384,7 +426,9 @@ pub(crate) fn normalize(
     columns.push(zeros());
     columns.push(zeros());
     columns.push(Arc::new(Int64Array::from(vec![0i64; rows])));
-    columns.extend(buckets.into_iter().map(|a| Arc::new(a) as ArrayRef));
+    if src == i {
+        columns.extend(buckets.into_iter().map(|a| Arc::new(a) as ArrayRef));
+    }
     Ok(())
 }
 
@@ -572,8 +616,9 @@ pub(crate) fn read_quantiles(
                 .column_by_name(&part_name(*i, 'v'))
                 .and_then(|a| a.as_any().downcast_ref::<Float64Array>().cloned())
                 .ok_or_else(|| internal(format!("{} missing", part_name(*i, 'v'))))?;
+            let src = q.histogram_of(*i).unwrap_or(*i);
             let buckets: Vec<Int64Array> = (0..grid.buckets())
-                .map(|k| get_int(&bucket_name(*i, k)))
+                .map(|k| get_int(&bucket_name(src, k)))
                 .collect::<Result<_, _>>()?;
             let mut values = Vec::with_capacity(b.num_rows());
             let mut halves = Vec::with_capacity(b.num_rows());
@@ -1076,21 +1121,38 @@ mod tests {
             max_rows_per_person: 1,
             k: 10,
         };
-        let e = crate::explain::explain_with(
-            &ctx.state(),
-            "SELECT channel, MEDIAN(wait_minutes), PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY wait_minutes) FROM operational GROUP BY channel",
-            10,
-            10,
-            Some(&params),
-        )
-        .await
-        .expect("explain")
-        .to_string();
-        // Three statistics: persons and two histograms; each bucket at scale G·R·3/ε = 3.
-        assert!(e.contains("one of the 3 statistics"), "{e}");
+        let keys = crate::keyset::PublicKeys::schema_only();
+        let explain = |sql: &'static str| {
+            let state = ctx.state();
+            let dp = crate::explain::DpContext {
+                params: &params,
+                public_keys: &keys,
+                max_groups: 10_000,
+                secure_aggregation: true,
+            };
+            async move {
+                crate::explain::explain_with(&state, sql, 10, 10, Some(dp))
+                    .await
+                    .expect("explain")
+                    .to_string()
+            }
+        };
+        // Channels are public (no person count released): the count and one histogram, which
+        // the median and the p90 of waits share; each bucket at scale G·R·2/ε = 2.
+        let e = explain("SELECT channel, COUNT(*) AS n, MEDIAN(wait_minutes) AS m, PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY wait_minutes) AS p90 FROM operational GROUP BY channel").await;
+        assert!(e.contains("one of the 2 statistics"), "{e}");
         assert!(e.contains("-0.5, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 7.5"), "{e}");
-        assert!(e.contains("scale 3 per bucket"), "{e}");
-        assert!(e.contains("__a1_h0..h23: 3 each"), "{e}");
+        assert!(e.contains("scale 2 per bucket"), "{e}");
+        assert!(
+            e.contains("read off the histogram of median(operational.wait_minutes)"),
+            "{e}"
+        );
+        assert!(!e.contains("Σ __a2_h0"), "{e}");
+        assert!(!e.contains("__a2_h0"), "{e}");
+        // Another FILTER is another histogram: three statistics.
+        let e = explain("SELECT channel, COUNT(*) AS n, MEDIAN(wait_minutes) AS m, MEDIAN(wait_minutes) FILTER (WHERE outcome = 'approved') AS ma FROM operational GROUP BY channel").await;
+        assert!(e.contains("one of the 3 statistics"), "{e}");
+        assert!(e.contains("__a2_h0..h23: 3 each"), "{e}");
     }
 
     /// A peer's partial whose buckets are missing, renamed or not integers is refused by the

@@ -362,7 +362,7 @@ impl ApprovedQuery {
                     stats: &mut stats,
                     encodings: &mut encodings,
                 };
-                crate::percentile::dp_parts(&self.sql, i, &af, parts, g, r)?;
+                crate::percentile::dp_parts(self, i, &af, parts, g, r)?;
                 continue;
             }
             let arg = af.params.args.first().cloned().unwrap_or_else(|| lit(1i64));

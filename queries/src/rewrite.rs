@@ -212,9 +212,7 @@ impl ApprovedQuery {
         let mut names: Vec<String> = (0..n_groups).map(group_name).collect();
         for i in 0..self.kinds.len() {
             names.extend(self.parts(i).iter().map(|p| part_name(i, *p)));
-            if let Some(grid) = self.percentile_grid(i) {
-                names.extend((0..grid.buckets()).map(|b| crate::percentile::bucket_name(i, b)));
-            }
+            names.extend(self.bucket_columns(i));
         }
         // k-only partials carry the people in each region of each aggregate; DP partials don't.
         if !meta.dp {
@@ -340,7 +338,7 @@ impl ApprovedQuery {
             (0..n_groups).map(|j| Arc::clone(batch.column(j))).collect();
         for (i, enc) in meta.encodings.iter().enumerate() {
             if let Some(grid) = self.percentile_grid(i) {
-                crate::percentile::normalize(batch, i, &grid, meta, &mut columns)?;
+                crate::percentile::normalize(self, batch, i, &grid, meta, &mut columns)?;
                 continue;
             }
             let (c, f) = (enc.center, enc.scale);
