@@ -672,8 +672,13 @@ pub fn bucket_of(name: &str) -> Option<(usize, usize)> {
 /// `m` statistics per group.
 pub fn explain_lines(i: usize, name: &str, grid: &Grid, scale: Option<f64>, m: usize) -> String {
     let edges: Vec<String> = grid.edges.iter().map(|e| format!("{e}")).collect();
+    let share = if m == 1 {
+        "the only statistic of a group (all of ε)".to_string()
+    } else {
+        format!("one of the {m} statistics of a group (ε/{m})")
+    };
     format!(
-        "{name}: noisy counts __a{i}_h0..h{} over the public grid of {} [{}] (values clamped to {}..{}); each person's buckets in a group capped jointly at R rows, so the histogram is one of the {m} statistics of a group (ε/{m}), L1 sensitivity G·R, discrete Laplace scale {} per bucket",
+        "{name}: noisy counts __a{i}_h0..h{} over the public grid of {} [{}] (values clamped to {}..{}); each person's buckets in a group capped jointly at R rows, so the histogram is {share}, L1 sensitivity G·R, discrete Laplace scale {} per bucket",
         grid.buckets().saturating_sub(1),
         grid.measure,
         edges.join(", "),
