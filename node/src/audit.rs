@@ -55,7 +55,7 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// Default number of entries between signed checkpoints.
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 100;
 /// Code of a signature refusal (see [`crate::requests::SignatureRefusal::CODE`]).
-const SIGNATURE_REFUSED: &str = "CXF-A401";
+const SIGNATURE_REFUSED: &str = cxfed_protocol::codes::ApiCode::UnsignedRequest.code();
 
 const HASH_PREFIX: &[u8] = b",\"hash\":\"";
 const HASH_SUFFIX_LEN: usize = HASH_PREFIX.len() + 64 + 2;

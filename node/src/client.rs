@@ -210,7 +210,8 @@ pub async fn send_query(
         && let Err(bad) =
             cxfed_queries::dp::check_epsilon(e, cxfed_queries::dp::EpsilonRange::Federation)
     {
-        let (code, kind) = cxfed_protocol::wire::BAD_EPSILON;
+        let c = cxfed_protocol::codes::ApiCode::BadEpsilon;
+        let (code, kind) = (c.code(), c.slug());
         return Err(QueryFailure::Refused(Box::new(ErrorBody {
             code: code.into(),
             kind: kind.into(),

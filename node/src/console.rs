@@ -33,6 +33,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use cxfed_protocol::codes::ApiCode;
 use cxfed_protocol::wire::{ErrorBody, QueryRequest};
 use cxfed_protocol::{Identity, Role};
 use serde::Deserialize;
@@ -435,7 +436,7 @@ fn transport(message: String) -> Response {
     tracing::warn!(error = %message, "console could not reach a node");
     (
         StatusCode::BAD_GATEWAY,
-        axum::Json(json!({"code": "CXF-C502", "kind": "unreachable", "message": message})),
+        axum::Json(json!({"code": ApiCode::ConsoleUnreachable.code(), "kind": ApiCode::ConsoleUnreachable.slug(), "message": message})),
     )
         .into_response()
 }
@@ -486,7 +487,8 @@ struct QueryForm {
 /// is refused, naming ε and the value.
 fn form_epsilon(v: Option<&Value>) -> Result<Option<f64>, Box<ErrorBody>> {
     let bad = |message: String| {
-        let (code, kind) = cxfed_protocol::wire::BAD_EPSILON;
+        let c = ApiCode::BadEpsilon;
+        let (code, kind) = (c.code(), c.slug());
         Box::new(ErrorBody {
             code: code.into(),
             kind: kind.into(),
@@ -532,7 +534,7 @@ async fn query(State(console): State<Arc<Console>>, body: Bytes) -> Response {
     match send_query(&console.client, &console.nodes[0], &req).await {
         Ok(resp) => axum::Json(json!({"ok": true, "result": resp})).into_response(),
         // Refused before it was sent: the SQL itself needs no explaining.
-        Err(QueryFailure::Refused(body)) if body.kind == cxfed_protocol::wire::BAD_EPSILON.1 => {
+        Err(QueryFailure::Refused(body)) if body.kind == ApiCode::BadEpsilon.slug() => {
             axum::Json(json!({"ok": false, "error": body})).into_response()
         }
         Err(QueryFailure::Refused(body)) => {
@@ -542,8 +544,8 @@ async fn query(State(console): State<Arc<Console>>, body: Bytes) -> Response {
         Err(QueryFailure::Transport(message)) => axum::Json(json!({
             "ok": false,
             "error": ErrorBody {
-                code: "CXF-C502".into(),
-                kind: "unreachable".into(),
+                code: ApiCode::ConsoleUnreachable.code().into(),
+                kind: ApiCode::ConsoleUnreachable.slug().into(),
                 message,
                 line: None,
                 column: None,

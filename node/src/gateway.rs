@@ -1147,19 +1147,29 @@ fn notice(resp: &QueryResponse) -> String {
 
 /// The SQLSTATE of a refusal code.
 fn sqlstate(b: &ErrorBody) -> &'static str {
-    match b.code.as_str() {
-        "CXF-Q001" => "42601",
-        "CXF-Q018" => "54001",
-        "CXF-Q006" | "CXF-Q012" => "42501",
-        "CXF-A400" => "22023",
-        "CXF-A403" => "42501",
-        "CXF-A404" => "42704",
-        "CXF-A500" => "XX000",
-        "CXF-A502" => "08006",
-        c if c.starts_with("CXF-Q") => "0A000",
-        c if c.starts_with("CXF-P") && b.kind.contains("budget") => "53400",
-        c if c.starts_with("CXF-P") => "42501",
-        c if c.starts_with("CXF-A4") => "28000",
+    use cxfed_protocol::codes::{ApiCode, PolicyCode};
+    use cxfed_queries::rules::Rule;
+    if let Some(rule) = Rule::parse(&b.code) {
+        return match rule {
+            Rule::SyntaxError => "42601",
+            Rule::QueryTooLarge => "54001",
+            Rule::TableNotAllowed | Rule::IdentifierNotAllowed => "42501",
+            _ => "0A000",
+        };
+    }
+    if let Some(policy) = PolicyCode::parse(&b.code, &b.kind) {
+        return match policy {
+            PolicyCode::BudgetExhausted => "53400",
+            _ => "42501",
+        };
+    }
+    match ApiCode::parse(&b.code, &b.kind) {
+        Some(ApiCode::BadRequest | ApiCode::BadEpsilon) => "22023",
+        Some(ApiCode::Forbidden) => "42501",
+        Some(ApiCode::NotFound) => "42704",
+        Some(ApiCode::NodesFailed | ApiCode::ConsoleUnreachable) => "08006",
+        Some(c) if c.status() == 401 => "28000",
+        Some(ApiCode::BodyTooLarge) => "54000",
         _ => "XX000",
     }
 }

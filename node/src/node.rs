@@ -10,7 +10,7 @@ use datafusion::execution::context::SessionContext;
 use tracing::{info, warn};
 
 use cxfed_protocol::Identity;
-use cxfed_protocol::wire::BAD_EPSILON;
+use cxfed_protocol::codes::ApiCode;
 use cxfed_queries::validate::QueryError;
 
 use crate::audit::{AuditLog, Decision, Record};
@@ -372,8 +372,11 @@ fn decision<T>(result: &Result<T, PartialError>) -> (Decision, Option<String>) {
         Err(PartialError::Query(QueryError::Rejected(r))) => {
             (Decision::Refused, Some(r.rule.code().to_string()))
         }
-        Err(PartialError::Policy(p)) => (Decision::Refused, Some(p.code.to_string())),
-        Err(PartialError::Epsilon(_)) => (Decision::Refused, Some(BAD_EPSILON.0.to_string())),
-        Err(_) => (Decision::Failed, Some("CXF-A500".to_string())),
+        Err(PartialError::Policy(p)) => (Decision::Refused, Some(p.code().to_string())),
+        Err(PartialError::Epsilon(_)) => (
+            Decision::Refused,
+            Some(ApiCode::BadEpsilon.code().to_string()),
+        ),
+        Err(_) => (Decision::Failed, Some(ApiCode::Internal.code().to_string())),
     }
 }

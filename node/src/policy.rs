@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use cxfed_protocol::Identity;
+use cxfed_protocol::codes::PolicyCode;
 use cxfed_queries::keyset::PublicKeys;
 use cxfed_queries::schema::{self, Kind};
 use cxfed_queries::validate::ApprovedQuery;
@@ -51,76 +52,69 @@ pub struct PolicyConfig {
     pub memory_limit_mb: Option<u64>,
 }
 
-/// A policy refusal: stable code, slug, one-line reason, HTTP status.
+/// A policy refusal: which rule of the steward's (its code, slug and HTTP status come from
+/// [`PolicyCode`]) and a one-line reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code} {slug}: {reason}")]
+#[error("{kind}: {reason}")]
 pub struct PolicyRefusal {
-    /// e.g. `CXF-P002`.
-    pub code: &'static str,
-    /// e.g. `dimension-hidden`.
-    pub slug: &'static str,
+    /// Which refusal.
+    pub kind: PolicyCode,
     /// Why.
     pub reason: String,
-    /// HTTP status to answer with.
-    pub status: u16,
 }
 
 impl PolicyRefusal {
-    fn new(code: &'static str, slug: &'static str, status: u16, reason: String) -> Self {
-        PolicyRefusal {
-            code,
-            slug,
-            reason,
-            status,
-        }
+    fn new(kind: PolicyCode, reason: String) -> Self {
+        PolicyRefusal { kind, reason }
+    }
+
+    /// The stable code, e.g. `CXF-P002`.
+    pub fn code(&self) -> &'static str {
+        self.kind.code()
+    }
+    /// The stable slug, e.g. `dimension-hidden`.
+    pub fn slug(&self) -> &'static str {
+        self.kind.slug()
+    }
+    /// The HTTP status to answer with.
+    pub fn status(&self) -> u16 {
+        self.kind.status()
     }
 
     /// The analyst's agency may not query this node.
     pub fn agency(reason: String) -> Self {
-        Self::new("CXF-P001", "analyst-agency-not-allowed", 403, reason)
+        Self::new(PolicyCode::AgencyNotAllowed, reason)
     }
     /// The query touches a hidden dimension.
     pub fn hidden(reason: String) -> Self {
-        Self::new("CXF-P002", "dimension-hidden", 403, reason)
+        Self::new(PolicyCode::DimensionHidden, reason)
     }
     /// Too many queries from this analyst.
     pub fn rate(reason: String) -> Self {
-        Self::new("CXF-P003", "rate-limited", 429, reason)
+        Self::new(PolicyCode::RateLimited, reason)
     }
     /// The partial has too many groups.
     pub fn groups(reason: String) -> Self {
-        Self::new("CXF-P004", "too-many-groups", 403, reason)
+        Self::new(PolicyCode::TooManyGroups, reason)
     }
     /// The query ran too long.
     pub fn timeout(reason: String) -> Self {
-        Self::new("CXF-P005", "query-timeout", 503, reason)
+        Self::new(PolicyCode::QueryTimeout, reason)
     }
     /// The query needed more memory than the pool.
     pub fn memory(reason: String) -> Self {
-        Self::new("CXF-P006", "memory-limit", 503, reason)
+        Self::new(PolicyCode::MemoryLimit, reason)
     }
     /// The analyst's privacy budget on this node is spent.
     pub fn budget(reason: String) -> Self {
-        Self::new("CXF-P007", "budget-exhausted", 429, reason)
+        Self::new(PolicyCode::BudgetExhausted, reason)
     }
     /// A secure-aggregation step was refused (a repeated query id, a roster this node does
     /// not accept, keys that are not public).
     pub fn secure_aggregation(reason: String) -> Self {
-        Self::new("CXF-P008", "secure-aggregation-refused", 403, reason)
+        Self::new(PolicyCode::SecureAggregationRefused, reason)
     }
 }
-
-/// Every policy code, for documentation and tests.
-pub const POLICY_CODES: [(&str, &str); 8] = [
-    ("CXF-P001", "analyst-agency-not-allowed"),
-    ("CXF-P002", "dimension-hidden"),
-    ("CXF-P003", "rate-limited"),
-    ("CXF-P004", "too-many-groups"),
-    ("CXF-P005", "query-timeout"),
-    ("CXF-P006", "memory-limit"),
-    ("CXF-P007", "budget-exhausted"),
-    ("CXF-P008", "secure-aggregation-refused"),
-];
 
 /// The policy in force: resolved defaults, checked values.
 #[derive(Debug, Clone, PartialEq)]
@@ -446,7 +440,7 @@ mod tests {
         let r = p
             .check_analyst("spiffe://cx/IRS/analyst/a")
             .expect_err("IRS not allowed");
-        assert_eq!(r.code, "CXF-P001");
+        assert_eq!(r.code(), "CXF-P001");
         assert!(p.check_analyst("spiffe://cx/SSA/node/n").is_err());
     }
 
@@ -479,7 +473,7 @@ mod tests {
         let f = InFlight::default();
         let a = f.enter("a", 2).expect("1st");
         let _b = f.enter("a", 2).expect("2nd");
-        assert_eq!(f.enter("a", 2).expect_err("3rd").code, "CXF-P003");
+        assert_eq!(f.enter("a", 2).expect_err("3rd").code(), "CXF-P003");
         let _other = f.enter("b", 2).expect("another analyst");
         drop(a);
         let _c = f.enter("a", 2).expect("a slot was freed");
@@ -493,7 +487,7 @@ mod tests {
         let r = RateLimiter::default();
         assert!(r.check("a", 2).is_ok());
         assert!(r.check("a", 2).is_ok());
-        assert_eq!(r.check("a", 2).expect_err("third").code, "CXF-P003");
+        assert_eq!(r.check("a", 2).expect_err("third").code(), "CXF-P003");
         assert!(r.check("b", 2).is_ok());
         assert!(r.check("a", 0).is_ok());
     }
@@ -513,7 +507,7 @@ mod tests {
             let q = cxfed_queries::validate::approve(&ctx.state(), sql)
                 .await
                 .expect("approve");
-            assert_eq!(p.check_query(&q).expect_err(sql).code, "CXF-P002");
+            assert_eq!(p.check_query(&q).expect_err(sql).code(), "CXF-P002");
         }
         let q = cxfed_queries::validate::approve(&ctx.state(), "SELECT COUNT(*) FROM experience")
             .await
@@ -534,7 +528,7 @@ mod tests {
                 let q = cxfed_queries::validate::approve(&ctx.state(), sql)
                     .await
                     .expect("approve");
-                p.check_query(&q).map_err(|r| r.code)
+                p.check_query(&q).map_err(|r| r.code())
             }
         };
         let by_quarter =

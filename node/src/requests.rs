@@ -16,6 +16,7 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 
+use cxfed_protocol::codes::ApiCode;
 use cxfed_protocol::signing::{self, RequestSignature};
 use cxfed_protocol::{Identity, Role};
 
@@ -31,18 +32,17 @@ const NONCE_HEX_LEN: usize = 32;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct SignatureRefusal {
-    /// `unsigned-request`, `bad-signature`, `untrusted-certificate`, `not-an-analyst`,
-    /// `wrong-coordinator`, `stale-request` or `replayed-request`.
-    pub kind: &'static str,
+    /// Which refusal: one of the `CXF-A401` members of [`ApiCode`].
+    pub kind: ApiCode,
     /// One line for a person.
     pub message: String,
 }
 
 impl SignatureRefusal {
     /// The stable code of every signature refusal.
-    pub const CODE: &'static str = "CXF-A401";
+    pub const CODE: &'static str = ApiCode::UnsignedRequest.code();
 
-    fn new(kind: &'static str, message: impl Into<String>) -> Self {
+    fn new(kind: ApiCode, message: impl Into<String>) -> Self {
         SignatureRefusal {
             kind,
             message: message.into(),
@@ -157,19 +157,19 @@ impl RequestChecker {
     pub fn authenticate(&self, req: Received<'_>) -> Result<Identity, SignatureRefusal> {
         let sig = req.signature.ok_or_else(|| {
             SignatureRefusal::new(
-                "unsigned-request",
+                ApiCode::UnsignedRequest,
                 "the request is not signed by an analyst; sign it with `cxfed query`",
             )
         })?;
         if sig.nonce.len() != NONCE_HEX_LEN || signing::unhex(&sig.nonce).is_none() {
             return Err(SignatureRefusal::new(
-                "bad-signature",
+                ApiCode::BadSignature,
                 format!("nonce must be {NONCE_HEX_LEN} hex digits"),
             ));
         }
         let (cert, identity) =
             signing::verify(sig, &self.federation, req.sql, req.epsilon, req.require_all)
-                .map_err(|e| SignatureRefusal::new("bad-signature", e.to_string()))?;
+                .map_err(|e| SignatureRefusal::new(ApiCode::BadSignature, e.to_string()))?;
         let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
             u64::try_from(sig.issued_at).unwrap_or(0),
         ));
@@ -178,13 +178,13 @@ impl RequestChecker {
             .verify_client_cert(&CertificateDer::from(cert), &[], at)
             .map_err(|e| {
                 SignatureRefusal::new(
-                    "untrusted-certificate",
+                    ApiCode::UntrustedCertificate,
                     format!("the signing certificate of {identity} is not accepted: {e}"),
                 )
             })?;
         if identity.role() != Role::Analyst || identity.federation() != self.federation {
             return Err(SignatureRefusal::new(
-                "not-an-analyst",
+                ApiCode::NotAnAnalyst,
                 format!(
                     "{identity} is not an analyst of federation {}",
                     self.federation
@@ -205,11 +205,14 @@ impl RequestChecker {
     ) -> Result<Identity, SignatureRefusal> {
         let identity = self.authenticate(req)?;
         let Some(sig) = req.signature else {
-            return Err(SignatureRefusal::new("unsigned-request", "not signed"));
+            return Err(SignatureRefusal::new(
+                ApiCode::UnsignedRequest,
+                "not signed",
+            ));
         };
         if identity.to_string() != expected.analyst {
             return Err(SignatureRefusal::new(
-                "bad-signature",
+                ApiCode::BadSignature,
                 format!(
                     "the request names {} but is signed by {identity}",
                     expected.analyst
@@ -218,7 +221,7 @@ impl RequestChecker {
         }
         if sig.coordinator != expected.coordinator {
             return Err(SignatureRefusal::new(
-                "wrong-coordinator",
+                ApiCode::WrongCoordinator,
                 if sig.coordinator.is_empty() {
                     format!(
                         "the request was signed without a coordinator (a version-1 client?) but \
@@ -237,7 +240,7 @@ impl RequestChecker {
         let skew = now.checked_sub(sig.issued_at).map(i64::unsigned_abs);
         if skew.is_none_or(|d| d > FRESHNESS_SECS as u64) {
             return Err(SignatureRefusal::new(
-                "stale-request",
+                ApiCode::StaleRequest,
                 format!(
                     "the request was signed at {} but this node's clock says {now}; requests are \
                      accepted within {FRESHNESS_SECS} s",
@@ -250,7 +253,7 @@ impl RequestChecker {
         seen.retain(|_, t| *t >= now - 2 * FRESHNESS_SECS);
         if seen.contains_key(&key) {
             return Err(SignatureRefusal::new(
-                "replayed-request",
+                ApiCode::ReplayedRequest,
                 format!(
                     "nonce {} of {identity} was already answered by this node",
                     sig.nonce
@@ -317,7 +320,7 @@ mod tests {
     }
 
     fn kind(r: Result<Identity, SignatureRefusal>) -> &'static str {
-        r.err().map_or("accepted", |e| e.kind)
+        r.err().map_or("accepted", |e| e.kind.slug())
     }
 
     #[test]
@@ -447,7 +450,7 @@ mod tests {
             .checker
             .check(received(&sig, sql, now), from_cms)
             .expect_err("refused");
-        assert_eq!(refused.kind, "wrong-coordinator");
+        assert_eq!(refused.kind, ApiCode::WrongCoordinator);
         assert!(refused.message.contains("coordinator SSA"), "{refused}");
         // Naming the wrong analyst is refused before the nonce is used, too.
         let other = f.other.identity().to_string();

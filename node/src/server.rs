@@ -29,9 +29,10 @@ use axum_server::tls_rustls::RustlsAcceptor;
 use serde::Deserialize;
 use tracing::{Instrument, info, warn};
 
+use cxfed_protocol::codes::ApiCode;
 use cxfed_protocol::wire::{
-    ARROW_STREAM, BAD_EPSILON, ErrorBody, HEADER_QUERY_ID, Health, NodeStatus, PROTOCOL_VERSION,
-    PartialRequest, QueryRequest, SchemaColumn, SchemaResponse, SchemaTable,
+    ARROW_STREAM, ErrorBody, HEADER_QUERY_ID, Health, NodeStatus, PROTOCOL_VERSION, PartialRequest,
+    QueryRequest, SchemaColumn, SchemaResponse, SchemaTable,
 };
 use cxfed_protocol::{Identity, Role};
 use cxfed_queries::rules::Rejection;
@@ -335,6 +336,7 @@ impl IntoResponse for ApiError {
             query_id: None,
             nodes: vec![],
         };
+        let api = |c: ApiCode, message: String| body(c.code(), c.slug(), message);
         let (status, body) = match self {
             ApiError::Rejected(r, query_id) => (
                 StatusCode::BAD_REQUEST,
@@ -346,39 +348,36 @@ impl IntoResponse for ApiError {
                 },
             ),
             ApiError::Policy(p, query_id) => (
-                StatusCode::from_u16(p.status).unwrap_or(StatusCode::FORBIDDEN),
+                StatusCode::from_u16(p.status()).unwrap_or(StatusCode::FORBIDDEN),
                 ErrorBody {
                     query_id,
-                    ..body(p.code, p.slug, p.reason)
+                    ..body(p.code(), p.slug(), p.reason)
                 },
             ),
-            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, body("CXF-A403", "forbidden", m)),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, api(ApiCode::Forbidden, m)),
             ApiError::Unsigned(r, query_id) => (
                 StatusCode::UNAUTHORIZED,
                 ErrorBody {
                     query_id,
-                    ..body(SignatureRefusal::CODE, r.kind, r.message)
+                    ..api(r.kind, r.message)
                 },
             ),
-            ApiError::BadRequest(m) => {
-                (StatusCode::BAD_REQUEST, body("CXF-A400", "bad-request", m))
-            }
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, api(ApiCode::BadRequest, m)),
             ApiError::BadEpsilon(e, query_id) => (
                 StatusCode::BAD_REQUEST,
                 ErrorBody {
                     query_id,
-                    ..body(BAD_EPSILON.0, BAD_EPSILON.1, e.to_string())
+                    ..api(ApiCode::BadEpsilon, e.to_string())
                 },
             ),
             ApiError::NotFound => (
                 StatusCode::NOT_FOUND,
-                body("CXF-A404", "not-found", "no such endpoint".into()),
+                api(ApiCode::NotFound, "no such endpoint".into()),
             ),
             ApiError::TooLarge(limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
-                body(
-                    BODY_TOO_LARGE,
-                    "body-too-large",
+                api(
+                    ApiCode::BodyTooLarge,
                     format!(
                         "the request body is over this node's limit of {limit} bytes ({} MiB)",
                         limit / (1024 * 1024)
@@ -396,9 +395,8 @@ impl IntoResponse for ApiError {
                     ErrorBody {
                         query_id: Some(query_id),
                         nodes,
-                        ..body(
-                            "CXF-A502",
-                            "nodes-failed",
+                        ..api(
+                            ApiCode::NodesFailed,
                             format!(
                                 "not every node answered ({}); pass --allow-partial to accept a partial federation answer",
                                 failed.join("; ")
@@ -411,9 +409,8 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %m, "internal error");
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    body(
-                        "CXF-A500",
-                        "internal",
+                    api(
+                        ApiCode::Internal,
                         "internal error; see the node's log".into(),
                     ),
                 )
@@ -492,7 +489,7 @@ impl Node {
                     endpoint: endpoint.into(),
                     peer,
                     decision: Some(Decision::Refused),
-                    code: Some("CXF-A403".into()),
+                    code: Some(ApiCode::Forbidden.code().into()),
                     ..Record::default()
                 })
                 .await?;
@@ -529,7 +526,7 @@ impl Node {
                     endpoint: endpoint.into(),
                     peer: id.to_string(),
                     decision: Some(Decision::Refused),
-                    code: Some("CXF-A403".into()),
+                    code: Some(ApiCode::Forbidden.code().into()),
                     ..Record::default()
                 })
                 .await?;
@@ -572,7 +569,7 @@ impl Node {
                 endpoint: endpoint.into(),
                 peer: who.to_string(),
                 decision: Some(Decision::Refused),
-                code: Some("CXF-A400".into()),
+                code: Some(ApiCode::BadRequest.code().into()),
                 ..Record::default()
             })
             .await;
@@ -623,7 +620,7 @@ impl Node {
         match checked {
             Ok(id) => Ok(id),
             Err(refusal) => {
-                warn!(query_id, peer, kind = refusal.kind, reason = %refusal.message, "refused request signature");
+                warn!(query_id, peer, kind = refusal.kind.slug(), reason = %refusal.message, "refused request signature");
                 self.record(Record {
                     query_id: query_id.to_string(),
                     endpoint: endpoint.into(),
@@ -681,10 +678,16 @@ async fn query(
         let (decision, code) = match &result {
             Ok(_) => (Decision::Executed, None),
             Err(ApiError::Rejected(r, _)) => (Decision::Refused, Some(r.rule.code().to_string())),
-            Err(ApiError::Policy(p, _)) => (Decision::Refused, Some(p.code.to_string())),
-            Err(ApiError::NodesFailed(..)) => (Decision::Failed, Some("CXF-A502".to_string())),
-            Err(ApiError::BadEpsilon(..)) => (Decision::Refused, Some(BAD_EPSILON.0.to_string())),
-            Err(_) => (Decision::Failed, Some("CXF-A500".to_string())),
+            Err(ApiError::Policy(p, _)) => (Decision::Refused, Some(p.code().to_string())),
+            Err(ApiError::NodesFailed(..)) => (
+                Decision::Failed,
+                Some(ApiCode::NodesFailed.code().to_string()),
+            ),
+            Err(ApiError::BadEpsilon(..)) => (
+                Decision::Refused,
+                Some(ApiCode::BadEpsilon.code().to_string()),
+            ),
+            Err(_) => (Decision::Failed, Some(ApiCode::Internal.code().to_string())),
         };
         let answer = match &result {
             Ok(resp) => {
@@ -830,7 +833,7 @@ async fn explain(
             analyst: who.to_string(),
             sql: Some(req.sql.clone()),
             decision: Some(Decision::Refused),
-            code: Some(refusal.code.into()),
+            code: Some(refusal.code().into()),
             ..Record::default()
         })
         .await?;
@@ -866,8 +869,8 @@ async fn explain(
             })
     {
         explanation = cxfed_queries::explain::Explanation::Refused {
-            code: p.code.into(),
-            rule: p.slug.into(),
+            code: p.code().into(),
+            rule: p.slug().into(),
             reason: p.reason,
             line: None,
             column: None,
@@ -1126,7 +1129,7 @@ pub const AUDIT_MEDIA_TYPE: &str = "application/x-ndjson";
 /// The largest request body a node reads (`/v1/query`, `/v1/partial`, `/v1/explain`), in bytes.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 /// The code of a request refused because its body is over [`MAX_BODY_BYTES`] (HTTP 413).
-pub const BODY_TOO_LARGE: &str = "CXF-A413";
+pub const BODY_TOO_LARGE: &str = ApiCode::BodyTooLarge.code();
 /// How much of an oversized body is still read, and thrown away, so that a client that is
 /// still sending reads the 413 rather than a reset connection. A body longer than this (or
 /// slower than [`DRAIN_TIMEOUT`]) gets the 413 and then the connection is closed under it.
@@ -1196,7 +1199,7 @@ impl axum::extract::FromRequest<Arc<Node>> for LimitedBody {
             Some(e) if !over => {
                 warn!(%peer, endpoint, error = %e, "request body could not be read");
                 (
-                    "CXF-A400",
+                    ApiCode::BadRequest.code(),
                     ApiError::BadRequest(format!("request body: {e}")),
                 )
             }
@@ -1255,7 +1258,7 @@ async fn not_found(
             endpoint: path.into(),
             peer,
             decision: Some(Decision::Refused),
-            code: Some("CXF-A404".into()),
+            code: Some(ApiCode::NotFound.code().into()),
             ..Record::default()
         })
         .await;

@@ -22,10 +22,6 @@ pub const META_PARTIAL: &str = "cxfed.partial";
 /// Arrow schema metadata key: the agency of the node that produced the partial.
 pub const META_AGENCY: &str = "cxfed.agency";
 
-/// Code and kind of the refusal of an ε no node can spend: what nodes answer, and what an
-/// analyst's client answers when it refuses one before sending.
-pub const BAD_EPSILON: (&str, &str) = ("CXF-A400", "bad-epsilon");
-
 /// HTTP header carrying the query id on every response.
 pub const HEADER_QUERY_ID: &str = "x-cxfed-query-id";
 
