@@ -217,16 +217,6 @@ impl Scale {
     pub fn sample(self, rng: &mut dyn RandomSource) -> Result<i64, RandomFailure> {
         discrete_laplace(rng, self.t, self.s)
     }
-
-    /// Draws one node's noise share at this scale: the shares of any `honest` nodes add up
-    /// to one draw of [`Scale::sample`] (see [`crate::noise_share`]).
-    pub fn sample_share(
-        self,
-        rng: &mut dyn RandomSource,
-        honest: u64,
-    ) -> Result<i64, RandomFailure> {
-        crate::noise_share::noise_share(rng, self.t, self.s, honest.max(1))
-    }
 }
 
 /// Variance of the discrete Laplace with scale `b`: 2p/(1−p)², p = e^(−1/b).

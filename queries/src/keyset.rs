@@ -23,11 +23,10 @@ use arrow::array::{Array, ArrayRef};
 use arrow::datatypes::DataType;
 use datafusion::common::Column;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator};
+use datafusion::logical_expr::{Aggregate, BinaryExpr, Expr, LogicalPlan, Operator};
 use datafusion::scalar::ScalarValue;
 
 use crate::schema::{self, ColumnType, Domain, Kind};
-use crate::validate::ApprovedQuery;
 
 /// Largest integer range of the schema treated as public without a declaration (fiscal
 /// quarters 1–4 are; fiscal years 1901–2200 are not).
@@ -280,18 +279,19 @@ impl KeySet {
     }
 }
 
-impl ApprovedQuery {
-    /// How this query's groups are chosen in `dp` mode under `public` (see the module docs);
-    /// a public cross product of more than `max_groups` groups is refused.
-    pub fn group_keys_under(
-        &self,
-        public: &PublicKeys,
-        max_groups: u64,
-    ) -> Result<GroupKeys, TooManyPublicGroups> {
-        let narrowing = narrowing(&self.aggregate.input);
+/// How the groups of `aggregate` (an approved query's aggregate) are chosen in `dp` mode
+/// under `public` (see the module docs); a public cross product of more than `max_groups`
+/// groups is refused. Callers use [`ApprovedQuery::group_keys_under`](crate::validate::ApprovedQuery::group_keys_under).
+pub fn group_keys(
+    aggregate: &Aggregate,
+    public: &PublicKeys,
+    max_groups: u64,
+) -> Result<GroupKeys, TooManyPublicGroups> {
+    {
+        let narrowing = narrowing(&aggregate.input);
         let mut keys = Vec::new();
         let mut sources = Vec::new();
-        for e in &self.aggregate.group_expr {
+        for e in &aggregate.group_expr {
             let c = match e.clone().unalias() {
                 Expr::Column(c) => c,
                 other => {

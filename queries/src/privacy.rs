@@ -647,7 +647,7 @@ impl DpPartial {
                         return Err(QueryError::Internal(format!("{} is null", field.name())));
                     }
                     let noise = match self.honest {
-                        Some(h) => scale.sample_share(rng, h),
+                        Some(h) => crate::noise_share::noise_share(rng, scale.t, scale.s, h.max(1)),
                         None => scale.sample(rng),
                     }
                     .map_err(|e| QueryError::Internal(e.to_string()))?;

@@ -149,6 +149,18 @@ pub struct ApprovedQuery {
 }
 
 impl ApprovedQuery {
+    /// How this query's groups are chosen in `dp` mode under `public` (see [`crate::keyset`]);
+    /// a public cross product of more than `max_groups` groups is refused.
+    pub fn group_keys_under(
+        &self,
+        public: &crate::keyset::PublicKeys,
+        max_groups: u64,
+    ) -> Result<crate::keyset::GroupKeys, crate::keyset::TooManyPublicGroups> {
+        crate::keyset::group_keys(&self.aggregate, public, max_groups)
+    }
+}
+
+impl ApprovedQuery {
     /// The SQL as the analyst wrote it.
     pub fn sql(&self) -> &str {
         &self.sql
