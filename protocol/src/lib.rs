@@ -7,12 +7,15 @@
 //! - [`signing`]: analyst request signatures (what is signed, signing, checking a signature).
 //! - [`epsilon_json`]: how an ε travels in JSON, NaN and ±∞ included (used by both).
 //! - [`psi`]: private set intersection cardinality over ristretto255 (pure; not yet on the wire).
+//! - [`psi_sum`]: private intersection-sum with grouping, exponential EC-ElGamal over ristretto255
+//!   (pure; not yet on the wire).
 //! - [`secagg`]: secure aggregation by pairwise masking over Z_2^64 (pure; not yet on the wire).
 #![forbid(unsafe_code)]
 
 pub mod epsilon_json;
 pub mod identity;
 pub mod psi;
+pub mod psi_sum;
 pub mod secagg;
 pub mod signing;
 pub mod wire;
