@@ -877,7 +877,8 @@ impl MemberParty {
 
     /// m3 from C's key and A's m2: every record matched, its payload added into its cells,
     /// `noise(cell, stat)` added to every released value (the caller samples it, e.g. discrete
-    /// Laplace; `&|_, _| 0` for none), every ciphertext re-randomized.
+    /// Laplace; `&|_, _| 0` for none), every ciphertext re-randomized. `ga` is taken from m2
+    /// (within [`MAX_GROUPS`] and [`MAX_CELLS`]); the caller checks it is the query's.
     pub fn aggregate(
         &self,
         key: &PublicKey,
