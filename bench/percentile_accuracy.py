@@ -162,7 +162,7 @@ def main():
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(summary, indent=2) + "\n")
     md = [f"# DP percentiles: MEDIAN and p90 of wait_minutes by channel, eps = {a.epsilon}, 3 x {a.people} people, {a.runs} runs", "",
-          "Median over runs. cxfed: three nodes, each eps over persons + two histograms; OpenDP: pooled data, private quantile, eps/2 each.", "",
+          "Median over runs. cxfed: three nodes, secure aggregation (channels are public), the median and p90 read off one histogram at the whole eps; OpenDP: pooled data, private quantile, eps/2 each.", "",
           "| channel | quantile | waits | pooled truth | cxfed abs err (min) | cxfed rounded | OpenDP abs err (min) | cxfed rank err | OpenDP rank err |",
           "|---|---|---|---|---|---|---|---|---|"]
     for t in table:
