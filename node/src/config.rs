@@ -385,7 +385,8 @@ impl NodeConfig {
         })
     }
 
-    /// Renders a configuration file (used by the demo and documentation).
+    /// Renders a configuration file (used by the demo and documentation). A steward's
+    /// `[privacy.public_keys]` declarations are not rendered (the demo declares none).
     pub fn render(&self) -> String {
         let mut s = format!(
             "federation = {:?}\nagency = {:?}\nlisten = {:?}\ndata_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{}\n[privacy]\nk = {}\n{}\n[query]\ntimeout_secs = {}\n",
@@ -412,13 +413,16 @@ impl NodeConfig {
             match &self.policy.dp {
                 None => "mode = \"k-only\"\n".to_string(),
                 Some(d) => format!(
-                    "mode = \"dp\"\nepsilon_per_query = {:?}\ndelta = {:?}\nbudget_epsilon = {:?}\nbudget_period_days = {}\nmax_groups_per_person = {}\nmax_rows_per_person = {}\n",
+                    "mode = \"dp\"\nepsilon_per_query = {:?}\ndelta = {:?}\nbudget_epsilon = {:?}\nbudget_period_days = {}\nmax_groups_per_person = {}\nmax_rows_per_person = {}\nassume_honest_nodes = {}\nsecure_aggregation = {}\n",
                     d.epsilon_per_query,
                     d.delta,
                     d.budget_epsilon,
                     d.budget_period.as_secs() / 86_400,
                     d.max_groups_per_person,
-                    d.max_rows_per_person
+                    d.max_rows_per_person,
+                    d.assume_honest_nodes
+                        .map_or_else(|| "\"all\"".to_string(), |h| h.to_string()),
+                    d.secure_aggregation
                 ),
             },
             self.timeout.as_secs(),
@@ -477,6 +481,26 @@ url = "https://127.0.0.1:7002"
         let again = NodeConfig::parse(&c.render(), Path::new("/x/node.toml")).expect("round trip");
         assert_eq!(again, c);
         assert!(c.tls.crl.is_empty());
+    }
+
+    #[test]
+    fn dp_settings_round_trip_through_render() {
+        // The demo writes its nodes' files with `render` and reads them back: a setting render
+        // left out silently went back to its default (the demo's --no-secure-aggregation and
+        // --assume-honest-nodes had no effect).
+        let mut c = NodeConfig::parse(GOOD, Path::new("/etc/cxfed/node.toml")).expect("valid");
+        for (honest, secure) in [(Some(2), false), (None, true), (Some(1), true)] {
+            c.policy.dp = Some(crate::policy::DpSettings {
+                assume_honest_nodes: honest,
+                secure_aggregation: secure,
+                ..crate::policy::DpSettings::DEFAULT
+            });
+            let again =
+                NodeConfig::parse(&c.render(), Path::new("/x/node.toml")).expect("round trip");
+            let d = again.policy.dp.expect("dp mode");
+            assert_eq!(d.assume_honest_nodes, honest);
+            assert_eq!(d.secure_aggregation, secure);
+        }
     }
 
     #[test]

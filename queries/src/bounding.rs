@@ -6,7 +6,9 @@
 //! ```text
 //!  row batches ─▶ per (person, group): Σ of each row value        (one hash lookup per row)
 //!  finish      ─▶ per person: ≤ G of its groups, chosen uniformly  (CSPRNG; only when > G)
-//!              ─▶ per kept (person, group): clamp each Σ to its cap (count ≤ R, |sum| ≤ R·h …)
+//!              ─▶ per kept (person, group): a mean's rows scaled to R ([`Mean`]), a histogram's
+//!                 rows sampled to R ([`Share`]), then each Σ clamped to its cap (count ≤ R,
+//!                 |sum| ≤ R·h …)
 //!              ─▶ per group: Σ of the capped values, persons = kept people
 //! ```
 //!
@@ -84,6 +86,53 @@ impl Share {
     }
 }
 
+/// The statistic columns of a mean (AVG, VARIANCE, STDDEV: a row count and the sums over the
+/// same rows): when a person has more than `r` rows in a group, the person contributes the
+/// *mean* of those rows, `r` times — the count set to `r` and each sum scaled by `r/count`
+/// with unbiased random rounding — rather than clamped sums, which would push a person with
+/// many rows towards the ends of the measure's range. Within the same bounds as the clamps
+/// (|sum| ≤ count·h before, so ≤ r·h after), so the sensitivity is unchanged. Applied before
+/// the per-column [`Cap`]s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mean {
+    /// Index of the row-count column (among the statistics).
+    pub count: usize,
+    /// Indexes of the sums over the same rows.
+    pub sums: Vec<usize>,
+    /// Rows one person may contribute to one group (R).
+    pub r: i64,
+}
+
+impl Mean {
+    /// Scales `values` (one person's statistics in one group) to `r` rows when the person has
+    /// more.
+    pub fn apply(&self, values: &mut [i64], rng: &mut dyn RandomSource) -> Result<(), QueryError> {
+        let n = values.get(self.count).copied().unwrap_or(0);
+        if n <= self.r || self.r <= 0 {
+            return Ok(());
+        }
+        for &j in &self.sums {
+            let Some(v) = values.get_mut(j) else {
+                return Err(internal("a mean's sum column is missing"));
+            };
+            *v = scale_round(*v, self.r, n, rng)?;
+        }
+        values[self.count] = self.r;
+        Ok(())
+    }
+}
+
+/// `v·r/n` rounded to a neighbouring integer at random, up with probability equal to the
+/// fraction, so that its expectation is exactly `v·r/n` (`n` > 0).
+fn scale_round(v: i64, r: i64, n: i64, rng: &mut dyn RandomSource) -> Result<i64, QueryError> {
+    let num = i128::from(v) * i128::from(r);
+    let den = i128::from(n);
+    let floor = num.div_euclid(den);
+    let rem = num.rem_euclid(den);
+    let up = rem > 0 && i128::from(uniform_below(rng, n as u64).map_err(internal)?) < rem;
+    i64::try_from(floor + i128::from(up)).map_err(|_| internal("a scaled sum overflows"))
+}
+
 /// What the bounding pass needs to know about the row stream and its output.
 #[derive(Debug, Clone)]
 pub struct BoundingSpec {
@@ -93,6 +142,8 @@ pub struct BoundingSpec {
     pub caps: Vec<Cap>,
     /// Groups of statistic columns capped jointly, before `caps`.
     pub shares: Vec<Share>,
+    /// Means whose rows are scaled to R per person, before `caps`.
+    pub means: Vec<Mean>,
     /// Groups one person may contribute to (G).
     pub max_groups: u64,
     /// The output schema: group keys, one column per statistic, then the person count.
@@ -310,6 +361,9 @@ impl Bounder {
                         share.apply(v, rng)?;
                     }
                 }
+                for mean in &self.spec.means {
+                    mean.apply(&mut scratch, rng)?;
+                }
                 for (j, (v, cap)) in scratch.iter().zip(&self.spec.caps).enumerate() {
                     let capped = (*v).clamp(cap.lo, cap.hi);
                     acc[out + j] = acc[out + j]
@@ -457,11 +511,13 @@ mod tests {
 
     #[tokio::test]
     async fn equals_the_partial_plan_when_nobody_exceeds_the_group_cap() {
-        // Person p0 has three rows in two groups; R = 2 caps its phone count at 2.
+        // Person p0 has three rows in two groups; R = 2 caps its phone count at 2, and its
+        // phone sums (centred: 2, −1, −1; squares 4, 1, 1) scale by 2/3 to whole numbers, so
+        // the plan's truncation and the nodes' random rounding agree.
         let mut rows = vec![
             ("p0".to_string(), "phone", "5"),
-            ("p0".to_string(), "phone", "4"),
-            ("p0".to_string(), "phone", "1"),
+            ("p0".to_string(), "phone", "2"),
+            ("p0".to_string(), "phone", "2"),
             ("p0".to_string(), "website", "2"),
         ];
         for i in 1..40 {
@@ -476,6 +532,47 @@ mod tests {
             let (reference, fast) = both(sql, experience(&rows), params(2, 2)).await;
             assert_eq!(sorted(&reference), sorted(&[fast]), "{sql}");
         }
+    }
+
+    #[test]
+    fn a_heavy_persons_mean_is_added_r_times_with_unbiased_rounding() {
+        // Count 3 rows, sum 1, sum of squares 7; R = 2: the count becomes 2 and the sums 2/3
+        // and 14/3, rounded to a neighbour with the fraction as the chance of rounding up.
+        let mean = Mean {
+            count: 0,
+            sums: vec![1, 2],
+            r: 2,
+        };
+        let mut rng = Seeded(11);
+        let (mut s, mut q) = (0i64, 0i64);
+        let draws = 30_000;
+        for _ in 0..draws {
+            let mut v = [3, 1, 7];
+            mean.apply(&mut v, &mut rng).expect("apply");
+            assert_eq!(v[0], 2);
+            assert!(v[1] == 0 || v[1] == 1, "{v:?}");
+            assert!(v[2] == 4 || v[2] == 5, "{v:?}");
+            s += v[1];
+            q += v[2];
+        }
+        let (s, q) = (s as f64 / draws as f64, q as f64 / draws as f64);
+        assert!((s - 2.0 / 3.0).abs() < 0.02, "mean of the scaled sum {s}");
+        assert!(
+            (q - 14.0 / 3.0).abs() < 0.02,
+            "mean of the scaled squares {q}"
+        );
+        // Negative sums round the same way (down is towards −∞); at most R rows, nothing moves.
+        let mut v = [4, -3, 9];
+        Mean {
+            r: 4,
+            ..mean.clone()
+        }
+        .apply(&mut v, &mut rng)
+        .expect("apply");
+        assert_eq!(v, [4, -3, 9]);
+        let mut v = [3, -3, 9];
+        mean.apply(&mut v, &mut rng).expect("apply");
+        assert_eq!(v, [2, -2, 6]);
     }
 
     #[tokio::test]
@@ -568,6 +665,7 @@ mod tests {
                     hi: 3,
                 }],
                 shares: vec![],
+                means: vec![],
                 max_groups: 2,
                 output,
             });

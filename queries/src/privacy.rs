@@ -33,7 +33,7 @@ use datafusion::logical_expr::{
 use datafusion::scalar::ScalarValue;
 use serde::{Deserialize, Serialize};
 
-use crate::bounding::{BoundingSpec, Cap};
+use crate::bounding::{BoundingSpec, Cap, Mean};
 use crate::dp::{RandomSource, Scale, partition_threshold};
 use crate::keyset::{GroupKeys, KeySet};
 use crate::rewrite::{Encoding, PERSONS, PartialMeta};
@@ -340,6 +340,7 @@ impl ApprovedQuery {
         let mut capped = Vec::new();
         let mut caps = Vec::new();
         let mut shares = Vec::new();
+        let mut means = Vec::new();
         let mut group_aggs = Vec::new();
         let mut stats = vec![Stat {
             names: vec![PERSONS.into()],
@@ -378,6 +379,7 @@ impl ApprovedQuery {
             );
             person_aggs.push(sum(col(format!("{n}_row"))).alias(n.clone()));
             let n_cap = if *kind == AggKind::CountPersons { 1 } else { r };
+            let n_index = caps.len();
             capped.push(
                 when(col(&n).gt(lit(n_cap as i64)), lit(n_cap as i64))
                     .otherwise(col(&n))?
@@ -445,7 +447,19 @@ impl ApprovedQuery {
             row_exprs.push(v.clone().alias(format!("{s}_row")));
             person_aggs.push(sum(col(format!("{s}_row"))).alias(s.clone()));
             let bound = (r * half) as i64;
-            capped.push(clamp(col(&s), lit(-bound), lit(bound))?.alias(s.clone()));
+            // A mean's sums: a person with more than R rows adds the mean of their rows R
+            // times (`bounding::Mean`; here with truncation, on nodes with unbiased rounding).
+            let mean = !matches!(kind, AggKind::Sum);
+            let r_i = r as i64;
+            let per_r = |c: &str| -> Result<Expr, QueryError> {
+                Ok(if mean {
+                    when(col(&n).gt(lit(r_i)), col(c) * lit(r_i) / col(&n)).otherwise(col(c))?
+                } else {
+                    col(c)
+                })
+            };
+            let s_index = caps.len();
+            capped.push(clamp(per_r(&s)?, lit(-bound), lit(bound))?.alias(s.clone()));
             caps.push(Cap {
                 lo: -bound,
                 hi: bound,
@@ -455,14 +469,16 @@ impl ApprovedQuery {
                 names: vec![s],
                 sensitivity: checked(&[g, r, half])?,
             });
+            let mut q_index = None;
             if matches!(kind, AggKind::Variance { .. } | AggKind::Stddev { .. }) {
                 let q = format!("__a{i}_q");
                 row_exprs.push((v.clone() * v).alias(format!("{q}_row")));
                 person_aggs.push(sum(col(format!("{q}_row"))).alias(q.clone()));
                 let qbound = (r * half * half) as i64;
+                q_index = Some(caps.len());
                 capped.push(
-                    when(col(&q).gt(lit(qbound)), lit(qbound))
-                        .otherwise(col(&q))?
+                    when(per_r(&q)?.gt(lit(qbound)), lit(qbound))
+                        .otherwise(per_r(&q)?)?
                         .alias(q.clone()),
                 );
                 caps.push(Cap {
@@ -473,6 +489,13 @@ impl ApprovedQuery {
                 stats.push(Stat {
                     names: vec![q],
                     sensitivity: checked(&[g, r, half, half])?,
+                });
+            }
+            if mean {
+                means.push(Mean {
+                    count: n_index,
+                    sums: std::iter::once(s_index).chain(q_index).collect(),
+                    r: r_i,
                 });
             }
         }
@@ -521,6 +544,7 @@ impl ApprovedQuery {
             groups: n_groups,
             caps,
             shares,
+            means,
             max_groups: g,
             output: Arc::new(plan.schema().as_arrow().clone()),
         });
