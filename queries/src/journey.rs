@@ -19,6 +19,10 @@
 //! - `USING (person_id)` means "the same person". The nodes' pseudonyms differ: the people are
 //!   linked privately, by the linkage key, which no SQL names.
 //!
+//! A side's conditions say who counts as being at that side, as if they were part of the join
+//! condition: under `LEFT JOIN`, `b.outcome = 'approved'` keeps the people of `a` without an
+//! approved case at CMS (in the NULL cell), where plain SQL's WHERE would drop them.
+//!
 //! Each side's conditions (`WHERE` is a conjunction, each condition about one side) and group
 //! column are checked by the ordinary rules ([`crate::validate::approve`] on a single-table
 //! aggregate built for that side), so every table, identifier, function and hiding rule
@@ -96,18 +100,28 @@ pub struct Side {
     /// value `v` (the mean of their rows' measure as DOUBLE, not yet clipped); `g` and `v` are
     /// left out when the side has no group column or no measure.
     pub side_sql: String,
+    /// The ordinary single-table aggregate that carried this side's conditions, group column
+    /// and measure through [`validate::approve`] (`SELECT channel, COUNT(*) FROM experience
+    /// WHERE … GROUP BY channel`): a node can approve it again to apply its own policy (hidden
+    /// dimensions ...) to what the query reads of its table.
+    pub check_sql: String,
 }
 
 impl Side {
     /// This side's cells in canonical order: each group value, then `None` (NULL) when the
-    /// group column may be NULL or this is the membership side of a `LEFT JOIN`; with no group
-    /// column, the one implicit cell `None`.
-    pub fn cells(&self, left_member: bool) -> Vec<Option<String>> {
+    /// group column may be NULL; with no group column, the one implicit cell `None`. (On the
+    /// membership side of a `LEFT JOIN` the people not at that side add a NULL cell: see
+    /// [`JourneyPlan::cells`].)
+    pub fn cells(&self) -> Vec<Option<String>> {
+        self.cells_with_null(false)
+    }
+
+    fn cells_with_null(&self, null: bool) -> Vec<Option<String>> {
         if self.group.is_none() {
             return vec![None];
         }
         let mut out: Vec<Option<String>> = self.group_values.iter().cloned().map(Some).collect();
-        if self.group_null || left_member {
+        if self.group_null || null {
             out.push(None);
         }
         out
@@ -175,6 +189,19 @@ impl JourneyPlan {
     /// again gives the same plan (up to the aliases).
     pub fn canonical_sql(&self) -> String {
         self.canonical.clone()
+    }
+
+    /// Every cell of the answer, known before any data is read: the cross product of the value
+    /// side's cells and the membership side's (the value side's varying slowest), each as
+    /// (value-side group, membership-side group). Under `LEFT JOIN` a grouped membership side
+    /// always has a NULL cell (the people not at that side).
+    pub fn cells(&self) -> Vec<(Option<String>, Option<String>)> {
+        let member = self.member_side.cells_with_null(self.left);
+        self.value_side
+            .cells()
+            .into_iter()
+            .flat_map(|a| member.iter().map(move |b| (a.clone(), b.clone())))
+            .collect()
     }
 }
 
@@ -269,7 +296,8 @@ pub async fn plan_with_keys(
     }
 
     // Every ordinary rule, per side.
-    for side in &shape.sides {
+    let mut checks: [String; 2] = [String::new(), String::new()];
+    for (i, side) in shape.sides.iter().enumerate() {
         let aggregates: &[&str] = match (&shape.measure, side.value) {
             (Some(_), true) => &["SUM", "AVG"],
             _ => &[],
@@ -285,6 +313,7 @@ pub async fn plan_with_keys(
                 other => other,
             });
         }
+        checks[i] = check_sql;
     }
 
     for (i, side) in shape.sides.iter().enumerate() {
@@ -330,8 +359,9 @@ pub async fn plan_with_keys(
     let canonical = canonical_sql(&shape);
     let [value_values, member_values] = values;
     let [value_ast, member_ast] = shape.sides;
-    let value_side = side_of(value_ast, value_values, measure.as_ref());
-    let member_side = side_of(member_ast, member_values, None);
+    let [value_check, member_check] = checks;
+    let value_side = side_of(value_ast, value_values, measure.as_ref(), value_check);
+    let member_side = side_of(member_ast, member_values, None, member_check);
     Ok(JourneyPlan {
         value_side,
         member_side,
@@ -369,7 +399,12 @@ fn group_values(
     Ok((texts, null))
 }
 
-fn side_of(ast: SideAst, values: Option<(Vec<String>, bool)>, measure: Option<&Measure>) -> Side {
+fn side_of(
+    ast: SideAst,
+    values: Option<(Vec<String>, bool)>,
+    measure: Option<&Measure>,
+    check_sql: String,
+) -> Side {
     let predicates: Vec<String> = ast.predicates.iter().map(|p| p.to_string()).collect();
     let mut select = vec![schema::PERSON_ID.to_string()];
     if let Some((g, _)) = &ast.group {
@@ -395,6 +430,7 @@ fn side_of(ast: SideAst, values: Option<(Vec<String>, bool)>, measure: Option<&M
         group_values,
         group_null,
         side_sql,
+        check_sql,
     }
 }
 
@@ -412,16 +448,16 @@ fn validation_sql(side: &SideAst, measure: Option<&str>, aggregates: &[&str]) ->
     let predicates: Vec<String> = side.predicates.iter().map(|p| p.to_string()).collect();
     let mut select = Vec::new();
     if let Some((g, _)) = &side.group {
-        select.push(g.clone());
+        select.push(sql_ident(g));
     }
     select.push("COUNT(*)".to_string());
     if let Some(m) = measure {
         for f in aggregates {
-            select.push(format!("{f}({m})"));
+            select.push(format!("{f}({})", sql_ident(m)));
         }
     }
     let group = match &side.group {
-        Some((g, _)) => format!(" GROUP BY {g}"),
+        Some((g, _)) => format!(" GROUP BY {}", sql_ident(g)),
         None => String::new(),
     };
     format!(
@@ -430,6 +466,23 @@ fn validation_sql(side: &SideAst, measure: Option<&str>, aggregates: &[&str]) ->
         side.table.name(),
         where_clause(&predicates)
     )
+}
+
+/// A column name as SQL: bare when it is a plain lowercase identifier, else quoted (so that a
+/// quoted `a."Channel"` stays the column `Channel`, which does not exist).
+fn sql_ident(name: &str) -> String {
+    let plain = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
 }
 
 /// Maps a refusal of a side's validation SQL back to the analyst's SQL: same rule and reason,
@@ -1385,8 +1438,30 @@ mod tests {
         assert_eq!(b.group.as_deref(), Some("age_band"));
         assert_eq!(b.group_values, strings(schema::AGE_BANDS));
         assert!(b.group_null, "age_band is optional");
-        assert_eq!(b.cells(false).last(), Some(&None));
-        assert_eq!(b.cells(false).len(), schema::AGE_BANDS.len() + 1);
+        assert_eq!(b.cells().last(), Some(&None));
+        assert_eq!(b.cells().len(), schema::AGE_BANDS.len() + 1);
+        assert_eq!(
+            p.cells().len(),
+            schema::CHANNELS.len() * (schema::AGE_BANDS.len() + 1)
+        );
+        assert_eq!(
+            p.cells()[0],
+            (
+                Some(schema::CHANNELS[0].to_string()),
+                Some(schema::AGE_BANDS[0].to_string())
+            )
+        );
+        assert_eq!(
+            a.check_sql,
+            "SELECT channel, COUNT(*), SUM(trust), AVG(trust) FROM experience WHERE \
+             life_experience = 'approaching_retirement' AND (trust >= 2 OR ease >= 2) GROUP BY \
+             channel"
+        );
+        assert_eq!(
+            b.check_sql,
+            "SELECT age_band, COUNT(*) FROM operational WHERE outcome = 'approved' GROUP BY \
+             age_band"
+        );
         assert_eq!(
             p.measure,
             Some(Measure {
@@ -1457,7 +1532,14 @@ mod tests {
         assert!(p.value_side.group_null);
         assert_eq!(p.member_side.group, None);
         assert!(p.member_side.group_values.is_empty());
-        assert_eq!(p.member_side.cells(true), vec![None]);
+        assert_eq!(p.member_side.cells(), vec![None]);
+        let mut states: Vec<Option<String>> =
+            schema::STATES.iter().map(|s| Some(s.to_string())).collect();
+        states.push(None);
+        assert_eq!(
+            p.cells(),
+            states.into_iter().map(|s| (s, None)).collect::<Vec<_>>()
+        );
         assert!(p.member_side.predicates.is_empty());
         assert_eq!(
             p.value_side.side_sql,
@@ -1804,6 +1886,52 @@ mod tests {
         )
         .await;
         assert_eq!(r.rule, Rule::GroupByNotAllowed, "{r}");
+    }
+
+    #[tokio::test]
+    async fn journey_left_join_adds_a_null_membership_cell() {
+        let sql = "SELECT a.survey_format, b.outcome, COUNT(*) FROM ssa.experience a LEFT JOIN \
+                   cms.operational b USING (person_id) GROUP BY a.survey_format, b.outcome";
+        let p = plan_of(sql).await.expect("plan");
+        assert!(!p.member_side.group_null, "outcome is required");
+        assert_eq!(p.member_side.cells().len(), schema::OUTCOMES.len());
+        let cells = p.cells();
+        assert_eq!(
+            cells.len(),
+            schema::SURVEY_FORMATS.len() * (schema::OUTCOMES.len() + 1)
+        );
+        assert_eq!(
+            cells[schema::OUTCOMES.len()],
+            (Some(schema::SURVEY_FORMATS[0].to_string()), None)
+        );
+        // The same query as INNER JOIN has no NULL membership cell.
+        let inner = plan_of(&sql.replace("LEFT JOIN", "JOIN"))
+            .await
+            .expect("plan");
+        assert_eq!(
+            inner.cells().len(),
+            schema::SURVEY_FORMATS.len() * schema::OUTCOMES.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn journey_quoted_columns_keep_their_case() {
+        for sql in [
+            "SELECT COUNT(*) FROM ssa.experience a JOIN cms.operational b USING (person_id)\n\
+             WHERE a.\"Channel\" = 'web'",
+            "SELECT COUNT(*) FROM ssa.experience a JOIN cms.operational b USING (person_id)\n\
+             GROUP BY a.\"Channel\"",
+        ] {
+            let r = refusal(sql).await;
+            assert_eq!(r.rule, Rule::PlanError, "{sql}: {r}");
+        }
+        let p = plan_of(
+            "SELECT COUNT(*) FROM ssa.experience a JOIN cms.operational b USING (person_id)\n\
+             WHERE a.\"channel\" = 'web'",
+        )
+        .await
+        .expect("plan");
+        assert_eq!(p.value_side.predicates, strings(&["\"channel\" = 'web'"]));
     }
 
     #[test]
