@@ -148,7 +148,7 @@ impl PublicKeys {
     }
 
     /// The public values of a column with the schema's `column`, or why it has none.
-    fn values_of(
+    pub(crate) fn values_of(
         &self,
         column: &'static schema::Column,
     ) -> Result<(Vec<ScalarValue>, &'static str), String> {

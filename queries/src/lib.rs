@@ -24,6 +24,8 @@
 //! - [`percentile`]: MEDIAN and percentiles in `dp` mode: noisy histograms over public grids.
 //! - [`explain`]: the plan, partial plan, merge and privacy rules of a query, or its refusal.
 //! - [`present`]: how a person reads each output column (rounding, calendar unit, whole range).
+//! - [`journey`]: journey queries: the same people at two agencies, joined `USING (person_id)`
+//!   by a private linkage; validation and the per-side, per-person SQL each node runs.
 #![forbid(unsafe_code)]
 
 pub mod bounding;
@@ -31,6 +33,7 @@ pub mod cells;
 pub mod context;
 pub mod dp;
 pub mod explain;
+pub mod journey;
 pub mod keyset;
 pub mod noise_share;
 pub mod percentile;

@@ -56,11 +56,16 @@ pub enum Rule {
     /// In `k-only` mode, a percentile (MEDIAN, PERCENTILE_CONT, APPROX_PERCENTILE_CONT): an
     /// exact percentile is one person's raw value.
     ExactPercentile,
+    /// A journey query (two agencies' tables joined `USING (person_id)`, see
+    /// [`crate::journey`]) of a shape the journey protocol does not answer: other joins or join
+    /// keys, unqualified tables, a condition mixing both tables, more than one measure, an
+    /// aggregate over the membership side, a group column without public values, ORDER BY ...
+    JourneyShape,
 }
 
 impl Rule {
     /// Every rule, in code order.
-    pub const ALL: [Rule; 21] = [
+    pub const ALL: [Rule; 22] = [
         Rule::SyntaxError,
         Rule::MultipleStatements,
         Rule::NotAQuery,
@@ -82,6 +87,7 @@ impl Rule {
         Rule::UnboundedArgument,
         Rule::ArgumentNotAllowed,
         Rule::ExactPercentile,
+        Rule::JourneyShape,
     ];
 
     /// The stable code, e.g. `CXF-Q012`.
@@ -108,6 +114,7 @@ impl Rule {
             Rule::UnboundedArgument => "CXF-Q019",
             Rule::ArgumentNotAllowed => "CXF-Q020",
             Rule::ExactPercentile => "CXF-Q021",
+            Rule::JourneyShape => "CXF-Q022",
         }
     }
 
@@ -135,6 +142,7 @@ impl Rule {
             Rule::UnboundedArgument => "unbounded-argument",
             Rule::ArgumentNotAllowed => "argument-not-allowed",
             Rule::ExactPercentile => "exact-percentile",
+            Rule::JourneyShape => "journey-shape",
         }
     }
 

@@ -387,7 +387,8 @@ fn refuse_before_planning(statement: &DFStatement) -> Result<(), QueryError> {
     }
 }
 
-fn parse_one(state: &SessionState, sql: &str) -> Result<DFStatement, QueryError> {
+/// Parses exactly one SELECT statement (no set operation), or says which rule `sql` breaks.
+pub(crate) fn parse_one(state: &SessionState, sql: &str) -> Result<DFStatement, QueryError> {
     let limit = state.config().options().sql_parser.recursion_limit.get();
     let mut statements = DFParserBuilder::new(sql)
         .with_dialect(&GenericDialect {})
