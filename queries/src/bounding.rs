@@ -5,7 +5,8 @@
 //!
 //! ```text
 //!  row batches ─▶ per (person, group): Σ of each row value        (one hash lookup per row)
-//!  finish      ─▶ per person: ≤ G of its groups, chosen uniformly  (CSPRNG; only when > G)
+//!  finish      ─▶ per person: ≤ G of its groups, chosen uniformly  (CSPRNG; only when > G),
+//!                 among the groups where the person adds to some statistic first
 //!              ─▶ per kept (person, group): a mean's rows scaled to R ([`Mean`]), a histogram's
 //!                 rows sampled to R ([`Share`]), then each Σ clamped to its cap (count ≤ R,
 //!                 |sum| ≤ R·h …)
@@ -343,11 +344,21 @@ impl Bounder {
                 s = self.slots[s as usize].next;
             }
             if mine.len() > g {
-                // A uniform G-subset: the first G of a partial Fisher–Yates shuffle.
-                for i in 0..g {
-                    let rest = (mine.len() - i) as u64;
-                    let j = i + uniform_below(rng, rest).map_err(internal)? as usize;
-                    mine.swap(i, j);
+                // The groups where the person adds to some statistic first (a group where all
+                // their rows are NULL for every aggregate would waste their one slot), then a
+                // uniform G-subset within each part: the first G of a partial Fisher–Yates
+                // shuffle.
+                let values = &self.values;
+                let adds = |s: u32| {
+                    values[s as usize * ns..(s as usize + 1) * ns]
+                        .iter()
+                        .any(|v| *v != 0)
+                };
+                let split = partition_in_place(&mut mine, adds);
+                let (front, back) = mine.split_at_mut(split);
+                let taken = sample_prefix(front, g, rng)?;
+                if taken < g {
+                    sample_prefix(back, g - taken, rng)?;
                 }
                 mine.truncate(g);
             }
@@ -405,6 +416,34 @@ impl Bounder {
         }
         RecordBatch::try_new(Arc::clone(&self.spec.output), columns).map_err(internal)
     }
+}
+
+/// Moves the items for which `keep` holds to the front, returning how many there are.
+fn partition_in_place(items: &mut [u32], keep: impl Fn(u32) -> bool) -> usize {
+    let mut front = 0;
+    for i in 0..items.len() {
+        if keep(items[i]) {
+            items.swap(front, i);
+            front += 1;
+        }
+    }
+    front
+}
+
+/// Shuffles a uniform `k`-subset of `items` into its first `min(k, len)` places (partial
+/// Fisher–Yates), returning how many that is.
+fn sample_prefix(
+    items: &mut [u32],
+    k: usize,
+    rng: &mut dyn RandomSource,
+) -> Result<usize, QueryError> {
+    let k = k.min(items.len());
+    for i in 0..k {
+        let rest = (items.len() - i) as u64;
+        let j = i + uniform_below(rng, rest).map_err(internal)? as usize;
+        items.swap(i, j);
+    }
+    Ok(k)
 }
 
 fn finish_empty(
@@ -752,6 +791,51 @@ mod tests {
         assert_eq!(seen.len(), 3);
         for (ch, n) in seen {
             assert!((900..=1100).contains(&n), "{ch} kept {n} of 3000 times");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_person_keeps_a_group_they_add_to_before_one_they_do_not() {
+        // One person, G = 1: trust in phone and email, none in paper. AVG(trust) reads nothing
+        // from paper, so the one group kept is phone or email, about half the time each.
+        let rows = vec![
+            ("a".to_string(), "phone", "5"),
+            ("a".to_string(), "email", "4"),
+            ("a".to_string(), "paper", ""),
+        ];
+        let ctx = context(vec![experience(&rows)], vec![]);
+        let q = approve(
+            &ctx.state(),
+            "SELECT channel, AVG(trust) FROM experience GROUP BY channel",
+        )
+        .await
+        .expect("approve");
+        let dp = q.dp_partial(&params(1, 1)).expect("dp");
+        let rows = ctx
+            .execute_logical_plan(dp.rows.clone())
+            .await
+            .expect("rows")
+            .collect()
+            .await
+            .expect("run");
+        let mut seen = std::collections::BTreeMap::new();
+        let mut rng = Seeded(5);
+        for _ in 0..2000 {
+            let mut b = Bounder::new(Arc::clone(&dp.bounding));
+            for r in &rows {
+                b.push(r).expect("push");
+            }
+            let out = b.finish(&mut rng).expect("finish");
+            assert_eq!(out.num_rows(), 1);
+            let ch = arrow::util::display::array_value_to_string(out.column(0), 0).expect("ch");
+            *seen.entry(ch).or_insert(0u32) += 1;
+        }
+        assert_eq!(
+            seen.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["email", "phone"]
+        );
+        for (ch, n) in seen {
+            assert!((900..=1100).contains(&n), "{ch} kept {n} of 2000 times");
         }
     }
 }
