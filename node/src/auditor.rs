@@ -572,7 +572,10 @@ pub fn reconcile(logs: &BTreeMap<String, Vec<Entry>>) -> Reconciliation {
             if e.kind != Kind::Request {
                 continue;
             }
-            if e.endpoint == "/v1/partial" && !e.query_id.is_empty() {
+            // A journey node's answer that carries data is its partial of the query.
+            if (e.endpoint == "/v1/partial" || e.endpoint == "/v1/journey")
+                && !e.query_id.is_empty()
+            {
                 let coordinator = coordinator_agency(&e.peer).unwrap_or_else(|| e.peer.clone());
                 partials
                     .entry((node.as_str(), coordinator, e.query_id.as_str()))

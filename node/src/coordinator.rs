@@ -22,6 +22,8 @@ use crate::node::Node;
 use crate::partial::{DecodedPartial, PartialError, decode};
 use crate::requests::Received;
 
+mod journey;
+
 /// Why a federated query has no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -65,6 +67,10 @@ pub async fn query(
     fanout: &mut Vec<Fanout>,
 ) -> Result<QueryResponse, CoordinatorError> {
     let started = Instant::now();
+    // The same people at two agencies: a protocol of its own between those two nodes.
+    if cxfed_queries::journey::is_journey(&req.sql) {
+        return journey::run(node, analyst, query_id, req, received_at, fanout).await;
+    }
     // An ε no node can spend is refused before anything is read, charged or sent; every node
     // checks again anyway.
     crate::partial::check_epsilon(&node.policy(), req.epsilon).map_err(PartialError::Epsilon)?;
@@ -466,7 +472,7 @@ fn add_masked(
 }
 
 /// POSTs `body` as JSON to `url` with the mTLS client for peer `agency` in force now.
-async fn post<T: serde::Serialize>(
+pub(crate) async fn post<T: serde::Serialize>(
     node: &Node,
     agency: &str,
     url: &str,
@@ -487,7 +493,7 @@ async fn post<T: serde::Serialize>(
 }
 
 /// A peer's refusal or failure, from its status and [`ErrorBody`].
-fn error_of(status: reqwest::StatusCode, bytes: &[u8]) -> (NodeState, String) {
+pub(crate) fn error_of(status: reqwest::StatusCode, bytes: &[u8]) -> (NodeState, String) {
     let state = if [
         reqwest::StatusCode::BAD_REQUEST,
         reqwest::StatusCode::FORBIDDEN,

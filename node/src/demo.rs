@@ -128,6 +128,74 @@ pub async fn start_federation_with(
         .await
         .map_err(err)??;
     }
+    start_nodes(dir, agencies, k, timeout, dp).await
+}
+
+/// Like [`start_federation_with`], on linked populations of `journey`'s three agencies (`cxfed
+/// synth --journeys`, `overlap` of each agency's people on the journey also at the next) with
+/// a linkage key shared by the three and each agency's linkage values ingested.
+pub async fn start_journey_federation(
+    dir: &Path,
+    journey: crate::synth::journeys::Journey,
+    people: usize,
+    overlap: f64,
+    k: u64,
+    timeout: Duration,
+    dp: Option<DpSettings>,
+) -> Result<LocalFederation, DemoError> {
+    let agencies = journey.agencies();
+    let certs = dir.join("certs");
+    let owned: Vec<String> = agencies.iter().map(|a| a.to_string()).collect();
+    crate::certs::dev(FEDERATION, &owned, &certs, 30, true).map_err(err)?;
+    let synth = dir.join("synth");
+    let data = dir.join("data");
+    tokio::task::spawn_blocking(move || -> Result<(), DemoError> {
+        let opts = crate::synth::journeys::JourneyOptions {
+            journey,
+            people,
+            overlap,
+            seed: 1,
+        };
+        crate::synth::journeys::write(&opts, &synth).map_err(err)?;
+        let key = dir_key(&data)?;
+        for agency in agencies {
+            let from = synth.join(agency);
+            let data_dir = data.join(agency.to_lowercase());
+            for table in Table::ALL {
+                let file = from.join(format!("{}.csv", table.name()));
+                crate::ingest::ingest(&data_dir, table, &file, false).map_err(err)?;
+            }
+            let key_path = data_dir.join(crate::linkage::KEY_FILE);
+            std::fs::copy(&key, &key_path).map_err(err)?;
+            crate::linkage::ingest(&data_dir, &from.join("linkage.csv")).map_err(err)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(err)??;
+    start_nodes(dir, &agencies, k, timeout, dp).await
+}
+
+/// A fresh linkage key for a federation's nodes, under `data` (each node gets a copy).
+fn dir_key(data: &Path) -> Result<std::path::PathBuf, DemoError> {
+    std::fs::create_dir_all(data).map_err(err)?;
+    let key = data.join(crate::linkage::KEY_FILE);
+    if !key.exists() {
+        crate::linkage::keygen(&key).map_err(err)?;
+    }
+    Ok(key)
+}
+
+/// Starts one node per agency on a free loopback port over the data already under
+/// `dir/data/<agency>`, each with the others as peers.
+async fn start_nodes(
+    dir: &Path,
+    agencies: &[&str],
+    k: u64,
+    timeout: Duration,
+    dp: Option<DpSettings>,
+) -> Result<LocalFederation, DemoError> {
+    let certs = dir.join("certs");
     let listeners: Vec<std::net::TcpListener> = agencies
         .iter()
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))

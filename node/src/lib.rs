@@ -24,6 +24,8 @@
 //! - [`row_bounds`]: the most rows one person holds per data file, to bound people from row counts.
 //! - [`coordinator`]: fan-out to every node, merge, final suppression.
 //! - [`secagg`]: secure aggregation: one-time keys, roster checks, masking, noise shares.
+//! - [`journey`]: journey queries (the same people at two agencies): this node's steps of the
+//!   private intersection-sum and the coordinator's run of them.
 //! - [`policy`]: the steward's policy (who may ask, hidden dimensions, k floor, limits).
 //! - [`audit`]: the hash-chained, signed query log a node writes.
 //! - [`auditor`]: what an auditor does with fetched logs: verify, reconcile.
@@ -55,6 +57,7 @@ pub mod engine;
 pub mod examples;
 pub mod gateway;
 pub mod ingest;
+pub mod journey;
 pub mod ledger;
 pub mod linkage;
 pub mod node;

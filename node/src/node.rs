@@ -47,6 +47,8 @@ pub struct Node {
     pub approvals: crate::approvals::Approvals,
     /// One-time secure-aggregation keys issued, by query id.
     pub secagg_keys: crate::secagg::KeyStore,
+    /// Journey runs this node is the membership side of, between their steps.
+    pub journeys: crate::journey::Pending,
 }
 
 impl std::fmt::Debug for Node {
@@ -137,6 +139,7 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
         requests,
         approvals: crate::approvals::Approvals::default(),
         secagg_keys: crate::secagg::KeyStore::default(),
+        journeys: crate::journey::Pending::default(),
     })
 }
 
@@ -299,6 +302,56 @@ impl Node {
             .map_err(|e| QueryError::Internal(format!("audit log: {e}")))?;
         result
     }
+    /// What a journey step needs of this node.
+    pub fn here(&self) -> crate::journey::Here<'_> {
+        crate::journey::Here {
+            ctx: &self.ctx,
+            agency: &self.config.agency,
+            data_dir: &self.config.data_dir,
+            policy: self.policy(),
+            approvals: &self.approvals,
+            ledger: &self.ledger,
+            pending: &self.journeys,
+            admit: Box::new(|analyst| self.admit(analyst, "journey")),
+        }
+    }
+
+    /// Runs one step of a journey query for the coordinator `peer` (see [`crate::journey`])
+    /// and audits it with the analyst's signature and the digest of what leaves.
+    pub async fn answer_journey(
+        &self,
+        peer: &str,
+        analyst: Option<&Identity>,
+        req: &cxfed_protocol::wire::JourneyRequest,
+        received_at: i64,
+    ) -> Result<Vec<u8>, PartialError> {
+        let out = crate::journey::step(&self.here(), peer, analyst, req, received_at).await;
+        let (decision, code) = decision(&out.result);
+        if let Err(e) = &out.result {
+            warn!(query_id = %req.query_id, peer, code = ?code, error = %e, "journey step not answered");
+        }
+        self.audit
+            .append(Record {
+                query_id: req.query_id.clone(),
+                endpoint: out.endpoint.into(),
+                peer: peer.to_string(),
+                analyst: out.analyst,
+                sql: Some(req.sql.clone()),
+                requested_epsilon: req.epsilon,
+                require_all: Some(req.require_all),
+                request: out.request.as_ref().map(|(s, _)| s.clone()),
+                received_at: out.request.as_ref().map(|(_, t)| *t),
+                decision: Some(decision),
+                code,
+                epsilon_spent: out.spent,
+                digest: out.result.as_ref().ok().map(|b| crate::audit::digest(b)),
+                ..Record::default()
+            })
+            .await
+            .map_err(|e| QueryError::Internal(format!("audit log: {e}")))?;
+        out.result
+    }
+
     /// This node's agency and its peers'.
     pub fn known_agencies(&self) -> Vec<&str> {
         std::iter::once(self.config.agency.as_str())

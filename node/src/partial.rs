@@ -129,6 +129,8 @@ pub fn secagg_calibration(
 /// Validates `sql`, checks it against `policy`, charges the analyst's budget (in `dp` mode),
 /// runs its partial plan on this node's data within the policy's time limit, then suppresses
 /// groups and cells (`k-only`) or noises and selects groups (`dp`), and encodes what may leave.
+// Each argument is a separate piece of the node's state; `Node::answer_partial` is the caller.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     ctx: &SessionContext,
     agency: &str,
@@ -294,7 +296,7 @@ pub async fn run(
 }
 
 /// Runs `plan` before `deadline`, mapping the policy's limits to their refusals.
-async fn execute(
+pub(crate) async fn execute(
     ctx: &SessionContext,
     plan: LogicalPlan,
     deadline: tokio::time::Instant,
@@ -363,7 +365,7 @@ fn query_error(e: QueryError) -> DataFusionError {
 /// The OS CSPRNG (ring's `SystemRandom`) as a noise source, read 512 bytes at a time so that
 /// a noise draw is not a system call per word. A failure stops the sampler at once, and the
 /// caller releases nothing.
-struct OsRandom {
+pub(crate) struct OsRandom {
     rng: SystemRandom,
     buf: [u8; 512],
     used: usize,

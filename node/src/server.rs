@@ -275,6 +275,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/query", post(query))
         .route("/v1/partial", post(partial))
         .route("/v1/secagg/key", post(secagg_key))
+        .route("/v1/journey", post(journey))
         .route("/v1/explain", post(explain))
         .route("/v1/schema", get(schema))
         .route("/v1/health", get(health))
@@ -784,6 +785,55 @@ async fn partial(
     .instrument(span)
     .await
     .map(|out| ([(header::CONTENT_TYPE, ARROW_STREAM)], out.ipc).into_response())
+}
+
+/// One step of a journey query (role node; see [`crate::journey`]): the analyst's signed
+/// request is checked at the first step this node sees.
+async fn journey(
+    State(node): State<Arc<Node>>,
+    Extension(tls): Extension<Arc<TlsInfo>>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Response, ApiError> {
+    let received_at = cxfed_protocol::signing::unix_now();
+    let endpoint = crate::journey::ENDPOINT;
+    let peer = node.authorize(&tls, endpoint, &[Role::Node]).await?;
+    let req: cxfed_protocol::wire::JourneyRequest =
+        node.parse_body(&body, endpoint, &peer, "").await?;
+    let span = tracing::info_span!("journey", query_id = %req.query_id, peer = %peer);
+    async {
+        let analyst = match req.step {
+            cxfed_protocol::wire::JourneyStep::Sums { .. } => None,
+            _ => {
+                let received = Received {
+                    signature: req.signature.as_ref(),
+                    sql: &req.sql,
+                    epsilon: req.epsilon,
+                    require_all: req.require_all,
+                    received_at,
+                };
+                let expected = Expected {
+                    analyst: &req.analyst,
+                    coordinator: peer.agency(),
+                };
+                Some(
+                    node.check_signature(
+                        endpoint,
+                        &peer.to_string(),
+                        &req.query_id,
+                        expected,
+                        received,
+                    )
+                    .await?,
+                )
+            }
+        };
+        node.answer_journey(&peer.to_string(), analyst.as_ref(), &req, received_at)
+            .await
+            .map_err(|e| ApiError::from(e).for_query(&req.query_id))
+    }
+    .instrument(span)
+    .await
+    .map(|bytes| ([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
 /// Round 1 of secure aggregation (role node): this node's one-time key for a query.

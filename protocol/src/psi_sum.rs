@@ -885,6 +885,19 @@ impl MemberParty {
         m2: &ValuesMessage,
         noise: &dyn Fn(Cell, Stat) -> i64,
     ) -> Result<SumsMessage, PsiSumError> {
+        self.aggregate_released(key, m2, noise, &|_| true)
+    }
+
+    /// Like [`MemberParty::aggregate`], releasing only the statistics `released` accepts: the
+    /// others are sent as fresh encryptions of 0 (what a query does not ask for, C cannot
+    /// decrypt, so it needs no noise and costs no ε).
+    pub fn aggregate_released(
+        &self,
+        key: &PublicKey,
+        m2: &ValuesMessage,
+        noise: &dyn Fn(Cell, Stat) -> i64,
+        released: &dyn Fn(Stat) -> bool,
+    ) -> Result<SumsMessage, PsiSumError> {
         let enc = Encryptor::new(key)?;
         if m2.b_groups != self.b_groups {
             return Err(PsiSumError::GroupsMismatch {
@@ -976,7 +989,11 @@ impl MemberParty {
                         .get(b as usize * width + STATS * a as usize + k)
                         .copied()
                         .unwrap_or(zero);
-                    out_matched.push(enc.release(&self.rng, acc, noise(cell, stat))?);
+                    out_matched.push(if released(stat) {
+                        enc.release(&self.rng, acc, noise(cell, stat))?
+                    } else {
+                        enc.release(&self.rng, zero, 0)?
+                    });
                 }
             }
         }
@@ -988,7 +1005,11 @@ impl MemberParty {
                     .get(STATS * a as usize + k)
                     .copied()
                     .unwrap_or(zero);
-                out_unmatched.push(enc.release(&self.rng, acc, noise(cell, stat))?);
+                out_unmatched.push(if released(stat) {
+                    enc.release(&self.rng, acc, noise(cell, stat))?
+                } else {
+                    enc.release(&self.rng, zero, 0)?
+                });
             }
         }
         Ok(SumsMessage {

@@ -253,6 +253,96 @@ pub struct PartialRequest {
     pub secagg: Option<SecAggRound>,
 }
 
+/// `POST /v1/journey` (role node): one step of a journey query (the same people at two
+/// agencies), run by the coordinator between the membership node B and the value node A
+/// ([`crate::psi_sum`]): `members` to B, `values` to A, `sums` to B. Every step carries the
+/// analyst's signed request; A and B check it (B once, at `members`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JourneyRequest {
+    /// Protocol version of the coordinator.
+    #[serde(default = "default_protocol")]
+    pub protocol: u32,
+    /// The query id the coordinator assigned.
+    pub query_id: String,
+    /// The analyst's SQL (a journey query).
+    pub sql: String,
+    /// The analyst identity the coordinator names (must be the signature's).
+    pub analyst: String,
+    /// ε the analyst asked to spend, as signed.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::epsilon_json"
+    )]
+    pub epsilon: Option<f64>,
+    /// The analyst's `require_all`, as signed.
+    #[serde(default = "default_true")]
+    pub require_all: bool,
+    /// The analyst's signature, forwarded unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<RequestSignature>,
+    /// Which step.
+    pub step: JourneyStep,
+}
+
+/// A step of [`JourneyRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "step", rename_all = "snake_case", deny_unknown_fields)]
+pub enum JourneyStep {
+    /// To B: its blinded, group-labelled members (answer: [`crate::psi_sum::MembersMessage`]).
+    Members {
+        /// The coordinator's fresh result key.
+        result_key: crate::psi_sum::PublicKey,
+    },
+    /// To A: its blinded values encrypted to the result key, against B's members (answer:
+    /// [`JourneyValues`]).
+    Values {
+        /// The coordinator's result key (the same as B's).
+        result_key: crate::psi_sum::PublicKey,
+        /// B's answer to `members`.
+        members: crate::psi_sum::MembersMessage,
+    },
+    /// To B: A's values, to sum over the people at both and at A only (answer:
+    /// [`JourneySums`]).
+    Sums {
+        /// A's answer to `values`.
+        values: crate::psi_sum::ValuesMessage,
+    },
+}
+
+/// A's answer to [`JourneyStep::Values`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JourneyValues {
+    /// The message for B.
+    pub values: crate::psi_sum::ValuesMessage,
+    /// A's k (the coordinator applies the larger of A's, B's and its own in `k-only` mode).
+    pub k: u64,
+    /// ε A charged (None in `k-only` mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+}
+
+/// B's answer to [`JourneyStep::Sums`]: the sums encrypted to the result key, with the noise
+/// B added to each released count and sum (discrete Laplace scales; 0 in `k-only` mode).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JourneySums {
+    /// The sums for the coordinator.
+    pub sums: crate::psi_sum::SumsMessage,
+    /// Noise scale of each released count.
+    pub count_scale: f64,
+    /// Noise scale of each released sum (of the values shifted to start at the measure's
+    /// lower bound).
+    pub sum_scale: f64,
+    /// B's k.
+    pub k: u64,
+    /// ε B charged (None in `k-only` mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+}
+
 /// `POST /v1/secagg/key` (role node), round 1 of secure aggregation: the coordinator asks a
 /// node for its one-time key for a query. The node validates the query and computes its noise
 /// calibration first, so the key it returns commits to both.

@@ -74,6 +74,31 @@ impl Fed {
         Fed { dir, fed, analyst }
     }
 
+    /// A federation of the retirement journey's agencies (SSA, CMS, OPM) on linked synthetic
+    /// populations (`overlap` of each agency's retirement people also at the next), with a
+    /// shared linkage key; `dp` as in [`Fed::start_dp`], or `k-only` nodes.
+    pub async fn start_journeys(
+        people: usize,
+        overlap: f64,
+        dp: Option<cxfed::policy::DpSettings>,
+    ) -> Fed {
+        let dir = tempfile::tempdir().unwrap();
+        let fed = cxfed::demo::start_journey_federation(
+            dir.path(),
+            cxfed::synth::journeys::Journey::Retirement,
+            people,
+            overlap,
+            K,
+            Duration::from_secs(60),
+            dp,
+        )
+        .await
+        .unwrap();
+        let analyst =
+            AnalystClient::new(&fed.tls("SSA", "analyst"), Duration::from_secs(60)).unwrap();
+        Fed { dir, fed, analyst }
+    }
+
     /// Sends `sql` as the SSA analyst to node `i`.
     pub async fn query_at(
         &self,
@@ -173,6 +198,32 @@ pub fn signed_partial(
 }
 
 /// One DataFusion session over the union of every agency's Parquet files under `dir/data`.
+/// One agency's own tables (its node's Parquet files), for an oracle that joins agencies.
+pub fn agency_context(dir: &std::path::Path, agency: &str) -> SessionContext {
+    let ctx = SessionContext::new();
+    cxfed_queries::context::register_functions(&ctx);
+    for table in Table::ALL {
+        let d = std::fs::canonicalize(
+            dir.join("data")
+                .join(agency.to_lowercase())
+                .join(table.name()),
+        )
+        .unwrap();
+        let url = ListingTableUrl::parse(format!("{}/", d.display())).unwrap();
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new(url)
+            .with_listing_options(options)
+            .with_schema(table.arrow_schema());
+        ctx.register_table(
+            table.name(),
+            Arc::new(ListingTable::try_new(config).unwrap()),
+        )
+        .unwrap();
+    }
+    ctx
+}
+
 pub fn pooled_context(dir: &std::path::Path) -> SessionContext {
     let ctx = SessionContext::new();
     // Same function names as the nodes (VARIANCE is an alias cxfed adds).
