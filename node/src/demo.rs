@@ -2,7 +2,7 @@
 //! synthetic data, three nodes on loopback with real mTLS, a few Priority Life Experience
 //! queries, and one refused query.
 
-use crate::examples::{QUERIES, REFUSED};
+use crate::examples::{JOURNEY, QUERIES, REFUSED};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,10 @@ impl LocalFederation {
         }
     }
 }
+
+/// The share of an agency's approaching-retirement people the demo also puts at the next
+/// agency of the journey.
+pub const DEMO_OVERLAP: f64 = 0.3;
 
 /// Makes certificates and data for `agencies` under `dir` and starts one node each on a free
 /// loopback port, each node configured with the others as peers.
@@ -283,18 +287,21 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
         dir.display()
     );
     println!(
-        "  making certificates, {} synthetic people per agency, and starting three mTLS nodes...",
-        opts.people
+        "  making certificates, {} synthetic people per agency (on the retirement journey, {:.0}% of an agency's approaching-retirement people also at the next, linked by synthetic SSNs), and starting three mTLS nodes...",
+        opts.people,
+        DEMO_OVERLAP * 100.0
     );
     let dp = DpSettings {
         assume_honest_nodes: opts.assume_honest_nodes,
         secure_aggregation: opts.secure_aggregation,
         ..DpSettings::DEFAULT
     };
-    let fed = start_federation_with(
+    // The three agencies of the retirement journey, sharing people and a linkage key.
+    let fed = start_journey_federation(
         &dir,
-        &AGENCIES,
+        crate::synth::journeys::Journey::Retirement,
         opts.people,
+        DEMO_OVERLAP,
         crate::config::DEFAULT_K,
         Duration::from_secs(60),
         Some(dp.clone()),
@@ -321,7 +328,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     let client =
         crate::client::AnalystClient::new(&analyst, Duration::from_secs(120)).map_err(err)?;
     let coordinator = fed.url(0);
-    for (title, sql) in QUERIES {
+    for (title, sql) in QUERIES.iter().chain(std::iter::once(&JOURNEY)) {
         println!("── {title}\n{}\n", indent(sql));
         let t = Instant::now();
         let resp = send_query(&client, &coordinator, &QueryRequest::new(*sql))

@@ -25,6 +25,13 @@ pub const QUERIES: &[(&str, &str)] = &[
     ),
 ];
 
+/// The journey query the demo runs (its federation's agencies share people on the retirement
+/// journey and a linkage key): the same people at SSA and CMS, matched privately.
+pub const JOURNEY: (&str, &str) = (
+    "A journey: SSA's approaching-retirement people by how their Medicare enrollment at CMS ended (the same people, matched privately on the linkage key; NULL: not at CMS)",
+    "SELECT b.outcome AS cms_outcome, COUNT(*) AS people, AVG(a.trust) AS ssa_trust\nFROM ssa.experience a LEFT JOIN cms.operational b USING (person_id)\nWHERE a.life_experience = 'approaching_retirement'\n  AND b.life_experience = 'approaching_retirement'\nGROUP BY b.outcome",
+);
+
 /// A query the demo shows being refused.
 pub const REFUSED: (&str, &str) = (
     "A refused query: trying to group by a person",

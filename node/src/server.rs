@@ -1178,6 +1178,8 @@ pub const AUDIT_MEDIA_TYPE: &str = "application/x-ndjson";
 
 /// The largest request body a node reads (`/v1/query`, `/v1/partial`, `/v1/explain`), in bytes.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// The largest journey step a node reads from another node (`/v1/journey`), in bytes.
+pub const MAX_JOURNEY_BODY_BYTES: usize = 512 * 1024 * 1024;
 /// The code of a request refused because its body is over [`MAX_BODY_BYTES`] (HTTP 413).
 pub const BODY_TOO_LARGE: &str = ApiCode::BodyTooLarge.code();
 /// How much of an oversized body is still read, and thrown away, so that a client that is
@@ -1205,14 +1207,26 @@ impl axum::extract::FromRequest<Arc<Node>> for LimitedBody {
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        // A journey step between nodes carries one record per person (about 1.3 kB each):
+        // only a node's certificate gets the larger limit.
+        let from_node = parts
+            .extensions
+            .get::<Arc<TlsInfo>>()
+            .and_then(|t| crate::tls::peer_identity(&t.peer_certificates).ok())
+            .is_some_and(|id| id.role() == Role::Node);
+        let limit = if from_node && parts.uri.path() == crate::journey::ENDPOINT {
+            MAX_JOURNEY_BODY_BYTES
+        } else {
+            MAX_BODY_BYTES
+        };
         let mut stream = body.into_data_stream();
         let mut buf = Vec::new();
         let mut failed = None;
-        let mut over = declared.is_some_and(|n| n > MAX_BODY_BYTES as u64);
+        let mut over = declared.is_some_and(|n| n > limit as u64);
         while !over {
             match stream.next().await {
                 None => break,
-                Some(Ok(chunk)) if buf.len() + chunk.len() <= MAX_BODY_BYTES => {
+                Some(Ok(chunk)) if buf.len() + chunk.len() <= limit => {
                     buf.extend_from_slice(&chunk)
                 }
                 Some(Ok(_)) => over = true,
@@ -1255,7 +1269,7 @@ impl axum::extract::FromRequest<Arc<Node>> for LimitedBody {
             }
             _ => {
                 warn!(%peer, endpoint, declared, limit = MAX_BODY_BYTES, "refused oversized request body");
-                (BODY_TOO_LARGE, ApiError::TooLarge(MAX_BODY_BYTES))
+                (BODY_TOO_LARGE, ApiError::TooLarge(limit))
             }
         };
         let logged = node
