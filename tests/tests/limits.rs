@@ -106,6 +106,20 @@ async fn oversized_query_body_is_answered_413_audited_and_the_node_keeps_serving
             assert_eq!(resp.status(), want, "{proto}: {len} bytes");
         }
     }
+    // A journey step may be larger, but only from a node's certificate: an analyst's 3 MB
+    // body to /v1/journey is refused unread; a node's is read (and then refused as a
+    // malformed step, 400, not 413).
+    for (who, want) in [("analyst", 413), ("node", 400)] {
+        let resp = fed
+            .client("CMS", who)
+            .post(format!("{url}/v1/journey"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), want, "{who}");
+    }
     // And a normal query still gets its answer.
     let answer = fed.query(SQL).await.unwrap();
     assert!(!answer.rows.is_empty());
