@@ -91,6 +91,9 @@ pub async fn explain_with(
     federation_k: u64,
     dp_context: Option<DpContext<'_>>,
 ) -> Result<Explanation, QueryError> {
+    if crate::journey::is_journey(sql) {
+        return explain_journey(state, sql, node_k.max(federation_k), dp_context).await;
+    }
     let dp = dp_context.map(|c| c.params);
     let approved = match approve(state, sql).await {
         Ok(a) => a,
@@ -330,6 +333,70 @@ fn indent(s: &str) -> String {
         .join("\n")
 }
 
+/// Explains a journey query ([`crate::journey`]): each side's per-person SQL, how the answer
+/// is built, and its privacy rules.
+async fn explain_journey(
+    state: &SessionState,
+    sql: &str,
+    k: u64,
+    dp_context: Option<DpContext<'_>>,
+) -> Result<Explanation, QueryError> {
+    let keys = dp_context.map_or_else(PublicKeys::schema_only, |c| c.public_keys.clone());
+    let plan = match crate::journey::plan_with_keys(state, sql, &keys).await {
+        Ok(p) => p,
+        Err(QueryError::Rejected(r)) => return Ok(Explanation::from(&r)),
+        Err(e) => return Err(e),
+    };
+    let (a, b) = (&plan.value_side, &plan.member_side);
+    let cells = plan.cells().len();
+    let mut privacy = vec![
+        format!(
+            "a journey: the same people at {} and {}, matched on the private linkage key by a private intersection-sum (blinded with fresh secrets, values encrypted to the coordinator's fresh key); neither node learns which of its people the other holds, and no pseudonym or linkage value leaves either",
+            a.agency, b.agency
+        ),
+        "each side counts one record per person: its smallest group value and the mean of its measure over the person's rows that pass its conditions".to_string(),
+        format!(
+            "{} learns how many of {}'s people match per group of its own (not which); {} learns how many people {} has per group",
+            b.agency, a.agency, a.agency, b.agency
+        ),
+    ];
+    match dp_context {
+        Some(c) => privacy.push(format!(
+            "differential privacy: both nodes charge ε = {} to the analyst's budget; {} adds discrete Laplace noise to every released count and sum (sensitivity 1 and the measure's range per person, doubled for LEFT JOIN); every one of the {cells} cells is released with its 95% interval",
+            c.params.epsilon, b.agency
+        )),
+        None => privacy.push(format!(
+            "k-only: a cell of fewer than k = {k} people (the largest k of the coordinator and both nodes) is withheld"
+        )),
+    }
+    Ok(Explanation::Accepted {
+        columns: plan.outputs.iter().map(|o| o.name().to_string()).collect(),
+        plan: plan.canonical_sql(),
+        partial_plan: format!(
+            "{} ({}, value side): {}\n{} ({}, membership side): {}",
+            a.agency,
+            a.table.name(),
+            a.side_sql,
+            b.agency,
+            b.table.name(),
+            b.side_sql
+        ),
+        merge: vec![format!(
+            "{cells} cells known in advance ({} of {} × {} of {}{}); per cell the count and the sum of the measure over the people in it, decrypted by the coordinator; AVG = sum / count",
+            a.cells().len(),
+            a.agency,
+            b.cells().len(),
+            b.agency,
+            if plan.left {
+                ", plus the people at the first only, who read NULL on the second's side"
+            } else {
+                ""
+            }
+        )],
+        privacy,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,5 +488,28 @@ mod tests {
         )
         .await;
         assert!(t.contains("every node refuses this query"), "{t}");
+    }
+
+    #[tokio::test]
+    async fn a_journey_is_explained_side_by_side() {
+        let ctx = crate::context::planning_context().expect("ctx");
+        let sql = "SELECT a.channel, COUNT(*) AS n, AVG(a.trust) AS t FROM ssa.experience a LEFT JOIN cms.operational b USING (person_id) WHERE a.life_experience = 'approaching_retirement' GROUP BY a.channel";
+        let e = explain(&ctx.state(), sql, 10, 11).await.expect("explain");
+        let text = e.to_string();
+        assert!(matches!(e, Explanation::Accepted { .. }), "{text}");
+        assert!(
+            text.contains("SSA (experience, value side): SELECT person_id"),
+            "{text}"
+        );
+        assert!(
+            text.contains("CMS (operational, membership side)"),
+            "{text}"
+        );
+        assert!(text.contains("k = 11"), "{text}");
+        assert!(text.contains("people at the first only"), "{text}");
+        // A journey of another shape is refused like any query, with its code.
+        let bad = "SELECT a.channel, COUNT(*) FROM ssa.experience a RIGHT JOIN cms.operational b USING (person_id) GROUP BY a.channel";
+        let e = explain(&ctx.state(), bad, 10, 10).await.expect("explain");
+        assert!(e.to_string().contains("CXF-Q022"), "{e}");
     }
 }
