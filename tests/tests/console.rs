@@ -932,6 +932,24 @@ async fn each_role_page_shows_what_a_person_needs() {
     assert!(bars >= 3, "{}", dom.inner(fig));
     assert!(dom.find(fig, "line", Some("err")).len() >= 3 * bars);
 
+    // Analyst: median and 90th-percentile waits by channel (dp: read off noisy histograms);
+    // the median is charted first, as bars with their intervals' whiskers.
+    let dom = open_async(&browser, profile("a1"), run_url(&cs[0], "example=4"), None).await;
+    let fig = chart(&dom, "bar chart");
+    assert!(
+        dom.inner(fig).contains("median_wait_min"),
+        "{}",
+        dom.inner(fig)
+    );
+    let bars = dom.find(fig, "rect", Some("bar")).len();
+    assert!(bars >= 3, "{}", dom.inner(fig));
+    // A median whose whole interval lies inside one minute (± 0) has no whisker to draw.
+    assert!(
+        dom.find(fig, "line", Some("err")).len() >= 3,
+        "{}",
+        dom.inner(fig)
+    );
+
     // A refused query (sent directly), then a second boundary: the auditor's time filter below
     // must leave it out.
     let early = fed
@@ -1028,8 +1046,8 @@ async fn each_role_page_shows_what_a_person_needs() {
     let budget_rows = dom.table_rows("budget");
     assert_eq!(budget_rows.len(), 1, "{budget_rows:?}");
     assert_eq!(budget_rows[0][0], ANALYST);
-    // Two examples ran (the first twice when the page was also opened for its screenshot).
-    let spent = if shots.is_some() { "3" } else { "2" };
+    // Three examples ran (the first twice when the page was also opened for its screenshot).
+    let spent = if shots.is_some() { "4" } else { "3" };
     assert_eq!(budget_rows[0][2], spent, "{budget_rows:?}");
     let activity = dom.table_rows("activity");
     assert!(

@@ -259,7 +259,7 @@ function showResult(raw) {
     n.epsilon != null ? ` · ε ${fmt(n.epsilon)}` : "",
     n.error ? ` · ${n.error}` : "")));
   $("measure").replaceChildren(...measures.map((i) => el("option", {value: i}, result.columns[i])));
-  const prefer = measures.find((i) => /avg|mean|share|trust|satisf/i.test(result.columns[i]));
+  const prefer = measures.find((i) => /avg|mean|median|share|trust|satisf/i.test(result.columns[i]));
   if (prefer !== undefined) $("measure").value = String(prefer);
   const numeric = result.columns.map((_, i) => measures.includes(i));
   const formats = result.formats || [];
