@@ -40,7 +40,8 @@ use cxfed_protocol::Identity;
 use cxfed_protocol::psi_sum::{self, Cell, MemberParty, PublicKey, Stat, ValueParty, ValueRecord};
 use cxfed_protocol::signing::RequestSignature;
 use cxfed_protocol::wire::{
-    JourneyRequest, JourneyStep, JourneySums, JourneyValues, PROTOCOL_VERSION, QueryResponse,
+    ColumnFormat, JourneyRequest, JourneyStep, JourneySums, JourneyValues, PROTOCOL_VERSION,
+    QueryResponse,
 };
 use cxfed_queries::dp::{RandomSource, Scale, Z95, uniform_below};
 use cxfed_queries::journey::{JourneyPlan, Output, Side};
@@ -575,17 +576,41 @@ pub fn answer_rows(
         rows.push(row);
         ci95.push(ci);
     }
+    // An average's whole range: an interval wider than it says nothing (marked, as for any
+    // dp answer).
+    let formats: Vec<ColumnFormat> = plan
+        .outputs
+        .iter()
+        .map(|o| ColumnFormat {
+            range: matches!(o, Output::Avg { .. }).then_some(hi - lo),
+            ..ColumnFormat::default()
+        })
+        .collect();
+    let columns: Vec<String> = plan.outputs.iter().map(|o| o.name().to_string()).collect();
+    let not_informative: Vec<Vec<String>> = if dp {
+        cxfed_queries::present::not_informative(&formats, &ci95)
+            .into_iter()
+            .map(|cols| cols.into_iter().map(|c| columns[c].clone()).collect())
+            .collect()
+    } else {
+        vec![]
+    };
+    let any_uninformative = not_informative.iter().any(|r| !r.is_empty());
     Ok(QueryResponse {
         query_id: String::new(),
-        columns: plan.outputs.iter().map(|o| o.name().to_string()).collect(),
+        columns,
         rows,
         suppressed_groups: suppressed,
         suppressed_cells: 0,
         incomplete_cells: 0,
         incomplete_groups: 0,
         missing_parts: vec![],
-        formats: vec![],
-        not_informative: vec![],
+        formats,
+        not_informative: if any_uninformative {
+            not_informative
+        } else {
+            vec![]
+        },
         nodes: vec![],
         complete: true,
         privacy: if dp { "dp" } else { "k-only" }.into(),

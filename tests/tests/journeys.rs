@@ -256,6 +256,16 @@ async fn journeys_in_dp_mode_are_within_their_noise_and_charge_both_nodes() {
         "{outside} of {} counts outside their 95% interval",
         got.rows.len()
     );
+    // An average whose interval is wider than the 1–5 range is marked, as in any dp answer.
+    assert_eq!(got.formats.len(), got.columns.len());
+    for (r, ci) in got.ci95.iter().enumerate() {
+        let wide = ci[2].is_some_and(|c| 2.0 * c > 4.0);
+        let marked = got
+            .not_informative
+            .get(r)
+            .is_some_and(|cols| cols.iter().any(|c| c == "trust"));
+        assert_eq!(wide, marked, "row {r}: {:?} {:?}", got.rows[r], ci);
+    }
     for status in &got.nodes {
         assert!(status.epsilon.is_some_and(|e| e > 0.0), "{status:?}");
     }
