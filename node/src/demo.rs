@@ -331,9 +331,10 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     for (title, sql) in QUERIES.iter().chain(std::iter::once(&JOURNEY)) {
         println!("── {title}\n{}\n", indent(sql));
         let t = Instant::now();
-        let resp = send_query(&client, &coordinator, &QueryRequest::new(*sql))
-            .await
-            .map_err(err)?;
+        // A journey names its ε: both of its nodes spend exactly that.
+        let req =
+            QueryRequest::new(*sql).epsilon((*sql == JOURNEY.1).then_some(dp.epsilon_per_query));
+        let resp = send_query(&client, &coordinator, &req).await.map_err(err)?;
         print!("{}", render(&resp, Format::Table));
         println!("({} ms)\n", t.elapsed().as_millis());
     }

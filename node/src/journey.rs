@@ -19,7 +19,8 @@
 //!   only people with a linkage value take part. With a measure, A's records are the people
 //!   with a value, clipped to the measure's bounds and rounded to a whole number at random
 //!   (unbiased), so COUNT counts those people.
-//! - `dp`: B adds the noise, at the scales of the query's ε over the count and, when asked
+//! - `dp`: the analyst names ε, at most each node's `epsilon_per_query` (both spend exactly
+//!   it). B adds the noise, at the scales of that ε over the count and, when asked
 //!   for, the sum: sensitivity 1 and `hi − lo` per person for an INNER JOIN, twice that for a
 //!   LEFT JOIN (one of B's people moves one of A's between a matched and an unmatched cell).
 //!   Both nodes charge their ledgers before reading data. What is not asked for (sums of
@@ -126,6 +127,29 @@ pub(crate) fn refused(why: impl Into<String>) -> PartialError {
         cxfed_queries::rules::Rule::JourneyShape,
         why,
     )))
+}
+
+/// A journey's ε in `dp` mode: B adds the noise for A's people too, so both nodes must spend
+/// the same ε. The analyst names it, and it must be at most this node's `epsilon_per_query`
+/// (no silent cap, as partials have). Checked by the coordinator and by each node.
+pub fn check_epsilon(
+    policy: &crate::policy::Policy,
+    requested: Option<f64>,
+) -> Result<(), PartialError> {
+    crate::partial::check_epsilon(policy, requested)?;
+    let Some(settings) = &policy.dp else {
+        return Ok(());
+    };
+    match requested {
+        None => Err(refused(
+            "a journey query in differential-privacy mode names its ε (--epsilon): both nodes must calibrate and charge the same one",
+        )),
+        Some(e) if e > settings.epsilon_per_query => Err(refused(format!(
+            "ε = {e} is above this node's epsilon_per_query ({}); a journey spends the same ε at both nodes, so it must be at most each one's",
+            settings.epsilon_per_query
+        ))),
+        Some(_) => Ok(()),
+    }
 }
 
 /// The plan of a journey query under this node's public keys.
@@ -308,7 +332,7 @@ pub async fn step(
             )));
         }
         let policy = here.policy.clone();
-        crate::partial::check_epsilon(&policy, req.epsilon)?;
+        check_epsilon(&policy, req.epsilon)?;
         match &req.step {
             JourneyStep::Members { result_key } => {
                 let analyst = analyst.ok_or_else(|| internal("members without an analyst"))?;

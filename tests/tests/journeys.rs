@@ -225,7 +225,21 @@ async fn journeys_match_a_clear_join_exactly_in_k_only_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journeys_in_dp_mode_are_within_their_noise_and_charge_both_nodes() {
     let fed = Fed::start_journeys(1_500, 0.5, Some(cxfed::policy::DpSettings::DEFAULT)).await;
-    let got = fed.query_at(0, INNER, true).await.unwrap();
+    // Both nodes spend the same ε, so the analyst names it, at most each node's maximum.
+    for epsilon in [None, Some(2.0)] {
+        let req = cxfed_protocol::wire::QueryRequest::new(INNER).epsilon(epsilon);
+        match cxfed::client::send_query(&fed.analyst, &fed.fed.url(0), &req).await {
+            Err(QueryFailure::Refused(b)) => {
+                assert_eq!(b.code, "CXF-Q022", "{b:?}");
+                assert!(b.message.contains('ε'), "{b:?}");
+            }
+            other => panic!("{epsilon:?}: {other:?}"),
+        }
+    }
+    let req = cxfed_protocol::wire::QueryRequest::new(INNER).epsilon(Some(1.0));
+    let got = cxfed::client::send_query(&fed.analyst, &fed.fed.url(0), &req)
+        .await
+        .unwrap();
     assert_eq!(got.privacy, "dp");
     let a = side(&fed, "SSA", INNER_A).await;
     let b = side(&fed, "CMS", ANY_B).await;

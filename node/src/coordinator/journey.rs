@@ -87,7 +87,7 @@ pub async fn run(
     fanout: &mut Vec<Fanout>,
 ) -> Result<QueryResponse, CoordinatorError> {
     let policy = node.policy();
-    crate::partial::check_epsilon(&policy, req.epsilon).map_err(PartialError::Epsilon)?;
+    crate::journey::check_epsilon(&policy, req.epsilon)?;
     node.admit(&analyst.to_string(), "query")?;
     let plan = plan_here(&node.here(), &req.sql).await?;
     let known = node.known_agencies();
