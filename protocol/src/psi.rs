@@ -90,14 +90,8 @@ impl Party {
     /// A party with a fresh uniformly random non-zero scalar (64 random bytes reduced mod ℓ).
     pub fn new() -> Result<Party, PsiError> {
         let rng = SystemRandom::new();
-        loop {
-            let mut wide = [0u8; 64];
-            rng.fill(&mut wide).map_err(|_| PsiError::Random)?;
-            let secret = Scalar::from_bytes_mod_order_wide(&wide);
-            if secret != Scalar::ZERO {
-                return Ok(Party { secret, rng });
-            }
-        }
+        let secret = random_scalar(&rng)?;
+        Ok(Party { secret, rng })
     }
 
     /// First message: each distinct value hashed to a point, raised to this party's secret,
@@ -143,25 +137,53 @@ impl Party {
             .collect()
     }
 
-    /// Fisher–Yates with unbiased indexes from the system's random number generator.
     fn shuffle(&self, items: &mut [Blinded]) -> Result<(), PsiError> {
-        for i in (1..items.len()).rev() {
-            let j = self.below(i as u64 + 1)? as usize;
-            items.swap(i, j);
-        }
-        Ok(())
+        Ok(shuffle(&self.rng, items)?)
     }
+}
 
-    /// A uniform integer in `0..n` (`n` ≥ 1), by rejection.
-    fn below(&self, n: u64) -> Result<u64, PsiError> {
-        let zone = u64::MAX - (u64::MAX % n + 1) % n;
-        loop {
-            let mut b = [0u8; 8];
-            self.rng.fill(&mut b).map_err(|_| PsiError::Random)?;
-            let x = u64::from_le_bytes(b);
-            if x <= zone {
-                return Ok(x % n);
-            }
+/// The system's random number generator failed (for [`random_scalar`] and [`shuffle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RandomFailed;
+
+impl From<RandomFailed> for PsiError {
+    fn from(_: RandomFailed) -> Self {
+        PsiError::Random
+    }
+}
+
+/// A uniformly random non-zero scalar (64 random bytes reduced mod ℓ), for a run's secret.
+pub(crate) fn random_scalar(rng: &SystemRandom) -> Result<Scalar, RandomFailed> {
+    use zeroize::Zeroize;
+    loop {
+        let mut wide = [0u8; 64];
+        rng.fill(&mut wide).map_err(|_| RandomFailed)?;
+        let s = Scalar::from_bytes_mod_order_wide(&wide);
+        wide.zeroize();
+        if s != Scalar::ZERO {
+            return Ok(s);
+        }
+    }
+}
+
+/// Fisher–Yates with unbiased indexes from the system's random number generator.
+pub(crate) fn shuffle<T>(rng: &SystemRandom, items: &mut [T]) -> Result<(), RandomFailed> {
+    for i in (1..items.len()).rev() {
+        let j = below(rng, i as u64 + 1)? as usize;
+        items.swap(i, j);
+    }
+    Ok(())
+}
+
+/// A uniform integer in `0..n` (`n` ≥ 1), by rejection.
+fn below(rng: &SystemRandom, n: u64) -> Result<u64, RandomFailed> {
+    let zone = u64::MAX - (u64::MAX % n + 1) % n;
+    loop {
+        let mut b = [0u8; 8];
+        rng.fill(&mut b).map_err(|_| RandomFailed)?;
+        let x = u64::from_le_bytes(b);
+        if x <= zone {
+            return Ok(x % n);
         }
     }
 }

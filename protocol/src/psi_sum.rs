@@ -97,11 +97,11 @@ use curve25519_dalek::constants::{RISTRETTO_BASEPOINT_POINT, RISTRETTO_BASEPOINT
 use curve25519_dalek::ristretto::{CompressedRistretto, RistrettoBasepointTable, RistrettoPoint};
 use curve25519_dalek::scalar::Scalar;
 use curve25519_dalek::traits::Identity;
-use ring::rand::{SecureRandom, SystemRandom};
+use ring::rand::SystemRandom;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
-use crate::psi::hash_to_point;
+use crate::psi::{RandomFailed, hash_to_point, random_scalar, shuffle};
 use crate::signing::{hex, unhex};
 
 /// The default discrete-log range of [`DiscreteLog::new`]: released values with |m| ≤ 2^32.
@@ -1149,38 +1149,9 @@ fn check_groups(ga: u32, gb: u32) -> Result<(), PsiSumError> {
     Ok(())
 }
 
-/// A uniformly random non-zero scalar (64 random bytes reduced mod ℓ).
-fn random_scalar(rng: &SystemRandom) -> Result<Scalar, PsiSumError> {
-    loop {
-        let mut wide = [0u8; 64];
-        rng.fill(&mut wide).map_err(|_| PsiSumError::Random)?;
-        let s = Scalar::from_bytes_mod_order_wide(&wide);
-        wide.zeroize();
-        if s != Scalar::ZERO {
-            return Ok(s);
-        }
-    }
-}
-
-/// Fisher–Yates with unbiased indexes from the system's random number generator.
-fn shuffle<T>(rng: &SystemRandom, items: &mut [T]) -> Result<(), PsiSumError> {
-    for i in (1..items.len()).rev() {
-        let j = below(rng, i as u64 + 1)? as usize;
-        items.swap(i, j);
-    }
-    Ok(())
-}
-
-/// A uniform integer in `0..n` (`n` ≥ 1), by rejection.
-fn below(rng: &SystemRandom, n: u64) -> Result<u64, PsiSumError> {
-    let zone = u64::MAX - (u64::MAX % n + 1) % n;
-    loop {
-        let mut b = [0u8; 8];
-        rng.fill(&mut b).map_err(|_| PsiSumError::Random)?;
-        let x = u64::from_le_bytes(b);
-        if x <= zone {
-            return Ok(x % n);
-        }
+impl From<RandomFailed> for PsiSumError {
+    fn from(_: RandomFailed) -> Self {
+        PsiSumError::Random
     }
 }
 
