@@ -605,6 +605,24 @@ impl Node {
             .map_err(|e| ApiError::Internal(format!("audit log: {e}")))
     }
 
+    /// Checks an analyst's signature a coordinator (`peer`, a node) forwarded: signed for the
+    /// analyst the coordinator names, and for this coordinator, the TLS peer.
+    pub async fn check_forwarded(
+        &self,
+        endpoint: &'static str,
+        peer: &Identity,
+        query_id: &str,
+        analyst: &str,
+        received: Received<'_>,
+    ) -> Result<Identity, ApiError> {
+        let expected = Expected {
+            analyst,
+            coordinator: peer.agency(),
+        };
+        self.check_signature(endpoint, &peer.to_string(), query_id, expected, received)
+            .await
+    }
+
     /// Checks an analyst's signature on a request as this node received it, for the analyst
     /// and coordinator this node knows it must be from; a refusal is logged and audited with
     /// what was claimed.
@@ -757,19 +775,8 @@ async fn partial(
         received_at,
     };
     async {
-        // Signed for the analyst the coordinator names, and for this coordinator: the TLS peer.
-        let expected = Expected {
-            analyst: &req.analyst,
-            coordinator: peer.agency(),
-        };
         let analyst = node
-            .check_signature(
-                "/v1/partial",
-                &peer.to_string(),
-                &req.query_id,
-                expected,
-                received,
-            )
+            .check_forwarded("/v1/partial", &peer, &req.query_id, &req.analyst, received)
             .await?;
         node.answer_partial(
             &peer.to_string(),
@@ -811,19 +818,9 @@ async fn journey(
                     require_all: req.require_all,
                     received_at,
                 };
-                let expected = Expected {
-                    analyst: &req.analyst,
-                    coordinator: peer.agency(),
-                };
                 Some(
-                    node.check_signature(
-                        endpoint,
-                        &peer.to_string(),
-                        &req.query_id,
-                        expected,
-                        received,
-                    )
-                    .await?,
+                    node.check_forwarded(endpoint, &peer, &req.query_id, &req.analyst, received)
+                        .await?,
                 )
             }
         };

@@ -199,6 +199,52 @@ async fn journeys_match_a_clear_join_exactly_in_k_only_mode() {
     }
     assert!(fed.query_at(1, INNER, true).await.is_ok());
 
+    // A hostile coordinator (SSA's node certificate) sending CMS malformed or out-of-order
+    // steps is refused with a clear error each time, and CMS keeps serving.
+    let hostile = fed.client("SSA", "node");
+    let cms = format!("{}/v1/journey", fed.fed.url(1));
+    let step = |query_id: &str, step: serde_json::Value| {
+        serde_json::json!({
+            "protocol": cxfed_protocol::wire::PROTOCOL_VERSION,
+            "query_id": query_id,
+            "sql": INNER,
+            "analyst": "spiffe://cx-demo/SSA/analyst/ssa-analyst",
+            "step": step,
+        })
+    };
+    let empty_values =
+        serde_json::json!({"a_groups": 1, "b_groups": 1, "members": [], "records": []});
+    for (body, want, says) in [
+        (b"{not json".to_vec(), 400, "request body"),
+        (
+            serde_json::to_vec(&step("never-started", serde_json::json!({"step": "sums", "values": empty_values}))).unwrap(),
+            400,
+            "no journey run",
+        ),
+        (
+            serde_json::to_vec(&step("unsigned", serde_json::json!({"step": "values", "result_key": "00".repeat(32), "members": {"b_groups": 1, "members": []}}))).unwrap(),
+            401,
+            "",
+        ),
+        (
+            serde_json::to_vec(&step("bad-step", serde_json::json!({"step": "unmask"}))).unwrap(),
+            400,
+            "",
+        ),
+    ] {
+        let resp = hostile
+            .post(&cms)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), want, "{says}");
+        let err: cxfed_protocol::wire::ErrorBody = resp.json().await.unwrap();
+        assert!(err.message.contains(says), "{err:?}");
+    }
+    assert!(fed.query_at(1, INNER, true).await.is_ok(), "CMS serves on");
+
     // Both nodes logged their step with the analyst's signature and the digest of what they
     // sent; no SSN appears in any node's log.
     let ssa = fed.audit_log(0).await;
