@@ -35,6 +35,8 @@
 //!
 //! [query]
 //! timeout_secs = 30               # per-node time limit during fan-out
+//! cache_mb = 64                   # exact partials reused while the data files are unchanged
+//!                                 # (0: off; see crate::exact_cache)
 //!
 //! [policy]                        # the steward's policy, see crate::policy
 //! hidden_dimensions = ["state"]
@@ -76,6 +78,8 @@ pub struct NodeConfig {
     pub k: u64,
     /// Per-node time limit during fan-out.
     pub timeout: Duration,
+    /// MiB of exact partials kept while the data files are unchanged (0: none).
+    pub cache_mb: u64,
     /// The steward's policy.
     pub policy: Policy,
     /// The file this configuration was read from, for reloading.
@@ -141,6 +145,7 @@ struct RawPrivacy {
 #[serde(deny_unknown_fields)]
 struct RawQuery {
     timeout_secs: Option<u64>,
+    cache_mb: Option<u64>,
 }
 
 /// A configuration file that cannot be used.
@@ -330,6 +335,16 @@ impl NodeConfig {
                 "must be between 1 and 3600".into(),
             ));
         }
+        let cache_mb = raw
+            .query
+            .cache_mb
+            .unwrap_or(crate::exact_cache::DEFAULT_CACHE_MB);
+        if cache_mb > 65_536 {
+            return Err(invalid(
+                "query.cache_mb",
+                "must be between 0 (off) and 65536".into(),
+            ));
+        }
         let checkpoint_every = raw
             .audit
             .checkpoint_every
@@ -381,6 +396,7 @@ impl NodeConfig {
             peers: raw.peers,
             k,
             timeout: Duration::from_secs(timeout_secs),
+            cache_mb,
             audit_checkpoint_every: checkpoint_every,
         })
     }
@@ -389,7 +405,7 @@ impl NodeConfig {
     /// `[privacy.public_keys]` declarations are not rendered (the demo declares none).
     pub fn render(&self) -> String {
         let mut s = format!(
-            "federation = {:?}\nagency = {:?}\nlisten = {:?}\ndata_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{}\n[privacy]\nk = {}\n{}\n[query]\ntimeout_secs = {}\n",
+            "federation = {:?}\nagency = {:?}\nlisten = {:?}\ndata_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{}\n[privacy]\nk = {}\n{}\n[query]\ntimeout_secs = {}\ncache_mb = {}\n",
             self.federation,
             self.agency,
             self.listen.to_string(),
@@ -426,6 +442,7 @@ impl NodeConfig {
                 ),
             },
             self.timeout.as_secs(),
+            self.cache_mb,
         );
         let p = &self.policy;
         s.push_str(&format!(

@@ -244,6 +244,7 @@ async fn start_nodes(
             peers,
             k,
             timeout,
+            cache_mb: crate::exact_cache::DEFAULT_CACHE_MB,
             audit_checkpoint_every: crate::audit::DEFAULT_CHECKPOINT_EVERY,
         };
         // Written and read back, so the node watches its own file like `cxfed serve` does.

@@ -21,6 +21,8 @@
 //! - [`engine`]: the node's DataFusion session over its Parquet files.
 //! - [`approvals`]: validated queries cached by their SQL, so a repeated query is not planned again.
 //! - [`partial`]: what a node runs for a coordinator: re-validate, execute, suppress, encode.
+//! - [`exact_cache`]: exact partials reused while the data files are unchanged (noise,
+//!   suppression and budgets still apply to every query).
 //! - [`row_bounds`]: the most rows one person holds per data file, to bound people from row counts.
 //! - [`coordinator`]: fan-out to every node, merge, final suppression.
 //! - [`secagg`]: secure aggregation: one-time keys, roster checks, masking, noise shares.
@@ -54,6 +56,7 @@ pub mod console;
 pub mod coordinator;
 pub mod demo;
 pub mod engine;
+pub mod exact_cache;
 pub mod examples;
 pub mod gateway;
 pub mod ingest;

@@ -45,6 +45,8 @@ pub struct Node {
     pub row_bounds: Arc<crate::row_bounds::RowBounds>,
     /// Queries already validated here, by SQL text.
     pub approvals: crate::approvals::Approvals,
+    /// Exact partials of the current data files (see [`crate::exact_cache`]).
+    pub exact: crate::exact_cache::ExactCache,
     /// One-time secure-aggregation keys issued, by query id.
     pub secagg_keys: crate::secagg::KeyStore,
     /// Journey runs this node is the membership side of, between their steps.
@@ -126,6 +128,8 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
     let policy = RwLock::new(Arc::new(config.policy.clone()));
     let ledger = Ledger::open(&config.data_dir).map_err(|e| data_err(&e))?;
     let row_bounds = crate::row_bounds::RowBounds::new(&config.data_dir);
+    let cache_bytes =
+        usize::try_from(config.cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
     Ok(Node {
         row_bounds,
         config,
@@ -138,6 +142,7 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
         ledger,
         requests,
         approvals: crate::approvals::Approvals::default(),
+        exact: crate::exact_cache::ExactCache::new(cache_bytes),
         secagg_keys: crate::secagg::KeyStore::default(),
         journeys: crate::journey::Pending::default(),
     })
@@ -265,7 +270,10 @@ impl Node {
                             &policy,
                             req.sql,
                             charge,
-                            &self.row_bounds,
+                            crate::partial::DataState {
+                                row_bounds: &self.row_bounds,
+                                exact: &self.exact,
+                            },
                             approved.or(cached.as_deref()),
                             secagg,
                         )

@@ -21,12 +21,14 @@ use cxfed_queries::dp::{BadEpsilon, EpsilonRange, RandomFailure, RandomSource};
 use cxfed_queries::privacy::DpPartial;
 use cxfed_queries::rewrite::PartialMeta;
 use cxfed_queries::rewrite::suppress;
+use cxfed_queries::schema::Table;
 use cxfed_queries::validate::{QueryError, approve};
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::exact_cache::ExactCache;
 use crate::ledger::Ledger;
 use crate::policy::{Policy, PolicyRefusal};
-use crate::row_bounds::RowBounds;
+use crate::row_bounds::{Listing, RowBounds};
 
 /// A node's answer to a partial request, ready to send.
 #[derive(Debug, Clone)]
@@ -137,7 +139,7 @@ pub async fn run(
     policy: &Policy,
     sql: &str,
     charge: Charge<'_>,
-    row_bounds: &Arc<RowBounds>,
+    data: DataState<'_>,
     approved: Option<&cxfed_queries::validate::ApprovedQuery>,
     masking: Option<Masking<'_>>,
 ) -> Result<PartialOutput, PartialError> {
@@ -162,26 +164,32 @@ pub async fn run(
                 .fields()
                 .clone();
             let k = policy.k;
-            // People bounded from row counts when every person's rows are known to be few;
-            // counted exactly when the bound does not decide, or the files changed meanwhile.
-            let mut batches = None;
-            if let Some(snapshot) = row_bounds.snapshot(&approved.tables()) {
-                let rows = run_plan(kp.counting_rows.clone()).await?;
-                if snapshot.still_current() {
-                    batches =
-                        lower_bounds(&rows, &kp.support_columns, snapshot.rows_per_person, k)?;
+            let key = format!("k-only k={k}\0{sql}");
+            let batches = exact(&data, key, &approved.tables(), async {
+                // People bounded from row counts when every person's rows are known to be
+                // few; counted exactly when the bound does not decide, or the files changed
+                // meanwhile.
+                let mut batches = None;
+                if let Some(snapshot) = data.row_bounds.snapshot(&approved.tables()) {
+                    let rows = run_plan(kp.counting_rows.clone()).await?;
+                    if snapshot.still_current() {
+                        batches =
+                            lower_bounds(&rows, &kp.support_columns, snapshot.rows_per_person, k)?;
+                    }
                 }
-            }
-            let people = if batches.is_some() {
-                "bounded"
-            } else {
-                "exact"
-            };
-            let batches = match batches {
-                Some(b) => b,
-                None => run_plan(kp.exact).await?,
-            };
-            tracing::debug!(people, "k-only partial computed");
+                let people = if batches.is_some() {
+                    "bounded"
+                } else {
+                    "exact"
+                };
+                let batches = match batches {
+                    Some(b) => b,
+                    None => run_plan(kp.exact.clone()).await?,
+                };
+                tracing::debug!(people, "k-only partial computed");
+                Ok(batches)
+            })
+            .await?;
             let (kept, groups_withheld) = suppress(&batches, k)?;
             let (kept, cells_withheld) =
                 suppress_cells(&kept, &approved.cells(&['n', 's', 'q'])?, k)?;
@@ -255,7 +263,14 @@ pub async fn run(
             }
             let fields = dp.plan.schema().as_arrow().fields().clone();
             let mut rng = OsRandom::default();
-            let batches = vec![execute_bounded(ctx, &dp, deadline, policy, &mut rng).await?];
+            // The exact partial depends on the data, the row plan and the bounding (G, R, caps).
+            let key = format!("dp\0{:?}\0{}\0{sql}", dp.bounding, dp.rows.display_indent());
+            let batches = exact(&data, key, &approved.tables(), async {
+                Ok(vec![
+                    execute_bounded(ctx, &dp, deadline, policy, &mut rng).await?,
+                ])
+            })
+            .await?;
             let mut noisy = dp.add_noise(&batches, &mut rng)?;
             if let Some((key, roster)) = &mask {
                 let groups = approved.group_keys().len();
@@ -293,6 +308,40 @@ pub async fn run(
         suppressed_cells,
         epsilon: meta.epsilon,
     })
+}
+
+/// What a node knows about its data files besides the data: the rows one person holds per
+/// file, and the exact partials computed from them.
+#[derive(Debug, Clone, Copy)]
+pub struct DataState<'a> {
+    /// Per-file rows-per-person bounds (`k-only` people bounds).
+    pub row_bounds: &'a Arc<RowBounds>,
+    /// Exact partials of the current files.
+    pub exact: &'a ExactCache,
+}
+
+/// The exact partial for `key` over `tables`: reused while the tables' files are unchanged,
+/// or computed by `compute` (and kept if the files did not change while it ran).
+async fn exact(
+    data: &DataState<'_>,
+    key: String,
+    tables: &[Table],
+    compute: impl std::future::Future<Output = Result<Vec<RecordBatch>, PartialError>>,
+) -> Result<Arc<Vec<RecordBatch>>, PartialError> {
+    let files = if data.exact.enabled() {
+        Listing::of(data.row_bounds.data_dir(), tables).ok()
+    } else {
+        None
+    };
+    if let Some(hit) = files.as_ref().and_then(|f| data.exact.get(&key, f)) {
+        tracing::debug!("exact partial reused: the data files are unchanged");
+        return Ok(hit);
+    }
+    let batches = Arc::new(compute.await?);
+    if let Some(files) = files {
+        data.exact.put(key, files, Arc::clone(&batches));
+    }
+    Ok(batches)
 }
 
 /// Runs `plan` before `deadline`, mapping the policy's limits to their refusals.

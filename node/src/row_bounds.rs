@@ -64,14 +64,40 @@ pub struct RowBounds {
 pub struct Snapshot {
     /// No person holds more rows of the query's input than this.
     pub rows_per_person: u64,
-    listings: Vec<(Table, Vec<FileId>)>,
-    data_dir: PathBuf,
+    files: Listing,
 }
 
 impl Snapshot {
     /// Whether the tables still hold exactly the files the bound was computed on.
     pub fn still_current(&self) -> bool {
-        self.listings
+        self.files.still_current()
+    }
+}
+
+/// The Parquet files of some tables as listed at one moment (path, length, modification
+/// time): what a query run then reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    tables: Vec<(Table, Vec<FileId>)>,
+    data_dir: PathBuf,
+}
+
+impl Listing {
+    /// The files of `tables` under `data_dir` now.
+    pub fn of(data_dir: &Path, tables: &[Table]) -> std::io::Result<Listing> {
+        let tables = tables
+            .iter()
+            .map(|&t| Ok((t, listing(data_dir, t)?)))
+            .collect::<std::io::Result<_>>()?;
+        Ok(Listing {
+            tables,
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    /// Whether the tables still hold exactly these files.
+    pub fn still_current(&self) -> bool {
+        self.tables
             .iter()
             .all(|(t, files)| listing(&self.data_dir, *t).is_ok_and(|now| now == *files))
     }
@@ -113,6 +139,11 @@ impl RowBounds {
             data_dir: data_dir.to_path_buf(),
             files: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The data directory whose files these are.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     /// The bound for a query that reads `tables` (both: the case_id join), if every file's
@@ -158,8 +189,10 @@ impl RowBounds {
         };
         Some(Snapshot {
             rows_per_person: rows_per_person.max(1),
-            listings,
-            data_dir: self.data_dir.clone(),
+            files: Listing {
+                tables: listings,
+                data_dir: self.data_dir.clone(),
+            },
         })
     }
 
