@@ -362,6 +362,7 @@ pub async fn query(
         } else {
             vec![]
         },
+        journey: None,
         ci95: if merged.dp { merged.ci95 } else { vec![] },
     })
 }

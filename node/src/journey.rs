@@ -41,8 +41,8 @@ use cxfed_protocol::Identity;
 use cxfed_protocol::psi_sum::{self, Cell, MemberParty, PublicKey, Stat, ValueParty, ValueRecord};
 use cxfed_protocol::signing::RequestSignature;
 use cxfed_protocol::wire::{
-    ColumnFormat, JourneyRequest, JourneyStep, JourneySums, JourneyValues, PROTOCOL_VERSION,
-    QueryResponse,
+    ColumnFormat, JourneyRequest, JourneyShape, JourneyStep, JourneySums, JourneyValues,
+    PROTOCOL_VERSION, QueryResponse,
 };
 use cxfed_queries::dp::{RandomSource, Scale, Z95, uniform_below};
 use cxfed_queries::journey::{JourneyPlan, Output, Side};
@@ -646,5 +646,33 @@ pub fn answer_rows(
             vec![]
         },
         ci95: if dp { ci95 } else { vec![] },
+        journey: Some(shape(plan)),
     })
+}
+
+/// What the answer's columns are, for drawing it as a flow between the two agencies.
+pub fn shape(plan: &JourneyPlan) -> JourneyShape {
+    JourneyShape {
+        from: plan.value_side.agency.clone(),
+        from_table: plan.value_side.table.name().to_string(),
+        to: plan.member_side.agency.clone(),
+        to_table: plan.member_side.table.name().to_string(),
+        left: plan.left,
+        to_group_optional: plan.member_side.group.is_some() && plan.member_side.group_null,
+        roles: plan
+            .outputs
+            .iter()
+            .map(|o| {
+                match o {
+                    Output::GroupA { .. } => "from-group",
+                    Output::GroupB { .. } => "to-group",
+                    Output::Count { .. } => "count",
+                    Output::Sum { .. } => "sum",
+                    Output::Avg { .. } => "avg",
+                }
+                .to_string()
+            })
+            .collect(),
+        measure: plan.measure.as_ref().map(|m| m.column.clone()),
+    }
 }

@@ -447,6 +447,7 @@ mod tests {
             privacy: "k-only".into(),
             ci95: vec![],
             noise_sd: vec![],
+            journey: None,
         };
         let t = render(&resp, Format::Table);
         assert!(
@@ -510,6 +511,7 @@ mod tests {
             privacy: "dp".into(),
             ci95: vec![vec![None, None, None, Some(0.0251), Some(40.38)]],
             noise_sd: vec![],
+            journey: None,
         }
     }
 

@@ -180,6 +180,36 @@ pub struct QueryResponse {
     /// same shape and nulls as `ci95`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub noise_sd: Vec<Vec<Option<f64>>>,
+    /// For a journey query (the same people at two agencies), what its columns are, so that a
+    /// client can draw it as a flow from one agency to the other; absent for other queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journey: Option<JourneyShape>,
+}
+
+/// The shape of a journey answer: which agency the people start from, which one they may
+/// reach, and what each output column is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JourneyShape {
+    /// The value side's agency (`SSA`): the journey's people are its people.
+    pub from: String,
+    /// Its table (`experience`).
+    pub from_table: String,
+    /// The membership side's agency (`CMS`): where some of them are too.
+    pub to: String,
+    /// Its table (`operational`).
+    pub to_table: String,
+    /// `LEFT JOIN`: the rows whose `to-group` column is NULL are the people *not* at `to`
+    /// (`INNER JOIN`: every row is people at both).
+    pub left: bool,
+    /// Whether `to`'s group column may itself be NULL: then, under `LEFT JOIN`, a NULL
+    /// `to-group` also holds people at `to` without a value there.
+    #[serde(default)]
+    pub to_group_optional: bool,
+    /// Per output column: `from-group`, `to-group`, `count`, `sum` or `avg`.
+    pub roles: Vec<String>,
+    /// The `from` table's column that `SUM` and `AVG` read, if any does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measure: Option<String>,
 }
 
 impl QueryRequest {

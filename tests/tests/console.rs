@@ -13,7 +13,7 @@
 //!
 //! Chromium is Debian's `chromium` (or `$CHROMIUM`); `.ci/run` installs it. Without it the
 //! browser tests fail under `CI` and are skipped (with a message) elsewhere. With
-//! `CXFED_SCREENSHOTS=DIR` the browser test also writes the three pages as PNGs (how
+//! `CXFED_SCREENSHOTS=DIR` the browser tests also write the pages as PNGs (how
 //! `docs/console-*.png` are made).
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -1192,4 +1192,89 @@ async fn analyst_page_works_on_a_k_only_federation() {
         c.shutdown().await;
     }
     fed.fed.shutdown().await;
+}
+
+/// The analyst's journey map: the demo's journey query (SSA's approaching-retirement people by
+/// how their Medicare enrollment at CMS ended, matched privately) drawn as flows from SSA to
+/// each CMS outcome and to "not at CMS", one band per released row, with the noise of each
+/// count and average shown; the same rows as a table and CSV. Other answers draw no map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journey_answers_are_drawn_as_a_map() {
+    let Some(browser) = browser_or_skip() else {
+        return;
+    };
+    let fed = Fed::start_journeys(1_500, 0.5, Some(DpSettings::DEFAULT)).await;
+    let cs = consoles(&fed).await;
+    let profiles = tempfile::tempdir().unwrap();
+    let sql = cxfed::examples::JOURNEY.1;
+    // A dp journey names its ε (both nodes calibrate and charge the same one).
+    let url = run_url(&cs[0], &format!("sql={}&epsilon=0.5", encode(sql)));
+    let shot =
+        std::env::var_os("CXFED_SCREENSHOTS").map(|d| PathBuf::from(d).join("console-journey.png"));
+    let dom = open_async(&browser, profiles.path().join("j"), url, shot).await;
+    assert!(
+        !dom.visible(dom.id("refusal")),
+        "{}",
+        dom.text(dom.id("refusal"))
+    );
+    let rows = dom.table_rows("rows");
+    assert!(rows.len() >= 3, "{rows:?}");
+    let map = dom.id("journey");
+    assert!(dom.visible(map), "the journey map is shown");
+    let svgs = dom.find(map, "svg", None);
+    assert_eq!(svgs.len(), 1, "{}", dom.inner(map));
+    let label = dom.attr(svgs[0], "aria-label").unwrap_or("");
+    assert!(
+        label.contains(&format!("{} flows from SSA to CMS", rows.len())),
+        "{label}"
+    );
+    let flows = dom.find(map, "path", Some("flow"));
+    assert_eq!(flows.len(), rows.len(), "one band per row");
+    assert_eq!(
+        dom.find(map, "path", Some("away")).len(),
+        1,
+        "the people not at CMS: one band, drawn apart"
+    );
+    let text = dom.text(map);
+    for want in [
+        "SSA (experience) → CMS (operational)",
+        "not at CMS",
+        "people",
+        "ssa_trust",
+        "±",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from {text}");
+    }
+    // Every row's CMS outcome is one of the map's destinations.
+    for r in rows.iter().filter(|r| r[0] != "—") {
+        assert!(
+            text.contains(&format!("CMS · {}", r[0])),
+            "{} not in {text}",
+            r[0]
+        );
+    }
+    // An average whose interval is wider than the scale says so on the map as in the table.
+    let vague = rows
+        .iter()
+        .filter(|r| r.concat().contains("not informative"))
+        .count();
+    assert_eq!(
+        text.matches("(not informative)").count(),
+        2 * vague,
+        "{text}"
+    );
+    assert!(dom.visible(dom.id("csv")));
+
+    // An ordinary answer hides the map.
+    let dom = open_async(
+        &browser,
+        profiles.path().join("o"),
+        run_url(&cs[0], "example=3"),
+        None,
+    )
+    .await;
+    assert!(
+        !dom.visible(dom.id("journey")),
+        "no map for a single-agency query"
+    );
 }

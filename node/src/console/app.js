@@ -170,6 +170,94 @@ function lineChart(xs, series, title, total) {
   return el("div", {}, svg, legend, note);
 }
 
+/** A journey answer (the same people at two agencies) as a flow: each row carries its people
+ * from a group of `from` (or all of them) to a group of `to` — or, under LEFT JOIN, to "not at
+ * `to`" — as a band whose width is its noisy people count; labels give the count ± its 95%
+ * interval and each average of `from`'s measure (trust at SSA, say) ± its interval. */
+function journeyMap(result) {
+  const j = result.journey;
+  const ci95 = result.ci95 || [];
+  const col = (role) => j.roles.indexOf(role);
+  const cFrom = col("from-group"), cTo = col("to-group"), cN = col("count");
+  const avgs = j.roles.flatMap((r, i) => r === "avg" ? [i] : []);
+  if (cN < 0 || !result.rows.length) return null;
+  const ci = (r, c) => (ci95[r] || [])[c];
+  const vague = (r, c) => ((result.not_informative || [])[r] || []).includes(result.columns[c]);
+  const pm = (r, c, digits) => (ci(r, c) != null ? ` ± ${fmt(ci(r, c), digits)}` : "") +
+    (vague(r, c) ? " (not informative)" : "");
+  const away = (row) => cTo >= 0 && row[cTo] === null && j.left;
+  const fromName = (row) => cFrom >= 0 ? `${j.from} · ${fmt(row[cFrom])}` : `${j.from} · ${j.from_table}`;
+  const toName = (row) => {
+    if (cTo < 0) return j.left ? `${j.from} · everyone (at ${j.to} or not)` : `at ${j.to}`;
+    if (row[cTo] === null) {
+      return j.left ? `not at ${j.to}` + (j.to_group_optional ? ` (or no ${result.columns[cTo]})` : "")
+        : `${j.to} · (none)`;
+    }
+    return `${j.to} · ${fmt(row[cTo])}`;
+  };
+  const flows = result.rows.map((row, r) => ({row, r, from: fromName(row), to: toName(row),
+    n: Math.max(0, Number(row[cN]) || 0), away: away(row)}));
+  const froms = [...new Set(flows.map((f) => f.from))];
+  const tos = [...new Set(flows.map((f) => f.to))];
+  const total = flows.reduce((a, f) => a + f.n, 0) || 1;
+  // Band heights share 240 px; each stage takes at least the height of its labels.
+  const W = 760, top = 34, gap = 12, nodeW = 14, left = 170, right = W - 300;
+  const scale = 240 / total;
+  const place = (names, key, labelH) => {
+    const pos = new Map();
+    let y = top;
+    for (const name of names) {
+      const n = flows.filter((f) => f[key] === name).reduce((a, f) => a + f.n, 0);
+      const h = Math.max(2, n * scale);
+      pos.set(name, {y, h, n, used: 0});
+      y += Math.max(h, labelH) + gap;
+    }
+    return {pos, end: y};
+  };
+  const from = place(froms, "from", 32), to = place(tos, "to", 14 * (2 + avgs.length) + 2);
+  const fromPos = from.pos, toPos = to.pos;
+  const H = Math.max(from.end, to.end) + 8;
+  const svg = el("svg:svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img",
+    "aria-label": `Journey map: ${flows.length} flows from ${j.from} to ${j.to}`});
+  svg.append(el("svg:text", {x: 0, y: 16, "font-weight": 600},
+    `${j.from} (${j.from_table}) → ${j.to} (${j.to_table}), the same people matched privately`));
+  for (const f of flows) {
+    const a = fromPos.get(f.from), b = toPos.get(f.to), h = Math.max(1, f.n * scale);
+    const y0 = a.y + a.used, y1 = b.y + b.used;
+    a.used += h; b.used += h;
+    const x0 = left + nodeW, x1 = right, mid = (x0 + x1) / 2;
+    const path = el("svg:path", {class: "flow" + (f.away ? " away" : ""),
+      d: `M${x0},${y0} C${mid},${y0} ${mid},${y1} ${x1},${y1} L${x1},${y1 + h} C${mid},${y1 + h} ${mid},${y0 + h} ${x0},${y0 + h} Z`});
+    const measures = avgs.map((c) => `${result.columns[c]} ${fmt(f.row[c], 2)}${pm(f.r, c, 2)}`).join(", ");
+    path.append(el("svg:title", {}, `${f.from} → ${f.to}: ${fmt(f.row[cN])}${pm(f.r, cN, 0)} people` +
+      (measures ? `; ${measures}` : "")));
+    svg.append(path);
+  }
+  for (const [name, p] of fromPos) {
+    svg.append(el("svg:rect", {class: "stage", x: left, y: p.y, width: nodeW, height: p.h}));
+    svg.append(el("svg:text", {x: left - 8, y: p.y + Math.min(p.h, 30) / 2 + 4, "text-anchor": "end"},
+      `${name}`));
+    svg.append(el("svg:text", {class: "sub", x: left - 8, y: p.y + Math.min(p.h, 30) / 2 + 18, "text-anchor": "end"},
+      `${fmt(Math.round(p.n))} people`));
+  }
+  for (const [name, p] of toPos) {
+    const mine = flows.filter((f) => f.to === name);
+    const isAway = mine.every((f) => f.away);
+    svg.append(el("svg:rect", {class: "stage" + (isAway ? " away" : ""), x: right, y: p.y, width: nodeW, height: p.h}));
+    const one = mine.length === 1 ? mine[0] : null;
+    const lines = [name, one ? `${fmt(one.row[cN])}${pm(one.r, cN, 0)} people` : `${fmt(Math.round(p.n))} people`];
+    if (one) for (const c of avgs) lines.push(`${result.columns[c]} ${fmt(one.row[c], 2)}${pm(one.r, c, 2)}`);
+    lines.forEach((t, i) => svg.append(el("svg:text", {class: i ? "sub" : null, x: right + nodeW + 8,
+      y: p.y + 12 + i * 14}, t)));
+  }
+  const noisy = ci95.some((r) => r && r[cN] != null);
+  const caption = el("figcaption", {class: "muted"},
+    `Band width: people in each flow${noisy ? " (noisy counts; ± is the 95% interval of the noise)" : " (exact counts, each at least k)"}.` +
+    (avgs.length ? ` Averages read ${j.from}'s ${j.measure || "measure"} of the people in the flow.` : "") +
+    " Nobody learns who is at both: the agencies matched their people privately.");
+  return el("div", {}, svg, caption);
+}
+
 // ---------------------------------------------------------------- analyst
 
 let last = null; // {result, measures, dims}
@@ -287,6 +375,9 @@ function showResult(raw) {
   }
   const url = URL.createObjectURL(new Blob([toCsv(result)], {type: "text/csv"}));
   $("csv").href = url;
+  const map = result.journey ? journeyMap(result) : null;
+  $("journey").hidden = !map;
+  $("journey-map").replaceChildren(...(map ? [map] : []));
   drawChart();
   $("result").hidden = false;
   $("status").textContent = `${result.rows.length} rows from ${result.nodes.length} nodes · privacy ${result.privacy}` +
@@ -405,6 +496,7 @@ async function analyst(who) {
     $("example").dispatchEvent(new Event("change"));
   }
   if (hash.has("sql")) $("sql").value = hash.get("sql");
+  if (hash.has("epsilon")) $("epsilon").value = hash.get("epsilon");
   // A link may fill the editor, but runs its query (and spends budget) only with this console's
   // run key, which only a page of this origin can read: a page of another localhost port can
   // navigate here with the session cookie, but cannot know it.
