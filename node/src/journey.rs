@@ -343,7 +343,10 @@ pub async fn step(
                 let members: Vec<([u8; 32], u32)> =
                     people.iter().map(|p| (p.linkage, p.cell)).collect();
                 let gb = plan.member_side.cells().len() as u32;
-                let (party, m1) = MemberParty::new(gb, &members).map_err(internal)?;
+                // The curve work runs on every core (rayon); this worker's other tasks move
+                // to another thread meanwhile.
+                let (party, m1) =
+                    crate::storage::blocking(|| MemberParty::new(gb, &members)).map_err(internal)?;
                 let mut runs = here.pending.runs.lock().map_err(|_| internal("journeys lock"))?;
                 runs.retain(|_, w| w.since.elapsed() < PENDING_FOR);
                 if runs.contains_key(&req.query_id) {
@@ -406,8 +409,10 @@ pub async fn step(
                     });
                 }
                 let ga = plan.value_side.cells().len() as u32;
-                let values = ValueParty::new(ga, max as u32)
-                    .and_then(|a| a.respond(result_key, members, &records))
+                let values = crate::storage::blocking(|| {
+                    ValueParty::new(ga, max as u32)
+                        .and_then(|a| a.respond(result_key, members, &records))
+                })
                     .map_err(|e| refused(format!("journey values: {e}")))?;
                 let answer = JourneyValues {
                     values,
@@ -483,14 +488,14 @@ pub async fn step(
                         }
                     }
                 }
-                let sums = waiting
-                    .party
-                    .aggregate_released(
+                let sums = crate::storage::blocking(|| {
+                    waiting.party.aggregate_released(
                         &waiting.key,
                         values,
                         &|cell, stat| noise.get(&(cell, stat)).copied().unwrap_or(0),
                         &|stat| stat == Stat::Count || (stat == Stat::Sum && asks_sum),
                     )
+                })
                     .map_err(|e| refused(format!("journey sums: {e}")))?;
                 let answer = JourneySums {
                     sums,

@@ -195,7 +195,8 @@ pub fn append_durably(
     }
 }
 
-/// Runs `f`, a write and fsync that may block for milliseconds, without stalling the async
+/// Runs `f`, blocking work (a write and fsync that may take milliseconds, or a long computation
+/// such as a journey step's curve operations), without stalling the async
 /// runtime: on a multi-threaded runtime the worker hands its other tasks to another thread
 /// first (`block_in_place`), so a node waiting on its disk still plans and runs other queries;
 /// elsewhere (a single-threaded test runtime, or no runtime) `f` simply runs. Synchronous, so

@@ -97,6 +97,7 @@ use curve25519_dalek::constants::{RISTRETTO_BASEPOINT_POINT, RISTRETTO_BASEPOINT
 use curve25519_dalek::ristretto::{CompressedRistretto, RistrettoBasepointTable, RistrettoPoint};
 use curve25519_dalek::scalar::Scalar;
 use curve25519_dalek::traits::Identity;
+use rayon::prelude::*;
 use ring::rand::SystemRandom;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
@@ -760,20 +761,28 @@ impl ValueParty {
         let gb = m1.b_groups;
         check_groups(self.a_groups, gb)?;
         let mut seen = HashSet::with_capacity(m1.members.len());
-        let mut members = Vec::with_capacity(m1.members.len());
         for (i, (bytes, group)) in m1.members.iter().enumerate() {
             let location = Location::Member(i);
-            let point = decode(bytes, location)?;
             check_group(*group, gb, location)?;
             if !seen.insert(*bytes) {
                 return Err(PsiSumError::DuplicatePoint(location));
             }
-            members.push((compress(&(point * self.secret)), *group));
         }
+        drop(seen);
+        // The curve work, in parallel (the first error by position is the one reported).
+        let mut members = m1
+            .members
+            .par_iter()
+            .enumerate()
+            .map(|(i, (bytes, group))| {
+                let point = decode(bytes, Location::Member(i))?;
+                Ok((compress(&(point * self.secret)), *group))
+            })
+            .collect::<Result<Vec<_>, PsiSumError>>()?;
         shuffle(&self.rng, &mut members)?;
 
         let mut distinct = HashSet::with_capacity(records.len());
-        let mut out = Vec::with_capacity(records.len());
+        let mut kept = Vec::with_capacity(records.len());
         for (i, r) in records.iter().enumerate() {
             let location = Location::Input(i);
             check_group(r.group, self.a_groups, location)?;
@@ -784,22 +793,28 @@ impl ValueParty {
                     max: self.max,
                 });
             }
-            if !distinct.insert(r.linkage) {
-                continue;
+            if distinct.insert(r.linkage) {
+                kept.push(r);
             }
-            let v = u64::from(r.value);
-            let mut halves = Vec::with_capacity(2 * STATS * self.a_groups as usize);
-            for a in 0..self.a_groups {
-                let hot = a == r.group;
-                for m in [1, v, v * v] {
-                    enc.push_half(&self.rng, if hot { m } else { 0 }, &mut halves)?;
-                }
-            }
-            out.push(Record {
-                point: compress(&(hash_to_point(&r.linkage) * self.secret)),
-                payload: pairs(&halves),
-            });
         }
+        drop(distinct);
+        let mut out = kept
+            .par_iter()
+            .map(|r| {
+                let v = u64::from(r.value);
+                let mut halves = Vec::with_capacity(2 * STATS * self.a_groups as usize);
+                for a in 0..self.a_groups {
+                    let hot = a == r.group;
+                    for m in [1, v, v * v] {
+                        enc.push_half(&self.rng, if hot { m } else { 0 }, &mut halves)?;
+                    }
+                }
+                Ok(Record {
+                    point: compress(&(hash_to_point(&r.linkage) * self.secret)),
+                    payload: pairs(&halves),
+                })
+            })
+            .collect::<Result<Vec<_>, PsiSumError>>()?;
         shuffle(&self.rng, &mut out)?;
         Ok(ValuesMessage {
             a_groups: self.a_groups,
@@ -850,17 +865,22 @@ impl MemberParty {
         let secret = random_scalar(&rng)?;
         let mut sent = vec![0u64; b_groups as usize];
         let mut distinct = HashSet::with_capacity(members.len());
-        let mut out = Vec::with_capacity(members.len());
+        let mut kept = Vec::with_capacity(members.len());
         for (i, (linkage, group)) in members.iter().enumerate() {
             check_group(*group, b_groups, Location::Input(i))?;
             if !distinct.insert(*linkage) {
                 continue;
             }
-            out.push((compress(&(hash_to_point(linkage) * secret)), *group));
+            kept.push((linkage, *group));
             if let Some(n) = sent.get_mut(*group as usize) {
                 *n += 1;
             }
         }
+        drop(distinct);
+        let mut out: Vec<(PointBytes, u32)> = kept
+            .par_iter()
+            .map(|(linkage, group)| (compress(&(hash_to_point(linkage) * secret)), *group))
+            .collect();
         shuffle(&rng, &mut out)?;
         let party = MemberParty {
             secret,
@@ -916,9 +936,12 @@ impl MemberParty {
         }
         let mut labels = vec![0u64; gb as usize];
         let mut members = HashMap::with_capacity(m2.members.len());
+        m2.members
+            .par_iter()
+            .enumerate()
+            .try_for_each(|(i, (bytes, _))| decode(bytes, Location::Member(i)).map(|_| ()))?;
         for (i, (bytes, group)) in m2.members.iter().enumerate() {
             let location = Location::Member(i);
-            decode(bytes, location)?;
             check_group(*group, gb, location)?;
             if members.insert(*bytes, *group).is_some() {
                 return Err(PsiSumError::DuplicatePoint(location));
@@ -939,14 +962,10 @@ impl MemberParty {
 
         let width = STATS * ga as usize;
         let zero = (RistrettoPoint::identity(), RistrettoPoint::identity());
-        let mut matched = vec![zero; width * gb as usize];
-        let mut unmatched = vec![zero; width];
         let mut seen = HashSet::with_capacity(m2.records.len());
         for (i, record) in m2.records.iter().enumerate() {
-            let location = Location::Record(i);
-            let point = decode(&record.point, location)?;
             if !seen.insert(record.point) {
-                return Err(PsiSumError::DuplicatePoint(location));
+                return Err(PsiSumError::DuplicatePoint(Location::Record(i)));
             }
             if record.payload.len() != width {
                 return Err(PsiSumError::PayloadLength {
@@ -955,17 +974,28 @@ impl MemberParty {
                     expected: width,
                 });
             }
+        }
+        drop(seen);
+        // Each thread sums its share of the records into its own accumulators (B-major: one
+        // `width` chunk per B-group, then the unmatched chunk); the shares are added at the end.
+        let slots = width * (gb as usize + 1);
+        let sum = |mut acc: Vec<(RistrettoPoint, RistrettoPoint)>,
+                   (i, record): (usize, &Record)|
+         -> Result<_, PsiSumError> {
+            let point = decode(&record.point, Location::Record(i))?;
             // For A-group a, payload slots 3a..3a+3 go to cell (a, b), or to a's unmatched.
-            let target = match members.get(&compress(&(point * self.secret))) {
-                Some(&b) => matched.chunks_mut(width).nth(b as usize).ok_or(
-                    PsiSumError::GroupOutOfRange {
-                        location,
+            let chunk = match members.get(&compress(&(point * self.secret))) {
+                Some(&b) if b < gb => b as usize,
+                Some(&b) => {
+                    return Err(PsiSumError::GroupOutOfRange {
+                        location: Location::Record(i),
                         group: b,
                         groups: gb,
-                    },
-                )?,
-                None => &mut unmatched[..],
+                    });
+                }
+                None => gb as usize,
             };
+            let target = &mut acc[chunk * width..(chunk + 1) * width];
             for (index, ct) in record.payload.iter().enumerate() {
                 let location = Location::Payload { record: i, index };
                 let (c1, c2) = (decode(&ct.c1, location)?, decode(&ct.c2, location)?);
@@ -974,7 +1004,23 @@ impl MemberParty {
                     acc.1 += c2;
                 }
             }
-        }
+            Ok(acc)
+        };
+        let add = |mut x: Vec<(RistrettoPoint, RistrettoPoint)>,
+                   y: Vec<(RistrettoPoint, RistrettoPoint)>| {
+            for (a, b) in x.iter_mut().zip(y) {
+                a.0 += b.0;
+                a.1 += b.1;
+            }
+            x
+        };
+        let all = m2
+            .records
+            .par_iter()
+            .enumerate()
+            .try_fold(|| vec![zero; slots], sum)
+            .try_reduce(|| vec![zero; slots], |x, y| Ok(add(x, y)))?;
+        let (matched, unmatched) = all.split_at(width * gb as usize);
 
         // Accumulators are laid out b-major (one `width` chunk per B-group); m3 is a-major.
         let mut out_matched = Vec::with_capacity(matched.len());
