@@ -79,4 +79,32 @@ mod tests {
         }
         assert_eq!(a.lock().len(), 1);
     }
+
+    #[tokio::test]
+    async fn a_comment_makes_another_text_with_the_same_plan() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctx = crate::engine::node_context(dir.path(), 64 << 20).expect("context");
+        let a = Approvals::default();
+        let sql = "SELECT channel, COUNT(*) FROM experience GROUP BY channel";
+        let plain = a.approve(&ctx, sql).await.expect("approved");
+        let commented = a
+            .approve(&ctx, &format!("{sql}\n-- bench run 7"))
+            .await
+            .expect("a comment is allowed");
+        assert!(!Arc::ptr_eq(&plain, &commented), "cached by text");
+        assert_eq!(
+            plain
+                .k_partial()
+                .expect("partial")
+                .exact
+                .display_indent()
+                .to_string(),
+            commented
+                .k_partial()
+                .expect("partial")
+                .exact
+                .display_indent()
+                .to_string()
+        );
+    }
 }
