@@ -18,10 +18,11 @@ use cxfed_protocol::wire::{META_AGENCY, META_PARTIAL, META_SUPPRESSED, META_SUPP
 use cxfed_queries::bounding::Bounder;
 use cxfed_queries::cells::{lower_bounds, nullable, suppress_cells};
 use cxfed_queries::dp::{BadEpsilon, EpsilonRange, RandomFailure, RandomSource};
+use cxfed_queries::partial::PartialMeta;
+use cxfed_queries::partial::suppress;
 use cxfed_queries::privacy::DpPartial;
-use cxfed_queries::rewrite::PartialMeta;
-use cxfed_queries::rewrite::suppress;
-use cxfed_queries::validate::{QueryError, approve};
+use cxfed_queries::rules::QueryError;
+use cxfed_queries::validate::approve;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::ledger::Ledger;
@@ -95,7 +96,7 @@ pub struct Masking<'a> {
 /// calibration digest (what a secure-aggregation key commits to). Refuses data-dependent keys
 /// and a public product over the cap.
 fn secagg_partial(
-    approved: &cxfed_queries::validate::ApprovedQuery,
+    approved: &cxfed_queries::query::ApprovedQuery,
     policy: &Policy,
     settings: &crate::policy::DpSettings,
     requested_epsilon: Option<f64>,
@@ -118,7 +119,7 @@ fn secagg_partial(
 
 /// The calibration digest of `approved` at this node (round 1 of secure aggregation).
 pub fn secagg_calibration(
-    approved: &cxfed_queries::validate::ApprovedQuery,
+    approved: &cxfed_queries::query::ApprovedQuery,
     policy: &Policy,
     settings: &crate::policy::DpSettings,
     requested_epsilon: Option<f64>,
@@ -138,7 +139,7 @@ pub async fn run(
     sql: &str,
     charge: Charge<'_>,
     row_bounds: &Arc<RowBounds>,
-    approved: Option<&cxfed_queries::validate::ApprovedQuery>,
+    approved: Option<&cxfed_queries::query::ApprovedQuery>,
     masking: Option<Masking<'_>>,
 ) -> Result<PartialOutput, PartialError> {
     check_epsilon(policy, charge.requested_epsilon)?;
