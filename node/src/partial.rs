@@ -18,8 +18,8 @@ use cxfed_protocol::wire::{META_AGENCY, META_PARTIAL, META_SUPPRESSED, META_SUPP
 use cxfed_queries::bounding::Bounder;
 use cxfed_queries::cells::{lower_bounds, nullable, suppress_cells};
 use cxfed_queries::dp::{BadEpsilon, EpsilonRange, RandomFailure, RandomSource};
-use cxfed_queries::partial::PartialMeta;
 use cxfed_queries::partial::suppress;
+use cxfed_queries::partial::{Part, PartialMeta};
 use cxfed_queries::privacy::DpPartial;
 use cxfed_queries::rules::QueryError;
 use cxfed_queries::validate::approve;
@@ -184,8 +184,7 @@ pub async fn run(
             };
             tracing::debug!(people, "k-only partial computed");
             let (kept, groups_withheld) = suppress(&batches, k)?;
-            let (kept, cells_withheld) =
-                suppress_cells(&kept, &approved.cells(&['n', 's', 'q'])?, k)?;
+            let (kept, cells_withheld) = suppress_cells(&kept, &approved.cells(&Part::VALUES)?, k)?;
             (
                 fields,
                 kept,

@@ -40,7 +40,7 @@ use datafusion::logical_expr::{
     Operator, TryCast, cast, col, lit,
 };
 
-use crate::partial::{Encoding, KPartial, PERSONS, PartialMeta, agg, group_name, part_name};
+use crate::partial::{Encoding, KPartial, PERSONS, Part, PartialMeta, agg, group_name, part_name};
 use crate::query::{AggKind, ApprovedQuery};
 use crate::rules::{QueryError, Rejection, Rule};
 use crate::schema::{self, Kind};
@@ -92,25 +92,29 @@ impl ApprovedQuery {
             };
             match kind {
                 AggKind::Count => {
-                    aggs.push(agg(count_udaf(), arg, false, filter).alias(part_name(i, 'n')));
+                    aggs.push(
+                        agg(count_udaf(), arg, false, filter).alias(part_name(i, Part::Count)),
+                    );
                 }
                 AggKind::CountPersons => {
-                    aggs.push(agg(count_udaf(), arg, true, filter).alias(part_name(i, 'n')));
+                    aggs.push(
+                        agg(count_udaf(), arg, true, filter).alias(part_name(i, Part::Count)),
+                    );
                 }
                 AggKind::Sum => {
                     aggs.push(
                         agg(count_udaf(), arg.clone(), false, filter.clone())
-                            .alias(part_name(i, 'n')),
+                            .alias(part_name(i, Part::Count)),
                     );
-                    aggs.push(agg(sum_udaf(), arg, false, filter).alias(part_name(i, 's')));
+                    aggs.push(agg(sum_udaf(), arg, false, filter).alias(part_name(i, Part::Sum)));
                 }
                 AggKind::Avg => {
                     aggs.push(
                         agg(count_udaf(), arg.clone(), false, filter.clone())
-                            .alias(part_name(i, 'n')),
+                            .alias(part_name(i, Part::Count)),
                     );
                     aggs.push(
-                        agg(sum_udaf(), as_f64(arg)?, false, filter).alias(part_name(i, 's')),
+                        agg(sum_udaf(), as_f64(arg)?, false, filter).alias(part_name(i, Part::Sum)),
                     );
                 }
                 AggKind::Percentile { .. } => {
@@ -121,13 +125,16 @@ impl ApprovedQuery {
                 AggKind::Variance { .. } | AggKind::Stddev { .. } => {
                     let x = as_f64(arg.clone())?;
                     aggs.push(
-                        agg(count_udaf(), arg, false, filter.clone()).alias(part_name(i, 'n')),
+                        agg(count_udaf(), arg, false, filter.clone())
+                            .alias(part_name(i, Part::Count)),
                     );
                     aggs.push(
-                        agg(sum_udaf(), x.clone(), false, filter.clone()).alias(part_name(i, 's')),
+                        agg(sum_udaf(), x.clone(), false, filter.clone())
+                            .alias(part_name(i, Part::Sum)),
                     );
                     aggs.push(
-                        agg(sum_udaf(), x.clone() * x, false, filter).alias(part_name(i, 'q')),
+                        agg(sum_udaf(), x.clone() * x, false, filter)
+                            .alias(part_name(i, Part::SumSquares)),
                     );
                 }
             }
@@ -217,9 +224,9 @@ impl ApprovedQuery {
             .collect())
     }
 
-    /// Each aggregate's cell: the columns of its value (among `value_parts`, e.g. `['n','s','q']`)
+    /// Each aggregate's cell: the columns of its value (among `value_parts`, e.g. [`Part::VALUES`])
     /// and of its supports.
-    pub fn cells(&self, value_parts: &[char]) -> Result<Vec<Cell>, QueryError> {
+    pub fn cells(&self, value_parts: &[Part]) -> Result<Vec<Cell>, QueryError> {
         Ok(self
             .region_names()?
             .into_iter()
@@ -227,7 +234,7 @@ impl ApprovedQuery {
             .map(|(i, regions)| Cell {
                 values: value_parts.iter().map(|p| part_name(i, *p)).collect(),
                 supports: if self.aggregate_kinds()[i] == AggKind::CountPersons {
-                    vec![part_name(i, 'n')]
+                    vec![part_name(i, Part::Count)]
                 } else {
                     regions
                 },
@@ -294,14 +301,14 @@ impl ApprovedQuery {
             if plain {
                 same_rows
                     .entry(region_slots[k].1)
-                    .or_insert_with(|| part_name(i, 'n'));
+                    .or_insert_with(|| part_name(i, Part::Count));
                 let whole_group = *kind == AggKind::Count
                     && af.params.filter.is_none()
                     && matches!(strip_casts(&arg), Expr::Literal(v, _) if !v.is_null());
                 if whole_group {
                     same_rows
                         .entry(group_slot)
-                        .or_insert_with(|| part_name(i, 'n'));
+                        .or_insert_with(|| part_name(i, Part::Count));
                 }
             }
             k += regions[i].len();
@@ -689,14 +696,14 @@ mod tests {
             .expect("run");
         let (kept, _) = suppress(&rows, k).expect("suppress");
         let (kept, withheld) =
-            suppress_cells(&kept, &q.cells(&['n', 's', 'q']).expect("cells"), k).expect("cells");
+            suppress_cells(&kept, &q.cells(&Part::VALUES).expect("cells"), k).expect("cells");
         let b = kept
             .iter()
             .find(|b| b.num_rows() > 0)
             .expect("a released group");
         let shown = (0..q.aggregate_kinds().len())
             .map(|i| {
-                let c = b.column_by_name(&part_name(i, 'n')).expect("n");
+                let c = b.column_by_name(&part_name(i, Part::Count)).expect("n");
                 if c.is_null(0) {
                     String::new()
                 } else {
@@ -875,8 +882,7 @@ mod tests {
                 .expect("run");
             let (kept, _) = suppress(&rows, 5).expect("suppress");
             let (kept, withheld) =
-                suppress_cells(&kept, &q.cells(&['n', 's', 'q']).expect("cells"), 5)
-                    .expect("cells");
+                suppress_cells(&kept, &q.cells(&Part::VALUES).expect("cells"), 5).expect("cells");
             assert_eq!(withheld, 0);
             partials.extend(kept);
         }

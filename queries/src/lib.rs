@@ -31,7 +31,7 @@
 //!   partition selection) and [`noise_share`] (exact noise shares, so the noise of any h honest
 //!   nodes sums to one central discrete Laplace draw).
 //! - Layer 1, the types every later step shares: [`partial`] (what a partial carries: column
-//!   names, [`partial::Encoding`], [`partial::PartialMeta`], [`partial::KPartial`], and the
+//!   names and [`partial::Part`] kinds, [`partial::Encoding`], [`partial::PartialMeta`], [`partial::KPartial`], and the
 //!   node's own-k [`partial::suppress`]) and [`query`] ([`query::AggKind`] and
 //!   [`query::ApprovedQuery`], whose fields are private; only [`validate`] builds one, through
 //!   its crate-private constructor).
@@ -60,9 +60,9 @@
 //! [`percentile`], which is the example to follow (an aggregate module sits in layer 2: it may
 //! use [`query`], [`partial`] and [`bounding`], never [`cells`], [`privacy`] or [`merge`],
 //! which call into it):
-//! 1. [`query`]: a variant of `AggKind` (its `Display` name, and `AggKind::parts`: some of the
-//!    count `n`, sum `s` and sum of squares `q`, or none when it carries its own columns, as
-//!    `percentile::bucket_columns` does). [`validate`]: recognise it in `check_aggregate` (the
+//! 1. [`query`]: a variant of `AggKind` (its `Display` name, and `AggKind::parts`: which
+//!    [`partial::Part`]s its partial carries — some of the count, sum and sum of squares — or
+//!    none when it carries its own columns, as `percentile::bucket_columns` does). [`validate`]: recognise it in `check_aggregate` (the
 //!    function name, its arguments, what is refused and with which [`rules::Rule`]; a new
 //!    refusal is a new `Rule` variant with its code and slug, listed in `Rule::ALL`).
 //! 2. [`cells`]: in `k-only` mode, its node-side expressions (`part_aggregates`) and the

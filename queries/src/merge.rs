@@ -34,7 +34,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::scalar::ScalarValue;
 
-use crate::partial::{PERSONS, Partial, PartialMeta, agg, group_name, part_name, suppress};
+use crate::partial::{PERSONS, Part, Partial, PartialMeta, agg, group_name, part_name, suppress};
 use crate::query::{AggKind, ApprovedQuery};
 use crate::rules::QueryError;
 
@@ -49,25 +49,31 @@ impl ApprovedQuery {
         let expected = self.group_fields();
         let n_groups = self.aggregate().group_expr.len();
         let mut names: Vec<String> = (0..n_groups).map(group_name).collect();
+        // Whether each column after the groups is a count (Int64) or any number: the parts
+        // say so themselves; a histogram's buckets are numbers, people counts are counts.
+        let mut counts: Vec<bool> = Vec::new();
         for i in 0..self.aggregate_kinds().len() {
-            names.extend(
-                self.aggregate_kinds()[i]
-                    .parts()
-                    .iter()
-                    .map(|p| part_name(i, *p)),
-            );
-            names.extend(self.bucket_columns(i));
+            for p in self.aggregate_kinds()[i].parts() {
+                names.push(part_name(i, *p));
+                counts.push(p.is_count());
+            }
+            let buckets = self.bucket_columns(i);
+            counts.extend(buckets.iter().map(|_| false));
+            names.extend(buckets);
         }
         // k-only partials carry the people in each region of each aggregate; DP partials don't.
         if !meta.dp {
-            names.extend(
-                self.region_names()
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .flatten(),
-            );
+            let regions: Vec<String> = self
+                .region_names()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .flatten()
+                .collect();
+            counts.extend(regions.iter().map(|_| true));
+            names.extend(regions);
         }
         names.push(PERSONS.to_string());
+        counts.push(true);
         let fields = batch_schema.fields();
         if fields.len() != names.len() || fields.iter().zip(&names).any(|(f, n)| f.name() != n) {
             return Err(format!(
@@ -85,13 +91,7 @@ impl ApprovedQuery {
                 ));
             }
         }
-        for f in fields.iter().skip(n_groups) {
-            let is_count = f.name().ends_with("_n")
-                || f.name() == PERSONS
-                || f.name()
-                    .rsplit('_')
-                    .next()
-                    .is_some_and(|p| p.starts_with('p'));
+        for (f, &is_count) in fields.iter().skip(n_groups).zip(&counts) {
             let ok = if is_count {
                 *f.data_type() == DataType::Int64
             } else {
@@ -127,11 +127,15 @@ impl ApprovedQuery {
             .map(|f| f.with_nullable(true))
             .collect();
         for i in 0..self.aggregate_kinds().len() {
-            fields.push(Field::new(part_name(i, 'n'), DataType::Int64, true));
-            for p in ['s', 'q', 'v', 'w', 'u'] {
-                fields.push(Field::new(part_name(i, p), DataType::Float64, true));
+            fields.push(Field::new(part_name(i, Part::Count), DataType::Int64, true));
+            for p in &Part::VALUES_AND_NOISE[1..] {
+                fields.push(Field::new(part_name(i, *p), DataType::Float64, true));
             }
-            fields.push(Field::new(part_name(i, WITHHELD), DataType::Int64, true));
+            fields.push(Field::new(
+                part_name(i, Part::Withheld),
+                DataType::Int64,
+                true,
+            ));
             fields.extend(crate::percentile::canonical_fields(self, i));
         }
         for name in self.region_names()?.into_iter().flatten() {
@@ -148,7 +152,7 @@ impl ApprovedQuery {
     /// sums s'/F (`w`) and q'/F² (`u`) — independent draws, unlike s and q, whose noises share
     /// the count's through the centre. Each row also says that node `node` returned the group
     /// ([`NODES`], bit `node`) and, per aggregate, whether the node withheld its part of the
-    /// cell ([`WITHHELD`]: 1 when its count is NULL).
+    /// cell ([`Part::Withheld`]: 1 when its count is NULL).
     fn normalize(
         &self,
         batch: &RecordBatch,
@@ -186,9 +190,9 @@ impl ApprovedQuery {
                 continue;
             }
             let (c, f) = (enc.center, enc.scale);
-            let n = int(&part_name(i, 'n'))?;
-            let s_raw = float(&part_name(i, 's'))?;
-            let q_raw = float(&part_name(i, 'q'))?;
+            let n = int(&part_name(i, Part::Count))?;
+            let s_raw = float(&part_name(i, Part::Sum))?;
+            let q_raw = float(&part_name(i, Part::SumSquares))?;
             let get = |a: &Option<Float64Array>, r: usize| {
                 a.as_ref()
                     .map(|a| if a.is_valid(r) { a.value(r) } else { 0.0 })
@@ -212,9 +216,9 @@ impl ApprovedQuery {
                     })
                 })
                 .collect();
-            let vn = var_of(&part_name(i, 'n'));
-            let vs = var_of(&part_name(i, 's')) / (f * f);
-            let vq = var_of(&part_name(i, 'q')) / f.powi(4);
+            let vn = var_of(&part_name(i, Part::Count));
+            let vs = var_of(&part_name(i, Part::Sum)) / (f * f);
+            let vq = var_of(&part_name(i, Part::SumSquares)) / f.powi(4);
             let withheld: Int64Array = (0..rows).map(|r| Some(i64::from(n.is_null(r)))).collect();
             columns.push(Arc::new(n));
             columns.push(Arc::new(s));
@@ -323,7 +327,7 @@ impl ApprovedQuery {
         let (kept, suppressed_cells) = if dp {
             (kept, 0)
         } else {
-            crate::cells::suppress_cells(&kept, &self.cells(&['n', 's', 'q', 'v', 'w', 'u'])?, k)?
+            crate::cells::suppress_cells(&kept, &self.cells(&Part::VALUES_AND_NOISE)?, k)?
         };
         // 2b. A cell a node withheld while returning its group has no federation number.
         let (kept, incomplete_cells) = withhold_incomplete(&kept, self.aggregate_kinds().len())?;
@@ -459,11 +463,8 @@ pub const NODES: &str = "__nodes";
 /// Most partials one merge can tell apart in [`NODES`].
 pub const MAX_NODES: usize = 63;
 
-/// Part of each aggregate that counts the nodes that withheld their part of the cell.
-const WITHHELD: char = 'x';
-
 /// NULLs every cell (count and sums of one aggregate in one group) that some node withheld
-/// while returning the group ([`WITHHELD`] > 0) and that would otherwise be released from the
+/// while returning the group ([`Part::Withheld`] > 0) and that would otherwise be released from the
 /// other nodes' parts; returns the batches and how many cells were so NULLed.
 fn withhold_incomplete(
     batches: &[RecordBatch],
@@ -476,19 +477,19 @@ fn withhold_incomplete(
         let schema = b.schema();
         let mut columns: Vec<ArrayRef> = b.columns().to_vec();
         for i in 0..aggregates {
-            let index = |p: char| {
+            let index = |p: Part| {
                 schema
                     .index_of(&part_name(i, p))
                     .map_err(|e| QueryError::Internal(e.to_string()))
             };
-            let (n_idx, x_idx) = (index('n')?, index(WITHHELD)?);
+            let (n_idx, x_idx) = (index(Part::Count)?, index(Part::Withheld)?);
             let n = b.column(n_idx);
             let withheld = b
                 .column(x_idx)
                 .as_any()
                 .downcast_ref::<Int64Array>()
                 .ok_or_else(|| {
-                    QueryError::Internal(format!("{} is not Int64", part_name(i, WITHHELD)))
+                    QueryError::Internal(format!("{} is not Int64", part_name(i, Part::Withheld)))
                 })?;
             let mask: BooleanArray = (0..b.num_rows())
                 .map(|r| Some(n.is_valid(r) && withheld.is_valid(r) && withheld.value(r) > 0))
@@ -497,7 +498,7 @@ fn withhold_incomplete(
                 continue;
             }
             nulled += mask.true_count() as u64;
-            for p in ['n', 's', 'q'] {
+            for p in Part::VALUES {
                 let idx = index(p)?;
                 columns[idx] = arrow::compute::nullif(&columns[idx], &mask).map_err(internal)?;
             }
@@ -568,9 +569,9 @@ fn final_value(
     i: usize,
     bounds: Option<(f64, f64)>,
 ) -> datafusion::error::Result<Expr> {
-    let n = || col(part_name(i, 'n'));
-    let s = || col(part_name(i, 's'));
-    let q = || col(part_name(i, 'q'));
+    let n = || col(part_name(i, Part::Count));
+    let s = || col(part_name(i, Part::Sum));
+    let q = || col(part_name(i, Part::SumSquares));
     let nf = || cast(n(), DataType::Float64);
     let clamp = |x: Expr, lo: f64, hi: f64| -> datafusion::error::Result<Expr> {
         when(x.clone().lt(lit(lo)), lit(lo))
@@ -618,13 +619,16 @@ fn final_value(
 /// method in the centred sums s_c = s − c·n and q_c = Σ(x − c)², whose noises are independent of
 /// each other and of n's.
 fn interval(kind: AggKind, i: usize, c: f64) -> datafusion::error::Result<Expr> {
-    let n = || cast(col(part_name(i, 'n')), DataType::Float64);
-    let s = || col(part_name(i, 's'));
-    let (vn, ws) = (|| col(part_name(i, 'v')), || col(part_name(i, 'w')));
+    let n = || cast(col(part_name(i, Part::Count)), DataType::Float64);
+    let s = || col(part_name(i, Part::Sum));
+    let (vn, ws) = (
+        || col(part_name(i, Part::CountNoise)),
+        || col(part_name(i, Part::SumNoise)),
+    );
     let sc = || s() - lit(c) * n();
     let var = match kind {
         // The half-width itself, from `crate::percentile::read_quantiles`.
-        AggKind::Percentile { .. } => return Ok(col(part_name(i, 'q'))),
+        AggKind::Percentile { .. } => return Ok(col(part_name(i, Part::SumSquares))),
         AggKind::Count | AggKind::CountPersons => vn(),
         AggKind::Sum => ws() + lit(c * c) * vn(),
         // avg = c + s_c/n.
@@ -656,13 +660,13 @@ fn interval(kind: AggKind, i: usize, c: f64) -> datafusion::error::Result<Expr> 
 /// Noise variance of the variance estimate V = ss/d, ss = q_c − s_c²/n, d = n − 1 (or n for
 /// the population variance), by the delta method from the noise variances of n, s_c and q_c.
 fn spread_noise_variance(i: usize, population: bool, c: f64) -> datafusion::error::Result<Expr> {
-    let n = || cast(col(part_name(i, 'n')), DataType::Float64);
-    let s = || col(part_name(i, 's'));
-    let q = || col(part_name(i, 'q'));
+    let n = || cast(col(part_name(i, Part::Count)), DataType::Float64);
+    let s = || col(part_name(i, Part::Sum));
+    let q = || col(part_name(i, Part::SumSquares));
     let (vn, ws, uq) = (
-        || col(part_name(i, 'v')),
-        || col(part_name(i, 'w')),
-        || col(part_name(i, 'u')),
+        || col(part_name(i, Part::CountNoise)),
+        || col(part_name(i, Part::SumNoise)),
+        || col(part_name(i, Part::SumSquaresNoise)),
     );
     let sc = || s() - lit(c) * n();
     let qc = || q() - lit(2.0 * c) * s() + lit(c * c) * n();

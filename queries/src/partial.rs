@@ -38,9 +38,64 @@ pub(crate) fn group_name(j: usize) -> String {
     format!("__g{j}")
 }
 
-/// Name of part `part` (`n` count, `s` sum, `q` sum of squares, …) of aggregate `i`.
-pub(crate) fn part_name(i: usize, part: char) -> String {
-    format!("__a{i}_{part}")
+/// One column of an aggregate's share of a partial (the first three), or of the
+/// coordinator's canonical form of it ([`crate::merge`] adds the rest); named
+/// `__a{i}_{suffix}` by [`part_name`]. Which parts a partial carries for an aggregate is
+/// [`AggKind::parts`](crate::query::AggKind::parts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// `n`: the rows the aggregate reads (people, for `COUNT(DISTINCT person_id)`); Int64.
+    Count,
+    /// `s`: the sum of its argument (after the merge, a percentile's quantile).
+    Sum,
+    /// `q`: the sum of its argument's squares (after the merge, a percentile's interval
+    /// half-width).
+    SumSquares,
+    /// `v`: canonical only: the noise variance of [`Part::Count`].
+    CountNoise,
+    /// `w`: canonical only: the noise variance of the centred [`Part::Sum`].
+    SumNoise,
+    /// `u`: canonical only: the noise variance of the centred [`Part::SumSquares`].
+    SumSquaresNoise,
+    /// `x`: canonical only: how many nodes withheld their part of the cell; Int64.
+    Withheld,
+}
+
+impl Part {
+    /// The parts of a cell's value: what is summed, withheld or NULLed together.
+    pub const VALUES: [Part; 3] = [Part::Count, Part::Sum, Part::SumSquares];
+    /// The values and their noise variances.
+    pub const VALUES_AND_NOISE: [Part; 6] = [
+        Part::Count,
+        Part::Sum,
+        Part::SumSquares,
+        Part::CountNoise,
+        Part::SumNoise,
+        Part::SumSquaresNoise,
+    ];
+
+    /// The letter that ends its column name (on the wire: never changes).
+    pub const fn suffix(self) -> char {
+        match self {
+            Part::Count => 'n',
+            Part::Sum => 's',
+            Part::SumSquares => 'q',
+            Part::CountNoise => 'v',
+            Part::SumNoise => 'w',
+            Part::SumSquaresNoise => 'u',
+            Part::Withheld => 'x',
+        }
+    }
+
+    /// Whether a partial carries it as a count (Int64) rather than any number.
+    pub fn is_count(self) -> bool {
+        matches!(self, Part::Count | Part::Withheld)
+    }
+}
+
+/// Name of part `part` of aggregate `i`: `__a{i}_n`, `__a{i}_s`, ….
+pub(crate) fn part_name(i: usize, part: Part) -> String {
+    format!("__a{i}_{}", part.suffix())
 }
 
 /// The aggregate `func(arg)`, `DISTINCT` or not, with its `FILTER`.

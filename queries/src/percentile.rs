@@ -38,7 +38,7 @@ use datafusion::scalar::ScalarValue;
 use std::sync::Arc;
 
 use crate::bounding::{Cap, Share, Stat};
-use crate::partial::{Encoding, PartialMeta, part_name, sum};
+use crate::partial::{Encoding, Part, PartialMeta, part_name, sum};
 use crate::query::{AggKind, ApprovedQuery};
 use crate::rules::{QueryError, Rejection, Rule};
 use crate::schema;
@@ -619,11 +619,11 @@ pub(crate) fn read_quantiles(
                 .ok_or_else(|| internal(format!("{name} missing after the merge")))
         };
         for (i, p, grid, integer) in &percentiles {
-            let n = get_int(&part_name(*i, 'n'))?;
+            let n = get_int(&part_name(*i, Part::Count))?;
             let var = b
-                .column_by_name(&part_name(*i, 'v'))
+                .column_by_name(&part_name(*i, Part::CountNoise))
                 .and_then(|a| a.as_any().downcast_ref::<Float64Array>().cloned())
-                .ok_or_else(|| internal(format!("{} missing", part_name(*i, 'v'))))?;
+                .ok_or_else(|| internal(format!("{} missing", part_name(*i, Part::CountNoise))))?;
             let src = q.histogram_of(*i).unwrap_or(*i);
             let buckets: Vec<Int64Array> = (0..grid.buckets())
                 .map(|k| get_int(&bucket_name(src, k)))
@@ -648,13 +648,13 @@ pub(crate) fn read_quantiles(
                         .map(|e| (e.hi - e.value).max(e.value - e.lo)),
                 );
             }
-            let idx = |part: char| {
+            let idx = |part: Part| {
                 schema
                     .index_of(&part_name(*i, part))
                     .map_err(|e| internal(e.to_string()))
             };
-            columns[idx('s')?] = Arc::new(Float64Array::from(values));
-            columns[idx('q')?] = Arc::new(Float64Array::from(halves));
+            columns[idx(Part::Sum)?] = Arc::new(Float64Array::from(values));
+            columns[idx(Part::SumSquares)?] = Arc::new(Float64Array::from(halves));
         }
         out.push(RecordBatch::try_new(schema, columns).map_err(|e| internal(e.to_string()))?);
     }

@@ -37,7 +37,7 @@ use crate::bounding::Stat;
 use crate::bounding::{BoundingSpec, Cap, Mean};
 use crate::dp::{RandomSource, Scale, partition_threshold};
 use crate::keyset::{GroupKeys, KeySet};
-use crate::partial::{Encoding, PERSONS, PartialMeta, sum};
+use crate::partial::{Encoding, PERSONS, Part, PartialMeta, group_name, part_name, sum};
 use crate::query::{AggKind, ApprovedQuery};
 use crate::rules::{QueryError, Rejection, Rule};
 use crate::schema;
@@ -323,7 +323,7 @@ impl ApprovedQuery {
             .group_expr
             .iter()
             .enumerate()
-            .map(|(j, e)| e.clone().unalias().alias(format!("__g{j}")))
+            .map(|(j, e)| e.clone().unalias().alias(group_name(j)))
             .collect();
         row_exprs.push(Expr::Column(self.person().clone()).alias("__pid"));
         let mut person_aggs = Vec::new();
@@ -367,7 +367,7 @@ impl ApprovedQuery {
             if let Some(f) = af.params.filter.clone() {
                 cond = cond.and(*f);
             }
-            let n = format!("__a{i}_n");
+            let n = part_name(i, Part::Count);
             row_exprs.push(
                 when(cond.clone(), lit(1i64))
                     .otherwise(lit(0i64))?
@@ -439,7 +439,7 @@ impl ApprovedQuery {
                 arrow::datatypes::DataType::Int64,
             ));
             let v = when(cond, v).otherwise(lit(0i64))?;
-            let s = format!("__a{i}_s");
+            let s = part_name(i, Part::Sum);
             row_exprs.push(v.clone().alias(format!("{s}_row")));
             person_aggs.push(sum(col(format!("{s}_row"))).alias(s.clone()));
             let bound = (r * half) as i64;
@@ -467,7 +467,7 @@ impl ApprovedQuery {
             });
             let mut q_index = None;
             if matches!(kind, AggKind::Variance { .. } | AggKind::Stddev { .. }) {
-                let q = format!("__a{i}_q");
+                let q = part_name(i, Part::SumSquares);
                 row_exprs.push((v.clone() * v).alias(format!("{q}_row")));
                 person_aggs.push(sum(col(format!("{q}_row"))).alias(q.clone()));
                 let qbound = (r * half * half) as i64;
@@ -507,7 +507,7 @@ impl ApprovedQuery {
             ))
             .alias(PERSONS),
         );
-        let groups: Vec<Expr> = (0..n_groups).map(|j| col(format!("__g{j}"))).collect();
+        let groups: Vec<Expr> = (0..n_groups).map(|j| col(group_name(j))).collect();
         let mut person_keys = groups.clone();
         person_keys.push(col("__pid"));
         let rank = row_number()

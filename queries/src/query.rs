@@ -17,7 +17,7 @@ use datafusion::common::tree_node::TreeNode;
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 
 use crate::keyset::{GroupKeys, PublicKeys, TooManyPublicGroups, group_keys};
-use crate::partial::{KPartial, group_name};
+use crate::partial::{KPartial, Part, group_name};
 use crate::rules::QueryError;
 use crate::schema::{self, Table};
 
@@ -72,11 +72,11 @@ impl AggKind {
     /// The parts a partial carries for an aggregate of this kind (see [`crate::partial`]):
     /// count, and sums where the kind needs them. A percentile carries its histogram's
     /// buckets instead ([`crate::percentile`]).
-    pub(crate) fn parts(self) -> &'static [char] {
+    pub(crate) fn parts(self) -> &'static [Part] {
         match self {
-            AggKind::Count | AggKind::CountPersons => &['n'],
-            AggKind::Sum | AggKind::Avg => &['n', 's'],
-            AggKind::Variance { .. } | AggKind::Stddev { .. } => &['n', 's', 'q'],
+            AggKind::Count | AggKind::CountPersons => &[Part::Count],
+            AggKind::Sum | AggKind::Avg => &[Part::Count, Part::Sum],
+            AggKind::Variance { .. } | AggKind::Stddev { .. } => &Part::VALUES,
             AggKind::Percentile { .. } => &[],
         }
     }
