@@ -191,7 +191,7 @@ impl ApprovedQuery {
                             af.func.name()
                         ),
                     )
-                    .at_word(&self.sql(), af.func.name()),
+                    .at_word(self.sql(), af.func.name()),
                 )
             })?;
             let filter = af.params.filter.as_deref().cloned();

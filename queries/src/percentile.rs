@@ -246,7 +246,7 @@ impl ApprovedQuery {
                         "{name} is not answered in k-only mode: an exact percentile is one person's raw value, which no k rule hides; a differential-privacy federation answers it from a noisy histogram"
                     ),
                 )
-                .at_word(&self.sql(), name)
+                .at_word(self.sql(), name)
                 .into());
             }
         }
@@ -298,7 +298,7 @@ pub(crate) fn dp_parts(
             Rule::UnboundedArgument,
             format!("in differential-privacy mode a percentile ({name}) needs a public bucket grid: {why}"),
         )
-        .at_word(&q.sql(), name)
+        .at_word(q.sql(), name)
     })?;
     // Another percentile of the same measure and FILTER already releases this histogram.
     if q.histogram_of(i).is_some_and(|j| j != i) {

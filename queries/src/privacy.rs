@@ -405,7 +405,7 @@ impl ApprovedQuery {
                         af.func.name()
                     ),
                 )
-                .at_word(&self.sql(), af.func.name())
+                .at_word(self.sql(), af.func.name())
             })?;
             let center = (lo + hi) / 2.0;
             let spread = matches!(kind, AggKind::Variance { .. } | AggKind::Stddev { .. });
@@ -419,7 +419,7 @@ impl ApprovedQuery {
                         af.func.name()
                     ),
                 )
-                .at_word(&self.sql(), af.func.name())
+                .at_word(self.sql(), af.func.name())
                     },
                 )?;
             encodings.push(Encoding {
