@@ -1,5 +1,7 @@
-//! The partial's contract: what a node sends the coordinator for one query, as names and
-//! types only (no plans are built here).
+//! The partial's contract: what a node sends the coordinator for one query — its columns'
+//! names and [`Part`] kinds, each aggregate's [`Encoding`], the [`PartialMeta`] — and the
+//! own-k [`suppress`] both sides apply. No partial plan is built here: [`KPartial`] is only the
+//! shape of the `k-only` plans [`crate::cells`] builds.
 //!
 //! ```text
 //!  one row per group:  __g0 … __g{G-1}              the group keys, of the query's types
