@@ -18,7 +18,7 @@
 //! state is one entry per person and one slot per (person, group); [`Bounder::allocated`]
 //! reports its size so the node can hold it against its memory pool.
 //!
-//! [`Stat`] is each statistic's per-person (L1) bound, which the aggregate modules
+//! `Stat` is each statistic's per-person (L1) bound, which the aggregate modules
 //! ([`crate::percentile`], and [`crate::privacy`] for the others) declare and `privacy` turns
 //! into noise scales.
 

@@ -39,7 +39,7 @@
 //!   `dp` mode: recognised arguments, public grids, histogram parts, their DP sensitivity,
 //!   reading the merged histogram, explanation lines), over [`bounding`] (the per-person
 //!   contribution bounds of the DP partial in one hash pass, and each statistic's L1 bound,
-//!   [`bounding::Stat`]).
+//!   `bounding::Stat`).
 //! - Layer 3, a node's partial in each mode: [`cells`] (`k-only`: the partial plan, the regions
 //!   of rows each aggregate reads, their people counts — exact, or bounded from row counts —
 //!   and cell suppression) and [`privacy`] (`dp`: the differentially private partial plan, its
@@ -70,7 +70,7 @@
 //!    person's value, CXF-Q021).
 //! 3. [`privacy`]: in `dp` mode, `dp_partial`'s row expressions, the per-person bounds
 //!    ([`bounding::Cap`], and [`bounding::Share`] or [`bounding::Mean`] when a person's rows in
-//!    a group are bounded together), its [`bounding::Stat`] (columns and L1 sensitivity, which
+//!    a group are bounded together), its `bounding::Stat` (columns and L1 sensitivity, which
 //!    decides its share of ε) and its fixed-point [`partial::Encoding`].
 //! 4. [`merge`]: what `check_partial` accepts from a peer, how `normalize` brings its columns
 //!    to the canonical schema, the coordinator's final expression (`final_value`) and its

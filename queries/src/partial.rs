@@ -42,8 +42,8 @@ pub(crate) fn group_name(j: usize) -> String {
 
 /// One column of an aggregate's share of a partial (the first three), or of the
 /// coordinator's canonical form of it ([`crate::merge`] adds the rest); named
-/// `__a{i}_{suffix}` by [`part_name`]. Which parts a partial carries for an aggregate is
-/// [`AggKind::parts`](crate::query::AggKind::parts).
+/// `__a{i}_{suffix}` by `part_name`. Which parts a partial carries for an aggregate is
+/// `AggKind::parts` ([`crate::query`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
     /// `n`: the rows the aggregate reads (people, for `COUNT(DISTINCT person_id)`); Int64.

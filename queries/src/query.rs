@@ -1,7 +1,7 @@
 //! The approved query: [`ApprovedQuery`], and the [`AggKind`] of each of its aggregates.
 //!
 //! Only [`approve`](crate::validate::approve) builds an `ApprovedQuery`, through the
-//! crate-private [`ApprovedQuery::new`] that nothing else calls; its fields are private to this
+//! crate-private `ApprovedQuery::new` that nothing else calls; its fields are private to this
 //! module, so the layers above (cells, privacy, percentile, merge, explain) read what was
 //! approved through accessors and can never change it. The type lives here, below the
 //! aggregate modules, rather than in [`crate::validate`] because those modules take it as
