@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use datafusion::execution::context::SessionContext;
 
-use cxfed_queries::validate::{ApprovedQuery, QueryError, approve};
+use cxfed_queries::query::ApprovedQuery;
+use cxfed_queries::rules::QueryError;
+use cxfed_queries::validate::approve;
 
 /// Approved queries held at most (the cache is emptied when full: simple, and bounded).
 pub const CAPACITY: usize = 512;

@@ -13,8 +13,8 @@ use cxfed_protocol::wire::{
     QueryResponse, SecAggKey, SecAggKeyRequest, SecAggRound,
 };
 use cxfed_queries::dp::Z95;
-use cxfed_queries::rewrite::Partial;
-use cxfed_queries::validate::QueryError;
+use cxfed_queries::partial::Partial;
+use cxfed_queries::rules::QueryError;
 
 use crate::audit::Fanout;
 use crate::config::Peer;
@@ -446,7 +446,7 @@ async fn gather_keys(
 /// add (each node's share counts `variance_factor` of one draw). Every member must have
 /// calibrated alike (each node checked the others' signed calibration before masking).
 fn add_masked(
-    approved: &cxfed_queries::validate::ApprovedQuery,
+    approved: &cxfed_queries::query::ApprovedQuery,
     partials: Vec<Partial>,
 ) -> Result<Partial, String> {
     let first = partials.first().ok_or("no partial")?;

@@ -46,7 +46,7 @@ use cxfed_protocol::wire::{
 };
 use cxfed_queries::dp::{RandomSource, Scale, Z95, uniform_below};
 use cxfed_queries::journey::{JourneyPlan, Output, Side};
-use cxfed_queries::validate::QueryError;
+use cxfed_queries::rules::QueryError;
 
 use crate::partial::PartialError;
 

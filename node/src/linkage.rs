@@ -1128,7 +1128,7 @@ mod tests {
             "SELECT agency, count(*) FROM operational GROUP BY agency, linkage_key",
         ] {
             match cxfed_queries::validate::approve(&ctx.state(), sql).await {
-                Err(cxfed_queries::validate::QueryError::Rejected(r)) => {
+                Err(cxfed_queries::rules::QueryError::Rejected(r)) => {
                     assert_eq!(r.rule.code(), "CXF-Q012", "{sql}: {}", r.reason);
                 }
                 other => panic!("{sql}: {:?}", other.map(|q| q.sql().to_string())),

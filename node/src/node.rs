@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use cxfed_protocol::Identity;
 use cxfed_protocol::codes::ApiCode;
-use cxfed_queries::validate::QueryError;
+use cxfed_queries::rules::QueryError;
 
 use crate::audit::{AuditLog, Decision, Record};
 use crate::config::NodeConfig;
@@ -228,7 +228,7 @@ impl Node {
         analyst: &Identity,
         query_id: &str,
         req: Received<'_>,
-        approved: Option<&cxfed_queries::validate::ApprovedQuery>,
+        approved: Option<&cxfed_queries::query::ApprovedQuery>,
         secagg: Option<&cxfed_protocol::wire::SecAggRound>,
     ) -> Result<PartialOutput, PartialError> {
         let analyst = analyst.to_string();

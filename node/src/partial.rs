@@ -18,11 +18,12 @@ use cxfed_protocol::wire::{META_AGENCY, META_PARTIAL, META_SUPPRESSED, META_SUPP
 use cxfed_queries::bounding::Bounder;
 use cxfed_queries::cells::{lower_bounds, nullable, suppress_cells};
 use cxfed_queries::dp::{BadEpsilon, EpsilonRange, RandomFailure, RandomSource};
+use cxfed_queries::partial::suppress;
+use cxfed_queries::partial::{Part, PartialMeta};
 use cxfed_queries::privacy::DpPartial;
-use cxfed_queries::rewrite::PartialMeta;
-use cxfed_queries::rewrite::suppress;
+use cxfed_queries::rules::QueryError;
 use cxfed_queries::schema::Table;
-use cxfed_queries::validate::{QueryError, approve};
+use cxfed_queries::validate::approve;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::exact_cache::ExactCache;
@@ -97,7 +98,7 @@ pub struct Masking<'a> {
 /// calibration digest (what a secure-aggregation key commits to). Refuses data-dependent keys
 /// and a public product over the cap.
 fn secagg_partial(
-    approved: &cxfed_queries::validate::ApprovedQuery,
+    approved: &cxfed_queries::query::ApprovedQuery,
     policy: &Policy,
     settings: &crate::policy::DpSettings,
     requested_epsilon: Option<f64>,
@@ -120,7 +121,7 @@ fn secagg_partial(
 
 /// The calibration digest of `approved` at this node (round 1 of secure aggregation).
 pub fn secagg_calibration(
-    approved: &cxfed_queries::validate::ApprovedQuery,
+    approved: &cxfed_queries::query::ApprovedQuery,
     policy: &Policy,
     settings: &crate::policy::DpSettings,
     requested_epsilon: Option<f64>,
@@ -140,7 +141,7 @@ pub async fn run(
     sql: &str,
     charge: Charge<'_>,
     data: DataState<'_>,
-    approved: Option<&cxfed_queries::validate::ApprovedQuery>,
+    approved: Option<&cxfed_queries::query::ApprovedQuery>,
     masking: Option<Masking<'_>>,
 ) -> Result<PartialOutput, PartialError> {
     check_epsilon(policy, charge.requested_epsilon)?;
@@ -191,8 +192,7 @@ pub async fn run(
             })
             .await?;
             let (kept, groups_withheld) = suppress(&batches, k)?;
-            let (kept, cells_withheld) =
-                suppress_cells(&kept, &approved.cells(&['n', 's', 'q'])?, k)?;
+            let (kept, cells_withheld) = suppress_cells(&kept, &approved.cells(&Part::VALUES)?, k)?;
             (
                 fields,
                 kept,

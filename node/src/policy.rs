@@ -23,8 +23,8 @@ use serde::Deserialize;
 use cxfed_protocol::Identity;
 use cxfed_protocol::codes::PolicyCode;
 use cxfed_queries::keyset::PublicKeys;
+use cxfed_queries::query::ApprovedQuery;
 use cxfed_queries::schema::{self, Kind};
-use cxfed_queries::validate::ApprovedQuery;
 
 /// Groups one partial may hold unless `[policy] max_groups` says otherwise.
 pub const DEFAULT_MAX_GROUPS: u64 = 10_000;

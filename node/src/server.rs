@@ -35,9 +35,9 @@ use cxfed_protocol::wire::{
     QueryRequest, SchemaColumn, SchemaResponse, SchemaTable,
 };
 use cxfed_protocol::{Identity, Role};
+use cxfed_queries::rules::QueryError;
 use cxfed_queries::rules::Rejection;
 use cxfed_queries::schema::{Domain, Kind, Table};
-use cxfed_queries::validate::QueryError;
 
 use crate::audit::{Decision, Record};
 use crate::config::NodeConfig;

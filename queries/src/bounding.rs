@@ -17,6 +17,10 @@
 //! has been read, so neither the coordinator nor the analyst can predict or steer it. The
 //! state is one entry per person and one slot per (person, group); [`Bounder::allocated`]
 //! reports its size so the node can hold it against its memory pool.
+//!
+//! `Stat` is each statistic's per-person (L1) bound, which the aggregate modules
+//! ([`crate::percentile`], and [`crate::privacy`] for the others) declare and `privacy` turns
+//! into noise scales.
 
 use std::sync::Arc;
 
@@ -27,7 +31,16 @@ use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
 use crate::dp::{RandomSource, uniform_below};
-use crate::validate::QueryError;
+use crate::rules::QueryError;
+
+/// The per-person bound (L1) of a statistic, and the columns it is released in (one for a
+/// count or a sum; every bucket of a percentile's histogram, whose buckets are disjoint):
+/// what decides its share of ε (see [`crate::privacy`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Stat {
+    pub(crate) names: Vec<String>,
+    pub(crate) sensitivity: u64,
+}
 
 /// The clamp applied to one statistic of one (person, group) before it is summed per group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -662,7 +675,7 @@ mod tests {
                     .to_vec()
             };
             let (n, persons, distinct) =
-                (col("__a0_n"), col(crate::rewrite::PERSONS), col("__a2_n"));
+                (col("__a0_n"), col(crate::partial::PERSONS), col("__a2_n"));
             let light: Vec<i64> = (0..9)
                 .map(|c| (0..500).filter(|i| i % 9 == c).count() as i64)
                 .collect();
@@ -695,7 +708,7 @@ mod tests {
             let output = Arc::new(Schema::new(vec![
                 Field::new("__g0", DataType::Int64, false),
                 Field::new("__a0_n", DataType::Int64, false),
-                Field::new(crate::rewrite::PERSONS, DataType::Int64, false),
+                Field::new(crate::partial::PERSONS, DataType::Int64, false),
             ]));
             let spec = Arc::new(BoundingSpec {
                 groups: 1,

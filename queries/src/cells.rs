@@ -28,37 +28,26 @@
 //! instead of a distinct count and is exact enough whenever it already reaches k (see
 //! [`lower_bounds`]). The coordinator sums the regions' people across nodes and checks again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch};
-use datafusion::functions_aggregate::count::count_udaf;
+use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::functions_aggregate::{count::count_udaf, sum::sum_udaf};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    Aggregate, BinaryExpr, Case, Cast, Expr, LogicalPlan, LogicalPlanBuilder, Operator, TryCast,
-    col, lit,
+    Aggregate, BinaryExpr, Case, Cast, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder,
+    Operator, TryCast, cast, col, lit,
 };
 
-use crate::rewrite::{PERSONS, group_name, part_name};
-use crate::rules::{Rejection, Rule};
+use crate::partial::{Encoding, KPartial, PERSONS, Part, PartialMeta, agg, group_name, part_name};
+use crate::query::{AggKind, ApprovedQuery};
+use crate::rules::{QueryError, Rejection, Rule};
 use crate::schema::{self, Kind};
-use crate::validate::{AggKind, ApprovedQuery, QueryError};
 
 /// Name of the people-count column of region `j` of aggregate `i`.
 pub fn region_name(i: usize, j: usize) -> String {
     format!("__a{i}_p{j}")
-}
-
-/// A node's `k-only` partial plans, with the same output schema: groups, the aggregates'
-/// partial sums and counts, one people count per region, and the group's people count.
-#[derive(Debug, Clone)]
-pub struct KPartial {
-    /// Distinct people per region and group (exact).
-    pub exact: LogicalPlan,
-    /// Rows per region and group in place of people: the input of [`lower_bounds`].
-    pub counting_rows: LogicalPlan,
-    /// The people-count columns (regions, then [`PERSONS`]).
-    pub support_columns: Vec<String>,
 }
 
 /// Where one aggregate's numbers live in a batch, and what supports them.
@@ -71,11 +60,121 @@ pub struct Cell {
 }
 
 impl ApprovedQuery {
+    /// The plan each `k-only` node runs on its own data (exactly counted): one row per group
+    /// with the partial sums and counts, the people in each region of each aggregate (see
+    /// the module docs) and in the group. Never includes HAVING, ORDER BY or LIMIT.
+    pub fn partial_plan(&self) -> Result<LogicalPlan, QueryError> {
+        Ok(self.k_partial()?.exact)
+    }
+
+    /// The partial sums and counts of every aggregate, as aggregate expressions named
+    /// `__a{i}_{n,s,q}`.
+    pub(crate) fn part_aggregates(&self) -> Result<Vec<Expr>, QueryError> {
+        let schema = self.aggregate().input.schema();
+        let mut aggs = Vec::new();
+        for (i, (e, kind)) in self
+            .aggregate()
+            .aggr_expr
+            .iter()
+            .zip(self.aggregate_kinds())
+            .enumerate()
+        {
+            let af = aggregate_function(e)?;
+            let filter = af.params.filter.clone();
+            let arg = af.params.args.first().cloned().unwrap_or_else(|| lit(1i64));
+            let as_f64 = |x: Expr| -> Result<Expr, QueryError> {
+                let ty = x.get_type(schema.as_ref())?;
+                Ok(if ty == DataType::Float64 {
+                    x
+                } else {
+                    cast(x, DataType::Float64)
+                })
+            };
+            match kind {
+                AggKind::Count => {
+                    aggs.push(
+                        agg(count_udaf(), arg, false, filter).alias(part_name(i, Part::Count)),
+                    );
+                }
+                AggKind::CountPersons => {
+                    aggs.push(
+                        agg(count_udaf(), arg, true, filter).alias(part_name(i, Part::Count)),
+                    );
+                }
+                AggKind::Sum => {
+                    aggs.push(
+                        agg(count_udaf(), arg.clone(), false, filter.clone())
+                            .alias(part_name(i, Part::Count)),
+                    );
+                    aggs.push(agg(sum_udaf(), arg, false, filter).alias(part_name(i, Part::Sum)));
+                }
+                AggKind::Avg => {
+                    aggs.push(
+                        agg(count_udaf(), arg.clone(), false, filter.clone())
+                            .alias(part_name(i, Part::Count)),
+                    );
+                    aggs.push(
+                        agg(sum_udaf(), as_f64(arg)?, false, filter).alias(part_name(i, Part::Sum)),
+                    );
+                }
+                AggKind::Percentile { .. } => {
+                    return Err(QueryError::Internal(
+                        "a percentile has no k-only partial".into(),
+                    ));
+                }
+                AggKind::Variance { .. } | AggKind::Stddev { .. } => {
+                    let x = as_f64(arg.clone())?;
+                    aggs.push(
+                        agg(count_udaf(), arg, false, filter.clone())
+                            .alias(part_name(i, Part::Count)),
+                    );
+                    aggs.push(
+                        agg(sum_udaf(), x.clone(), false, filter.clone())
+                            .alias(part_name(i, Part::Sum)),
+                    );
+                    aggs.push(
+                        agg(sum_udaf(), x.clone() * x, false, filter)
+                            .alias(part_name(i, Part::SumSquares)),
+                    );
+                }
+            }
+        }
+        Ok(aggs)
+    }
+
+    /// The Arrow schema of the partial batches a `k-only` node returns.
+    pub fn partial_schema(&self) -> Result<SchemaRef, QueryError> {
+        Ok(Arc::new(self.partial_plan()?.schema().as_arrow().clone()))
+    }
+
+    /// How a `k-only` node encodes its partials: exact, uncentred values.
+    pub fn k_only_meta(&self) -> PartialMeta {
+        PartialMeta {
+            dp: false,
+            public_keys: false,
+            variance_factor: 1.0,
+            epsilon: None,
+            encodings: vec![
+                Encoding {
+                    center: 0.0,
+                    scale: 1.0
+                };
+                self.aggregate_kinds().len()
+            ],
+            scales: BTreeMap::new(),
+        }
+    }
+
     /// The regions of every aggregate (empty for `COUNT(DISTINCT person_id)`), after checking
     /// the `k-only` rule for aggregate arguments.
     pub fn cell_regions(&self) -> Result<Vec<Vec<Expr>>, QueryError> {
-        let mut out = Vec::with_capacity(self.kinds.len());
-        for (e, kind) in self.aggregate.aggr_expr.iter().zip(&self.kinds) {
+        let mut out = Vec::with_capacity(self.aggregate_kinds().len());
+        for (e, kind) in self
+            .aggregate()
+            .aggr_expr
+            .iter()
+            .zip(self.aggregate_kinds())
+        {
             let af = aggregate_function(e)?;
             // A percentile has no k-only partial (`build_k_partial` refuses it).
             if matches!(kind, AggKind::CountPersons | AggKind::Percentile { .. }) {
@@ -92,7 +191,7 @@ impl ApprovedQuery {
                             af.func.name()
                         ),
                     )
-                    .at_word(&self.sql, af.func.name()),
+                    .at_word(self.sql(), af.func.name()),
                 )
             })?;
             let filter = af.params.filter.as_deref().cloned();
@@ -125,17 +224,17 @@ impl ApprovedQuery {
             .collect())
     }
 
-    /// Each aggregate's cell: the columns of its value (among `value_parts`, e.g. `['n','s','q']`)
+    /// Each aggregate's cell: the columns of its value (among `value_parts`, e.g. [`Part::VALUES`])
     /// and of its supports.
-    pub fn cells(&self, value_parts: &[char]) -> Result<Vec<Cell>, QueryError> {
+    pub fn cells(&self, value_parts: &[Part]) -> Result<Vec<Cell>, QueryError> {
         Ok(self
             .region_names()?
             .into_iter()
             .enumerate()
             .map(|(i, regions)| Cell {
                 values: value_parts.iter().map(|p| part_name(i, *p)).collect(),
-                supports: if self.kinds[i] == AggKind::CountPersons {
-                    vec![part_name(i, 'n')]
+                supports: if self.aggregate_kinds()[i] == AggKind::CountPersons {
+                    vec![part_name(i, Part::Count)]
                 } else {
                     regions
                 },
@@ -145,19 +244,15 @@ impl ApprovedQuery {
 
     /// The `k-only` partial plans (see the module docs); built once per query.
     pub fn k_partial(&self) -> Result<KPartial, QueryError> {
-        if let Some(k) = self.k_partial.get() {
-            return Ok(k.clone());
-        }
-        let built = self.build_k_partial()?;
-        Ok(self.k_partial.get_or_init(|| built).clone())
+        self.cached_k_partial(|| self.build_k_partial())
     }
 
     fn build_k_partial(&self) -> Result<KPartial, QueryError> {
         self.refuse_exact_percentiles()?;
         let regions = self.cell_regions()?;
-        let person = Expr::Column(self.person.clone());
+        let person = Expr::Column(self.person().clone());
         let groups: Vec<Expr> = self
-            .aggregate
+            .aggregate()
             .group_expr
             .iter()
             .enumerate()
@@ -190,7 +285,13 @@ impl ApprovedQuery {
         // them instead of counting again.
         let mut same_rows: HashMap<usize, String> = HashMap::new();
         let mut k = 0;
-        for (i, (e, kind)) in self.aggregate.aggr_expr.iter().zip(&self.kinds).enumerate() {
+        for (i, (e, kind)) in self
+            .aggregate()
+            .aggr_expr
+            .iter()
+            .zip(self.aggregate_kinds())
+            .enumerate()
+        {
             let af = aggregate_function(e)?;
             let arg = af.params.args.first().cloned().unwrap_or_else(|| lit(1i64));
             let plain = matches!(branches(&arg).as_slice(), [(None, _)]);
@@ -200,14 +301,14 @@ impl ApprovedQuery {
             if plain {
                 same_rows
                     .entry(region_slots[k].1)
-                    .or_insert_with(|| part_name(i, 'n'));
+                    .or_insert_with(|| part_name(i, Part::Count));
                 let whole_group = *kind == AggKind::Count
                     && af.params.filter.is_none()
                     && matches!(strip_casts(&arg), Expr::Literal(v, _) if !v.is_null());
                 if whole_group {
                     same_rows
                         .entry(group_slot)
-                        .or_insert_with(|| part_name(i, 'n'));
+                        .or_insert_with(|| part_name(i, Part::Count));
                 }
             }
             k += regions[i].len();
@@ -223,7 +324,7 @@ impl ApprovedQuery {
                 aggs.push(count(arg, distinct, pred.clone().map(Box::new)).alias(support(u)));
             }
             let aggregate = LogicalPlan::Aggregate(Aggregate::try_new(
-                Arc::clone(&self.aggregate.input),
+                Arc::clone(&self.aggregate().input),
                 groups.clone(),
                 aggs,
             )?);
@@ -551,7 +652,7 @@ pub fn suppress_cells(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rewrite::suppress;
+    use crate::partial::suppress;
     use crate::schema::Table;
     use crate::testdata::{all, batch, context};
     use crate::validate::approve;
@@ -595,14 +696,14 @@ mod tests {
             .expect("run");
         let (kept, _) = suppress(&rows, k).expect("suppress");
         let (kept, withheld) =
-            suppress_cells(&kept, &q.cells(&['n', 's', 'q']).expect("cells"), k).expect("cells");
+            suppress_cells(&kept, &q.cells(&Part::VALUES).expect("cells"), k).expect("cells");
         let b = kept
             .iter()
             .find(|b| b.num_rows() > 0)
             .expect("a released group");
         let shown = (0..q.aggregate_kinds().len())
             .map(|i| {
-                let c = b.column_by_name(&part_name(i, 'n')).expect("n");
+                let c = b.column_by_name(&part_name(i, Part::Count)).expect("n");
                 if c.is_null(0) {
                     String::new()
                 } else {
@@ -781,8 +882,7 @@ mod tests {
                 .expect("run");
             let (kept, _) = suppress(&rows, 5).expect("suppress");
             let (kept, withheld) =
-                suppress_cells(&kept, &q.cells(&['n', 's', 'q']).expect("cells"), 5)
-                    .expect("cells");
+                suppress_cells(&kept, &q.cells(&Part::VALUES).expect("cells"), 5).expect("cells");
             assert_eq!(withheld, 0);
             partials.extend(kept);
         }

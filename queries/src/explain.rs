@@ -8,10 +8,11 @@ use datafusion::execution::context::SessionState;
 use serde::Serialize;
 
 use crate::keyset::{GroupKeys, PublicKeys};
+use crate::partial::PERSONS;
 use crate::privacy::DpParams;
-use crate::rewrite::PERSONS;
-use crate::rules::Rejection;
-use crate::validate::{AggKind, QueryError, approve};
+use crate::query::AggKind;
+use crate::rules::{QueryError, Rejection};
+use crate::validate::approve;
 
 /// The outcome of explaining one query.
 #[derive(Debug, Clone, Serialize)]

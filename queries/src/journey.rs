@@ -51,9 +51,10 @@ use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::{Span, Token, Tokenizer};
 
 use crate::keyset::PublicKeys;
+use crate::rules::QueryError;
 use crate::rules::{Position, Rejection, Rule, locate_word};
 use crate::schema::{self, Kind, Table};
-use crate::validate::{self, QueryError};
+use crate::validate;
 
 /// A validated journey query: what each side's node computes and how the outputs are formed.
 #[derive(Debug, Clone, PartialEq)]

@@ -281,7 +281,7 @@ impl KeySet {
 
 /// How the groups of `aggregate` (an approved query's aggregate) are chosen in `dp` mode
 /// under `public` (see the module docs); a public cross product of more than `max_groups`
-/// groups is refused. Callers use [`ApprovedQuery::group_keys_under`](crate::validate::ApprovedQuery::group_keys_under).
+/// groups is refused. Callers use [`ApprovedQuery::group_keys_under`](crate::query::ApprovedQuery::group_keys_under).
 pub fn group_keys(
     aggregate: &Aggregate,
     public: &PublicKeys,

@@ -37,12 +37,11 @@ use datafusion::logical_expr::{Cast, Expr, col, lit, when};
 use datafusion::scalar::ScalarValue;
 use std::sync::Arc;
 
-use crate::bounding::{Cap, Share};
-use crate::privacy::Stat;
-use crate::rewrite::{Encoding, PartialMeta, part_name};
-use crate::rules::{Rejection, Rule};
+use crate::bounding::{Cap, Share, Stat};
+use crate::partial::{Encoding, Part, PartialMeta, part_name, sum};
+use crate::query::{AggKind, ApprovedQuery};
+use crate::rules::{QueryError, Rejection, Rule};
 use crate::schema;
-use crate::validate::{AggKind, ApprovedQuery, QueryError};
 
 /// The SQL names of the percentile aggregates (DataFusion's).
 pub const FUNCTIONS: &[&str] = &["median", "percentile_cont", "approx_percentile_cont"];
@@ -180,10 +179,13 @@ pub fn grid_of(arg: &Expr) -> Result<Grid, String> {
 impl ApprovedQuery {
     /// The grid of aggregate `i` when it is a percentile of a measure that has one.
     pub fn percentile_grid(&self, i: usize) -> Option<Grid> {
-        if !matches!(self.kinds.get(i), Some(AggKind::Percentile { .. })) {
+        if !matches!(
+            self.aggregate_kinds().get(i),
+            Some(AggKind::Percentile { .. })
+        ) {
             return None;
         }
-        match self.aggregate.aggr_expr.get(i)?.clone().unalias() {
+        match self.aggregate().aggr_expr.get(i)?.clone().unalias() {
             Expr::AggregateFunction(af) => grid_of(af.params.args.first()?).ok(),
             _ => None,
         }
@@ -195,8 +197,11 @@ impl ApprovedQuery {
     pub fn histogram_of(&self, i: usize) -> Option<usize> {
         self.percentile_grid(i)?;
         let key = |j: usize| match (
-            self.kinds.get(j),
-            self.aggregate.aggr_expr.get(j).map(|e| e.clone().unalias()),
+            self.aggregate_kinds().get(j),
+            self.aggregate()
+                .aggr_expr
+                .get(j)
+                .map(|e| e.clone().unalias()),
         ) {
             (Some(AggKind::Percentile { .. }), Some(Expr::AggregateFunction(af))) => Some((
                 af.params.args.first().map(|a| strip(a).clone()),
@@ -225,7 +230,12 @@ impl ApprovedQuery {
     /// An exact percentile is the raw value of some person (the median of 21 waits *is* the
     /// 11th person's wait), and a k rule on counts does not hide a value that is not a count.
     pub(crate) fn refuse_exact_percentiles(&self) -> Result<(), QueryError> {
-        for (e, kind) in self.aggregate.aggr_expr.iter().zip(&self.kinds) {
+        for (e, kind) in self
+            .aggregate()
+            .aggr_expr
+            .iter()
+            .zip(self.aggregate_kinds())
+        {
             if let (AggKind::Percentile { .. }, Expr::AggregateFunction(af)) =
                 (kind, e.clone().unalias())
             {
@@ -236,7 +246,7 @@ impl ApprovedQuery {
                         "{name} is not answered in k-only mode: an exact percentile is one person's raw value, which no k rule hides; a differential-privacy federation answers it from a noisy histogram"
                     ),
                 )
-                .at_word(&self.sql, name)
+                .at_word(self.sql(), name)
                 .into());
             }
         }
@@ -288,7 +298,7 @@ pub(crate) fn dp_parts(
             Rule::UnboundedArgument,
             format!("in differential-privacy mode a percentile ({name}) needs a public bucket grid: {why}"),
         )
-        .at_word(&q.sql, name)
+        .at_word(q.sql(), name)
     })?;
     // Another percentile of the same measure and FILTER already releases this histogram.
     if q.histogram_of(i).is_some_and(|j| j != i) {
@@ -328,10 +338,8 @@ pub(crate) fn dp_parts(
         );
         parts
             .person_aggs
-            .push(crate::privacy::sum(col(format!("{h}_row"))).alias(h.clone()));
-        parts
-            .group_aggs
-            .push(crate::privacy::sum(col(&h)).alias(h.clone()));
+            .push(sum(col(format!("{h}_row"))).alias(h.clone()));
+        parts.group_aggs.push(sum(col(&h)).alias(h.clone()));
         parts.caps.push(Cap { lo: 0, hi: r_i });
         names.push(h);
     }
@@ -583,12 +591,12 @@ pub(crate) fn read_quantiles(
     batches: Vec<RecordBatch>,
 ) -> Result<Vec<RecordBatch>, QueryError> {
     let internal = |e: String| QueryError::Internal(e);
-    let n_groups = q.aggregate.group_expr.len();
-    let percentiles: Vec<(usize, f64, Grid, bool)> = (0..q.kinds.len())
-        .filter_map(|i| match q.kinds[i] {
+    let n_groups = q.aggregate().group_expr.len();
+    let percentiles: Vec<(usize, f64, Grid, bool)> = (0..q.aggregate_kinds().len())
+        .filter_map(|i| match q.aggregate_kinds()[i] {
             AggKind::Percentile { p } => {
                 let integer = q
-                    .aggregate
+                    .aggregate()
                     .schema
                     .fields()
                     .get(n_groups + i)
@@ -611,11 +619,11 @@ pub(crate) fn read_quantiles(
                 .ok_or_else(|| internal(format!("{name} missing after the merge")))
         };
         for (i, p, grid, integer) in &percentiles {
-            let n = get_int(&part_name(*i, 'n'))?;
+            let n = get_int(&part_name(*i, Part::Count))?;
             let var = b
-                .column_by_name(&part_name(*i, 'v'))
+                .column_by_name(&part_name(*i, Part::CountNoise))
                 .and_then(|a| a.as_any().downcast_ref::<Float64Array>().cloned())
-                .ok_or_else(|| internal(format!("{} missing", part_name(*i, 'v'))))?;
+                .ok_or_else(|| internal(format!("{} missing", part_name(*i, Part::CountNoise))))?;
             let src = q.histogram_of(*i).unwrap_or(*i);
             let buckets: Vec<Int64Array> = (0..grid.buckets())
                 .map(|k| get_int(&bucket_name(src, k)))
@@ -640,13 +648,13 @@ pub(crate) fn read_quantiles(
                         .map(|e| (e.hi - e.value).max(e.value - e.lo)),
                 );
             }
-            let idx = |part: char| {
+            let idx = |part: Part| {
                 schema
                     .index_of(&part_name(*i, part))
                     .map_err(|e| internal(e.to_string()))
             };
-            columns[idx('s')?] = Arc::new(Float64Array::from(values));
-            columns[idx('q')?] = Arc::new(Float64Array::from(halves));
+            columns[idx(Part::Sum)?] = Arc::new(Float64Array::from(values));
+            columns[idx(Part::SumSquares)?] = Arc::new(Float64Array::from(halves));
         }
         out.push(RecordBatch::try_new(schema, columns).map_err(|e| internal(e.to_string()))?);
     }
@@ -855,7 +863,7 @@ mod tests {
         sql: &str,
         rows: RecordBatch,
         params: &crate::privacy::DpParams,
-    ) -> (crate::rewrite::Partial, Vec<RecordBatch>) {
+    ) -> (crate::partial::Partial, Vec<RecordBatch>) {
         use futures::StreamExt;
         let ctx = crate::testdata::context(vec![], vec![rows]);
         let q = crate::validate::approve(&ctx.state(), sql)
@@ -907,7 +915,7 @@ mod tests {
         // Noise off: nothing added, so no variance either.
         meta.scales.values_mut().for_each(|v| *v = 0.0);
         (
-            crate::rewrite::Partial {
+            crate::partial::Partial {
                 batches: vec![bounded],
                 meta,
             },
@@ -1212,7 +1220,7 @@ mod tests {
             b
         };
         for bad in [as_float(b), renamed(b), dropped(b)] {
-            let partial = crate::rewrite::Partial {
+            let partial = crate::partial::Partial {
                 batches: vec![bad],
                 meta: good.meta.clone(),
             };

@@ -9,8 +9,8 @@ use datafusion::logical_expr::{Expr, LogicalPlan};
 
 use cxfed_protocol::wire::{Calendar, ColumnFormat};
 
-use crate::rewrite::aggregate_index;
-use crate::validate::{AggKind, ApprovedQuery};
+use crate::merge::aggregate_index;
+use crate::query::{AggKind, ApprovedQuery};
 
 /// Most decimals a `ROUND` is shown with (beyond this, f64 has no more digits to show).
 const MAX_DECIMALS: u32 = 15;
@@ -19,16 +19,16 @@ impl ApprovedQuery {
     /// One [`ColumnFormat`] per output column, in output order.
     pub fn column_formats(&self) -> Vec<ColumnFormat> {
         let names = self.aggregate_names();
-        let n_groups = self.aggregate.group_expr.len();
+        let n_groups = self.aggregate().group_expr.len();
         let outputs: Vec<Expr> = match self
-            .upper
+            .upper()
             .iter()
             .find(|n| matches!(n, LogicalPlan::Projection(_)))
         {
             Some(projection) => projection.expressions(),
             // No projection above the aggregate: its own columns are the output.
             None => self
-                .aggregate
+                .aggregate()
                 .schema
                 .columns()
                 .into_iter()
@@ -36,7 +36,7 @@ impl ApprovedQuery {
                 .collect(),
         };
         let group_names: Vec<String> = self
-            .aggregate
+            .aggregate()
             .schema
             .fields()
             .iter()
@@ -48,10 +48,10 @@ impl ApprovedQuery {
             .map(|e| ColumnFormat {
                 decimals: decimals(e),
                 calendar: group_of(e, &group_names)
-                    .and_then(|j| calendar(&self.aggregate.group_expr[j])),
+                    .and_then(|j| calendar(&self.aggregate().group_expr[j])),
                 range: aggregate_index(e, &names).and_then(|(i, factor)| {
                     let (lo, hi) = self.argument_bounds(i)?;
-                    whole_range(self.kinds[i], hi - lo).map(|r| r * factor)
+                    whole_range(self.aggregate_kinds()[i], hi - lo).map(|r| r * factor)
                 }),
             })
             .collect()

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch};
 use arrow::compute::filter_record_batch;
 use datafusion::functions::math::expr_fn::random;
-use datafusion::functions_aggregate::{count::count_udaf, sum::sum_udaf};
+use datafusion::functions_aggregate::count::count_udaf;
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
@@ -33,13 +33,14 @@ use datafusion::logical_expr::{
 use datafusion::scalar::ScalarValue;
 use serde::{Deserialize, Serialize};
 
+use crate::bounding::Stat;
 use crate::bounding::{BoundingSpec, Cap, Mean};
 use crate::dp::{RandomSource, Scale, partition_threshold};
 use crate::keyset::{GroupKeys, KeySet};
-use crate::rewrite::{Encoding, PERSONS, PartialMeta};
-use crate::rules::{Rejection, Rule};
+use crate::partial::{Encoding, PERSONS, Part, PartialMeta, group_name, part_name, sum};
+use crate::query::{AggKind, ApprovedQuery};
+use crate::rules::{QueryError, Rejection, Rule};
 use crate::schema;
-use crate::validate::{AggKind, ApprovedQuery, QueryError};
 
 /// Fixed-point factor for arguments that are not integers.
 pub const FIXED_POINT: f64 = 1_000.0;
@@ -98,17 +99,6 @@ fn clamp(x: Expr, lo: Expr, hi: Expr) -> datafusion::error::Result<Expr> {
     when(x.clone().lt(lo.clone()), lo)
         .when(x.clone().gt(hi.clone()), hi)
         .otherwise(x)
-}
-
-pub(crate) fn sum(x: Expr) -> Expr {
-    Expr::AggregateFunction(AggregateFunction::new_udf(
-        sum_udaf(),
-        vec![x],
-        false,
-        None,
-        vec![],
-        None,
-    ))
 }
 
 /// Interval bounds of an aggregate argument, from the schema's declared ranges. `None` when an
@@ -313,29 +303,29 @@ fn checked(factors: &[u64]) -> Result<u64, QueryError> {
         .ok_or_else(|| QueryError::Internal(format!("sensitivity {factors:?} overflows")))
 }
 
-/// The per-person bound (L1) of a statistic, and the columns it is released in (one for a
-/// count or a sum; every bucket of a percentile's histogram, whose buckets are disjoint).
-#[derive(Debug, Clone)]
-pub(crate) struct Stat {
-    pub(crate) names: Vec<String>,
-    pub(crate) sensitivity: u64,
-}
-
 impl ApprovedQuery {
+    /// Declared bounds of aggregate `i`'s argument, when it has them.
+    pub(crate) fn argument_bounds(&self, i: usize) -> Option<(f64, f64)> {
+        match self.aggregate().aggr_expr.get(i)?.clone().unalias() {
+            Expr::AggregateFunction(af) => bounds(af.params.args.first()?),
+            _ => None,
+        }
+    }
+
     /// Builds the DP partial plan for this query with `params`.
     pub fn dp_partial(&self, params: &DpParams) -> Result<DpPartial, QueryError> {
         let g = params.max_groups_per_person.max(1);
         let r = params.max_rows_per_person.max(1);
-        let input = LogicalPlanBuilder::from(Arc::clone(&self.aggregate.input));
-        let n_groups = self.aggregate.group_expr.len();
+        let input = LogicalPlanBuilder::from(Arc::clone(&self.aggregate().input));
+        let n_groups = self.aggregate().group_expr.len();
         let mut row_exprs: Vec<Expr> = self
-            .aggregate
+            .aggregate()
             .group_expr
             .iter()
             .enumerate()
-            .map(|(j, e)| e.clone().unalias().alias(format!("__g{j}")))
+            .map(|(j, e)| e.clone().unalias().alias(group_name(j)))
             .collect();
-        row_exprs.push(Expr::Column(self.person.clone()).alias("__pid"));
+        row_exprs.push(Expr::Column(self.person().clone()).alias("__pid"));
         let mut person_aggs = Vec::new();
         let mut capped = Vec::new();
         let mut caps = Vec::new();
@@ -347,7 +337,13 @@ impl ApprovedQuery {
             sensitivity: g,
         }];
         let mut encodings = Vec::new();
-        for (i, (e, kind)) in self.aggregate.aggr_expr.iter().zip(&self.kinds).enumerate() {
+        for (i, (e, kind)) in self
+            .aggregate()
+            .aggr_expr
+            .iter()
+            .zip(self.aggregate_kinds())
+            .enumerate()
+        {
             let af = match e.clone().unalias() {
                 Expr::AggregateFunction(af) => af,
                 other => return Err(QueryError::Internal(format!("not an aggregate: {other}"))),
@@ -371,7 +367,7 @@ impl ApprovedQuery {
             if let Some(f) = af.params.filter.clone() {
                 cond = cond.and(*f);
             }
-            let n = format!("__a{i}_n");
+            let n = part_name(i, Part::Count);
             row_exprs.push(
                 when(cond.clone(), lit(1i64))
                     .otherwise(lit(0i64))?
@@ -409,12 +405,12 @@ impl ApprovedQuery {
                         af.func.name()
                     ),
                 )
-                .at_word(&self.sql, af.func.name())
+                .at_word(self.sql(), af.func.name())
             })?;
             let center = (lo + hi) / 2.0;
             let spread = matches!(kind, AggKind::Variance { .. } | AggKind::Stddev { .. });
             let (factor, half) =
-                fixed_point(&arg, self.aggregate.input.schema(), (lo, hi), r, spread).map_err(
+                fixed_point(&arg, self.aggregate().input.schema(), (lo, hi), r, spread).map_err(
                     |why| {
                         Rejection::new(
                     Rule::UnboundedArgument,
@@ -423,7 +419,7 @@ impl ApprovedQuery {
                         af.func.name()
                     ),
                 )
-                .at_word(&self.sql, af.func.name())
+                .at_word(self.sql(), af.func.name())
                     },
                 )?;
             encodings.push(Encoding {
@@ -443,7 +439,7 @@ impl ApprovedQuery {
                 arrow::datatypes::DataType::Int64,
             ));
             let v = when(cond, v).otherwise(lit(0i64))?;
-            let s = format!("__a{i}_s");
+            let s = part_name(i, Part::Sum);
             row_exprs.push(v.clone().alias(format!("{s}_row")));
             person_aggs.push(sum(col(format!("{s}_row"))).alias(s.clone()));
             let bound = (r * half) as i64;
@@ -471,7 +467,7 @@ impl ApprovedQuery {
             });
             let mut q_index = None;
             if matches!(kind, AggKind::Variance { .. } | AggKind::Stddev { .. }) {
-                let q = format!("__a{i}_q");
+                let q = part_name(i, Part::SumSquares);
                 row_exprs.push((v.clone() * v).alias(format!("{q}_row")));
                 person_aggs.push(sum(col(format!("{q}_row"))).alias(q.clone()));
                 let qbound = (r * half * half) as i64;
@@ -511,7 +507,7 @@ impl ApprovedQuery {
             ))
             .alias(PERSONS),
         );
-        let groups: Vec<Expr> = (0..n_groups).map(|j| col(format!("__g{j}"))).collect();
+        let groups: Vec<Expr> = (0..n_groups).map(|j| col(group_name(j))).collect();
         let mut person_keys = groups.clone();
         person_keys.push(col("__pid"));
         let rank = row_number()
@@ -773,7 +769,7 @@ mod tests {
     async fn bounds_follow_the_schema_and_arithmetic() {
         let q = approved("SELECT AVG(trust), AVG(CASE WHEN trust >= 4 THEN 1.0 ELSE 0.0 END), SUM(wait_minutes / 60.0) FROM experience e JOIN operational o ON e.case_id = o.case_id").await;
         let args: Vec<Expr> = q
-            .aggregate
+            .aggregate()
             .aggr_expr
             .iter()
             .map(|e| match e.clone().unalias() {

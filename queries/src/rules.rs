@@ -1,12 +1,38 @@
-//! Why a query was refused: stable rule codes, one-line reasons and SQL positions.
+//! Why a query was refused: stable rule codes, one-line reasons and SQL positions; and
+//! [`QueryError`], the error every step of the crate returns (a refusal, or ours).
 //!
 //! Codes never change meaning once published; README.md documents each one.
 
 use std::fmt;
 
+use datafusion::common::DataFusionError;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 use serde::{Deserialize, Serialize};
+
+/// Why a query could not be answered: the analyst's fault or ours.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueryError {
+    /// The query broke a rule of the aggregate-only subset.
+    #[error("{0}")]
+    Rejected(Rejection),
+    /// A bug or an engine failure; the message is for logs, not for analysts.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<Rejection> for QueryError {
+    fn from(r: Rejection) -> Self {
+        QueryError::Rejected(r)
+    }
+}
+
+impl From<DataFusionError> for QueryError {
+    fn from(e: DataFusionError) -> Self {
+        QueryError::Internal(e.to_string())
+    }
+}
 
 /// A rule of the aggregate-only query subset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

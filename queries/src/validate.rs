@@ -15,7 +15,6 @@
 
 use datafusion::arrow::datatypes::DataType;
 use datafusion::logical_expr::ExprSchemable;
-use std::fmt;
 
 use std::sync::Arc;
 
@@ -30,7 +29,8 @@ use datafusion::sql::sqlparser::ast::Statement;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use futures::FutureExt;
 
-use crate::rules::{Rejection, Rule, locate_word, position_in_message};
+use crate::query::{AggKind, ApprovedQuery};
+use crate::rules::{QueryError, Rejection, Rule, locate_word, position_in_message};
 use crate::schema::{self, Kind, Table};
 
 /// Longest SQL text accepted, in bytes.
@@ -60,188 +60,6 @@ pub const ALLOWED_FUNCTIONS: &[&str] = &[
 
 /// Date granularities a date may be grouped by.
 pub const DATE_GRANULARITIES: &[&str] = &["month", "quarter", "year"];
-
-/// Why a query could not be answered: the analyst's fault or ours.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum QueryError {
-    /// The query broke a rule of the aggregate-only subset.
-    #[error("{0}")]
-    Rejected(Rejection),
-    /// A bug or an engine failure; the message is for logs, not for analysts.
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl From<Rejection> for QueryError {
-    fn from(r: Rejection) -> Self {
-        QueryError::Rejected(r)
-    }
-}
-
-impl From<DataFusionError> for QueryError {
-    fn from(e: DataFusionError) -> Self {
-        QueryError::Internal(e.to_string())
-    }
-}
-
-/// What one aggregate of the query computes, and so which partials it needs.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum AggKind {
-    /// `COUNT(*)` or `COUNT(expr)`.
-    Count,
-    /// `COUNT(DISTINCT person_id)`.
-    CountPersons,
-    /// `SUM(expr)`.
-    Sum,
-    /// `AVG(expr)`.
-    Avg,
-    /// `VAR`/`VARIANCE` (sample) or `VAR_POP`.
-    Variance {
-        /// Population rather than sample.
-        population: bool,
-    },
-    /// `STDDEV` (sample) or `STDDEV_POP`.
-    Stddev {
-        /// Population rather than sample.
-        population: bool,
-    },
-    /// `MEDIAN(x)`, `PERCENTILE_CONT(p) WITHIN GROUP (ORDER BY x)` or
-    /// `APPROX_PERCENTILE_CONT(x, p)`: answered in `dp` mode only, from a noisy histogram
-    /// over the measure's public grid (see [`crate::percentile`]).
-    Percentile {
-        /// The fraction of values at or below the answer, in [0, 1] (0.5 for MEDIAN).
-        p: f64,
-    },
-}
-
-impl fmt::Display for AggKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = match self {
-            AggKind::Count => "count",
-            AggKind::CountPersons => "count distinct persons",
-            AggKind::Sum => "sum",
-            AggKind::Avg => "avg",
-            AggKind::Variance { population: false } => "var",
-            AggKind::Variance { population: true } => "var_pop",
-            AggKind::Stddev { population: false } => "stddev",
-            AggKind::Stddev { population: true } => "stddev_pop",
-            AggKind::Percentile { p } => return write!(f, "percentile({p})"),
-        };
-        f.write_str(s)
-    }
-}
-
-/// A query that passed every rule. Only an `ApprovedQuery` can be turned into a partial plan
-/// or merged (see [`crate::rewrite`]).
-#[derive(Debug, Clone)]
-pub struct ApprovedQuery {
-    pub(crate) sql: String,
-    pub(crate) plan: LogicalPlan,
-    /// Plan nodes above the aggregate, top first.
-    pub(crate) upper: Vec<LogicalPlan>,
-    pub(crate) aggregate: Aggregate,
-    pub(crate) kinds: Vec<AggKind>,
-    pub(crate) person: Column,
-    /// The `k-only` partial plans, built once on first use (the coordinator checks every
-    /// partial against them).
-    pub(crate) k_partial: std::sync::OnceLock<crate::cells::KPartial>,
-}
-
-impl ApprovedQuery {
-    /// How this query's groups are chosen in `dp` mode under `public` (see [`crate::keyset`]);
-    /// a public cross product of more than `max_groups` groups is refused.
-    pub fn group_keys_under(
-        &self,
-        public: &crate::keyset::PublicKeys,
-        max_groups: u64,
-    ) -> Result<crate::keyset::GroupKeys, crate::keyset::TooManyPublicGroups> {
-        crate::keyset::group_keys(&self.aggregate, public, max_groups)
-    }
-}
-
-impl ApprovedQuery {
-    /// The SQL as the analyst wrote it.
-    pub fn sql(&self) -> &str {
-        &self.sql
-    }
-
-    /// The validated logical plan.
-    pub fn plan(&self) -> &LogicalPlan {
-        &self.plan
-    }
-
-    /// Output column names, in order.
-    pub fn columns(&self) -> Vec<String> {
-        self.plan
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect()
-    }
-
-    /// The tables the query reads (both for the case_id join).
-    pub fn tables(&self) -> Vec<Table> {
-        let mut out = Vec::new();
-        let _ = self.aggregate.input.apply(|node| {
-            if let LogicalPlan::TableScan(scan) = node
-                && let Some(t) = Table::from_name(scan.table_name.table())
-                && !out.contains(&t)
-            {
-                out.push(t);
-            }
-            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-        });
-        out
-    }
-
-    /// The kind of each aggregate of the query, in plan order.
-    pub fn aggregate_kinds(&self) -> &[AggKind] {
-        &self.kinds
-    }
-
-    /// The grouping expressions, as text.
-    pub fn group_keys(&self) -> Vec<String> {
-        self.aggregate
-            .group_expr
-            .iter()
-            .map(|e| e.to_string())
-            .collect()
-    }
-
-    /// The output names of the aggregates, in plan order.
-    pub fn aggregate_names(&self) -> Vec<String> {
-        let n = self.aggregate.group_expr.len();
-        self.aggregate
-            .schema
-            .fields()
-            .iter()
-            .skip(n)
-            .map(|f| f.name().clone())
-            .collect()
-    }
-
-    /// Every CX column the query reads anywhere (select, where, join, group, having, order),
-    /// for steward policies that hide dimensions.
-    pub fn referenced_columns(&self) -> std::collections::BTreeSet<String> {
-        let mut out = std::collections::BTreeSet::new();
-        let _ = self.plan.apply_with_subqueries(|node| {
-            for e in node.expressions() {
-                let _ = e.apply(|x| {
-                    if let Expr::Column(c) = x
-                        && schema::column_anywhere(&c.name).is_some()
-                    {
-                        out.insert(c.name.clone());
-                    }
-                    Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-                });
-            }
-            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-        });
-        out
-    }
-}
 
 /// Parses, plans and checks `sql` against the tables registered in `state`.
 pub async fn approve(state: &SessionState, sql: &str) -> Result<ApprovedQuery, QueryError> {
@@ -277,7 +95,30 @@ pub async fn approve(state: &SessionState, sql: &str) -> Result<ApprovedQuery, Q
         .verify_plan(&plan)
         .map_err(|e| Rejection::new(Rule::NotAQuery, first_line(&e.to_string())))?;
     let checked = check(sql, plan)?;
-    harden(state, checked)
+    let Checked {
+        plan,
+        upper,
+        aggregate,
+        kinds,
+        person,
+    } = harden(state, sql, checked)?;
+    Ok(ApprovedQuery::new(
+        sql.to_string(),
+        plan,
+        upper,
+        aggregate,
+        kinds,
+        person,
+    ))
+}
+
+/// A planned query that passed every rule: what [`ApprovedQuery::new`] is built from.
+struct Checked {
+    plan: LogicalPlan,
+    upper: Vec<LogicalPlan>,
+    aggregate: Aggregate,
+    kinds: Vec<AggKind>,
+    person: Column,
 }
 
 /// Refuses any mention of the linkage key ([`schema::LINKAGE_NAMES`]: `ssn`, `linkage_key`
@@ -558,7 +399,7 @@ fn quoted_name(msg: &str) -> Option<String> {
 }
 
 /// Checks a planned query; see the module docs for the shape it must have.
-fn check(sql: &str, plan: LogicalPlan) -> Result<ApprovedQuery, QueryError> {
+fn check(sql: &str, plan: LogicalPlan) -> Result<Checked, QueryError> {
     let (upper, aggregate) = split(&plan).map_err(|other| shape_rejection(sql, other, false))?;
 
     // Identifiers first: whatever else is wrong, a query that touches an identifier is refused
@@ -604,14 +445,12 @@ fn check(sql: &str, plan: LogicalPlan) -> Result<ApprovedQuery, QueryError> {
         .find(|c| c.name == schema::PERSON_ID)
         .ok_or_else(|| QueryError::Internal("no person_id column under the aggregate".into()))?;
 
-    Ok(ApprovedQuery {
-        sql: sql.to_string(),
+    Ok(Checked {
         plan,
         upper,
         aggregate,
         kinds,
         person,
-        k_partial: std::sync::OnceLock::new(),
     })
 }
 
@@ -646,11 +485,11 @@ fn split(plan: &LogicalPlan) -> Result<(Vec<LogicalPlan>, Aggregate), &LogicalPl
 /// - `experience JOIN operational ON case_id` also requires the two rows to name the same
 ///   person, so a mislinked case can never carry one person's data into another's
 ///   contribution bound.
-fn harden(state: &SessionState, q: ApprovedQuery) -> Result<ApprovedQuery, QueryError> {
+fn harden(state: &SessionState, sql: &str, q: Checked) -> Result<Checked, QueryError> {
     let analyzed = state
         .analyzer()
         .execute_and_check(q.plan.clone(), state.config_options(), |_, _| {})
-        .map_err(|e| plan_error(&q.sql, e))?;
+        .map_err(|e| plan_error(sql, e))?;
     let (upper, aggregate) = split(&analyzed).map_err(|n| {
         QueryError::Internal(format!("analyzed plan changed shape at {}", n.display()))
     })?;
@@ -669,7 +508,7 @@ fn harden(state: &SessionState, q: ApprovedQuery) -> Result<ApprovedQuery, Query
             "hardening changed the query's output schema".into(),
         ));
     }
-    Ok(ApprovedQuery {
+    Ok(Checked {
         plan,
         upper,
         aggregate,

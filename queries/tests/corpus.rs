@@ -5,7 +5,8 @@
 
 use cxfed_queries::context::planning_context;
 use cxfed_queries::privacy::DpParams;
-use cxfed_queries::validate::{QueryError, approve};
+use cxfed_queries::rules::QueryError;
+use cxfed_queries::validate::approve;
 
 /// Parses a corpus file into (expected code, SQL) blocks.
 pub fn blocks(text: &str) -> Vec<(Option<String>, String)> {

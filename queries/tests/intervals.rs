@@ -10,8 +10,8 @@ use datafusion::datasource::MemTable;
 use datafusion::execution::context::SessionContext;
 
 use cxfed_queries::dp::SplitMix64;
+use cxfed_queries::partial::Partial;
 use cxfed_queries::privacy::DpParams;
-use cxfed_queries::rewrite::Partial;
 use cxfed_queries::schema::Table;
 use cxfed_queries::validate::approve;
 

@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Date32Array, Int8Array, Int32Array, RecordBatch, StringArray};
 use cxfed_queries::context::{register_functions, session_config};
-use cxfed_queries::rewrite::suppress;
+use cxfed_queries::partial::suppress;
+use cxfed_queries::rules::QueryError;
 use cxfed_queries::schema::{self, Table};
-use cxfed_queries::validate::{QueryError, approve};
+use cxfed_queries::validate::approve;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use proptest::prelude::*;

@@ -10,7 +10,7 @@ use cxfed_protocol::wire::{
     JourneyRequest, JourneyStep, JourneySums, JourneyValues, NodeState, NodeStatus,
     PROTOCOL_VERSION, QueryRequest, QueryResponse,
 };
-use cxfed_queries::validate::QueryError;
+use cxfed_queries::rules::QueryError;
 
 use super::{CoordinatorError, error_of, post};
 use crate::audit::Fanout;

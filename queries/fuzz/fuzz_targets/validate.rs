@@ -6,7 +6,8 @@
 use std::sync::OnceLock;
 
 use cxfed_queries::privacy::DpParams;
-use cxfed_queries::validate::{QueryError, approve};
+use cxfed_queries::rules::QueryError;
+use cxfed_queries::validate::approve;
 use datafusion::prelude::SessionContext;
 use libfuzzer_sys::fuzz_target;
 

@@ -1,11 +1,13 @@
-//! Splitting an [`ApprovedQuery`] into per-node partial aggregates, and merging them back.
+//! The coordinator's merge: every node's checked partials summed into the federation's
+//! answer.
 //!
 //! ```text
 //!  node:         SELECT g AS __g0.., COUNT/SUM/SUM-of-squares AS __aI_{n,s,q},
 //!                       COUNT(DISTINCT person_id) AS __persons
 //!                FROM <the query's FROM/JOIN/WHERE> GROUP BY g
 //!                → drop groups with __persons < node k            (suppress)
-//!  coordinator:  SUM every partial column per group              (merge)
+//!  coordinator:  check each partial against the query          (check_partial)
+//!                SUM every partial column per group              (merge)
 //!                → drop groups with Σ __persons < federation k
 //!                → NULL a cell some node withheld while returning its group  (incomplete)
 //!                → note, per group, which nodes returned it                  (contributors)
@@ -13,193 +15,30 @@
 //!                → the query's own HAVING, SELECT, ORDER BY, LIMIT
 //! ```
 //!
-//! Partials are SQL-level sums and counts defined here, never DataFusion's internal
-//! accumulator states (which for DISTINCT are lists of raw values).
+//! The columns a partial carries are the contract of [`crate::partial`]; a node builds them in
+//! [`crate::cells`] (`k-only`) or [`crate::privacy`] (`dp`). This module is above both: it
+//! reads their region columns and percentile buckets, never the other way round.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch};
-use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::default_table_source::provider_as_source;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SessionContext;
 use datafusion::functions::math::expr_fn::sqrt;
 use datafusion::functions_aggregate::bit_and_or_xor::bit_or_udaf;
-use datafusion::functions_aggregate::{count::count_udaf, sum::sum_udaf};
-use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::functions_aggregate::sum::sum_udaf;
 use datafusion::logical_expr::{
     Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, cast, col, lit, when,
 };
 use datafusion::scalar::ScalarValue;
-use serde::{Deserialize, Serialize};
 
-use crate::validate::{AggKind, ApprovedQuery, QueryError};
-
-/// Name of the distinct-person count every partial group carries.
-pub const PERSONS: &str = "__persons";
-
-/// Name of group key `j` in partials.
-pub(crate) fn group_name(j: usize) -> String {
-    format!("__g{j}")
-}
-
-/// Name of part `part` (`n` count, `s` sum, `q` sum of squares, …) of aggregate `i`.
-pub(crate) fn part_name(i: usize, part: char) -> String {
-    format!("__a{i}_{part}")
-}
-
-fn agg(
-    func: Arc<datafusion::logical_expr::AggregateUDF>,
-    arg: Expr,
-    distinct: bool,
-    filter: Option<Box<Expr>>,
-) -> Expr {
-    Expr::AggregateFunction(AggregateFunction::new_udf(
-        func,
-        vec![arg],
-        distinct,
-        filter,
-        vec![],
-        None,
-    ))
-}
-
-fn aggregate_parts(e: &Expr) -> Result<&AggregateFunction, QueryError> {
-    match e {
-        Expr::Alias(a) => aggregate_parts(&a.expr),
-        Expr::AggregateFunction(af) => Ok(af),
-        other => Err(QueryError::Internal(format!("not an aggregate: {other}"))),
-    }
-}
+use crate::partial::{PERSONS, Part, Partial, PartialMeta, agg, group_name, part_name, suppress};
+use crate::query::{AggKind, ApprovedQuery};
+use crate::rules::QueryError;
 
 impl ApprovedQuery {
-    /// The plan each `k-only` node runs on its own data (exactly counted): one row per group
-    /// with the partial sums and counts, the people in each region of each aggregate (see
-    /// [`crate::cells`]) and in the group. Never includes HAVING, ORDER BY or LIMIT.
-    pub fn partial_plan(&self) -> Result<LogicalPlan, QueryError> {
-        Ok(self.k_partial()?.exact)
-    }
-
-    /// The partial sums and counts of every aggregate, as aggregate expressions named
-    /// `__a{i}_{n,s,q}`.
-    pub(crate) fn part_aggregates(&self) -> Result<Vec<Expr>, QueryError> {
-        let schema = self.aggregate.input.schema();
-        let mut aggs = Vec::new();
-        for (i, (e, kind)) in self.aggregate.aggr_expr.iter().zip(&self.kinds).enumerate() {
-            let af = aggregate_parts(e)?;
-            let filter = af.params.filter.clone();
-            let arg = af.params.args.first().cloned().unwrap_or_else(|| lit(1i64));
-            let as_f64 = |x: Expr| -> Result<Expr, QueryError> {
-                let ty = x.get_type(schema.as_ref())?;
-                Ok(if ty == DataType::Float64 {
-                    x
-                } else {
-                    cast(x, DataType::Float64)
-                })
-            };
-            match kind {
-                AggKind::Count => {
-                    aggs.push(agg(count_udaf(), arg, false, filter).alias(part_name(i, 'n')));
-                }
-                AggKind::CountPersons => {
-                    aggs.push(agg(count_udaf(), arg, true, filter).alias(part_name(i, 'n')));
-                }
-                AggKind::Sum => {
-                    aggs.push(
-                        agg(count_udaf(), arg.clone(), false, filter.clone())
-                            .alias(part_name(i, 'n')),
-                    );
-                    aggs.push(agg(sum_udaf(), arg, false, filter).alias(part_name(i, 's')));
-                }
-                AggKind::Avg => {
-                    aggs.push(
-                        agg(count_udaf(), arg.clone(), false, filter.clone())
-                            .alias(part_name(i, 'n')),
-                    );
-                    aggs.push(
-                        agg(sum_udaf(), as_f64(arg)?, false, filter).alias(part_name(i, 's')),
-                    );
-                }
-                AggKind::Percentile { .. } => {
-                    return Err(QueryError::Internal(
-                        "a percentile has no k-only partial".into(),
-                    ));
-                }
-                AggKind::Variance { .. } | AggKind::Stddev { .. } => {
-                    let x = as_f64(arg.clone())?;
-                    aggs.push(
-                        agg(count_udaf(), arg, false, filter.clone()).alias(part_name(i, 'n')),
-                    );
-                    aggs.push(
-                        agg(sum_udaf(), x.clone(), false, filter.clone()).alias(part_name(i, 's')),
-                    );
-                    aggs.push(
-                        agg(sum_udaf(), x.clone() * x, false, filter).alias(part_name(i, 'q')),
-                    );
-                }
-            }
-        }
-        Ok(aggs)
-    }
-
-    /// The Arrow schema of the partial batches a `k-only` node returns.
-    pub fn partial_schema(&self) -> Result<SchemaRef, QueryError> {
-        Ok(Arc::new(self.partial_plan()?.schema().as_arrow().clone()))
-    }
-
-    /// How a `k-only` node encodes its partials: exact, uncentred values.
-    pub fn k_only_meta(&self) -> PartialMeta {
-        PartialMeta {
-            dp: false,
-            public_keys: false,
-            variance_factor: 1.0,
-            epsilon: None,
-            encodings: vec![
-                Encoding {
-                    center: 0.0,
-                    scale: 1.0
-                };
-                self.kinds.len()
-            ],
-            scales: BTreeMap::new(),
-        }
-    }
-
-    /// Declared bounds of aggregate `i`'s argument, when it has them.
-    pub(crate) fn argument_bounds(&self, i: usize) -> Option<(f64, f64)> {
-        match self.aggregate.aggr_expr.get(i)?.clone().unalias() {
-            Expr::AggregateFunction(af) => crate::privacy::bounds(af.params.args.first()?),
-            _ => None,
-        }
-    }
-
-    /// The columns a partial must have for aggregate `i`: count, and sums where the kind needs them.
-    fn parts(&self, i: usize) -> &'static [char] {
-        match self.kinds[i] {
-            AggKind::Count | AggKind::CountPersons => &['n'],
-            AggKind::Sum | AggKind::Avg => &['n', 's'],
-            AggKind::Variance { .. } | AggKind::Stddev { .. } => &['n', 's', 'q'],
-            // One count per bucket (see `crate::percentile`).
-            AggKind::Percentile { .. } => &[],
-        }
-    }
-
-    /// The types of the group keys, as every partial carries them (`__g{j}` is the query's own
-    /// group expression).
-    fn group_fields(&self) -> Vec<Field> {
-        let n_groups = self.aggregate.group_expr.len();
-        self.aggregate
-            .schema
-            .fields()
-            .iter()
-            .take(n_groups)
-            .enumerate()
-            .map(|(j, f)| f.as_ref().clone().with_name(group_name(j)))
-            .collect()
-    }
-
     /// Checks a peer's partial (untrusted): group columns of the query's types, exactly the
     /// partial columns its aggregates need (integers or floats), and sane metadata.
     pub fn check_partial(
@@ -208,22 +47,33 @@ impl ApprovedQuery {
         meta: &PartialMeta,
     ) -> Result<(), String> {
         let expected = self.group_fields();
-        let n_groups = self.aggregate.group_expr.len();
+        let n_groups = self.aggregate().group_expr.len();
         let mut names: Vec<String> = (0..n_groups).map(group_name).collect();
-        for i in 0..self.kinds.len() {
-            names.extend(self.parts(i).iter().map(|p| part_name(i, *p)));
-            names.extend(self.bucket_columns(i));
+        // Whether each column after the groups is a count (Int64) or any number: the parts
+        // say so themselves; a histogram's buckets are numbers, people counts are counts.
+        let mut counts: Vec<bool> = Vec::new();
+        for i in 0..self.aggregate_kinds().len() {
+            for p in self.aggregate_kinds()[i].parts() {
+                names.push(part_name(i, *p));
+                counts.push(p.is_count());
+            }
+            let buckets = self.bucket_columns(i);
+            counts.extend(buckets.iter().map(|_| false));
+            names.extend(buckets);
         }
         // k-only partials carry the people in each region of each aggregate; DP partials don't.
         if !meta.dp {
-            names.extend(
-                self.region_names()
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .flatten(),
-            );
+            let regions: Vec<String> = self
+                .region_names()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .flatten()
+                .collect();
+            counts.extend(regions.iter().map(|_| true));
+            names.extend(regions);
         }
         names.push(PERSONS.to_string());
+        counts.push(true);
         let fields = batch_schema.fields();
         if fields.len() != names.len() || fields.iter().zip(&names).any(|(f, n)| f.name() != n) {
             return Err(format!(
@@ -241,13 +91,7 @@ impl ApprovedQuery {
                 ));
             }
         }
-        for f in fields.iter().skip(n_groups) {
-            let is_count = f.name().ends_with("_n")
-                || f.name() == PERSONS
-                || f.name()
-                    .rsplit('_')
-                    .next()
-                    .is_some_and(|p| p.starts_with('p'));
+        for (f, &is_count) in fields.iter().skip(n_groups).zip(&counts) {
             let ok = if is_count {
                 *f.data_type() == DataType::Int64
             } else {
@@ -261,7 +105,7 @@ impl ApprovedQuery {
                 ));
             }
         }
-        if meta.encodings.len() != self.kinds.len()
+        if meta.encodings.len() != self.aggregate_kinds().len()
             || meta
                 .encodings
                 .iter()
@@ -282,12 +126,16 @@ impl ApprovedQuery {
             .into_iter()
             .map(|f| f.with_nullable(true))
             .collect();
-        for i in 0..self.kinds.len() {
-            fields.push(Field::new(part_name(i, 'n'), DataType::Int64, true));
-            for p in ['s', 'q', 'v', 'w', 'u'] {
-                fields.push(Field::new(part_name(i, p), DataType::Float64, true));
+        for i in 0..self.aggregate_kinds().len() {
+            fields.push(Field::new(part_name(i, Part::Count), DataType::Int64, true));
+            for p in &Part::VALUES_AND_NOISE[1..] {
+                fields.push(Field::new(part_name(i, *p), DataType::Float64, true));
             }
-            fields.push(Field::new(part_name(i, WITHHELD), DataType::Int64, true));
+            fields.push(Field::new(
+                part_name(i, Part::Withheld),
+                DataType::Int64,
+                true,
+            ));
             fields.extend(crate::percentile::canonical_fields(self, i));
         }
         for name in self.region_names()?.into_iter().flatten() {
@@ -304,7 +152,7 @@ impl ApprovedQuery {
     /// sums s'/F (`w`) and q'/F² (`u`) — independent draws, unlike s and q, whose noises share
     /// the count's through the centre. Each row also says that node `node` returned the group
     /// ([`NODES`], bit `node`) and, per aggregate, whether the node withheld its part of the
-    /// cell ([`WITHHELD`]: 1 when its count is NULL).
+    /// cell ([`Part::Withheld`]: 1 when its count is NULL).
     fn normalize(
         &self,
         batch: &RecordBatch,
@@ -314,7 +162,7 @@ impl ApprovedQuery {
     ) -> Result<RecordBatch, QueryError> {
         let internal = |e: arrow::error::ArrowError| QueryError::Internal(e.to_string());
         let rows = batch.num_rows();
-        let n_groups = self.aggregate.group_expr.len();
+        let n_groups = self.aggregate().group_expr.len();
         let float = |name: &str| -> Result<Option<Float64Array>, QueryError> {
             match batch.column_by_name(name) {
                 None => Ok(None),
@@ -342,9 +190,9 @@ impl ApprovedQuery {
                 continue;
             }
             let (c, f) = (enc.center, enc.scale);
-            let n = int(&part_name(i, 'n'))?;
-            let s_raw = float(&part_name(i, 's'))?;
-            let q_raw = float(&part_name(i, 'q'))?;
+            let n = int(&part_name(i, Part::Count))?;
+            let s_raw = float(&part_name(i, Part::Sum))?;
+            let q_raw = float(&part_name(i, Part::SumSquares))?;
             let get = |a: &Option<Float64Array>, r: usize| {
                 a.as_ref()
                     .map(|a| if a.is_valid(r) { a.value(r) } else { 0.0 })
@@ -368,9 +216,9 @@ impl ApprovedQuery {
                     })
                 })
                 .collect();
-            let vn = var_of(&part_name(i, 'n'));
-            let vs = var_of(&part_name(i, 's')) / (f * f);
-            let vq = var_of(&part_name(i, 'q')) / f.powi(4);
+            let vn = var_of(&part_name(i, Part::Count));
+            let vs = var_of(&part_name(i, Part::Sum)) / (f * f);
+            let vq = var_of(&part_name(i, Part::SumSquares)) / f.powi(4);
             let withheld: Int64Array = (0..rows).map(|r| Some(i64::from(n.is_null(r)))).collect();
             columns.push(Arc::new(n));
             columns.push(Arc::new(s));
@@ -449,7 +297,7 @@ impl ApprovedQuery {
         }
         // 1. Sum the partial columns per group.
         let mem = MemTable::try_new(Arc::clone(&canonical), vec![batches])?;
-        let n_groups = self.aggregate.group_expr.len();
+        let n_groups = self.aggregate().group_expr.len();
         let group_cols: Vec<Expr> = (0..n_groups).map(|j| col(group_name(j))).collect();
         let sums: Vec<Expr> = canonical.fields()[n_groups..]
             .iter()
@@ -479,10 +327,10 @@ impl ApprovedQuery {
         let (kept, suppressed_cells) = if dp {
             (kept, 0)
         } else {
-            crate::cells::suppress_cells(&kept, &self.cells(&['n', 's', 'q', 'v', 'w', 'u'])?, k)?
+            crate::cells::suppress_cells(&kept, &self.cells(&Part::VALUES_AND_NOISE)?, k)?
         };
         // 2b. A cell a node withheld while returning its group has no federation number.
-        let (kept, incomplete_cells) = withhold_incomplete(&kept, self.kinds.len())?;
+        let (kept, incomplete_cells) = withhold_incomplete(&kept, self.aggregate_kinds().len())?;
         // 2c. Percentiles: the quantile and its interval from the summed noisy buckets.
         let kept = crate::percentile::read_quantiles(self, kept)?;
         let min_released_persons = kept
@@ -503,15 +351,16 @@ impl ApprovedQuery {
         let scan =
             LogicalPlanBuilder::scan("merged", provider_as_source(Arc::new(mem)), None)?.build()?;
         let scan_schema = Arc::clone(scan.schema());
-        let agg_schema = Arc::clone(&self.aggregate.schema);
-        let mut finals = Vec::with_capacity(agg_schema.fields().len() + self.kinds.len());
+        let agg_schema = Arc::clone(&self.aggregate().schema);
+        let mut finals =
+            Vec::with_capacity(agg_schema.fields().len() + self.aggregate_kinds().len());
         for (idx, (qualifier, field)) in agg_schema.iter().enumerate() {
             let value = if idx < n_groups {
                 col(group_name(idx))
             } else {
                 let i = idx - n_groups;
                 let value = final_value(
-                    self.kinds[i],
+                    self.aggregate_kinds()[i],
                     i,
                     if dp { self.argument_bounds(i) } else { None },
                 )?;
@@ -526,11 +375,11 @@ impl ApprovedQuery {
         }
         finals.push(col(NODES));
         // Carried through the upper plan beside the output: the intervals, then NODES.
-        let ci_cols: Vec<Expr> = (0..self.kinds.len())
+        let ci_cols: Vec<Expr> = (0..self.aggregate_kinds().len())
             .map(|i| col(ci_name(i)))
             .chain(std::iter::once(col(NODES)))
             .collect();
-        for (i, kind) in self.kinds.iter().enumerate() {
+        for (i, kind) in self.aggregate_kinds().iter().enumerate() {
             // Nodes centre each argument on the middle of its bounds (see `privacy`).
             let center = self
                 .argument_bounds(i)
@@ -539,7 +388,7 @@ impl ApprovedQuery {
         }
         let mut plan = LogicalPlanBuilder::from(scan).project(finals)?.build()?;
         let mut top_projection: Option<Vec<Expr>> = None;
-        for node in self.upper.iter().rev() {
+        for node in self.upper().iter().rev() {
             let mut exprs = node.expressions();
             if let LogicalPlan::Projection(_) = node {
                 top_projection = Some(exprs.clone());
@@ -547,7 +396,7 @@ impl ApprovedQuery {
             }
             plan = node.with_new_exprs(exprs, vec![plan])?;
         }
-        let out_fields = self.plan.schema().fields().len();
+        let out_fields = self.plan().schema().fields().len();
         let names = self.aggregate_names();
         let ci_of: Vec<Option<(usize, f64)>> = match &top_projection {
             Some(exprs) => exprs.iter().map(|e| aggregate_index(e, &names)).collect(),
@@ -555,7 +404,7 @@ impl ApprovedQuery {
         };
         let full = ctx.execute_logical_plan(plan).await?.collect().await?;
         // Nullable: a withheld cell is NULL even where the aggregate never is (COUNT).
-        let schema = crate::cells::nullable(&Arc::new(self.plan.schema().as_arrow().clone()));
+        let schema = crate::cells::nullable(&Arc::new(self.plan().schema().as_arrow().clone()));
         let mut batches = Vec::with_capacity(full.len());
         let mut ci95 = Vec::new();
         let mut contributors = Vec::new();
@@ -614,11 +463,8 @@ pub const NODES: &str = "__nodes";
 /// Most partials one merge can tell apart in [`NODES`].
 pub const MAX_NODES: usize = 63;
 
-/// Part of each aggregate that counts the nodes that withheld their part of the cell.
-const WITHHELD: char = 'x';
-
 /// NULLs every cell (count and sums of one aggregate in one group) that some node withheld
-/// while returning the group ([`WITHHELD`] > 0) and that would otherwise be released from the
+/// while returning the group ([`Part::Withheld`] > 0) and that would otherwise be released from the
 /// other nodes' parts; returns the batches and how many cells were so NULLed.
 fn withhold_incomplete(
     batches: &[RecordBatch],
@@ -631,19 +477,19 @@ fn withhold_incomplete(
         let schema = b.schema();
         let mut columns: Vec<ArrayRef> = b.columns().to_vec();
         for i in 0..aggregates {
-            let index = |p: char| {
+            let index = |p: Part| {
                 schema
                     .index_of(&part_name(i, p))
                     .map_err(|e| QueryError::Internal(e.to_string()))
             };
-            let (n_idx, x_idx) = (index('n')?, index(WITHHELD)?);
+            let (n_idx, x_idx) = (index(Part::Count)?, index(Part::Withheld)?);
             let n = b.column(n_idx);
             let withheld = b
                 .column(x_idx)
                 .as_any()
                 .downcast_ref::<Int64Array>()
                 .ok_or_else(|| {
-                    QueryError::Internal(format!("{} is not Int64", part_name(i, WITHHELD)))
+                    QueryError::Internal(format!("{} is not Int64", part_name(i, Part::Withheld)))
                 })?;
             let mask: BooleanArray = (0..b.num_rows())
                 .map(|r| Some(n.is_valid(r) && withheld.is_valid(r) && withheld.value(r) > 0))
@@ -652,7 +498,7 @@ fn withhold_incomplete(
                 continue;
             }
             nulled += mask.true_count() as u64;
-            for p in ['n', 's', 'q'] {
+            for p in Part::VALUES {
                 let idx = index(p)?;
                 columns[idx] = arrow::compute::nullif(&columns[idx], &mask).map_err(internal)?;
             }
@@ -715,55 +561,6 @@ pub(crate) fn aggregate_index(e: &Expr, names: &[String]) -> Option<(usize, f64)
     }
 }
 
-/// How a node encoded one aggregate's partial sums: values were (x − center)·scale.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Encoding {
-    /// The centre subtracted from every clamped value.
-    pub center: f64,
-    /// The fixed-point factor (1 for integers).
-    pub scale: f64,
-}
-
-/// What a node says about its partial; travels as JSON in the Arrow schema metadata.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PartialMeta {
-    /// Whether the node added noise (differential-privacy mode).
-    pub dp: bool,
-    /// Whether the node released every group of the query's public key set (no partition
-    /// selection; see [`crate::keyset`]).
-    #[serde(default)]
-    pub public_keys: bool,
-    /// ε the node spent on this query.
-    pub epsilon: Option<f64>,
-    /// One per aggregate of the query.
-    pub encodings: Vec<Encoding>,
-    /// Noise scale of each noised column.
-    pub scales: BTreeMap<String, f64>,
-    /// The noise variance of each column relative to one draw at its scale: 1 for a node's
-    /// own noise, 1/h for a noise share shaped for h honest nodes, and their sum for the
-    /// secure-aggregated sum of several nodes' partials.
-    #[serde(default = "one", skip_serializing_if = "is_one")]
-    pub variance_factor: f64,
-}
-
-fn one() -> f64 {
-    1.0
-}
-
-#[allow(clippy::trivially_copy_pass_by_ref)]
-fn is_one(x: &f64) -> bool {
-    *x == 1.0
-}
-
-/// One node's partial, as received by the coordinator.
-#[derive(Debug, Clone)]
-pub struct Partial {
-    /// Its batches.
-    pub batches: Vec<RecordBatch>,
-    /// Its metadata.
-    pub meta: PartialMeta,
-}
-
 /// The final value of aggregate `i` from its summed canonical partials. With `bounds` (noisy
 /// partials), averages and spreads are clamped to what values in those bounds allow — pure
 /// post-processing, which costs no privacy.
@@ -772,9 +569,9 @@ fn final_value(
     i: usize,
     bounds: Option<(f64, f64)>,
 ) -> datafusion::error::Result<Expr> {
-    let n = || col(part_name(i, 'n'));
-    let s = || col(part_name(i, 's'));
-    let q = || col(part_name(i, 'q'));
+    let n = || col(part_name(i, Part::Count));
+    let s = || col(part_name(i, Part::Sum));
+    let q = || col(part_name(i, Part::SumSquares));
     let nf = || cast(n(), DataType::Float64);
     let clamp = |x: Expr, lo: f64, hi: f64| -> datafusion::error::Result<Expr> {
         when(x.clone().lt(lit(lo)), lit(lo))
@@ -822,13 +619,16 @@ fn final_value(
 /// method in the centred sums s_c = s − c·n and q_c = Σ(x − c)², whose noises are independent of
 /// each other and of n's.
 fn interval(kind: AggKind, i: usize, c: f64) -> datafusion::error::Result<Expr> {
-    let n = || cast(col(part_name(i, 'n')), DataType::Float64);
-    let s = || col(part_name(i, 's'));
-    let (vn, ws) = (|| col(part_name(i, 'v')), || col(part_name(i, 'w')));
+    let n = || cast(col(part_name(i, Part::Count)), DataType::Float64);
+    let s = || col(part_name(i, Part::Sum));
+    let (vn, ws) = (
+        || col(part_name(i, Part::CountNoise)),
+        || col(part_name(i, Part::SumNoise)),
+    );
     let sc = || s() - lit(c) * n();
     let var = match kind {
         // The half-width itself, from `crate::percentile::read_quantiles`.
-        AggKind::Percentile { .. } => return Ok(col(part_name(i, 'q'))),
+        AggKind::Percentile { .. } => return Ok(col(part_name(i, Part::SumSquares))),
         AggKind::Count | AggKind::CountPersons => vn(),
         AggKind::Sum => ws() + lit(c * c) * vn(),
         // avg = c + s_c/n.
@@ -860,13 +660,13 @@ fn interval(kind: AggKind, i: usize, c: f64) -> datafusion::error::Result<Expr> 
 /// Noise variance of the variance estimate V = ss/d, ss = q_c − s_c²/n, d = n − 1 (or n for
 /// the population variance), by the delta method from the noise variances of n, s_c and q_c.
 fn spread_noise_variance(i: usize, population: bool, c: f64) -> datafusion::error::Result<Expr> {
-    let n = || cast(col(part_name(i, 'n')), DataType::Float64);
-    let s = || col(part_name(i, 's'));
-    let q = || col(part_name(i, 'q'));
+    let n = || cast(col(part_name(i, Part::Count)), DataType::Float64);
+    let s = || col(part_name(i, Part::Sum));
+    let q = || col(part_name(i, Part::SumSquares));
     let (vn, ws, uq) = (
-        || col(part_name(i, 'v')),
-        || col(part_name(i, 'w')),
-        || col(part_name(i, 'u')),
+        || col(part_name(i, Part::CountNoise)),
+        || col(part_name(i, Part::SumNoise)),
+        || col(part_name(i, Part::SumSquaresNoise)),
     );
     let sc = || s() - lit(c) * n();
     let qc = || q() - lit(2.0 * c) * s() + lit(c * c) * n();
@@ -911,31 +711,6 @@ pub struct Merged {
     /// The smallest (summed) person count among the groups released; never below `k`, except
     /// for a public key set, whose every group is released (see [`crate::keyset`]).
     pub min_released_persons: Option<u64>,
-}
-
-/// Keeps the rows whose [`PERSONS`] count is at least `k`; returns them and how many were
-/// dropped. Used by nodes (own k) and by the coordinator (federation k).
-pub fn suppress(batches: &[RecordBatch], k: u64) -> Result<(Vec<RecordBatch>, u64), QueryError> {
-    let mut kept = Vec::with_capacity(batches.len());
-    let mut dropped = 0u64;
-    let k = i64::try_from(k).unwrap_or(i64::MAX);
-    for b in batches {
-        let idx = b
-            .schema()
-            .index_of(PERSONS)
-            .map_err(|e| QueryError::Internal(e.to_string()))?;
-        let persons = b
-            .column(idx)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .ok_or_else(|| QueryError::Internal(format!("{PERSONS} is not Int64")))?;
-        let mask: BooleanArray = (0..persons.len())
-            .map(|r| Some(persons.is_valid(r) && persons.value(r) >= k))
-            .collect();
-        dropped += mask.false_count() as u64;
-        kept.push(filter_record_batch(b, &mask).map_err(|e| QueryError::Internal(e.to_string()))?);
-    }
-    Ok((kept, dropped))
 }
 
 #[cfg(test)]
