@@ -350,6 +350,21 @@ impl ApprovedQuery {
         let mem = MemTable::try_new(merged_schema, vec![kept])?;
         let scan =
             LogicalPlanBuilder::scan("merged", provider_as_source(Arc::new(mem)), None)?.build()?;
+        // Spreads' intermediate columns first, beside every merged column.
+        let mut staged: Vec<Expr> = scan
+            .schema()
+            .columns()
+            .into_iter()
+            .map(Expr::Column)
+            .collect();
+        for (i, kind) in self.aggregate_kinds().iter().enumerate() {
+            let center = self
+                .argument_bounds(i)
+                .map_or(0.0, |(lo, hi)| (lo + hi) / 2.0);
+            let bounds = if dp { self.argument_bounds(i) } else { None };
+            staged.extend(staged_columns(*kind, i, bounds, center)?);
+        }
+        let scan = LogicalPlanBuilder::from(scan).project(staged)?.build()?;
         let scan_schema = Arc::clone(scan.schema());
         let agg_schema = Arc::clone(&self.aggregate().schema);
         let mut finals =
@@ -363,6 +378,7 @@ impl ApprovedQuery {
                     self.aggregate_kinds()[i],
                     i,
                     if dp { self.argument_bounds(i) } else { None },
+                    true,
                 )?;
                 let ty = value.get_type(scan_schema.as_ref())?;
                 if &ty == field.data_type() {
@@ -563,11 +579,13 @@ pub(crate) fn aggregate_index(e: &Expr, names: &[String]) -> Option<(usize, f64)
 
 /// The final value of aggregate `i` from its summed canonical partials. With `bounds` (noisy
 /// partials), averages and spreads are clamped to what values in those bounds allow — pure
-/// post-processing, which costs no privacy.
+/// post-processing, which costs no privacy. `staged`: a spread reads its intermediate columns
+/// ([`staged_columns`]).
 fn final_value(
     kind: AggKind,
     i: usize,
     bounds: Option<(f64, f64)>,
+    staged: bool,
 ) -> datafusion::error::Result<Expr> {
     let n = || col(part_name(i, Part::Count));
     let s = || col(part_name(i, Part::Sum));
@@ -608,11 +626,41 @@ fn final_value(
             };
             when(n().gt(lit(0i64)), avg).end()?
         }
-        AggKind::Variance { population } => variance(population)?,
-        AggKind::Stddev { population } => sqrt(variance(population)?),
+        AggKind::Variance { population } if !staged => variance(population)?,
+        AggKind::Stddev { population } if !staged => sqrt(variance(population)?),
+        // Computed once per row by the projection below the final one ([`staged_columns`]).
+        AggKind::Variance { .. } => col(staged_name(i, 'v')),
+        AggKind::Stddev { .. } => sqrt(col(staged_name(i, 'v'))),
         // Read off the merged histogram by `crate::percentile::read_quantiles`.
         AggKind::Percentile { .. } => s(),
     })
+}
+
+/// The name of a spread's intermediate column: `v` its (clamped) variance, `r` its variance
+/// before the clamp, `h` the noise variance of the variance.
+fn staged_name(i: usize, what: char) -> String {
+    format!("__spread_{i}_{what}")
+}
+
+/// The intermediate columns of aggregate `i` if it is a spread (VARIANCE, STDDEV): its value
+/// and interval read them instead of repeating the variance's expression — nested several
+/// times over, that expression made planning and evaluating the merge cost ~150 ms.
+fn staged_columns(
+    kind: AggKind,
+    i: usize,
+    bounds: Option<(f64, f64)>,
+    c: f64,
+) -> datafusion::error::Result<Vec<Expr>> {
+    let population = match kind {
+        AggKind::Variance { population } | AggKind::Stddev { population } => population,
+        _ => return Ok(vec![]),
+    };
+    let variance = AggKind::Variance { population };
+    Ok(vec![
+        final_value(variance, i, bounds, false)?.alias(staged_name(i, 'v')),
+        final_value(variance, i, None, false)?.alias(staged_name(i, 'r')),
+        spread_noise_variance(i, population, c)?.alias(staged_name(i, 'h')),
+    ])
 }
 
 /// Half-width of the 95% noise interval of aggregate `i` (NULL when exact), by the delta
@@ -637,13 +685,13 @@ fn interval(kind: AggKind, i: usize, c: f64) -> datafusion::error::Result<Expr> 
             ws() / (n() * n()) + sc() * sc() * vn() / (n() * n() * n() * n()),
         )
         .end()?,
-        AggKind::Variance { population } => spread_noise_variance(i, population, c)?,
+        AggKind::Variance { .. } => col(staged_name(i, 'h')),
         // SD = √V, with V's interval ±h carried through the square root: the wider side,
         // max(√(V+h) − √V, √V − √(V−h)), which is the delta method's h/2√V for large V and
         // stays defined (√h) when the noisy V was clamped to 0.
-        AggKind::Stddev { population } => {
-            let v = final_value(AggKind::Variance { population }, i, None)?;
-            let h = lit(crate::dp::Z95) * sqrt(spread_noise_variance(i, population, c)?);
+        AggKind::Stddev { .. } => {
+            let v = col(staged_name(i, 'r'));
+            let h = lit(crate::dp::Z95) * sqrt(col(staged_name(i, 'h')));
             let up = sqrt(v.clone() + h.clone()) - sqrt(v.clone());
             let below = v.clone() - h;
             let down = sqrt(v.clone())
