@@ -2,6 +2,27 @@
 //! coordinates federated queries, ingests data, and makes development certificates and synthetic
 //! data.
 //!
+//! # Layers
+//! Modules import only modules on lower lines (a module's line is one above the highest it
+//! imports; `.ci/cycles.py`, run by CI, fails on any import circle). `cli` is the top: nothing
+//! imports it.
+//!
+//! ```text
+//!  cli                                              command groups, dispatch
+//!  demo                                             the local three-agency federation
+//!  server                                           HTTP routes; errors become responses
+//!  coordinator                                      fan-out, merge (journeys: coordinator/journey)
+//!  node                                             the node's state; its answer, no HTTP types
+//!  journey                                          a node's steps of a journey query
+//!  partial   console                                run a partial; the analyst's console
+//!  auditor   secagg
+//!  gateway   report   requests   rotation   seed
+//!  client    config   synth
+//!  approvals exact_cache  linkage  tls  touchpoints
+//!  audit     certs    engine   ingest   ledger   row_bounds
+//!  storage   policy   output   examples shutdown     no crate imports
+//! ```
+//!
 //! # Layout
 //! - [`config`]: `node.toml`, parsed and checked.
 //! - [`certs`]: development CA and identities (`cxfed certs dev`), revocation
