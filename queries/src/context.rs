@@ -27,13 +27,21 @@ pub fn session_config() -> SessionConfig {
     config
 }
 
-/// Registers the cxfed function set on `ctx` (every node must plan the same SQL the same way).
-pub fn register_functions(ctx: &SessionContext) {
+/// The aggregate functions cxfed registers beyond DataFusion's defaults (its own spellings of
+/// DataFusion's). Whatever runs a node's plans must know them too: [`register_functions`]
+/// adds them to a session, and a node's Ballista scheduler and executors add them to theirs.
+pub fn aggregate_functions() -> Vec<AggregateUDF> {
     // DESIGN.md names STDDEV / VARIANCE; DataFusion spells the sample variance `var`.
     let var = AggregateUDF::clone(&var_samp_udaf()).with_aliases(["variance"]);
-    ctx.register_udaf(var);
     let stddev = AggregateUDF::clone(&stddev_udaf()).with_aliases(["stddev_samp"]);
-    ctx.register_udaf(stddev);
+    vec![var, stddev]
+}
+
+/// Registers the cxfed function set on `ctx` (every node must plan the same SQL the same way).
+pub fn register_functions(ctx: &SessionContext) {
+    for f in aggregate_functions() {
+        ctx.register_udaf(f);
+    }
 }
 
 /// A context with both tables registered empty: enough to plan, validate and explain queries
