@@ -91,7 +91,17 @@ pub fn client_context(
     ctx: &SessionContext,
     scheduler: &SchedulerAddr,
 ) -> Result<SessionContext, DataFusionError> {
-    let state = ctx.state().upgrade_for_ballista(scheduler.grpc_url())?;
+    // The node's catalog is shared, not copied: building a state that creates the default
+    // catalog would replace the node's own (and its tables) with an empty one.
+    let config = ctx
+        .state()
+        .config()
+        .clone()
+        .with_create_default_catalog_and_schema(false);
+    let state = SessionStateBuilder::new_from_existing(ctx.state())
+        .with_config(config)
+        .build()
+        .upgrade_for_ballista(scheduler.grpc_url())?;
     let ctx = SessionContext::new_with_state(state);
     // `upgrade_for_ballista` resets the function set to Ballista's defaults.
     register_functions(&ctx);
