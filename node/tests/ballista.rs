@@ -242,6 +242,38 @@ async fn partials_on_a_ballista_cluster_equal_partials_run_in_the_node() {
         assert_eq!(here.groups, there.groups, "{sql}: dp groups");
         assert_eq!(here.epsilon, there.epsilon, "{sql}: ε spent");
     }
+
+    // A file ingested while the cluster serves is in the next query's plan (the scheduler
+    // keeps no file list from one query to the next, as the node does not).
+    let count = || async {
+        let plan = e
+            .cluster
+            .planner()
+            .state()
+            .create_logical_plan("SELECT COUNT(*) FROM experience")
+            .await
+            .unwrap();
+        let b = e.cluster.execute(plan).await.unwrap();
+        rows(&b)[0][0].parse::<u64>().unwrap()
+    };
+    let before = count().await;
+    let more = e.local_dir.parent().unwrap().join("more");
+    let opts = cxfed::synth::SynthOptions {
+        agency: AGENCY.into(),
+        people: 200,
+        seed: 24,
+    };
+    cxfed::synth::write(&opts, &more).unwrap();
+    let added = cxfed::ingest::ingest(
+        &e.cluster_dir,
+        Table::Experience,
+        &more.join("experience.csv"),
+        false,
+    )
+    .unwrap()
+    .rows;
+    assert!(added > 0);
+    assert_eq!(count().await, before + added, "the new file is read");
 }
 
 /// Certificates, data and a node.toml for one single-node federation.
