@@ -12,12 +12,28 @@
 //! Flight, straight from the executors. Nothing else of the node (policy, noise, ledger,
 //! audit, keys) leaves its process.
 //!
-//! Not yet: TLS on these connections (plain gRPC: run the cluster on a network only the
-//! agency's machines reach), object stores other than the local filesystem.
+//! Mutual TLS ([`ClusterTls`], optional): every server (scheduler, executors' Flight) accepts
+//! with cxfed's own rustls configuration (TLS 1.3, ring, client certificate from the federation
+//! CA required) and then drops any peer that is not a node certificate of its own agency;
+//! every client (node, executors) presents the agency's certificate and trusts only the
+//! federation CA, through the endpoint hook Ballista offers (tonic's `ClientTlsConfig`, which
+//! checks the chain and the host name, not the SPIFFE identity: a server of another agency of
+//! the same federation is refused by that server's own check of the client, not by the
+//! client). Without TLS the links are plain gRPC: keep the cluster on a network only the
+//! agency's machines reach.
+//!
+//! Not yet: object stores other than the local filesystem.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use ballista_core::extension::{EndpointOverrideFn, SessionConfigExt};
+use futures::Stream;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use arrow_flight::flight_service_server::FlightServiceServer;
 use ballista_core::error::BallistaError;
@@ -74,6 +90,9 @@ pub enum ClusterError {
         /// Why.
         message: String,
     },
+    /// The TLS files cannot be used.
+    #[error("tls: {0}")]
+    Tls(String),
     /// Serving gRPC or Flight failed.
     #[error("serving on {addr}: {message}")]
     Serve {
@@ -84,12 +103,137 @@ pub enum ClusterError {
     },
 }
 
+/// Mutual TLS within an agency's cluster, from one set of its `[tls]` files: the CA bundle,
+/// and a node certificate of the agency with its key.
+#[derive(Clone)]
+pub struct ClusterTls {
+    server: Arc<rustls::ServerConfig>,
+    client: ClientTlsConfig,
+    own: cxfed_protocol::Identity,
+}
+
+impl std::fmt::Debug for ClusterTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterTls")
+            .field("own", &self.own.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterTls {
+    /// Loads `files` (a node certificate: the one the agency's node uses will do).
+    pub fn load(files: &crate::tls::TlsFiles) -> Result<ClusterTls, ClusterError> {
+        let bad = |e: &dyn std::fmt::Display| ClusterError::Tls(e.to_string());
+        let chain = crate::tls::load_certs(&files.cert).map_err(|e| bad(&e))?;
+        let leaf = chain.first().ok_or_else(|| {
+            ClusterError::Tls(format!("{}: no certificate", files.cert.display()))
+        })?;
+        let own = crate::tls::peer_identity(&[leaf.to_vec()]).map_err(|e| bad(&e))?;
+        let server = crate::tls::server_config(files, own.federation()).map_err(|e| bad(&e))?;
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| ClusterError::Tls(format!("{}: {e}", p.display())))
+        };
+        let client = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&files.ca)?))
+            .identity(tonic::transport::Identity::from_pem(
+                read(&files.cert)?,
+                read(&files.key)?,
+            ));
+        Ok(ClusterTls {
+            server,
+            client,
+            own,
+        })
+    }
+
+    /// What Ballista applies to every gRPC / Flight endpoint it connects to.
+    fn endpoint_override(&self) -> EndpointOverrideFn {
+        let client = self.client.clone();
+        Arc::new(move |endpoint: Endpoint| Ok(endpoint.tls_config(client.clone())?))
+    }
+
+    /// `config` with TLS on every connection Ballista makes from it.
+    fn session_config(&self, config: SessionConfig) -> SessionConfig {
+        config
+            .with_ballista_use_tls(true)
+            .with_ballista_override_create_grpc_client_endpoint(self.endpoint_override())
+    }
+
+    /// Connections on `listener` that completed the handshake and present a node certificate
+    /// of this agency; the others are dropped (and logged). Handshakes run concurrently.
+    fn incoming(
+        &self,
+        listener: TcpListener,
+    ) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> + use<> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&self.server));
+        let own = self.own.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, remote) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if tx.is_closed() {
+                    break; // the server stopped
+                }
+                let (acceptor, own, tx) = (acceptor.clone(), own.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
+                    let stream = match handshake.await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::warn!(%remote, error = %e, "cluster TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(%remote, "cluster TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let peer: Vec<Vec<u8>> = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|c| c.to_vec())
+                        .collect();
+                    match crate::tls::peer_identity(&peer) {
+                        Ok(id)
+                            if id.role() == cxfed_protocol::Role::Node
+                                && id.federation() == own.federation()
+                                && id.agency() == own.agency() =>
+                        {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(id) => tracing::warn!(
+                            %remote,
+                            peer = %id,
+                            "refused on the cluster: only node certificates of {} may connect",
+                            own.agency()
+                        ),
+                        Err(e) => tracing::warn!(%remote, error = %e, "refused on the cluster"),
+                    }
+                });
+            }
+        });
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|s| (s, rx)) })
+    }
+}
+
 /// The session a node runs partial plans in when its engine is a cluster: the node's own
 /// session `ctx` (its tables, options, functions and memory pool) with Ballista's query
-/// planner, which sends each plan to `scheduler` instead of running it.
+/// planner, which sends each plan to `scheduler` instead of running it (over `tls` if given).
 pub fn client_context(
     ctx: &SessionContext,
     scheduler: &SchedulerAddr,
+    tls: Option<&ClusterTls>,
 ) -> Result<SessionContext, DataFusionError> {
     // The node's catalog is shared, not copied: building a state that creates the default
     // catalog would replace the node's own (and its tables) with an empty one.
@@ -101,7 +245,18 @@ pub fn client_context(
     let state = SessionStateBuilder::new_from_existing(ctx.state())
         .with_config(config)
         .build()
-        .upgrade_for_ballista(scheduler.grpc_url())?;
+        .upgrade_for_ballista(scheduler.grpc_url(tls.is_some()))?;
+    // TLS is set after the upgrade: a config that already has Ballista's options would not
+    // get Ballista's restricted DataFusion defaults.
+    let state = match tls {
+        None => state,
+        Some(tls) => {
+            let config = tls.session_config(state.config().clone());
+            SessionStateBuilder::new_from_existing(state)
+                .with_config(config)
+                .build()
+        }
+    };
     let ctx = SessionContext::new_with_state(state);
     // `upgrade_for_ballista` resets the function set to Ballista's defaults.
     register_functions(&ctx);
@@ -130,10 +285,11 @@ fn executor_functions() -> datafusion::common::Result<BallistaFunctionRegistry> 
     Ok(BallistaFunctionRegistry::from(&state))
 }
 
-/// Runs a Ballista scheduler on `listener` (pull scheduling: executors poll it for tasks)
-/// until `shutdown` completes.
+/// Runs a Ballista scheduler on `listener` (pull scheduling: executors poll it for tasks),
+/// over mutual TLS if `tls` is given, until `shutdown` completes.
 pub async fn run_scheduler(
     listener: TcpListener,
+    tls: Option<ClusterTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ClusterError> {
     let addr = listener.local_addr().map_err(BallistaError::from)?;
@@ -145,6 +301,8 @@ pub async fn run_scheduler(
         override_session_builder: Some(Arc::new(scheduler_session)),
         grpc_server_max_decoding_message_size: MAX_MESSAGE as u32,
         grpc_server_max_encoding_message_size: MAX_MESSAGE as u32,
+        use_tls: tls.is_some(),
+        override_create_grpc_client_endpoint: tls.as_ref().map(ClusterTls::endpoint_override),
         ..SchedulerConfig::default()
     });
     config.validate()?;
@@ -161,15 +319,24 @@ pub async fn run_scheduler(
     let grpc = SchedulerGrpcServer::new(scheduler)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    info!(%addr, "Ballista scheduler (cxfed functions) listening");
-    create_grpc_server(&GrpcServerConfig::default())
-        .add_service(grpc)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
-        .await
-        .map_err(|e| ClusterError::Serve {
-            addr: addr.to_string(),
-            message: e.to_string(),
-        })
+    info!(%addr, tls = tls.is_some(), "Ballista scheduler (cxfed functions) listening");
+    let router = create_grpc_server(&GrpcServerConfig::default()).add_service(grpc);
+    let served = match &tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+                .await
+        }
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await
+        }
+    };
+    served.map_err(|e| ClusterError::Serve {
+        addr: addr.to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// How an executor joins its cluster.
@@ -184,6 +351,8 @@ pub struct ExecutorOptions {
     pub work_dir: Option<PathBuf>,
     /// Tasks run at once (0: one per core).
     pub concurrent_tasks: usize,
+    /// Mutual TLS to the scheduler, the node and other executors.
+    pub tls: Option<ClusterTls>,
 }
 
 /// Runs a Ballista executor: its Flight service (results and shuffle files) on `listener`,
@@ -218,11 +387,16 @@ pub async fn run_executor(
         scheduler: opts.scheduler.to_string(),
         message,
     };
-    let endpoint = create_grpc_client_endpoint(
-        opts.scheduler.grpc_url(),
+    let mut endpoint = create_grpc_client_endpoint(
+        opts.scheduler.grpc_url(opts.tls.is_some()),
         Some(&GrpcClientConfig::default()),
     )
     .map_err(|e| unreachable(e.to_string()))?;
+    if let Some(tls) = &opts.tls {
+        endpoint = endpoint
+            .tls_config(tls.client.clone())
+            .map_err(|e| unreachable(e.to_string()))?;
+    }
     let channel = endpoint
         .connect()
         .await
@@ -255,7 +429,10 @@ pub async fn run_executor(
             .with_temp_file_path(wd.clone())
             .build_arc()
     });
-    let config: ConfigProducer = Arc::new(default_config_producer);
+    let config: ConfigProducer = match opts.tls.clone() {
+        None => Arc::new(default_config_producer),
+        Some(tls) => Arc::new(move || tls.session_config(default_config_producer())),
+    };
     let registry = executor_functions().map_err(BallistaError::from)?;
     let executor = Arc::new(Executor::with_default_execution_engine(
         metadata,
@@ -269,9 +446,17 @@ pub async fn run_executor(
     let flight = FlightServiceServer::new(BallistaFlightService::new(work_dir.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    let serve = create_grpc_server(&GrpcServerConfig::default())
-        .add_service(flight)
-        .serve_with_incoming(TcpIncoming::from(listener));
+    let router = create_grpc_server(&GrpcServerConfig::default()).add_service(flight);
+    let serve = async {
+        match &opts.tls {
+            None => {
+                router
+                    .serve_with_incoming(TcpIncoming::from(listener))
+                    .await
+            }
+            Some(tls) => router.serve_with_incoming(tls.incoming(listener)).await,
+        }
+    };
     let poll = ballista_executor::execution_loop::poll_loop(
         scheduler,
         executor,
@@ -280,7 +465,7 @@ pub async fn run_executor(
         None,
         ballista_executor::health::ExecutorHealth::new(),
     );
-    info!(%addr, scheduler = %opts.scheduler, vcores, work_dir, "Ballista executor (cxfed functions) polling");
+    info!(%addr, scheduler = %opts.scheduler, vcores, work_dir, tls = opts.tls.is_some(), "Ballista executor (cxfed functions) polling");
     tokio::select! {
         r = serve => r.map_err(|e| ClusterError::Serve { addr: addr.to_string(), message: e.to_string() }),
         r = poll => r.map_err(ClusterError::from),

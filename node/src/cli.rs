@@ -98,6 +98,9 @@ pub enum Command {
         /// Address to listen on (what nodes and executors name as df://HOST:PORT).
         #[arg(long, default_value = "127.0.0.1:50050")]
         bind: std::net::SocketAddr,
+        /// Mutual TLS with a node certificate of the agency (else plain gRPC).
+        #[command(flatten)]
+        tls: ClusterTlsArgs,
     },
     /// Run a Ballista executor with cxfed's functions: polls the scheduler for tasks and reads
     /// the node's Parquet files at the paths the node has them.
@@ -118,6 +121,9 @@ pub enum Command {
         /// Tasks run at once (0: one per core).
         #[arg(long, default_value_t = 0)]
         concurrent_tasks: usize,
+        /// Mutual TLS with a node certificate of the agency (else plain gRPC).
+        #[command(flatten)]
+        tls: ClusterTlsArgs,
     },
     /// Check that the node configured in CONFIG is serving: `GET /v1/health` on its own port
     /// with its own certificate (for container health checks; exit 0 only when healthy).
@@ -527,6 +533,35 @@ impl From<RevokeReason> for rcgen::RevocationReason {
     }
 }
 
+/// A Ballista cluster member's TLS files: all three or none.
+#[cfg(feature = "ballista")]
+#[derive(Debug, Clone, Args)]
+pub struct ClusterTlsArgs {
+    /// Federation CA certificate (PEM).
+    #[arg(long, requires_all = ["cert", "key"])]
+    pub ca: Option<PathBuf>,
+    /// A node certificate of the agency (PEM), e.g. the node's own.
+    #[arg(long, requires = "ca")]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "ca")]
+    pub key: Option<PathBuf>,
+}
+
+#[cfg(feature = "ballista")]
+impl ClusterTlsArgs {
+    fn load(self) -> Result<Option<crate::ballista::ClusterTls>, String> {
+        match (self.ca, self.cert, self.key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                crate::ballista::ClusterTls::load(&TlsFiles::new(ca, cert, key))
+                    .map(Some)
+                    .map_err(|e| e.to_string())
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 /// The caller's certificate files.
 #[derive(Debug, Clone, Args)]
 pub struct TlsArgs {
@@ -773,12 +808,13 @@ async fn dispatch(command: Command) -> Result<(), String> {
             Ok(())
         }
         #[cfg(feature = "ballista")]
-        Command::Scheduler { bind } => {
+        Command::Scheduler { bind, tls } => {
+            let tls = tls.load()?;
             let listener = tokio::net::TcpListener::bind(bind)
                 .await
                 .map_err(|e| format!("listen on {bind}: {e}"))?;
             println!("cxfed Ballista scheduler on df://{bind}; Ctrl-C to stop");
-            crate::ballista::run_scheduler(listener, shutdown_signal())
+            crate::ballista::run_scheduler(listener, tls, shutdown_signal())
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -789,7 +825,9 @@ async fn dispatch(command: Command) -> Result<(), String> {
             advertise_host,
             work_dir,
             concurrent_tasks,
+            tls,
         } => {
+            let tls = tls.load()?;
             let listener = tokio::net::TcpListener::bind(bind)
                 .await
                 .map_err(|e| format!("listen on {bind}: {e}"))?;
@@ -799,6 +837,7 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 advertise_host,
                 work_dir,
                 concurrent_tasks,
+                tls,
             };
             crate::ballista::run_executor(listener, opts, shutdown_signal())
                 .await

@@ -45,6 +45,7 @@
 //! [engine]                        # where this node's partial plans run
 //! kind = "local"                  # "local" (default: in this process) or "ballista"
 //! # scheduler = "df://10.0.0.5:50050"  # kind = "ballista": the agency's Ballista scheduler
+//! # tls = true                    # mutual TLS to the cluster with this node's [tls] files
 //! ```
 //!
 //! `kind = "ballista"` needs a cxfed built with the `ballista` feature; validation, policy,
@@ -103,6 +104,9 @@ pub enum EngineConfig {
     Ballista {
         /// The scheduler.
         scheduler: SchedulerAddr,
+        /// Mutual TLS to the scheduler and executors with this node's `[tls]` files (they
+        /// must present node certificates of this agency, from the same CA).
+        tls: bool,
     },
 }
 
@@ -165,9 +169,11 @@ impl SchedulerAddr {
         self.port
     }
 
-    /// The gRPC URL Ballista's client and executors connect to (`http://host:port`).
-    pub fn grpc_url(&self) -> String {
-        format!("http://{}:{}", self.host, self.port)
+    /// The gRPC URL Ballista's client and executors connect to (`http://host:port`, or
+    /// `https://` with TLS).
+    pub fn grpc_url(&self, tls: bool) -> String {
+        let scheme = if tls { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.host, self.port)
     }
 }
 
@@ -214,12 +220,17 @@ struct RawConfig {
 struct RawEngine {
     kind: Option<String>,
     scheduler: Option<String>,
+    tls: Option<bool>,
 }
 
 /// `[engine]`, checked; errors name the key.
 fn engine_config(raw: &RawEngine) -> Result<EngineConfig, (String, String)> {
     let bad = |f: &str, m: String| Err((format!("engine.{f}"), m));
     match raw.kind.as_deref().unwrap_or("local") {
+        "local" if raw.tls.is_some() => bad(
+            "tls",
+            "is only for kind = \"ballista\" (this engine is \"local\")".into(),
+        ),
         "local" => match raw.scheduler {
             Some(_) => bad(
                 "scheduler",
@@ -240,7 +251,10 @@ fn engine_config(raw: &RawEngine) -> Result<EngineConfig, (String, String)> {
                     .into(),
             ),
             Some(s) => match SchedulerAddr::parse(s) {
-                Ok(scheduler) => Ok(EngineConfig::Ballista { scheduler }),
+                Ok(scheduler) => Ok(EngineConfig::Ballista {
+                    scheduler,
+                    tls: raw.tls.unwrap_or(false),
+                }),
                 Err(m) => bad("scheduler", m),
             },
         },
@@ -583,9 +597,9 @@ impl NodeConfig {
             "\n[audit]\ncheckpoint_every = {}\n",
             self.audit_checkpoint_every
         ));
-        if let EngineConfig::Ballista { scheduler } = &self.engine {
+        if let EngineConfig::Ballista { scheduler, tls } = &self.engine {
             s.push_str(&format!(
-                "\n[engine]\nkind = \"ballista\"\nscheduler = \"{scheduler}\"\n"
+                "\n[engine]\nkind = \"ballista\"\nscheduler = \"{scheduler}\"\ntls = {tls}\n"
             ));
         }
         for p in &self.peers {
@@ -788,6 +802,11 @@ url = "https://127.0.0.1:7002"
                 "only for kind",
             ),
             ("kind = \"local\"\nthreads = 2", "threads", "unknown field"),
+            (
+                "kind = \"local\"\ntls = true",
+                "engine.tls",
+                "only for kind",
+            ),
         ] {
             let text = format!("{GOOD}\n[engine]\n{bad}\n");
             let err = NodeConfig::parse(&text, Path::new("node.toml"))
@@ -816,10 +835,15 @@ url = "https://127.0.0.1:7002"
         let text =
             format!("{GOOD}\n[engine]\nkind = \"ballista\"\nscheduler = \"df://10.0.0.5:50060\"\n");
         let c = NodeConfig::parse(&text, Path::new("node.toml")).expect("valid");
-        let EngineConfig::Ballista { scheduler } = &c.engine else {
+        let EngineConfig::Ballista { scheduler, tls } = &c.engine else {
             panic!("{:?}", c.engine)
         };
-        assert_eq!(scheduler.grpc_url(), "http://10.0.0.5:50060");
+        assert_eq!(scheduler.grpc_url(*tls), "http://10.0.0.5:50060");
+        let with_tls = text.replace("50060\"", "50060\"\ntls = true");
+        let c = NodeConfig::parse(&with_tls, Path::new("node.toml")).expect("valid");
+        assert!(matches!(c.engine, EngineConfig::Ballista { tls: true, .. }));
+        let again = NodeConfig::parse(&c.render(), Path::new("/x/node.toml")).expect("round trip");
+        assert_eq!(again.engine, c.engine);
         let again = NodeConfig::parse(&c.render(), Path::new("/x/node.toml")).expect("round trip");
         assert_eq!(again.engine, c.engine);
         for (bad, says) in [

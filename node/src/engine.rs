@@ -72,17 +72,35 @@ impl Engine {
     }
 
     /// The engine `config` names, over the node's own session `ctx` (its tables, functions,
-    /// options and memory pool are the cluster session's too). Connecting is lazy: a
-    /// scheduler that is down fails the queries sent to it, not the node's start.
-    pub fn new(config: &EngineConfig, ctx: SessionContext) -> Result<Engine, DataFusionError> {
+    /// options and memory pool are the cluster session's too), with the node's `tls` files
+    /// if the cluster is reached over mutual TLS. Connecting is lazy: a scheduler that is
+    /// down fails the queries sent to it, not the node's start.
+    #[cfg_attr(not(feature = "ballista"), allow(unused_variables))]
+    pub fn new(
+        config: &EngineConfig,
+        tls: &crate::tls::TlsFiles,
+        ctx: SessionContext,
+    ) -> Result<Engine, DataFusionError> {
         match config {
             EngineConfig::Local => Ok(Engine::local(ctx)),
             #[cfg(feature = "ballista")]
-            EngineConfig::Ballista { scheduler } => Ok(Engine {
-                runner: crate::ballista::client_context(&ctx, scheduler)?,
-                planner: ctx,
-                cluster: Some(scheduler.to_string()),
-            }),
+            EngineConfig::Ballista {
+                scheduler,
+                tls: with_tls,
+            } => {
+                let tls = match with_tls {
+                    false => None,
+                    true => Some(
+                        crate::ballista::ClusterTls::load(tls)
+                            .map_err(|e| DataFusionError::Configuration(e.to_string()))?,
+                    ),
+                };
+                Ok(Engine {
+                    runner: crate::ballista::client_context(&ctx, scheduler, tls.as_ref())?,
+                    planner: ctx,
+                    cluster: Some(scheduler.to_string()),
+                })
+            }
             #[cfg(not(feature = "ballista"))]
             EngineConfig::Ballista { .. } => Err(DataFusionError::Configuration(
                 "engine.kind = \"ballista\" needs a cxfed built with the `ballista` feature".into(),

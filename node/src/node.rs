@@ -110,11 +110,12 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
     }
     let ctx = crate::engine::node_context(&config.data_dir, config.policy.memory_limit_bytes)
         .map_err(|e| data_err(&e))?;
-    let engine = crate::engine::Engine::new(&config.engine, ctx.clone()).map_err(|e| {
-        ServeError::Engine {
-            message: e.to_string(),
-        }
-    })?;
+    let engine =
+        crate::engine::Engine::new(&config.engine, &config.tls, ctx.clone()).map_err(|e| {
+            ServeError::Engine {
+                message: e.to_string(),
+            }
+        })?;
     if let Some(scheduler) = engine.cluster() {
         info!(%scheduler, "partial plans run on the agency's Ballista cluster");
     }

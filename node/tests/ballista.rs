@@ -55,7 +55,7 @@ const DP_QUERIES: &[&str] = &[
 async fn cluster(executors: usize) -> SchedulerAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(run_scheduler(listener, std::future::pending()));
+    tokio::spawn(run_scheduler(listener, None, std::future::pending()));
     let scheduler = SchedulerAddr::parse(&format!("df://{addr}")).unwrap();
     start_executors(&scheduler, executors).await;
     scheduler
@@ -69,6 +69,7 @@ async fn start_executors(scheduler: &SchedulerAddr, n: usize) {
             advertise_host: None,
             work_dir: None,
             concurrent_tasks: 2,
+            tls: None,
         };
         tokio::spawn(async move {
             if let Err(e) = run_executor(listener, opts, std::future::pending()).await {
@@ -139,15 +140,19 @@ async fn engines(scheduler: &SchedulerAddr) -> Engines {
     let dirs = tempfile::tempdir().unwrap();
     let (local_dir, cluster_dir) = (dirs.path().join("local"), dirs.path().join("cluster"));
     ingest_same_data(dirs.path(), &[&local_dir, &cluster_dir]);
+    let no_tls = cxfed::tls::TlsFiles::new("-".into(), "-".into(), "-".into());
     let local = Engine::new(
         &EngineConfig::Local,
+        &no_tls,
         node_context(&local_dir, 256 << 20).unwrap(),
     )
     .unwrap();
     let cluster = Engine::new(
         &EngineConfig::Ballista {
             scheduler: scheduler.clone(),
+            tls: false,
         },
+        &no_tls,
         node_context(&cluster_dir, 256 << 20).unwrap(),
     )
     .unwrap();
@@ -365,7 +370,7 @@ async fn node_keeps_serving_while_its_cluster_is_down_and_answers_as_a_local_nod
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();
-    tokio::spawn(run_scheduler(listener, std::future::pending()));
+    tokio::spawn(run_scheduler(listener, None, std::future::pending()));
     start_executors(
         &SchedulerAddr::parse(&format!("df://127.0.0.1:{port}")).unwrap(),
         2,
@@ -388,4 +393,115 @@ async fn node_keeps_serving_while_its_cluster_is_down_and_answers_as_a_local_nod
     }
     local.shutdown().await;
     cluster.shutdown().await;
+}
+
+/// The files of `agency`'s node certificate under `certs` (from `certs dev`).
+fn node_files(certs: &Path, agency: &str) -> cxfed::tls::TlsFiles {
+    let lower = agency.to_lowercase();
+    cxfed::tls::TlsFiles::new(
+        certs.join("ca.pem"),
+        certs.join(&lower).join("node.pem"),
+        certs.join(&lower).join("node.key"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_over_mutual_tls_answers_its_agency_and_refuses_other_certificates() {
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    cxfed::certs::dev(
+        "cx-ballista",
+        &["SSA".into(), "CMS".into()],
+        &certs,
+        1,
+        false,
+    )
+    .unwrap();
+    let foreign = work.path().join("foreign");
+    cxfed::certs::dev("cx-ballista", &["SSA".into()], &foreign, 1, false).unwrap();
+    let ssa = node_files(&certs, "SSA");
+    let tls = cxfed::ballista::ClusterTls::load(&ssa).unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(run_scheduler(
+        listener,
+        Some(tls.clone()),
+        std::future::pending(),
+    ));
+    let scheduler = SchedulerAddr::parse(&format!("df://{addr}")).unwrap();
+    for _ in 0..2 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let opts = ExecutorOptions {
+            scheduler: scheduler.clone(),
+            advertise_host: None,
+            work_dir: None,
+            concurrent_tasks: 2,
+            tls: Some(tls.clone()),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = run_executor(listener, opts, std::future::pending()).await {
+                panic!("executor stopped: {e}");
+            }
+        });
+    }
+
+    let data = work.path().join("data");
+    ingest_same_data(work.path(), &[&data]);
+    let engine = |files: &cxfed::tls::TlsFiles, tls: bool| {
+        Engine::new(
+            &EngineConfig::Ballista {
+                scheduler: scheduler.clone(),
+                tls,
+            },
+            files,
+            node_context(&data, 256 << 20).unwrap(),
+        )
+        .unwrap()
+    };
+    let local = Engine::local(node_context(&data, 256 << 20).unwrap());
+    let mut k_only = policy(false);
+    k_only.query_timeout = Duration::from_secs(15);
+
+    // The agency's own node certificate: answered, as in the node.
+    let ssa_engine = engine(&ssa, true);
+    for (i, sql) in QUERIES.iter().take(4).enumerate() {
+        let id = format!("tls{i}");
+        let here = partial(&local, &data, &k_only, sql, &id).await.unwrap();
+        let there = partial(&ssa_engine, &data, &k_only, sql, &id)
+            .await
+            .unwrap_or_else(|e| panic!("over TLS: {sql}: {e}"));
+        assert_eq!(
+            rows(&cxfed::partial::decode(&here.ipc).unwrap().batches),
+            rows(&cxfed::partial::decode(&there.ipc).unwrap().batches),
+            "{sql}"
+        );
+    }
+
+    // Another agency's node certificate (same CA), another CA's SSA certificate, and no TLS:
+    // each refused, none hangs.
+    let cms = node_files(&certs, "CMS");
+    let other_ca = node_files(&foreign, "SSA");
+    for (name, engine) in [
+        ("CMS certificate", engine(&cms, true)),
+        ("foreign CA", engine(&other_ca, true)),
+        ("plain gRPC", engine(&ssa, false)),
+    ] {
+        let started = std::time::Instant::now();
+        match partial(&engine, &data, &k_only, QUERIES[0], name).await {
+            Err(PartialError::Query(e)) => {
+                let e = e.to_string();
+                eprintln!("{name}: {}", e.replace('\n', " | "));
+                assert!(e.contains("Ballista cluster at"), "{name}: {e}");
+            }
+            other => panic!(
+                "{name}: expected a refusal, got {:?}",
+                other.map(|o| o.groups)
+            ),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(14),
+            "{name}: refused only by the time limit"
+        );
+    }
 }
