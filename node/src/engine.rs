@@ -36,7 +36,7 @@ use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::context::SessionContext;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 
-use cxfed_queries::context::{register_functions, session_config};
+use cxfed_queries::context::{new_context, session_config};
 use cxfed_queries::schema::Table;
 
 use crate::config::EngineConfig;
@@ -173,8 +173,7 @@ pub fn node_context(
         .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
         .with_memory_limit(memory_limit, 1.0)
         .build_arc()?;
-    let ctx = SessionContext::new_with_config_rt(session_config(), runtime);
-    register_functions(&ctx);
+    let ctx = new_context(session_config(), Some(runtime));
     for table in Table::ALL {
         let dir = table_dir(data_dir, table);
         std::fs::create_dir_all(&dir)?;
