@@ -91,6 +91,40 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run a Ballista scheduler with cxfed's functions, for nodes whose `[engine]` is
+    /// `kind = "ballista"` (plain gRPC: keep it on the agency's own network).
+    #[cfg(feature = "ballista")]
+    Scheduler {
+        /// Address to listen on (what nodes and executors name as df://HOST:PORT).
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        bind: std::net::SocketAddr,
+        /// Mutual TLS with a node certificate of the agency (else plain gRPC).
+        #[command(flatten)]
+        tls: ClusterTlsArgs,
+    },
+    /// Run a Ballista executor with cxfed's functions: polls the scheduler for tasks and reads
+    /// the node's Parquet files at the paths the node has them.
+    #[cfg(feature = "ballista")]
+    Executor {
+        /// The scheduler, df://HOST:PORT.
+        #[arg(long, value_parser = crate::config::SchedulerAddr::parse)]
+        scheduler: crate::config::SchedulerAddr,
+        /// Address of this executor's Flight service (results and shuffle data).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        bind: std::net::SocketAddr,
+        /// Host the node and other executors reach this one at (default: the bind address).
+        #[arg(long)]
+        advertise_host: Option<String>,
+        /// Directory for shuffle files (default: a temporary directory, removed on exit).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Tasks run at once (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        concurrent_tasks: usize,
+        /// Mutual TLS with a node certificate of the agency (else plain gRPC).
+        #[command(flatten)]
+        tls: ClusterTlsArgs,
+    },
     /// Check that the node configured in CONFIG is serving: `GET /v1/health` on its own port
     /// with its own certificate (for container health checks; exit 0 only when healthy).
     Health {
@@ -499,6 +533,35 @@ impl From<RevokeReason> for rcgen::RevocationReason {
     }
 }
 
+/// A Ballista cluster member's TLS files: all three or none.
+#[cfg(feature = "ballista")]
+#[derive(Debug, Clone, Args)]
+pub struct ClusterTlsArgs {
+    /// Federation CA certificate (PEM).
+    #[arg(long, requires_all = ["cert", "key"])]
+    pub ca: Option<PathBuf>,
+    /// A node certificate of the agency (PEM), e.g. the node's own.
+    #[arg(long, requires = "ca")]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "ca")]
+    pub key: Option<PathBuf>,
+}
+
+#[cfg(feature = "ballista")]
+impl ClusterTlsArgs {
+    fn load(self) -> Result<Option<crate::ballista::ClusterTls>, String> {
+        match (self.ca, self.cert, self.key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                crate::ballista::ClusterTls::load(&TlsFiles::new(ca, cert, key))
+                    .map(Some)
+                    .map_err(|e| e.to_string())
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 /// The caller's certificate files.
 #[derive(Debug, Clone, Args)]
 pub struct TlsArgs {
@@ -743,6 +806,42 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 list(&r.seeded_data)
             );
             Ok(())
+        }
+        #[cfg(feature = "ballista")]
+        Command::Scheduler { bind, tls } => {
+            let tls = tls.load()?;
+            let listener = tokio::net::TcpListener::bind(bind)
+                .await
+                .map_err(|e| format!("listen on {bind}: {e}"))?;
+            println!("cxfed Ballista scheduler on df://{bind}; Ctrl-C to stop");
+            crate::ballista::run_scheduler(listener, tls, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())
+        }
+        #[cfg(feature = "ballista")]
+        Command::Executor {
+            scheduler,
+            bind,
+            advertise_host,
+            work_dir,
+            concurrent_tasks,
+            tls,
+        } => {
+            let tls = tls.load()?;
+            let listener = tokio::net::TcpListener::bind(bind)
+                .await
+                .map_err(|e| format!("listen on {bind}: {e}"))?;
+            println!("cxfed Ballista executor on {bind}, polling {scheduler}; Ctrl-C to stop");
+            let opts = crate::ballista::ExecutorOptions {
+                scheduler,
+                advertise_host,
+                work_dir,
+                concurrent_tasks,
+                tls,
+            };
+            crate::ballista::run_executor(listener, opts, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())
         }
         Command::Serve { config } => {
             let config = crate::config::NodeConfig::load(&config).map_err(|e| e.to_string())?;

@@ -43,7 +43,15 @@
 //!
 //! [audit]
 //! checkpoint_every = 100          # entries between signed audit checkpoints
+//!
+//! [engine]                        # where this node's partial plans run
+//! kind = "local"                  # "local" (default: in this process) or "ballista"
+//! # scheduler = "df://10.0.0.5:50050"  # kind = "ballista": the agency's Ballista scheduler
+//! # tls = true                    # mutual TLS to the cluster with this node's [tls] files
 //! ```
+//!
+//! `kind = "ballista"` needs a cxfed built with the `ballista` feature; validation, policy,
+//! noise and the ledger stay in the node whatever the engine (see [`crate::engine`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -86,6 +94,97 @@ pub struct NodeConfig {
     pub source: Option<PathBuf>,
     /// Audit log entries between signed checkpoints.
     pub audit_checkpoint_every: u64,
+    /// Where the node's partial plans run (`[engine]`).
+    pub engine: EngineConfig,
+}
+
+/// `[engine]`: where a node's validated partial plans run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum EngineConfig {
+    /// In the node's own process (the default).
+    #[default]
+    Local,
+    /// On the agency's Apache Ballista cluster, through its scheduler (the `ballista` feature).
+    Ballista {
+        /// The scheduler.
+        scheduler: SchedulerAddr,
+        /// Mutual TLS to the scheduler and executors with this node's `[tls]` files (they
+        /// must present node certificates of this agency, from the same CA).
+        tls: bool,
+    },
+}
+
+/// A Ballista scheduler's address, written `df://host:port` (port 50050 if left out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerAddr {
+    host: String,
+    port: u16,
+}
+
+/// The port a Ballista scheduler listens on when an address names none.
+pub const DEFAULT_SCHEDULER_PORT: u16 = 50050;
+
+impl SchedulerAddr {
+    /// Parses `df://host[:port]` (a host name, an IPv4 address or a bracketed IPv6 address).
+    pub fn parse(text: &str) -> Result<SchedulerAddr, String> {
+        let bad = |why: &str| {
+            Err(format!(
+                "{text:?} is not a scheduler address like \"df://10.0.0.5:50050\" ({why})"
+            ))
+        };
+        let Some(rest) = text.strip_prefix("df://") else {
+            return bad("it must start with df://");
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(':') && (!h.starts_with('[') || h.ends_with(']')) => {
+                match p.parse::<u16>() {
+                    Ok(0) | Err(_) => return bad("the port must be a number from 1 to 65535"),
+                    Ok(port) => (h, port),
+                }
+            }
+            _ => (rest, DEFAULT_SCHEDULER_PORT),
+        };
+        let name_ok = |h: &str| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        };
+        let ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => name_ok(host),
+        };
+        if !ok {
+            return bad("no host, or a host with characters a host name cannot hold");
+        }
+        Ok(SchedulerAddr {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// The host (IPv6 in brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The gRPC URL Ballista's client and executors connect to (`http://host:port`, or
+    /// `https://` with TLS).
+    pub fn grpc_url(&self, tls: bool) -> String {
+        let scheme = if tls { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.host, self.port)
+    }
+}
+
+impl std::fmt::Display for SchedulerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "df://{}:{}", self.host, self.port)
+    }
 }
 
 /// Another node of the federation.
@@ -116,6 +215,58 @@ struct RawConfig {
     policy: PolicyConfig,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    engine: RawEngine,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    kind: Option<String>,
+    scheduler: Option<String>,
+    tls: Option<bool>,
+}
+
+/// `[engine]`, checked; errors name the key.
+fn engine_config(raw: &RawEngine) -> Result<EngineConfig, (String, String)> {
+    let bad = |f: &str, m: String| Err((format!("engine.{f}"), m));
+    match raw.kind.as_deref().unwrap_or("local") {
+        "local" if raw.tls.is_some() => bad(
+            "tls",
+            "is only for kind = \"ballista\" (this engine is \"local\")".into(),
+        ),
+        "local" => match raw.scheduler {
+            Some(_) => bad(
+                "scheduler",
+                "is only for kind = \"ballista\" (this engine is \"local\")".into(),
+            ),
+            None => Ok(EngineConfig::Local),
+        },
+        "ballista" if !cfg!(feature = "ballista") => bad(
+            "kind",
+            "\"ballista\" needs a cxfed built with the `ballista` feature \
+             (cargo build --release --features ballista); this binary was built without it"
+                .into(),
+        ),
+        "ballista" => match &raw.scheduler {
+            None => bad(
+                "scheduler",
+                "kind = \"ballista\" needs the scheduler's address, e.g. \"df://10.0.0.5:50050\""
+                    .into(),
+            ),
+            Some(s) => match SchedulerAddr::parse(s) {
+                Ok(scheduler) => Ok(EngineConfig::Ballista {
+                    scheduler,
+                    tls: raw.tls.unwrap_or(false),
+                }),
+                Err(m) => bad("scheduler", m),
+            },
+        },
+        other => bad(
+            "kind",
+            format!("{other:?} is not an engine; use \"local\" or \"ballista\""),
+        ),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -380,6 +531,8 @@ impl NodeConfig {
             .map_err(|(field, message)| invalid(&field, message))?;
         policy.dp =
             dp_settings(&raw.privacy).map_err(|(field, message)| invalid(&field, message))?;
+        let engine =
+            engine_config(&raw.engine).map_err(|(field, message)| invalid(&field, message))?;
         Ok(NodeConfig {
             policy,
             source: None,
@@ -398,6 +551,7 @@ impl NodeConfig {
             timeout: Duration::from_secs(timeout_secs),
             cache_mb,
             audit_checkpoint_every: checkpoint_every,
+            engine,
         })
     }
 
@@ -460,6 +614,11 @@ impl NodeConfig {
             "\n[audit]\ncheckpoint_every = {}\n",
             self.audit_checkpoint_every
         ));
+        if let EngineConfig::Ballista { scheduler, tls } = &self.engine {
+            s.push_str(&format!(
+                "\n[engine]\nkind = \"ballista\"\nscheduler = \"{scheduler}\"\ntls = {tls}\n"
+            ));
+        }
         for p in &self.peers {
             s.push_str(&format!(
                 "\n[[peers]]\nagency = {:?}\nurl = {:?}\n",
@@ -641,6 +800,103 @@ url = "https://127.0.0.1:7002"
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn engine_defaults_to_local_and_checks_its_keys() {
+        let c = NodeConfig::parse(GOOD, Path::new("node.toml")).expect("valid");
+        assert_eq!(c.engine, EngineConfig::Local);
+        let text = format!("{GOOD}\n[engine]\nkind = \"local\"\n");
+        let c = NodeConfig::parse(&text, Path::new("node.toml")).expect("valid");
+        assert_eq!(c.engine, EngineConfig::Local);
+        assert!(!c.render().contains("[engine]"), "local renders as before");
+        for (bad, key, says) in [
+            ("kind = \"spark\"", "engine.kind", "not an engine"),
+            ("kind = 3", "kind", "line"),
+            (
+                "kind = \"local\"\nscheduler = \"df://h:1\"",
+                "engine.scheduler",
+                "only for kind",
+            ),
+            ("kind = \"local\"\nthreads = 2", "threads", "unknown field"),
+            (
+                "kind = \"local\"\ntls = true",
+                "engine.tls",
+                "only for kind",
+            ),
+        ] {
+            let text = format!("{GOOD}\n[engine]\n{bad}\n");
+            let err = NodeConfig::parse(&text, Path::new("node.toml"))
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains(key) && err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[cfg(not(feature = "ballista"))]
+    #[test]
+    fn ballista_engine_is_refused_by_a_binary_built_without_it() {
+        let text = format!("{GOOD}\n[engine]\nkind = \"ballista\"\nscheduler = \"df://h:1\"\n");
+        let err = NodeConfig::parse(&text, Path::new("node.toml"))
+            .expect_err("no ballista feature")
+            .to_string();
+        assert!(
+            err.contains("engine.kind") && err.contains("built without it"),
+            "{err}"
+        );
+    }
+
+    #[cfg(feature = "ballista")]
+    #[test]
+    fn ballista_engine_needs_a_scheduler_address_and_round_trips() {
+        let text =
+            format!("{GOOD}\n[engine]\nkind = \"ballista\"\nscheduler = \"df://10.0.0.5:50060\"\n");
+        let c = NodeConfig::parse(&text, Path::new("node.toml")).expect("valid");
+        let EngineConfig::Ballista { scheduler, tls } = &c.engine else {
+            panic!("{:?}", c.engine)
+        };
+        assert_eq!(scheduler.grpc_url(*tls), "http://10.0.0.5:50060");
+        let with_tls = text.replace("50060\"", "50060\"\ntls = true");
+        let c = NodeConfig::parse(&with_tls, Path::new("node.toml")).expect("valid");
+        assert!(matches!(c.engine, EngineConfig::Ballista { tls: true, .. }));
+        let again = NodeConfig::parse(&c.render(), Path::new("/x/node.toml")).expect("round trip");
+        assert_eq!(again.engine, c.engine);
+        let again = NodeConfig::parse(&c.render(), Path::new("/x/node.toml")).expect("round trip");
+        assert_eq!(again.engine, c.engine);
+        for (bad, says) in [
+            ("kind = \"ballista\"", "needs the scheduler"),
+            (
+                "kind = \"ballista\"\nscheduler = \"http://h:1\"",
+                "must start with df://",
+            ),
+            ("kind = \"ballista\"\nscheduler = \"df://h:0\"", "port"),
+            ("kind = \"ballista\"\nscheduler = \"df://h:x\"", "port"),
+            ("kind = \"ballista\"\nscheduler = \"df://\"", "no host"),
+            ("kind = \"ballista\"\nscheduler = \"df://a b:1\"", "no host"),
+        ] {
+            let text = format!("{GOOD}\n[engine]\n{bad}\n");
+            let err = NodeConfig::parse(&text, Path::new("node.toml"))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                err.contains("engine.") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn scheduler_addresses() {
+        let a = SchedulerAddr::parse("df://sched.ssa.gov").expect("valid");
+        assert_eq!(
+            (a.host(), a.port()),
+            ("sched.ssa.gov", DEFAULT_SCHEDULER_PORT)
+        );
+        let a = SchedulerAddr::parse("df://[::1]:7").expect("valid");
+        assert_eq!((a.host(), a.port()), ("[::1]", 7));
+        assert_eq!(a.to_string(), "df://[::1]:7");
+        assert!(SchedulerAddr::parse("df://[::1").is_err());
+        assert!(SchedulerAddr::parse("127.0.0.1:50050").is_err());
     }
 
     #[test]

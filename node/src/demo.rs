@@ -246,6 +246,7 @@ async fn start_nodes(
             timeout,
             cache_mb: crate::exact_cache::DEFAULT_CACHE_MB,
             audit_checkpoint_every: crate::audit::DEFAULT_CHECKPOINT_EVERY,
+            engine: crate::config::EngineConfig::Local,
         };
         // Written and read back, so the node watches its own file like `cxfed serve` does.
         let path = dir.join(format!("{lower}.toml"));

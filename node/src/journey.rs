@@ -60,8 +60,8 @@ pub const MEMBERS_ENDPOINT: &str = "/v1/journey/members";
 
 /// What a step needs of this node (the node's state, without HTTP or the node type itself).
 pub struct Here<'a> {
-    /// The node's DataFusion session over its files.
-    pub ctx: &'a datafusion::prelude::SessionContext,
+    /// The node's session over its files, and where its plans run.
+    pub engine: &'a crate::engine::Engine,
     /// This node's agency.
     pub agency: &'a str,
     /// Its data directory (the linkage key and store live there).
@@ -160,7 +160,7 @@ pub async fn plan_here(here: &Here<'_>, sql: &str) -> Result<JourneyPlan, Partia
         .as_ref()
         .map(|d| d.public_keys.clone())
         .unwrap_or_else(cxfed_queries::keyset::PublicKeys::schema_only);
-    Ok(cxfed_queries::journey::plan_with_keys(&here.ctx.state(), sql, &keys).await?)
+    Ok(cxfed_queries::journey::plan_with_keys(&here.engine.planner().state(), sql, &keys).await?)
 }
 
 /// Checks that `side` is this node's and passes its policy (hidden dimensions, ...).
@@ -171,7 +171,10 @@ async fn check_side(here: &Here<'_>, side: &Side) -> Result<(), PartialError> {
             side.agency, here.agency
         )));
     }
-    let approved = here.approvals.approve(here.ctx, &side.check_sql).await?;
+    let approved = here
+        .approvals
+        .approve(here.engine.planner(), &side.check_sql)
+        .await?;
     here.policy.check_query(&approved)?;
     Ok(())
 }
@@ -196,13 +199,14 @@ async fn side_people(here: &Here<'_>, side: &Side) -> Result<Vec<Person>, Partia
     let linkage = crate::linkage::load(here.data_dir, &key)
         .map_err(|e| internal(format!("linkage store: {e}")))?;
     let plan = here
-        .ctx
+        .engine
+        .planner()
         .state()
         .create_logical_plan(&side.side_sql)
         .await
         .map_err(|e| internal(format!("journey side plan: {e}")))?;
     let deadline = tokio::time::Instant::now() + policy.query_timeout;
-    let batches = crate::partial::execute(here.ctx, plan, deadline, policy).await?;
+    let batches = crate::partial::execute(here.engine, plan, deadline, policy).await?;
     let cells = side.cells();
     let index: HashMap<Option<&str>, u32> = cells
         .iter()

@@ -39,7 +39,10 @@
 //! - [`touchpoints`]: GSA Touchpoints response exports in, pseudonymized (`cxfed import touchpoints`).
 //! - [`report`]: the A-11 quarterly report as federated queries (`cxfed report a11-quarterly`).
 //! - [`storage`]: the data directory layout, schema versions and migration.
-//! - [`engine`]: the node's DataFusion session over its Parquet files.
+//! - [`engine`]: the node's DataFusion session over its Parquet files, and where its partial
+//!   plans run (in process, or on a Ballista cluster).
+//! - `ballista` (the `ballista` feature): Ballista embedded: the node's cluster session, and
+//!   the scheduler and executor of `cxfed scheduler` / `cxfed executor`.
 //! - [`approvals`]: validated queries cached by their SQL, so a repeated query is not planned again.
 //! - [`partial`]: what a node runs for a coordinator: re-validate, execute, suppress, encode.
 //! - [`exact_cache`]: exact partials reused while the data files are unchanged (noise,
@@ -69,6 +72,8 @@
 pub mod approvals;
 pub mod audit;
 pub mod auditor;
+#[cfg(feature = "ballista")]
+pub mod ballista;
 pub mod certs;
 pub mod cli;
 pub mod client;

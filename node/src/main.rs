@@ -9,6 +9,8 @@ fn main() -> ExitCode {
     let cli = cxfed::cli::Cli::parse();
     let default = match cli.command {
         cxfed::cli::Command::Serve { .. } => "info",
+        #[cfg(feature = "ballista")]
+        cxfed::cli::Command::Scheduler { .. } | cxfed::cli::Command::Executor { .. } => "info",
         _ => "warn",
     };
     let filter = EnvFilter::try_from_env("CXFED_LOG").unwrap_or_else(|_| EnvFilter::new(default));

@@ -24,8 +24,10 @@ use crate::requests::{Received, RequestChecker};
 pub struct Node {
     /// Its configuration.
     pub config: NodeConfig,
-    /// DataFusion over its Parquet files.
+    /// DataFusion over its Parquet files: plans, validates, merges.
     pub ctx: SessionContext,
+    /// Where its validated partial plans run (`[engine]`: here, or a Ballista cluster).
+    pub engine: crate::engine::Engine,
     /// The TLS material in force: server configuration, mTLS clients for each peer (each
     /// accepting only that peer's node certificate), replaced whole on reload.
     pub tls: crate::rotation::TlsState,
@@ -77,6 +79,12 @@ pub enum ServeError {
         /// What failed.
         message: String,
     },
+    /// The engine of `[engine]` could not be set up.
+    #[error("engine: {message}")]
+    Engine {
+        /// What failed.
+        message: String,
+    },
     /// Binding or serving failed.
     #[error("listen on {addr}: {source}")]
     Io {
@@ -104,6 +112,15 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
     }
     let ctx = crate::engine::node_context(&config.data_dir, config.policy.memory_limit_bytes)
         .map_err(|e| data_err(&e))?;
+    let engine =
+        crate::engine::Engine::new(&config.engine, &config.tls, ctx.clone()).map_err(|e| {
+            ServeError::Engine {
+                message: e.to_string(),
+            }
+        })?;
+    if let Some(scheduler) = engine.cluster() {
+        info!(%scheduler, "partial plans run on the agency's Ballista cluster");
+    }
     let material = crate::rotation::load(
         &config.tls,
         &config.federation,
@@ -134,6 +151,7 @@ pub fn build_node(config: NodeConfig) -> Result<Node, ServeError> {
         row_bounds,
         config,
         ctx,
+        engine,
         tls,
         audit,
         policy,
@@ -265,7 +283,7 @@ impl Node {
                             },
                         });
                         crate::partial::run(
-                            &self.ctx,
+                            &self.engine,
                             &self.config.agency,
                             &policy,
                             req.sql,
@@ -313,7 +331,7 @@ impl Node {
     /// What a journey step needs of this node.
     pub fn here(&self) -> crate::journey::Here<'_> {
         crate::journey::Here {
-            ctx: &self.ctx,
+            engine: &self.engine,
             agency: &self.config.agency,
             data_dir: &self.config.data_dir,
             policy: self.policy(),

@@ -9,7 +9,6 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::Schema;
 use arrow::ipc::writer::StreamWriter;
 use datafusion::error::DataFusionError;
-use datafusion::execution::context::SessionContext;
 use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::logical_expr::LogicalPlan;
 use futures::StreamExt;
@@ -26,6 +25,7 @@ use cxfed_queries::schema::Table;
 use cxfed_queries::validate::approve;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::engine::Engine;
 use crate::exact_cache::ExactCache;
 use crate::ledger::Ledger;
 use crate::policy::{Policy, PolicyRefusal};
@@ -135,7 +135,7 @@ pub fn secagg_calibration(
 // Each argument is a separate piece of the node's state; `Node::answer_partial` is the caller.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
-    ctx: &SessionContext,
+    engine: &Engine,
     agency: &str,
     policy: &Policy,
     sql: &str,
@@ -147,11 +147,11 @@ pub async fn run(
     check_epsilon(policy, charge.requested_epsilon)?;
     let approved = match approved {
         Some(a) if a.sql() == sql => a.clone(),
-        _ => approve(&ctx.state(), sql).await?,
+        _ => approve(&engine.planner().state(), sql).await?,
     };
     policy.check_query(&approved)?;
     let deadline = tokio::time::Instant::now() + policy.query_timeout;
-    let run_plan = |plan: LogicalPlan| execute(ctx, plan, deadline, policy);
+    let run_plan = |plan: LogicalPlan| execute(engine, plan, deadline, policy);
     let (fields, kept, suppressed_groups, suppressed_cells, meta) = match &policy.dp {
         None if masking.is_some() => {
             return Err(PolicyRefusal::secure_aggregation(
@@ -267,7 +267,7 @@ pub async fn run(
             let key = format!("dp\0{:?}\0{}\0{sql}", dp.bounding, dp.rows.display_indent());
             let batches = exact(&data, key, &approved.tables(), async {
                 Ok(vec![
-                    execute_bounded(ctx, &dp, deadline, policy, &mut rng).await?,
+                    execute_bounded(engine, &dp, deadline, policy, &mut rng).await?,
                 ])
             })
             .await?;
@@ -344,15 +344,15 @@ async fn exact(
     Ok(batches)
 }
 
-/// Runs `plan` before `deadline`, mapping the policy's limits to their refusals.
+/// Runs `plan` on the node's engine before `deadline`, mapping the policy's limits to their
+/// refusals. With [`execute_bounded`], the one place a validated plan becomes record batches.
 pub(crate) async fn execute(
-    ctx: &SessionContext,
+    engine: &Engine,
     plan: LogicalPlan,
     deadline: tokio::time::Instant,
     policy: &Policy,
 ) -> Result<Vec<RecordBatch>, PartialError> {
-    let run = async { ctx.execute_logical_plan(plan).await?.collect().await };
-    within_limits(deadline, policy, run).await
+    within_limits(deadline, policy, engine.execute(plan)).await
 }
 
 /// Awaits `run` before `deadline`, mapping the policy's time and memory limits to their
@@ -381,23 +381,23 @@ async fn within_limits<T>(
 /// from DataFusion into a [`Bounder`], whose state is held against the node's memory pool
 /// (the row plan's own operators spill or refuse as DataFusion decides).
 async fn execute_bounded(
-    ctx: &SessionContext,
+    engine: &Engine,
     dp: &DpPartial,
     deadline: tokio::time::Instant,
     policy: &Policy,
     rng: &mut OsRandom,
 ) -> Result<RecordBatch, PartialError> {
     let run = async {
-        let mut stream = ctx
-            .execute_logical_plan(dp.rows.clone())
-            .await?
-            .execute_stream()
-            .await?;
-        let reservation = MemoryConsumer::new("cxfed contribution bounding")
-            .register(&ctx.runtime_env().memory_pool);
+        let mut stream = engine.execute_stream(dp.rows.clone()).await?;
+        // The bounder runs here, in the node, whatever the engine: its state is held
+        // against the node's own pool.
+        let reservation =
+            MemoryConsumer::new("cxfed contribution bounding").register(&engine.memory_pool());
         let mut bounder = Bounder::new(Arc::clone(&dp.bounding));
         while let Some(batch) = stream.next().await {
-            bounder.push(&batch?).map_err(query_error)?;
+            bounder
+                .push(&batch.map_err(|e| engine.context(e))?)
+                .map_err(query_error)?;
             reservation.try_resize(bounder.allocated())?;
         }
         drop(stream);

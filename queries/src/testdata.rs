@@ -45,8 +45,7 @@ pub(crate) fn context(
     experience: Vec<RecordBatch>,
     operational: Vec<RecordBatch>,
 ) -> SessionContext {
-    let ctx = SessionContext::new_with_config(crate::context::session_config());
-    crate::context::register_functions(&ctx);
+    let ctx = crate::context::new_context(crate::context::session_config(), None);
     for (table, batches) in [
         (Table::Experience, experience),
         (Table::Operational, operational),
