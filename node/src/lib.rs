@@ -12,15 +12,15 @@
 //!  demo                                             the local three-agency federation
 //!  server                                           HTTP routes; errors become responses
 //!  coordinator                                      fan-out, merge (journeys: coordinator/journey)
-//!  node                                             the node's state; its answer, no HTTP types
-//!  journey                                          a node's steps of a journey query
-//!  partial   console                                run a partial; the analyst's console
-//!  auditor   secagg
-//!  gateway   report   requests   rotation   seed
-//!  client    config   synth
-//!  approvals exact_cache  linkage  tls  touchpoints
-//!  audit     certs    engine   ingest   ledger   row_bounds
-//!  storage   policy   output   examples shutdown     no crate imports
+//!  node      seed                                   the node's state and answer, no HTTP types
+//!  journey   synth                                  a node's journey steps; synthetic data
+//!  partial   approvals  linkage  console            run a partial; the analyst's console
+//!  engine    auditor    secagg                      where plans run (local or Ballista)
+//!  ballista  gateway    report   requests  rotation
+//!  client    config
+//!  exact_cache  tls     touchpoints
+//!  audit     certs      ingest   ledger    row_bounds
+//!  storage   policy     output   examples  shutdown  no crate imports
 //! ```
 //!
 //! # Layout
