@@ -182,7 +182,13 @@ async fn partial(
         requested_epsilon: None,
     };
     let bounds = cxfed::row_bounds::RowBounds::new(dir);
-    cxfed::partial::run(engine, AGENCY, policy, sql, charge, &bounds, None, None).await
+    // No reuse of exact partials: every call must run on its engine.
+    let exact = cxfed::exact_cache::ExactCache::new(0);
+    let data = cxfed::partial::DataState {
+        row_bounds: &bounds,
+        exact: &exact,
+    };
+    cxfed::partial::run(engine, AGENCY, policy, sql, charge, data, None, None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
