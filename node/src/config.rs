@@ -37,6 +37,8 @@
 //! timeout_secs = 30               # per-node time limit during fan-out
 //! cache_mb = 64                   # exact partials reused while the data files are unchanged
 //!                                 # (0: off; see crate::exact_cache)
+//! journey_timeout_secs = 600      # per journey step at another node (their curve work grows
+//!                                 # with the people: ~100 s for A's step at 1M x 1M)
 //!
 //! [policy]                        # the steward's policy, see crate::policy
 //! hidden_dimensions = ["state"]
@@ -64,6 +66,9 @@ use cxfed_queries::keyset::PublicKeys;
 use crate::policy::{DpSettings, Policy, PolicyConfig};
 use crate::tls::TlsFiles;
 
+/// Default time limit, in seconds, of one journey step at another node.
+pub const DEFAULT_JOURNEY_TIMEOUT_SECS: u64 = 600;
+
 /// Default minimum number of distinct persons per released group.
 pub const DEFAULT_K: u64 = 10;
 
@@ -88,6 +93,8 @@ pub struct NodeConfig {
     pub timeout: Duration,
     /// MiB of exact partials kept while the data files are unchanged (0: none).
     pub cache_mb: u64,
+    /// Time limit of each journey step a coordinator asks of another node.
+    pub journey_timeout: Duration,
     /// The steward's policy.
     pub policy: Policy,
     /// The file this configuration was read from, for reloading.
@@ -297,6 +304,7 @@ struct RawPrivacy {
 struct RawQuery {
     timeout_secs: Option<u64>,
     cache_mb: Option<u64>,
+    journey_timeout_secs: Option<u64>,
 }
 
 /// A configuration file that cannot be used.
@@ -496,6 +504,16 @@ impl NodeConfig {
                 "must be between 0 (off) and 65536".into(),
             ));
         }
+        let journey_timeout_secs = raw
+            .query
+            .journey_timeout_secs
+            .unwrap_or(DEFAULT_JOURNEY_TIMEOUT_SECS);
+        if !(1..=86_400).contains(&journey_timeout_secs) {
+            return Err(invalid(
+                "query.journey_timeout_secs",
+                "must be between 1 and 86400".into(),
+            ));
+        }
         let checkpoint_every = raw
             .audit
             .checkpoint_every
@@ -550,6 +568,7 @@ impl NodeConfig {
             k,
             timeout: Duration::from_secs(timeout_secs),
             cache_mb,
+            journey_timeout: Duration::from_secs(journey_timeout_secs),
             audit_checkpoint_every: checkpoint_every,
             engine,
         })
@@ -559,7 +578,7 @@ impl NodeConfig {
     /// `[privacy.public_keys]` declarations are not rendered (the demo declares none).
     pub fn render(&self) -> String {
         let mut s = format!(
-            "federation = {:?}\nagency = {:?}\nlisten = {:?}\ndata_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{}\n[privacy]\nk = {}\n{}\n[query]\ntimeout_secs = {}\ncache_mb = {}\n",
+            "federation = {:?}\nagency = {:?}\nlisten = {:?}\ndata_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{}\n[privacy]\nk = {}\n{}\n[query]\ntimeout_secs = {}\ncache_mb = {}\njourney_timeout_secs = {}\n",
             self.federation,
             self.agency,
             self.listen.to_string(),
@@ -597,6 +616,7 @@ impl NodeConfig {
             },
             self.timeout.as_secs(),
             self.cache_mb,
+            self.journey_timeout.as_secs(),
         );
         let p = &self.policy;
         s.push_str(&format!(
@@ -676,6 +696,35 @@ url = "https://127.0.0.1:7002"
             let d = again.policy.dp.expect("dp mode");
             assert_eq!(d.assume_honest_nodes, honest);
             assert_eq!(d.secure_aggregation, secure);
+        }
+    }
+
+    #[test]
+    fn query_section_limits_are_checked_and_round_trip() {
+        let with = |lines: &str| format!("{GOOD}\n[query]\n{lines}\n");
+        let c = NodeConfig::parse(
+            &with("cache_mb = 0\njourney_timeout_secs = 900"),
+            Path::new("/etc/cxfed/node.toml"),
+        )
+        .expect("valid");
+        assert_eq!((c.cache_mb, c.journey_timeout.as_secs()), (0, 900));
+        let again = NodeConfig::parse(&c.render(), Path::new("/x/node.toml")).expect("round trip");
+        assert_eq!(again, c);
+        let d = NodeConfig::parse(GOOD, Path::new("node.toml")).expect("valid");
+        assert_eq!(d.cache_mb, crate::exact_cache::DEFAULT_CACHE_MB);
+        assert_eq!(d.journey_timeout.as_secs(), DEFAULT_JOURNEY_TIMEOUT_SECS);
+        for (line, field) in [
+            ("journey_timeout_secs = 0", "query.journey_timeout_secs"),
+            (
+                "journey_timeout_secs = 100000",
+                "query.journey_timeout_secs",
+            ),
+            ("cache_mb = 70000", "query.cache_mb"),
+        ] {
+            let err = NodeConfig::parse(&with(line), Path::new("node.toml"))
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains(field), "{line}: {err}");
         }
     }
 

@@ -479,15 +479,29 @@ pub(crate) async fn post<T: serde::Serialize>(
     url: &str,
     body: &T,
 ) -> Result<reqwest::Response, (NodeState, String)> {
+    post_within(node, agency, url, body, None).await
+}
+
+/// [`post`] with its own time limit instead of the client's (`[query] timeout_secs`).
+pub(crate) async fn post_within<T: serde::Serialize>(
+    node: &Node,
+    agency: &str,
+    url: &str,
+    body: &T,
+    timeout: Option<std::time::Duration>,
+) -> Result<reqwest::Response, (NodeState, String)> {
     // The client in force now: after a certificate rotation, new connections present the new
     // certificate; a request already sent keeps the connection it was sent on.
     let client = node
         .tls
         .peer(agency)
         .ok_or_else(|| (NodeState::Error, format!("no client for peer {agency}")))?;
-    client
-        .post(url)
-        .json(body)
+    let request = client.post(url).json(body);
+    let request = match timeout {
+        Some(t) => request.timeout(t),
+        None => request,
+    };
+    request
         .send()
         .await
         .map_err(|e| (NodeState::Unreachable, describe_reqwest(&e)))

@@ -245,6 +245,7 @@ async fn start_nodes(
             k,
             timeout,
             cache_mb: crate::exact_cache::DEFAULT_CACHE_MB,
+            journey_timeout: Duration::from_secs(crate::config::DEFAULT_JOURNEY_TIMEOUT_SECS),
             audit_checkpoint_every: crate::audit::DEFAULT_CHECKPOINT_EVERY,
             engine: crate::config::EngineConfig::Local,
         };

@@ -12,7 +12,7 @@ use cxfed_protocol::wire::{
 };
 use cxfed_queries::rules::QueryError;
 
-use super::{CoordinatorError, error_of, post};
+use super::{CoordinatorError, error_of, post_within};
 use crate::audit::Fanout;
 use crate::journey::{ENDPOINT, answer_rows, plan_here};
 use crate::node::Node;
@@ -62,7 +62,9 @@ async fn ask(
             )
         })?;
     let url = format!("{}{ENDPOINT}", peer.url.trim_end_matches('/'));
-    let resp = post(node, agency, &url, req).await?;
+    // A step's curve work grows with the people on both sides (about a minute and a half for
+    // A's step at 1M x 1M): it has its own limit, `[query] journey_timeout_secs`.
+    let resp = post_within(node, agency, &url, req, Some(node.config.journey_timeout)).await?;
     let status = resp.status();
     let bytes = resp
         .bytes()
