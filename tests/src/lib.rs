@@ -162,6 +162,29 @@ impl Fed {
         resp.bytes().await.unwrap().to_vec()
     }
 
+    /// Node `i`'s budget view, as its steward fetches it (`GET /v1/budget`).
+    pub async fn budget(&self, i: usize) -> cxfed_protocol::wire::BudgetResponse {
+        self.client(AGENCIES[i], "steward")
+            .get(format!("{}/v1/budget", self.fed.url(i)))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// ε used so far on node `i` by the SSA analyst (the one [`Fed::query`] sends as).
+    pub async fn used_by_ssa_analyst(&self, i: usize) -> f64 {
+        self.budget(i)
+            .await
+            .analysts
+            .iter()
+            .filter(|a| a.analyst.contains("/SSA/analyst/"))
+            .map(|a| a.used)
+            .sum()
+    }
+
     pub fn data_dir(&self, agency: &str) -> std::path::PathBuf {
         self.dir.path().join("data").join(agency.to_lowercase())
     }

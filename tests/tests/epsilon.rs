@@ -8,30 +8,12 @@
 use cxfed::client::QueryFailure;
 use cxfed::policy::DpSettings;
 use cxfed_e2e::{Fed, signed_partial};
-use cxfed_protocol::wire::{BudgetResponse, ErrorBody, QueryRequest};
+use cxfed_protocol::wire::{ErrorBody, QueryRequest};
 
 const SQL: &str = "SELECT agency, COUNT(*) AS n FROM experience GROUP BY agency";
 
 /// ε values nobody can spend, as `cxfed query --epsilon` would read them.
 const BAD: [f64; 6] = [0.0, 1e-9, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY];
-
-/// ε used so far by the SSA analyst on node `i` (as its steward sees it).
-async fn used(fed: &Fed, i: usize) -> f64 {
-    let steward = fed.client(["SSA", "CMS", "OPM"][i], "steward");
-    let b: BudgetResponse = steward
-        .get(format!("{}/v1/budget", fed.fed.url(i)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    b.analysts
-        .iter()
-        .filter(|a| a.analyst.contains("/SSA/analyst/"))
-        .map(|a| a.used)
-        .sum()
-}
 
 fn assert_bad_epsilon(body: &ErrorBody, value: f64, context: &str) {
     assert_eq!(
@@ -79,7 +61,7 @@ async fn an_epsilon_no_node_can_spend_is_refused_everywhere_and_charges_nothing(
     }
     let mut before = Vec::new();
     for i in 0..3 {
-        before.push(used(&fed, i).await);
+        before.push(fed.used_by_ssa_analyst(i).await);
     }
     assert!(
         before.iter().all(|u| *u > 0.0),
@@ -137,7 +119,7 @@ async fn an_epsilon_no_node_can_spend_is_refused_everywhere_and_charges_nothing(
     // Nothing was charged anywhere.
     let mut after = Vec::new();
     for i in 0..3 {
-        after.push(used(&fed, i).await);
+        after.push(fed.used_by_ssa_analyst(i).await);
     }
     assert_eq!(before, after, "a refused ε charges no budget");
 

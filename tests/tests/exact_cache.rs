@@ -6,7 +6,6 @@
 
 use cxfed::policy::DpSettings;
 use cxfed_e2e::Fed;
-use cxfed_protocol::wire::BudgetResponse;
 use cxfed_queries::schema::Table;
 use serde_json::Value;
 
@@ -72,24 +71,6 @@ async fn k_only_answers_repeat_and_new_files_are_read_at_once() {
     }
 }
 
-/// ε used so far by the SSA analyst on node `i`.
-async fn used(fed: &Fed, i: usize) -> f64 {
-    let steward = fed.client(["SSA", "CMS", "OPM"][i], "steward");
-    let b: BudgetResponse = steward
-        .get(format!("{}/v1/budget", fed.fed.url(i)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    b.analysts
-        .iter()
-        .filter(|a| a.analyst.contains("/SSA/analyst/"))
-        .map(|a| a.used)
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dp_repeats_get_fresh_noise_and_are_charged_every_time() {
     let dp = DpSettings {
@@ -100,7 +81,7 @@ async fn dp_repeats_get_fresh_noise_and_are_charged_every_time() {
     let sql = "SELECT channel, COUNT(*) AS n, AVG(trust) AS t FROM experience GROUP BY channel";
     let mut before = Vec::new();
     for i in 0..3 {
-        before.push(used(&fed, i).await);
+        before.push(fed.used_by_ssa_analyst(i).await);
     }
     let mut answers = Vec::new();
     for _ in 0..4 {
@@ -108,7 +89,7 @@ async fn dp_repeats_get_fresh_noise_and_are_charged_every_time() {
     }
     let mut after = Vec::new();
     for i in 0..3 {
-        after.push(used(&fed, i).await);
+        after.push(fed.used_by_ssa_analyst(i).await);
     }
     for i in 0..3 {
         let spent = after[i] - before[i];

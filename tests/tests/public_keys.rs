@@ -9,7 +9,6 @@ use std::collections::BTreeSet;
 use cxfed::client::QueryFailure;
 use cxfed::policy::DpSettings;
 use cxfed_e2e::Fed;
-use cxfed_protocol::wire::BudgetResponse;
 use cxfed_queries::keyset::PublicKeys;
 use cxfed_queries::schema::{CHANNELS, JOURNEY_STAGES, LIFE_EXPERIENCES};
 
@@ -20,16 +19,7 @@ fn text(row: &[serde_json::Value], i: usize) -> String {
 }
 
 async fn used(fed: &Fed, i: usize) -> f64 {
-    let steward = fed.client(["SSA", "CMS", "OPM"][i], "steward");
-    let b: BudgetResponse = steward
-        .get(format!("{}/v1/budget", fed.fed.url(i)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    b.analysts.iter().map(|a| a.used).sum()
+    fed.budget(i).await.analysts.iter().map(|a| a.used).sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
